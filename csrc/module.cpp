@@ -1,0 +1,29 @@
+// fastloss._C: CPU kernels for the fused ops (and CUDA kernels where built). Python registers them with
+// torch.library in fastloss/ops; this module only exposes plain functions.
+#include "fastloss.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastloss native kernels";
+  m.def("build_info", []() {
+    pybind11::dict info;
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+#ifdef FASTLOSS_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    return info;
+  });
+  fastloss::register_mnrl(m);
+#ifdef FASTLOSS_WITH_CUDA
+  fastloss::register_cuda(m);
+#endif
+}

@@ -1,0 +1,101 @@
+"""Which implementation runs an op: ``triton`` (CUDA tensors, or any tensor under TRITON_INTERPRET=1),
+``native`` (fastloss._C on CPU tensors) or ``torch`` (the plain-PyTorch reference in fastloss.reference).
+
+``FASTLOSS_BACKEND=triton|native|torch`` forces one. Each fallback is logged once with its reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+
+import torch
+
+logger = logging.getLogger("fastloss")
+
+BACKENDS = ("triton", "native", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def native_module():
+    """The compiled ``fastloss._C`` module, or None (the reason is logged once)."""
+    try:
+        from fastloss import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        logger.warning("fastloss: native extension fastloss._C is not available (%s); CPU tensors use the torch reference", exc)
+        return None
+    return _C
+
+
+def native_has(op: str) -> bool:
+    module = native_module()
+    return module is not None and hasattr(module, op)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get("FASTLOSS_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"FASTLOSS_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def warn_once(message: str) -> None:
+    """Warn (RuntimeWarning) the first time ``message`` is seen in this process."""
+    _warn_once(message)
+
+
+def select(tensor: torch.Tensor, native_op: str) -> str:
+    """The backend for an op whose inputs live where ``tensor`` lives.
+
+    ``native_op`` is the name of the op's function in fastloss._C (so a partially built extension falls back
+    per op rather than as a whole).
+    """
+    forced = forced_backend()
+    if forced == "torch":
+        return "torch"
+    if forced == "triton":
+        if not triton_available():
+            raise RuntimeError("FASTLOSS_BACKEND=triton but triton is not installed")
+        if tensor.device.type != "cuda" and not triton_interpret():
+            raise RuntimeError("FASTLOSS_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+        return "triton"
+    if forced == "native":
+        if tensor.device.type != "cpu":
+            raise RuntimeError(f"FASTLOSS_BACKEND=native runs on CPU tensors only, got {tensor.device}")
+        if not native_has(native_op):
+            raise RuntimeError(f"FASTLOSS_BACKEND=native but fastloss._C has no {native_op!r} (extension not built?)")
+        return "native"
+    if tensor.device.type == "cuda":
+        if triton_available():
+            return "triton"
+        warn_once("fastloss: triton is not installed; CUDA tensors use the torch reference")
+        return "torch"
+    if tensor.device.type == "cpu":
+        if native_has(native_op):
+            return "native"
+        warn_once(f"fastloss: fastloss._C has no {native_op!r}; CPU tensors use the torch reference")
+        return "torch"
+    warn_once(f"fastloss: no fused kernel for device {tensor.device.type!r}; using the torch reference")
+    return "torch"

@@ -1,0 +1,5 @@
+"""The public tensor API: losses over embeddings, for people who do not use sentence-transformers."""
+
+from fastloss.functional.mnrl import mnrl_loss, mnsrl_loss
+
+__all__ = ["mnrl_loss", "mnsrl_loss"]

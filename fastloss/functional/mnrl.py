@@ -1,0 +1,137 @@
+"""MultipleNegativesRankingLoss (InfoNCE with in-batch and hard negatives) and its symmetric / GTE variants."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fastloss import _backend, distributed
+from fastloss._validation import check_embeddings, check_finite, check_same, check_scale
+from fastloss.ops.mnrl import DIRECTION_BITS, HARDNESS_MODES, MNRLParams, mnrl
+from fastloss.reference.mnrl import mnrl_loss as reference_mnrl_loss
+from fastloss.similarity import cos_sim, dot_score, kernel_kind
+
+Similarity = str | Callable[[Tensor, Tensor], Tensor]
+
+
+def validate_mnrl_options(
+    directions: Sequence[str], partition_mode: str, hardness_mode: str | None, hardness_strength: float
+) -> tuple[str, ...]:
+    """sentence-transformers' checks, with its messages; returns the directions as a tuple."""
+    valid_directions = {"query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"}
+    if isinstance(directions, str) or not directions:
+        if not directions:
+            raise ValueError("At least one direction must be specified.")
+        raise ValueError(f"directions must be a tuple of direction names, got the string {directions!r}")
+    if not set(directions).issubset(valid_directions):
+        raise ValueError(f"Invalid directions: {set(directions) - valid_directions}. Valid: {valid_directions}")
+    if "query_to_doc" not in directions:
+        raise ValueError("'query_to_doc' direction is required (contains the positive pair).")
+    if partition_mode not in ("joint", "per_direction"):
+        raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {partition_mode}")
+    if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
+        raise ValueError(
+            "partition_mode='per_direction' requires every direction's candidate pool to include the positive pair. "
+            "'query_to_query' and 'doc_to_doc' only contain same-type similarities and never include the positive, "
+            "making the per-direction loss ill-defined. Use partition_mode='joint' instead."
+        )
+    if hardness_mode not in HARDNESS_MODES:
+        valid = set(HARDNESS_MODES)
+        raise ValueError(f"hardness_mode must be one of {valid}, got {hardness_mode!r}")
+    if not hardness_strength >= 0.0:
+        raise ValueError("hardness_strength must be non-negative.")
+    return tuple(directions)
+
+
+def _similarity_kind(similarity: Similarity) -> tuple[str | None, Callable[[Tensor, Tensor], Tensor]]:
+    if isinstance(similarity, str):
+        if similarity not in ("cos", "dot"):
+            raise ValueError(f"similarity must be 'cos', 'dot' or a callable, got {similarity!r}")
+        return similarity, cos_sim if similarity == "cos" else dot_score
+    if not callable(similarity):
+        raise ValueError(f"similarity must be 'cos', 'dot' or a callable, got {type(similarity).__name__}")
+    return kernel_kind(similarity), similarity
+
+
+def mnrl_loss(
+    queries: Tensor,
+    docs: Tensor | Sequence[Tensor],
+    scale: float | Tensor = 20.0,
+    *,
+    similarity: Similarity = "cos",
+    directions: Sequence[str] = ("query_to_doc",),
+    partition_mode: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    gather_across_devices: bool = False,
+) -> Tensor:
+    """Multiple Negatives Ranking loss (InfoNCE) of ``queries`` [B, D] against ``docs``.
+
+    ``docs`` is the positives [B, D] or a sequence of columns [B, D] (positives first, then hard negatives).
+    ``similarity``: "cos", "dot", or a callable (sentence-transformers' cos_sim / dot_score or a model's
+    ``similarity`` are fused; any other callable runs the plain-PyTorch reference). ``scale`` is a float or a
+    1-element tensor (a learnable inverse temperature gets its gradient). The options are those of
+    sentence-transformers' MultipleNegativesRankingLoss; the result equals it to fp32 rounding and is fp32.
+    """
+    docs = [docs] if isinstance(docs, Tensor) else list(docs)
+    check_embeddings("queries", queries)
+    if not docs:
+        raise ValueError("docs must hold at least one column (the positives) of shape [batch, dim]")
+    batch, dim = queries.shape
+    for k, column in enumerate(docs):
+        name = f"docs[{k}]"
+        check_embeddings(name, column, batch=batch, dim=dim)
+        check_same(name, column, queries, "queries")
+    check_scale(scale)
+    directions = validate_mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
+    kind, similarity_fct = _similarity_kind(similarity)
+    check_finite([("queries", queries)] + [(f"docs[{k}]", c) for k, c in enumerate(docs)])
+
+    offset = 0
+    if gather_across_devices:
+        queries = distributed.all_gather_with_grad(queries)
+        docs = [distributed.all_gather_with_grad(column) for column in docs]
+        offset = distributed.get_rank() * batch if distributed.is_initialized() else 0
+
+    backend = _backend.select(queries, "mnrl_fused")
+    if kind is None and backend != "torch":
+        _backend.warn_once(
+            f"fastloss: similarity_fct {getattr(similarity_fct, '__name__', similarity_fct)!r} has no fused kernel; "
+            "MNRL runs the plain-PyTorch reference (same results, B x N memory)"
+        )
+        backend = "torch"
+    if backend == "torch":
+        return reference_mnrl_loss(
+            queries, docs, scale, similarity_fct=similarity_fct, offset=offset, batch_size=batch,
+            directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        ).float()
+
+    bits = sum(DIRECTION_BITS[name] for name in set(directions))
+    alpha = float(hardness_strength) if hardness_mode is not None else 0.0
+    params = MNRLParams(
+        offset=offset, batch=batch, directions=bits, joint=partition_mode == "joint",
+        hardness=HARDNESS_MODES[hardness_mode] if alpha > 0.0 else 0, alpha=alpha, normalize=kind == "cos",
+    )
+    if isinstance(scale, Tensor):
+        scale_t = scale.reshape(()).to(device=queries.device, dtype=torch.float32)
+    else:
+        scale_t = torch.tensor(float(scale), dtype=torch.float32, device=queries.device)
+    return mnrl(queries, torch.cat(docs, dim=0), scale_t, params, backend)
+
+
+def mnsrl_loss(
+    queries: Tensor,
+    docs: Tensor | Sequence[Tensor],
+    scale: float | Tensor = 20.0,
+    *,
+    similarity: Similarity = "cos",
+    gather_across_devices: bool = False,
+) -> Tensor:
+    """Multiple Negatives Symmetric Ranking loss: query_to_doc and doc_to_query, each with its own softmax."""
+    return mnrl_loss(
+        queries, docs, scale, similarity=similarity, directions=("query_to_doc", "doc_to_query"),
+        partition_mode="per_direction", gather_across_devices=gather_across_devices,
+    )

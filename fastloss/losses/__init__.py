@@ -1,0 +1,5 @@
+"""Drop-in replacements for sentence-transformers' losses: same constructors, same numbers."""
+
+from fastloss.losses.mnrl import MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
+
+__all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss"]

@@ -1,0 +1,1 @@
+"""One module per fused op: Triton kernels, host fwd/bwd, torch.library registration."""

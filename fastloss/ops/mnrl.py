@@ -1,0 +1,251 @@
+"""The fused MNRL op: every direction of MultipleNegativesRankingLoss without a B x N matrix in memory.
+
+Directions (W gathered rows, B local rows at ``offset``, k doc columns, docs_all = cat(columns) [kW, D]):
+  query_to_doc    rows = local queries,   candidates = docs_all, hardness penalty per ``hardness``
+  query_to_query  rows = local queries,   candidates = all queries, own query masked
+  doc_to_query    rows = local positives, candidates = all queries
+  doc_to_doc      rows = local positives, candidates = docs_all, the own query's docs masked
+Each is one call of the masked scaled-similarity logsumexp primitive (fastloss.ops.sim_lse), which keeps only
+the per-row LSE. With pos_i = scale * s(q_i, d_i):
+  joint:          loss = mean_i(logaddexp_d(LSE_d,i) - pos_i)
+  per_direction:  loss = mean_i(mean_d(LSE_d,i) - pos_i)
+Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
+tiles and returns the gradients w.r.t. the normalised embeddings; the positive term and the normalisation
+backward dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here.
+
+Two implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
+  fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
+  fastloss::mnrl_fused                      row blocks with the gradient computed in the forward (fastloss._C)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastloss.similarity import NORM_EPS
+
+QUERY_TO_DOC, QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC = 1, 2, 4, 8
+DIRECTION_BITS = {
+    "query_to_doc": QUERY_TO_DOC,
+    "query_to_query": QUERY_TO_QUERY,
+    "doc_to_query": DOC_TO_QUERY,
+    "doc_to_doc": DOC_TO_DOC,
+}
+# sentence-transformers' order of the directions in the joint softmax
+DIRECTION_ORDER = (QUERY_TO_DOC, QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC)
+HARDNESS_MODES = {None: 0, "in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
+
+
+@dataclass(frozen=True)
+class MNRLParams:
+    """Non-tensor options of the op (``offset``/``batch``: the local rows of the gathered queries)."""
+
+    offset: int
+    batch: int
+    directions: int = QUERY_TO_DOC
+    joint: bool = True
+    hardness: int = 0
+    alpha: float = 0.0
+    normalize: bool = True
+
+    @property
+    def n_directions(self) -> int:
+        return bin(self.directions).count("1")
+
+    def as_args(self) -> tuple:
+        return (self.offset, self.batch, self.directions, self.joint, self.hardness, self.alpha, self.normalize)
+
+
+def _inv_norms(x: Tensor, normalize: bool) -> Tensor:
+    """1 / max(|x_i|, eps) in fp32 (ones for dot-product similarity)."""
+    if not normalize:
+        return torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
+
+
+def _norm_backward(x: Tensor, inv: Tensor, dx_hat: Tensor, normalize: bool) -> Tensor:
+    """The backward of F.normalize(x, eps=1e-12) given the gradient w.r.t. the normalised rows (fp32)."""
+    if not normalize:
+        return dx_hat
+    x_hat = x.float() * inv[:, None]
+    projection = (x_hat * dx_hat).sum(dim=1, keepdim=True)
+    projection = torch.where(inv[:, None] < 1.0 / NORM_EPS, projection, torch.zeros_like(projection))
+    return (dx_hat - x_hat * projection) * inv[:, None]
+
+
+def _direction_problems(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams):
+    """(bit, rows, candidates, row inv norms, candidate inv norms, mask_own, hardness) per selected direction."""
+    local = slice(p.offset, p.offset + p.batch)
+    out = []
+    for bit in DIRECTION_ORDER:
+        if not p.directions & bit:
+            continue
+        rows, rows_inv = (q[local], q_inv[local]) if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else (d[local], d_inv[local])
+        cands, cands_inv = (d, d_inv) if bit in (QUERY_TO_DOC, DOC_TO_DOC) else (q, q_inv)
+        mask_own = bit in (QUERY_TO_QUERY, DOC_TO_DOC)
+        hardness = p.hardness if (bit == QUERY_TO_DOC and p.alpha > 0.0) else 0
+        out.append((bit, rows, cands, rows_inv, cands_inv, mask_own, hardness))
+    return out
+
+
+def _positive_sims(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams) -> Tensor:
+    local = slice(p.offset, p.offset + p.batch)
+    raw = (q[local].float() * d[local].float()).sum(dim=1)
+    return raw * q_inv[local] * d_inv[local]
+
+
+def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor, Tensor]:
+    """Flash-style forward: (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B])."""
+    from fastloss.ops.sim_lse import sim_lse_fwd
+
+    world = q.shape[0]
+    q_inv, d_inv = _inv_norms(q, p.normalize), _inv_norms(d, p.normalize)
+    lse = torch.stack(
+        [
+            sim_lse_fwd(rows, cands, r_inv, c_inv, scale, period=world, offset=p.offset, mask_own=mask_own,
+                        pen_mode=hardness, alpha=p.alpha)
+            for _, rows, cands, r_inv, c_inv, mask_own, hardness in _direction_problems(q, d, q_inv, d_inv, p)
+        ]
+    )
+    log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
+    positive = scale.float() * _positive_sims(q, d, q_inv, d_inv, p)
+    loss = (log_z - positive).mean()
+    return loss, lse, log_z
+
+
+def mnrl_bwd(
+    grad: Tensor, q: Tensor, d: Tensor, scale: Tensor, lse: Tensor, log_z: Tensor, p: MNRLParams
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Flash-style backward: (dq, dd, dscale) for the incoming scalar ``grad``."""
+    from fastloss.ops.sim_lse import sim_lse_bwd
+
+    world = q.shape[0]
+    local = slice(p.offset, p.offset + p.batch)
+    q_inv, d_inv = _inv_norms(q, p.normalize), _inv_norms(d, p.normalize)
+    h = grad.float() / p.batch
+    if p.joint:
+        weights = h * torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
+    else:
+        weights = (h / p.n_directions).expand_as(lse)
+    dq_hat = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dd_hat = torch.zeros(d.shape, device=d.device, dtype=torch.float32)
+    dscale = torch.zeros((), device=q.device, dtype=torch.float32)
+    problems = _direction_problems(q, d, q_inv, d_inv, p)
+    for (bit, rows, cands, r_inv, c_inv, mask_own, hardness), lse_d, g in zip(problems, lse, weights):
+        dr, dc, ds = sim_lse_bwd(rows, cands, r_inv, c_inv, scale, lse_d, g.contiguous(), period=world,
+                                 offset=p.offset, mask_own=mask_own, pen_mode=hardness, alpha=p.alpha,
+                                 need_dscale=True)
+        (dq_hat if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else dd_hat)[local] += dr
+        (dd_hat if bit in (QUERY_TO_DOC, DOC_TO_DOC) else dq_hat).add_(dc)
+        dscale = dscale + ds.sum()
+    scale32 = scale.float()
+    q_hat_local = q[local].float() * q_inv[local, None]
+    d_hat_local = d[local].float() * d_inv[local, None]
+    dq_hat[local] -= (h * scale32) * d_hat_local
+    dd_hat[local] -= (h * scale32) * q_hat_local
+    dscale = dscale - h * (q_hat_local * d_hat_local).sum()
+    dq = _norm_backward(q, q_inv, dq_hat, p.normalize).to(q.dtype)
+    dd = _norm_backward(d, d_inv, dd_hat, p.normalize).to(d.dtype)
+    return dq, dd, dscale.to(scale.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+def _params(offset, batch, directions, joint, hardness, alpha, normalize) -> MNRLParams:
+    return MNRLParams(offset, batch, directions, joint, hardness, alpha, normalize)
+
+
+@torch.library.custom_op("fastloss::mnrl_fwd", mutates_args=())
+def _mnrl_fwd_op(
+    q: Tensor, d: Tensor, scale: Tensor, offset: int, batch: int, directions: int, joint: bool, hardness: int,
+    alpha: float, normalize: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return mnrl_fwd(q, d, scale, _params(offset, batch, directions, joint, hardness, alpha, normalize))
+
+
+@_mnrl_fwd_op.register_fake
+def _(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize):
+    n_dir = bin(directions).count("1")
+    return (
+        q.new_empty((), dtype=torch.float32),
+        q.new_empty((n_dir, batch), dtype=torch.float32),
+        q.new_empty((batch,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastloss::mnrl_bwd", mutates_args=())
+def _mnrl_bwd_op(
+    grad: Tensor, q: Tensor, d: Tensor, scale: Tensor, lse: Tensor, log_z: Tensor, offset: int, batch: int,
+    directions: int, joint: bool, hardness: int, alpha: float, normalize: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return mnrl_bwd(grad, q, d, scale, lse, log_z, _params(offset, batch, directions, joint, hardness, alpha, normalize))
+
+
+@_mnrl_bwd_op.register_fake
+def _(grad, q, d, scale, lse, log_z, offset, batch, directions, joint, hardness, alpha, normalize):
+    return torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, d, scale, *args = inputs
+    _, lse, log_z = output
+    ctx.save_for_backward(q, d, scale, lse, log_z)
+    ctx.args = tuple(args)
+
+
+def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z):
+    q, d, scale, lse, log_z = ctx.saved_tensors
+    dq, dd, dscale = _mnrl_bwd_op(grad_loss, q, d, scale, lse, log_z, *ctx.args)
+    return (dq, dd, dscale) + (None,) * len(ctx.args)
+
+
+torch.library.register_autograd("fastloss::mnrl_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("fastloss::mnrl_fused", mutates_args=())
+def _mnrl_fused_op(
+    q: Tensor, d: Tensor, scale: Tensor, offset: int, batch: int, directions: int, joint: bool, hardness: int,
+    alpha: float, normalize: bool, need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastloss._backend import native_module
+
+    loss, dq, dd, dscale = native_module().mnrl_fused(
+        q.contiguous(), d.contiguous(), scale.detach().float().cpu().reshape(()), offset, batch, directions, joint,
+        hardness, alpha, normalize, need_grad,
+    )
+    return loss, dq.to(q.dtype), dd.to(d.dtype), dscale.to(scale.dtype).reshape(scale.shape)
+
+
+@_mnrl_fused_op.register_fake
+def _(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad):
+    return q.new_empty((), dtype=torch.float32), torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _, dq, dd, dscale = output
+    ctx.save_for_backward(dq, dd, dscale)
+    ctx.n_args = len(inputs) - 3
+
+
+def _fused_backward(ctx, grad_loss, *_unused):
+    dq, dd, dscale = ctx.saved_tensors
+    g = grad_loss.float()
+    return (dq * g.to(dq.dtype), dd * g.to(dd.dtype), dscale * g.to(dscale.dtype)) + (None,) * ctx.n_args
+
+
+torch.library.register_autograd("fastloss::mnrl_fused", _fused_backward, setup_context=_fused_setup_context)
+
+
+def mnrl(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, backend: str) -> Tensor:
+    """The MNRL loss (fp32 scalar) of gathered queries ``q`` [W, D] and docs ``d`` [kW, D] on a fused backend."""
+    if backend == "native":
+        need_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad or scale.requires_grad)
+        return _mnrl_fused_op(q, d, scale, *p.as_args(), need_grad)[0]
+    if backend == "triton":
+        return _mnrl_fwd_op(q, d, scale, *p.as_args())[0]
+    raise ValueError(f"mnrl: no fused implementation for backend {backend!r}")

@@ -1,0 +1,95 @@
+"""Build script for fastloss's optional native extension ``fastloss._C``.
+
+Environment flags (see the README's table):
+  FASTLOSS_BUILD_EXT=0     skip the extension entirely (pure Python + Triton)
+  FASTLOSS_BUILD_CUDA=auto compile csrc/cuda/*.cu when CUDA_HOME and a CUDA build of torch exist (default);
+                      =0   never; =1 always (fails loudly if it cannot)
+  FASTLOSS_EXT_STRICT=1    a failed extension build fails the install instead of falling back to Python
+  MAX_JOBS                 parallel compile jobs (default: from cores and memory)
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def _default_max_jobs() -> str:
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 8.0
+    # A torch translation unit peaks near 2 GiB in the compiler.
+    return str(max(1, min(cores, int(mem_gib // 2))))
+
+
+def _extensions():
+    if _flag("FASTLOSS_BUILD_EXT", "1") in ("0", "false", "no") or sys.platform == "darwin":
+        print("fastloss: skipping the native extension (FASTLOSS_BUILD_EXT=0 or macOS)")
+        return [], {}
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("fastloss: torch is not importable at build time; install torch first and use --no-build-isolation")
+        return [], {}
+
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    want_cuda = _flag("FASTLOSS_BUILD_CUDA", "auto")
+    import torch
+
+    have_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if want_cuda == "1" and not have_cuda:
+        raise RuntimeError("FASTLOSS_BUILD_CUDA=1 but CUDA_HOME or a CUDA build of torch is missing")
+    build_cuda = bool(cuda_sources) and have_cuda and want_cuda in ("auto", "1")
+
+    if build_cuda:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if not archs:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        ext = cpp_extension.CUDAExtension(
+            "fastloss._C",
+            cpp_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("FASTLOSS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "fastloss._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    print(f"fastloss: building fastloss._C ({'CPU + CUDA' if build_cuda else 'CPU'}), MAX_JOBS={os.environ['MAX_JOBS']}")
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """Falls back to pure Python when the compiler fails, unless FASTLOSS_EXT_STRICT=1."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any compiler failure means "no extension"
+                if _flag("FASTLOSS_EXT_STRICT", "0") in ("1", "true", "yes"):
+                    raise
+                print(f"fastloss: WARNING: native extension build failed ({exc}); using the Python backends")
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
