@@ -24,7 +24,7 @@ def native_module():
     try:
         from fastloss import _C  # type: ignore[attr-defined]
     except ImportError as exc:
-        logger.warning("fastloss: native extension fastloss._C is not available (%s); CPU tensors use the torch reference", exc)
+        logger.warning("fastloss: native extension fastloss._C is not available (%s); CPU ops use fallbacks", exc)
         return None
     return _C
 
@@ -56,7 +56,7 @@ def forced_backend() -> str | None:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 

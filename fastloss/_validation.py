@@ -51,8 +51,10 @@ def check_scale(scale: object, name: str = "scale") -> None:
     """A positive finite number, or a 0-d/1-element floating tensor holding one."""
     if isinstance(scale, Tensor):
         if scale.numel() != 1 or not scale.is_floating_point():
-            raise ValueError(f"{name} must be a positive float or a 1-element float tensor, got shape "
-                             f"{tuple(scale.shape)} dtype {scale.dtype}")
+            raise ValueError(
+                f"{name} must be a positive float or a 1-element float tensor, got shape "
+                f"{tuple(scale.shape)} dtype {scale.dtype}"
+            )
         value = float(scale.detach())
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
         value = float(scale)

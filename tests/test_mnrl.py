@@ -189,8 +189,10 @@ def test_functional_api_forms_agree(backend):
     only_pos = FF.mnrl_loss(q, [p], 20.0)
     torch.testing.assert_close(as_tensor, only_pos)
     assert not torch.allclose(as_list, only_pos)
-    torch.testing.assert_close(FF.mnsrl_loss(q, [p, n]), FF.mnrl_loss(
-        q, [p, n], directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"))
+    torch.testing.assert_close(
+        FF.mnsrl_loss(q, [p, n]),
+        FF.mnrl_loss(q, [p, n], directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+    )
 
 
 @pytest.mark.parametrize("backend_name", [b for b in BACKENDS if b != "torch"])
@@ -291,8 +293,10 @@ def _op_backends():
 @pytest.mark.parametrize("backend_name", _op_backends())
 def test_gradcheck_fp64(backend_name):
     if backend_name == "triton":
-        pytest.skip("the Triton kernels compute in fp32 (fp64 inputs are not their contract); gradcheck runs on "
-                    "the native op and on the reference")
+        pytest.skip(
+            "the Triton kernels compute in fp32 (fp64 inputs are not their contract); gradcheck runs on "
+            "the native op and on the reference"
+        )
     q, p, n = (leaf(x) for x in _embeddings(4, 5, 3, dtype=torch.float64))
     scale = leaf(torch.tensor(3.0, dtype=torch.float64))
     params = MNRLParams(offset=0, batch=4, directions=15, joint=True, hardness=2, alpha=0.4, normalize=True)

@@ -33,7 +33,8 @@ def _gloo_worker(rank: int, world: int, port: int, backend: str, directions, res
         g = torch.Generator().manual_seed(100 + rank)
         cols = [torch.randn(5, 12, generator=g) for _ in range(3)]
         out = {}
-        for name, cls in (("ours", losses.MultipleNegativesRankingLoss), ("theirs", st_losses.MultipleNegativesRankingLoss)):
+        pairs = (("ours", losses.MultipleNegativesRankingLoss), ("theirs", st_losses.MultipleNegativesRankingLoss))
+        for name, cls in pairs:
             leaves = [c.clone().requires_grad_(True) for c in cols]
             loss = cls(None, gather_across_devices=True, directions=directions).compute_loss_from_embeddings(
                 leaves, None
@@ -90,11 +91,20 @@ def _train(minilm_path, loss_factory, tmp_path, seed=0):
     torch.manual_seed(seed)
     model = SentenceTransformer(minilm_path, device="cpu")
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-4, seed=seed,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, dataloader_drop_last=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-4,
+        seed=seed,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_drop_last=True,
     )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=_pairs_dataset(8),
-                                         loss=loss_factory(model))
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=_pairs_dataset(8), loss=loss_factory(model)
+    )
     trainer.train()
     losses_logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses_logged, model[0].auto_model.embeddings.word_embeddings.weight.detach().clone()
@@ -105,8 +115,9 @@ def test_trainer_on_minilm_matches_sentence_transformers(minilm_path, tmp_path):
     pytest.importorskip("datasets")
     kwargs = dict(directions=ALL4, hardness_mode="hard_negatives", hardness_strength=0.5)
     ours, w_ours = _train(minilm_path, lambda m: losses.MultipleNegativesRankingLoss(m, **kwargs), tmp_path / "a")
-    theirs, w_theirs = _train(minilm_path, lambda m: st_losses.MultipleNegativesRankingLoss(m, **kwargs),
-                              tmp_path / "b")
+    theirs, w_theirs = _train(
+        minilm_path, lambda m: st_losses.MultipleNegativesRankingLoss(m, **kwargs), tmp_path / "b"
+    )
     assert len(ours) == 2 and all(torch.isfinite(torch.tensor(ours)))
     assert ours == pytest.approx(theirs, rel=1e-4)
     torch.testing.assert_close(w_ours, w_theirs, rtol=1e-4, atol=1e-6)

@@ -104,16 +104,28 @@ def mnrl_loss(
         backend = "torch"
     if backend == "torch":
         return reference_mnrl_loss(
-            queries, docs, scale, similarity_fct=similarity_fct, offset=offset, batch_size=batch,
-            directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
+            queries,
+            docs,
+            scale,
+            similarity_fct=similarity_fct,
+            offset=offset,
+            batch_size=batch,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
             hardness_strength=hardness_strength,
         ).float()
 
     bits = sum(DIRECTION_BITS[name] for name in set(directions))
     alpha = float(hardness_strength) if hardness_mode is not None else 0.0
     params = MNRLParams(
-        offset=offset, batch=batch, directions=bits, joint=partition_mode == "joint",
-        hardness=HARDNESS_MODES[hardness_mode] if alpha > 0.0 else 0, alpha=alpha, normalize=kind == "cos",
+        offset=offset,
+        batch=batch,
+        directions=bits,
+        joint=partition_mode == "joint",
+        hardness=HARDNESS_MODES[hardness_mode] if alpha > 0.0 else 0,
+        alpha=alpha,
+        normalize=kind == "cos",
     )
     if isinstance(scale, Tensor):
         scale_t = scale.reshape(()).to(device=queries.device, dtype=torch.float32)
@@ -132,6 +144,11 @@ def mnsrl_loss(
 ) -> Tensor:
     """Multiple Negatives Symmetric Ranking loss: query_to_doc and doc_to_query, each with its own softmax."""
     return mnrl_loss(
-        queries, docs, scale, similarity=similarity, directions=("query_to_doc", "doc_to_query"),
-        partition_mode="per_direction", gather_across_devices=gather_across_devices,
+        queries,
+        docs,
+        scale,
+        similarity=similarity,
+        directions=("query_to_doc", "doc_to_query"),
+        partition_mode="per_direction",
+        gather_across_devices=gather_across_devices,
     )

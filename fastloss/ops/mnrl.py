@@ -105,8 +105,18 @@ def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor
     q_inv, d_inv = _inv_norms(q, p.normalize), _inv_norms(d, p.normalize)
     lse = torch.stack(
         [
-            sim_lse_fwd(rows, cands, r_inv, c_inv, scale, period=world, offset=p.offset, mask_own=mask_own,
-                        pen_mode=hardness, alpha=p.alpha)
+            sim_lse_fwd(
+                rows,
+                cands,
+                r_inv,
+                c_inv,
+                scale,
+                period=world,
+                offset=p.offset,
+                mask_own=mask_own,
+                pen_mode=hardness,
+                alpha=p.alpha,
+            )
             for _, rows, cands, r_inv, c_inv, mask_own, hardness in _direction_problems(q, d, q_inv, d_inv, p)
         ]
     )
@@ -135,9 +145,21 @@ def mnrl_bwd(
     dscale = torch.zeros((), device=q.device, dtype=torch.float32)
     problems = _direction_problems(q, d, q_inv, d_inv, p)
     for (bit, rows, cands, r_inv, c_inv, mask_own, hardness), lse_d, g in zip(problems, lse, weights):
-        dr, dc, ds = sim_lse_bwd(rows, cands, r_inv, c_inv, scale, lse_d, g.contiguous(), period=world,
-                                 offset=p.offset, mask_own=mask_own, pen_mode=hardness, alpha=p.alpha,
-                                 need_dscale=True)
+        dr, dc, ds = sim_lse_bwd(
+            rows,
+            cands,
+            r_inv,
+            c_inv,
+            scale,
+            lse_d,
+            g.contiguous(),
+            period=world,
+            offset=p.offset,
+            mask_own=mask_own,
+            pen_mode=hardness,
+            alpha=p.alpha,
+            need_dscale=True,
+        )
         (dq_hat if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else dd_hat)[local] += dr
         (dd_hat if bit in (QUERY_TO_DOC, DOC_TO_DOC) else dq_hat).add_(dc)
         dscale = dscale + ds.sum()
@@ -162,8 +184,16 @@ def _params(offset, batch, directions, joint, hardness, alpha, normalize) -> MNR
 
 @torch.library.custom_op("fastloss::mnrl_fwd", mutates_args=())
 def _mnrl_fwd_op(
-    q: Tensor, d: Tensor, scale: Tensor, offset: int, batch: int, directions: int, joint: bool, hardness: int,
-    alpha: float, normalize: bool,
+    q: Tensor,
+    d: Tensor,
+    scale: Tensor,
+    offset: int,
+    batch: int,
+    directions: int,
+    joint: bool,
+    hardness: int,
+    alpha: float,
+    normalize: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return mnrl_fwd(q, d, scale, _params(offset, batch, directions, joint, hardness, alpha, normalize))
 
@@ -180,10 +210,23 @@ def _(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize)
 
 @torch.library.custom_op("fastloss::mnrl_bwd", mutates_args=())
 def _mnrl_bwd_op(
-    grad: Tensor, q: Tensor, d: Tensor, scale: Tensor, lse: Tensor, log_z: Tensor, offset: int, batch: int,
-    directions: int, joint: bool, hardness: int, alpha: float, normalize: bool,
+    grad: Tensor,
+    q: Tensor,
+    d: Tensor,
+    scale: Tensor,
+    lse: Tensor,
+    log_z: Tensor,
+    offset: int,
+    batch: int,
+    directions: int,
+    joint: bool,
+    hardness: int,
+    alpha: float,
+    normalize: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return mnrl_bwd(grad, q, d, scale, lse, log_z, _params(offset, batch, directions, joint, hardness, alpha, normalize))
+    return mnrl_bwd(
+        grad, q, d, scale, lse, log_z, _params(offset, batch, directions, joint, hardness, alpha, normalize)
+    )
 
 
 @_mnrl_bwd_op.register_fake
@@ -209,14 +252,32 @@ torch.library.register_autograd("fastloss::mnrl_fwd", _fwd_backward, setup_conte
 
 @torch.library.custom_op("fastloss::mnrl_fused", mutates_args=())
 def _mnrl_fused_op(
-    q: Tensor, d: Tensor, scale: Tensor, offset: int, batch: int, directions: int, joint: bool, hardness: int,
-    alpha: float, normalize: bool, need_grad: bool,
+    q: Tensor,
+    d: Tensor,
+    scale: Tensor,
+    offset: int,
+    batch: int,
+    directions: int,
+    joint: bool,
+    hardness: int,
+    alpha: float,
+    normalize: bool,
+    need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from fastloss._backend import native_module
 
     loss, dq, dd, dscale = native_module().mnrl_fused(
-        q.contiguous(), d.contiguous(), scale.detach().float().cpu().reshape(()), offset, batch, directions, joint,
-        hardness, alpha, normalize, need_grad,
+        q.contiguous(),
+        d.contiguous(),
+        scale.detach().float().cpu().reshape(()),
+        offset,
+        batch,
+        directions,
+        joint,
+        hardness,
+        alpha,
+        normalize,
+        need_grad,
     )
     return loss, dq.to(q.dtype), dd.to(d.dtype), dscale.to(scale.dtype).reshape(scale.shape)
 
