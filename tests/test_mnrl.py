@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import warnings
 
 import pytest
@@ -21,6 +22,7 @@ st_util = pytest.importorskip("sentence_transformers.util")
 
 BACKENDS = available_backends()
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+LOSS_TOL = dict(rtol=2e-5, atol=1e-5)  # the loss is a difference of logits of size ~scale: a few fp32 ulps of 20
 LOW_PRECISION_TOL = 3e-3  # relative error of fp16 / bf16 inputs against the fp32 loss on the same rounded values
 
 DIRECTION_SETS = {
@@ -82,7 +84,7 @@ def test_matches_sentence_transformers(backend, dname, partition, hardness, n_ne
     loss, grads = _loss_and_grads(ours, embeddings)
     ref_loss, ref_grads = _loss_and_grads(theirs, embeddings)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, **TOL[torch.float32])
 
@@ -93,9 +95,10 @@ def test_odd_shapes(backend, batch, dim):
     embeddings = _embeddings(batch, dim, 3, seed=batch)
     loss, grads = _loss_and_grads(ours, embeddings)
     ref_loss, ref_grads = _loss_and_grads(theirs, embeddings)
-    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
     for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, **TOL[torch.float32])
+        # D=1: the exact gradient through the normalisation is 0; fp32 leaves a few ulps of scale * 1/|x|
+        torch.testing.assert_close(g, ref, rtol=TOL[torch.float32]["rtol"], atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -119,7 +122,7 @@ def test_symmetric_loss_matches(backend):
     embeddings = _embeddings(6, 17, 3)
     loss, grads = _loss_and_grads(ours, embeddings)
     ref_loss, ref_grads = _loss_and_grads(theirs, embeddings)
-    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, **TOL[torch.float32])
     assert ours.get_config_dict() == theirs.get_config_dict()
@@ -142,11 +145,14 @@ def test_edge_cases_finite_and_equal(backend, case):
     ours, theirs = _pair(dict(directions=DIRECTION_SETS["all4"]), scale=scale)
     loss, grads = _loss_and_grads(ours, [q, p, n])
     ref_loss, ref_grads = _loss_and_grads(theirs, [q, p, n])
+    truth_loss, truth_grads = _loss_and_grads(theirs, [x.double() for x in (q, p, n)])
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
-    for g, ref in zip(grads, ref_grads):
-        # zero rows get F.normalize's gradient dx_hat / eps (~1e12): compare relative to its size
-        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6 * max(1.0, float(ref.abs().max())))
+    # flash-attention's criterion: our error against the fp64 truth at most twice sentence-transformers' fp32 error.
+    # At scale 1e4 the logits are ~1e4 (fp32 ulp ~1e-3) and a recomputing backward cannot reproduce the forward's
+    # rounding bit for bit, so softmax weights carry ~1e-3 relative error there.
+    slack = 1e-3 if scale >= 1e3 else 1e-6
+    for ours_t, ref_t, truth_t in zip([loss, *grads], [ref_loss, *ref_grads], [truth_loss, *truth_grads]):
+        assert rel_err(ours_t, truth_t) <= 2 * rel_err(ref_t, truth_t) + slack
 
 
 def test_learnable_scale_gets_its_gradient(backend):
@@ -158,7 +164,7 @@ def test_learnable_scale_gets_its_gradient(backend):
     theirs = st_losses.MultipleNegativesRankingLoss(None, scale=ref_scale, **config)
     loss, grads = _loss_and_grads(ours, [q, p, n])
     ref_loss, ref_grads = _loss_and_grads(theirs, [q, p, n])
-    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
     torch.testing.assert_close(scale.grad, ref_scale.grad, **TOL[torch.float32])
     assert float(ours.temperature) == pytest.approx(1 / 15.0)
 
@@ -274,7 +280,7 @@ def _bad_inputs():
 
 @pytest.mark.parametrize("name,args,kwargs", list(_bad_inputs()), ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input_names_the_argument(backend, name, args, kwargs):
-    with pytest.raises(ValueError, match=rf"^{name}\b"):
+    with pytest.raises(ValueError, match="^" + re.escape(name) + " "):
         FF.mnrl_loss(*args, **kwargs)
 
 
@@ -337,14 +343,15 @@ def test_torch_compile_fullgraph_matches_eager(backend_name, monkeypatch):
     model = torch.nn.Linear(16, 8)
     x, y = _embeddings(6, 16, 2)
 
-    def step(x, y):
-        loss = FF.mnrl_loss(model(x), [model(y)], 20.0, directions=DIRECTION_SETS["all4"])
-        loss.backward()
-        return loss.detach()
+    def loss_fn(x, y):
+        return FF.mnrl_loss(model(x), [model(y)], 20.0, directions=DIRECTION_SETS["all4"])
 
-    eager = step(x, y)
-    eager_grad = model.weight.grad.clone()
-    model.weight.grad = None
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, y)
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        model.weight.grad = None
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), model.weight.grad.clone()))
+    (eager, eager_grad), (compiled, compiled_grad) = results
     torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
-    torch.testing.assert_close(model.weight.grad, eager_grad, **TOL[torch.float32])
+    torch.testing.assert_close(compiled_grad, eager_grad, **TOL[torch.float32])
