@@ -1,5 +1,6 @@
 """Drop-in replacements for sentence-transformers' losses: same constructors, same numbers."""
 
+from fastloss.losses.cosent import AnglELoss, CoSENTLoss
 from fastloss.losses.mnrl import MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
 
-__all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss"]
+__all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "AnglELoss", "CoSENTLoss"]

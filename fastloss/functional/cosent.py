@@ -1,0 +1,157 @@
+"""CoSENT and AnglE: ranking losses over the similarity of labelled pairs.
+
+With ``s_p = scale * sim(a_p, b_p)`` and pair labels ``y``:  ``loss = log(1 + sum_{y_i < y_j} exp(s_i - s_j))``,
+pairs with tied labels not compared. CoSENT takes any pairwise similarity (cosine, dot product and AnglE's angle
+similarity are fused); AnglE is CoSENT with sentence-transformers' ``pairwise_angle_sim`` and also takes
+(anchor, positive, negative_1, ...) n-tuples, whose pairs are labelled ``labels`` (default 1) and ``1 - labels``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fastloss import _backend
+from fastloss._validation import check_embeddings, check_finite, check_same, check_scale
+from fastloss.ops.cosent import KINDS, cosent
+from fastloss.reference.cosent import cosent_loss as reference_cosent_loss
+from fastloss.reference.cosent import pairwise_angle_sim
+from fastloss.similarity import pairwise_cos_sim, pairwise_dot_score, pairwise_kernel_kind
+
+PairwiseSimilarity = str | Callable[[Tensor, Tensor], Tensor]
+
+_BY_NAME = {"cos": pairwise_cos_sim, "dot": pairwise_dot_score, "angle": pairwise_angle_sim}
+_ANGLE_MODULES = ("fastloss.reference.cosent", "sentence_transformers.util")
+
+
+def angle_kind(fn: Callable) -> str | None:
+    """'angle' for fastloss's or sentence-transformers' ``pairwise_angle_sim``, else None."""
+    module = getattr(fn, "__module__", "") or ""
+    if getattr(fn, "__name__", None) == "pairwise_angle_sim" and module.startswith(_ANGLE_MODULES):
+        return "angle"
+    return None
+
+
+def similarity_kind(similarity: PairwiseSimilarity) -> tuple[str | None, Callable[[Tensor, Tensor], Tensor]]:
+    """The fused kind ('cos' / 'dot' / 'angle', or None: the reference runs) and the callable itself."""
+    if isinstance(similarity, str):
+        if similarity not in _BY_NAME:
+            raise ValueError(f"similarity must be 'cos', 'dot', 'angle' or a callable, got {similarity!r}")
+        return similarity, _BY_NAME[similarity]
+    if not callable(similarity):
+        raise ValueError(f"similarity must be 'cos', 'dot', 'angle' or a callable, got {type(similarity).__name__}")
+    return pairwise_kernel_kind(similarity) or angle_kind(similarity), similarity
+
+
+def check_labels(labels: object, n_pairs: int, like: Tensor, name: str = "labels") -> Tensor:
+    """A bool / integer / floating tensor with one finite value per pair (any shape); returned flat."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor with one score per pair ({n_pairs}), got "
+                         f"{type(labels).__name__}")
+    if labels.is_complex():
+        raise ValueError(f"{name} must be a bool, integer or floating tensor, got {labels.dtype}")
+    if labels.numel() != n_pairs:
+        raise ValueError(f"{name} must hold one score per pair: expected {n_pairs} values, got {labels.numel()} "
+                         f"(shape {tuple(labels.shape)})")
+    if labels.device != like.device:
+        raise ValueError(f"{name} must be on the device of the embeddings ({like.device}), got {labels.device}")
+    if (labels.is_floating_point() and os.environ.get("FASTLOSS_CHECK_FINITE", "1") != "0"
+            and not bool(torch.isfinite(labels).all())):
+        raise ValueError(f"{name} contains NaN or Inf; expected finite similarity scores")
+    return labels.reshape(-1)
+
+
+def _scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
+    if isinstance(scale, Tensor):
+        return scale.reshape(()).to(device=like.device, dtype=torch.float32)
+    return torch.tensor(float(scale), dtype=torch.float32, device=like.device)
+
+
+def _backend_for(b: Tensor) -> str:
+    """triton | torch (the reference) | closed_form: the op in closed form with torch ops, which is CoSENT's CPU
+    implementation (default, or FASTLOSS_BACKEND=native): O(B) ranking, faster than the reference, no fastloss._C."""
+    if b.device.type == "cpu" and _backend.forced_backend() in (None, "native"):
+        return "closed_form"
+    return _backend.select(b, "cosent")
+
+
+def _run(a: Tensor, b: Tensor, labels: Tensor, scale: float | Tensor, kind: str | None, fn: Callable) -> Tensor:
+    """CoSENT of pairs (a[p mod A], b[p]) on the selected backend."""
+    backend = _backend_for(b)
+    if kind is None and backend != "torch":
+        _backend.warn_once(
+            f"fastloss: similarity_fct {getattr(fn, '__name__', fn)!r} has no fused kernel; CoSENT runs the "
+            "plain-PyTorch reference (same results)"
+        )
+        backend = "torch"
+    if backend == "torch":
+        if a.shape[0] != b.shape[0]:
+            a = a.repeat(b.shape[0] // a.shape[0], 1)
+        return reference_cosent_loss(a, b, labels, scale, similarity_fct=fn).float()
+    if backend not in ("triton", "closed_form"):
+        raise ValueError(f"cosent: no fused implementation for backend {backend!r}")
+    return cosent(a, b, labels, _scale_tensor(scale, b), KINDS[kind], use_triton=backend == "triton")
+
+
+def cosent_loss(
+    a: Tensor,
+    b: Tensor,
+    labels: Tensor,
+    scale: float | Tensor = 20.0,
+    *,
+    similarity: PairwiseSimilarity = "cos",
+) -> Tensor:
+    """CoSENT loss of the pairs (``a`` [B, D], ``b`` [B, D]) with one score per pair in ``labels`` ([B] or any
+    shape of B values; bool, integer or float).
+
+    ``similarity``: "cos", "dot", "angle" or a pairwise callable (sentence-transformers' / fastloss's
+    pairwise_cos_sim, pairwise_dot_score, pairwise_angle_sim or a model's ``similarity_pairwise`` are fused; any
+    other callable runs the reference). ``scale`` is a float or a 1-element tensor (which gets its gradient).
+    Equals sentence-transformers' CoSENTLoss to fp32 rounding; the loss is fp32.
+    """
+    check_embeddings("a", a)
+    check_embeddings("b", b, batch=a.shape[0], dim=a.shape[1])
+    check_same("b", b, a, "a")
+    check_scale(scale)
+    kind, fn = similarity_kind(similarity)
+    labels = check_labels(labels, a.shape[0], a)
+    check_finite([("a", a), ("b", b)])
+    return _run(a, b, labels, scale, kind, fn)
+
+
+def angle_loss(
+    anchors: Tensor,
+    others: Tensor | Sequence[Tensor],
+    labels: Tensor | None = None,
+    scale: float | Tensor = 20.0,
+) -> Tensor:
+    """AnglE loss: CoSENT with the angle similarity ``|cos(a, b) + sin(a, b)|`` of sentence-transformers.
+
+    ``others`` is the second column [B, D] of labelled pairs (``labels`` required, [B]) or a sequence of columns
+    (positive, negative_1, ...): then the pairs (anchor, positive) get ``labels`` (default ones) and every
+    (anchor, negative) ``1 - labels``, without copying the anchors.
+    """
+    others = [others] if isinstance(others, Tensor) else list(others)
+    check_embeddings("anchors", anchors)
+    if not others:
+        raise ValueError("others must hold at least one column [batch, dim] (the second element of each pair)")
+    batch, dim = anchors.shape
+    for k, column in enumerate(others):
+        check_embeddings(f"others[{k}]", column, batch=batch, dim=dim)
+        check_same(f"others[{k}]", column, anchors, "anchors")
+    check_scale(scale)
+    if labels is None:
+        if len(others) == 1:
+            raise ValueError("labels are required for pairs (anchors, others): a tensor of [batch] scores")
+        labels = torch.ones(batch, device=anchors.device)
+    labels = check_labels(labels, batch, anchors)
+    check_finite([("anchors", anchors)] + [(f"others[{k}]", c) for k, c in enumerate(others)])
+    if len(others) > 1:
+        if labels.dtype == torch.bool:
+            labels = labels.int()
+        labels = torch.cat([labels, (1 - labels).repeat(len(others) - 1)])
+    b = others[0] if len(others) == 1 else torch.cat(others, dim=0)
+    return _run(anchors, b, labels, scale, "angle", pairwise_angle_sim)
