@@ -171,7 +171,7 @@ def mnrl_bwd(
     dscale = dscale - h * (q_hat_local * d_hat_local).sum()
     dq = _norm_backward(q, q_inv, dq_hat, p.normalize).to(q.dtype)
     dd = _norm_backward(d, d_inv, dd_hat, p.normalize).to(d.dtype)
-    return dq, dd, dscale.to(scale.dtype)
+    return dq, dd, dscale.to(scale.dtype).reshape(scale.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------

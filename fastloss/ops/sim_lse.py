@@ -1,0 +1,542 @@
+"""Masked scaled-similarity logsumexp: the core primitive of the contrastive losses, as Triton kernels.
+
+Rows r [M, D], candidates c [N, D], inverse norms r_inv [M], c_inv [N] (ones for dot product), period W:
+    s_ij     = r_inv_i * c_inv_j * <r_i, c_j>
+    own_ij   = (j mod W) == i + offset,        first_j = j < W
+    pen_ij   = 0 | !own | own & !first | !(own & first)              (pen_mode 0 | 1 | 2 | 3)
+    logit_ij = scale * s_ij + alpha * pen_ij * s_ij,  -inf where mask_own and own_ij
+    lse_i    = log sum_j exp(logit_ij)                                (-inf when the whole row is masked)
+Backward for g_i = dL/dlse_i, the penalty a stop-gradient term, P_ij = exp(logit_ij - lse_i) (0 where masked),
+x_hat = x * x_inv:
+    dr_hat_i = scale * g_i * sum_j P_ij c_hat_j
+    dc_hat_j = scale * sum_i g_i P_ij r_hat_i
+    dscale_i = g_i * sum_j P_ij s_ij
+The forward keeps a running max and sum per row over candidate tiles (no M x N matrix); the backward recomputes
+the logits tile by tile, once over row blocks (dr_hat, dscale) and once over candidate blocks (dc_hat), without
+atomics. When D fits one BLOCK_D the gradient accumulator stays in registers; otherwise it lives in the fp32
+output, updated per D chunk by the program that owns those rows.
+
+Precision: tl.dot on the input dtype with fp32 accumulation ("ieee" for fp32 inputs, "tf32" with
+FASTLOSS_ALLOW_TF32=1); logits, LSE and accumulators in fp32. The backward products take the raw tiles of r and c
+with the inverse norms folded into P before its cast to the input dtype: P_ij c_inv_j in dr, P_ij r_inv_i g_i / max|g|
+in dc (g_i and scale are applied in fp32 afterwards), so that fp16 stays in range; in fp16 the folded inverse norm is
+capped at 65504, which only affects vectors of norm < 1.5e-5 (zero vectors, whose gradient term is 0, are exact).
+fp64 inputs are computed in fp32; under TRITON_INTERPRET=1 so are bf16 inputs (the interpreter's bf16 tl.dot is
+wrong). Operands need contiguous rows (a row stride is fine); others are made contiguous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks.
+SINGLE_D_MAX = 256
+CHUNK_D = 64
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D)) if D <= SINGLE_D_MAX else CHUNK_D
+
+
+def _config(bm: int, bn: int, warps: int, stages: int = 3) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Tile shapes picked from ptxas resource usage on sm_90 (triton 3.8) at D = 64, 128, 256, 768: at every such D some
+# of them spill no registers. Each kernel autotunes among them on its first call for a given D and dtypes.
+_FWD_CONFIGS = [_config(64, 64, 8), _config(128, 32, 8), _config(64, 32, 4), _config(32, 64, 4)]
+_BWD_CONFIGS = [_config(64, 64, 8), _config(128, 32, 8), _config(64, 32, 4), _config(32, 64, 4), _config(64, 64, 4)]
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    if _interpret():
+        return [_config(16, 32, 4, 1)]
+    if os.environ.get("FASTLOSS_AUTOTUNE", "0") == "1":
+        return [_config(*c) for c in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
+    return _FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    """Drop tiles whose [BLOCK, BLOCK_D] fp32 gradient accumulator would spill (2048 elements per warp)."""
+    block_d = _block_d(named_args["D"])
+    kept = [
+        cfg for cfg in configs if max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) * block_d <= 2048 * cfg.num_warps
+    ]
+    return kept or configs[:1]
+
+
+_HEURISTICS = {
+    "BLOCK_D": lambda args: _block_d(args["D"]),
+    "SINGLE_D": lambda args: args["D"] <= SINGLE_D_MAX,
+    "EVEN_D": lambda args: args["D"] % _block_d(args["D"]) == 0,
+}
+
+
+def _autotuned(kind: str):
+    prune = {"early_config_prune": _prune_bwd} if kind == "bwd" else None
+
+    def wrap(fn):
+        return triton.autotune(configs=_configs(kind), key=["D"], prune_configs_by=prune)(
+            triton.heuristics(_HEURISTICS)(fn)
+        )
+
+    return wrap
+
+
+@triton.jit
+def _load_rows(
+    p, start, n_rows, start_d, D, stride_row, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr
+):
+    """x[start : start + BLOCK, start_d : start_d + BLOCK_D] of a D-contiguous matrix, zeros outside it."""
+    o_row = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, BLOCK_D)
+    p_x = p + (tl.cast(start, tl.int64) * stride_row + start_d) + (o_row[:, None] * stride_row + o_d[None, :])
+    m_x = o_row[:, None] < n_rows - start
+    if not EVEN_D:
+        m_x = m_x & (o_d[None, :] < D - start_d)
+    return tl.load(p_x, mask=m_x, other=0.0)
+
+
+@triton.jit
+def _store_rows(p, b_x, start, n_rows, start_d, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[start : start + BLOCK, start_d : start_d + BLOCK_D] = b_x for a contiguous fp32 [n_rows, D] output."""
+    o_row = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, BLOCK_D)
+    p_x = p + (tl.cast(start, tl.int64) * D + start_d) + (o_row[:, None] * D + o_d[None, :])
+    tl.store(p_x, b_x, mask=(o_row[:, None] < n_rows - start) & (o_d[None, :] < D - start_d))
+
+
+@triton.jit
+def _add_rows(p, b_x, accumulate, start, n_rows, start_d, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[tile] += b_x (out[tile] = b_x unless ``accumulate``): a read-modify-write of rows this program owns."""
+    o_row = tl.arange(0, BLOCK)
+    o_d = tl.arange(0, BLOCK_D)
+    p_x = p + (tl.cast(start, tl.int64) * D + start_d) + (o_row[:, None] * D + o_d[None, :])
+    m_x = (o_row[:, None] < n_rows - start) & (o_d[None, :] < D - start_d)
+    b_prev = tl.load(p_x, mask=m_x & accumulate, other=0.0)
+    tl.store(p_x, b_prev + b_x, mask=m_x)
+    tl.debug_barrier()  # the next update of this tile may read it from other threads
+
+
+@triton.jit
+def _dot_rows(
+    a,
+    b,
+    start_a,
+    start_b,
+    n_a,
+    n_b,
+    D,
+    stride_a,
+    stride_b,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """<a_i, b_j> for the row tiles at start_a, start_b, over D in BLOCK_D chunks: fp32 [BLOCK_A, BLOCK_B]."""
+    b_acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for start_d in range(0, D, BLOCK_D):
+        b_a = _load_rows(a, start_a, n_a, start_d, D, stride_a, BLOCK_A, BLOCK_D, EVEN_D)
+        b_b = _load_rows(b, start_b, n_b, start_d, D, stride_b, BLOCK_B, BLOCK_D, EVEN_D)
+        b_acc = tl.dot(b_a, tl.trans(b_b), b_acc, input_precision=DOT_PRECISION)
+    return b_acc
+
+
+@triton.jit
+def _logits(b_s, i, j, N, period, offset, b_scale, alpha, MASK_OWN: tl.constexpr, PEN_MODE: tl.constexpr):
+    """The logits of a tile of similarities ``b_s``; ``i`` (row) and ``j`` (candidate) broadcast to its shape."""
+    m_own = (j % period) == (i + offset)
+    if PEN_MODE == 0:
+        b_logit = b_scale * b_s
+    else:
+        m_first = j < period
+        if PEN_MODE == 1:
+            m_pen = ~m_own
+        elif PEN_MODE == 2:
+            m_pen = m_own & ~m_first
+        else:
+            m_pen = ~(m_own & m_first)
+        b_logit = b_scale * b_s + tl.where(m_pen, alpha * b_s, 0.0)
+    m_keep = j < N
+    if MASK_OWN:
+        m_keep = m_keep & ~m_own
+    return tl.where(m_keep, b_logit, float("-inf"))
+
+
+@triton.jit
+def _fold(b_inv, DTYPE: tl.constexpr):
+    """An inverse norm to fold into P before the cast to DTYPE: capped at the fp16 maximum so P * inv stays finite."""
+    if DTYPE == tl.float16:
+        return tl.minimum(b_inv, 65504.0)
+    return b_inv
+
+
+@triton.jit
+def _load_lse(lse, o_m, M):
+    """LSE of rows o_m with rows that carry no probability (fully masked, or past M) as +inf, so P = 0 there."""
+    b_lse = tl.load(lse + o_m, mask=o_m < M, other=float("-inf"))
+    return tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+
+
+@_autotuned("fwd")
+@triton.jit
+def sim_lse_fwd_kernel(
+    r,
+    c,
+    r_inv,
+    c_inv,
+    scale,
+    lse,
+    M,
+    N,
+    D,
+    period,
+    offset,
+    alpha,
+    stride_r,
+    stride_c,
+    MASK_OWN: tl.constexpr,
+    PEN_MODE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    o_m = start_m + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    b_scale = tl.load(scale).to(tl.float32)
+    b_rinv = tl.load(r_inv + o_m, mask=m_m, other=0.0)
+    if SINGLE_D:
+        b_r = _load_rows(r, start_m, M, 0, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)  # [BM, BD]
+    b_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        b_cinv = tl.load(c_inv + o_n, mask=o_n < N, other=0.0)
+        if SINGLE_D:
+            b_c = _load_rows(c, start_n, N, 0, D, stride_c, BLOCK_N, BLOCK_D, EVEN_D)  # [BN, BD]
+            b_dot = tl.dot(b_r, tl.trans(b_c), input_precision=DOT_PRECISION)
+        else:
+            b_dot = _dot_rows(
+                r, c, start_m, start_n, M, N, D, stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION
+            )
+        b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
+        b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        b_new = tl.maximum(b_max, tl.max(b_logit, axis=1))
+        b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)  # all masked so far: exp(-inf - 0) = 0, not NaN
+        b_sum = b_sum * tl.exp(b_max - b_ref) + tl.sum(tl.exp(b_logit - b_ref[:, None]), axis=1)
+        b_max = b_new
+    b_lse = tl.where(b_sum > 0.0, b_max + tl.log(tl.where(b_sum > 0.0, b_sum, 1.0)), float("-inf"))
+    tl.store(lse + o_m, b_lse, mask=m_m)
+
+
+@_autotuned("bwd")
+@triton.jit
+def sim_lse_bwd_dr_kernel(
+    r,
+    c,
+    r_inv,
+    c_inv,
+    scale,
+    lse,
+    g,
+    dr,
+    dscale,
+    M,
+    N,
+    D,
+    period,
+    offset,
+    alpha,
+    stride_r,
+    stride_c,
+    MASK_OWN: tl.constexpr,
+    PEN_MODE: tl.constexpr,
+    NEED_DSCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    o_m = start_m + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    b_scale = tl.load(scale).to(tl.float32)
+    b_rinv = tl.load(r_inv + o_m, mask=m_m, other=0.0)
+    b_lse = _load_lse(lse, o_m, M)
+    b_g = tl.load(g + o_m, mask=m_m, other=0.0)
+    b_coef = b_g * b_scale  # [BM]: dr_hat = coef * P c_hat
+    b_ps = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if SINGLE_D:
+        b_r = _load_rows(r, start_m, M, 0, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)  # [BM, BD]
+        b_dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        b_cinv = tl.load(c_inv + o_n, mask=o_n < N, other=0.0)
+        if SINGLE_D:
+            b_c = _load_rows(c, start_n, N, 0, D, stride_c, BLOCK_N, BLOCK_D, EVEN_D)  # [BN, BD]
+            b_dot = tl.dot(b_r, tl.trans(b_c), input_precision=DOT_PRECISION)
+        else:
+            b_dot = _dot_rows(
+                r, c, start_m, start_n, M, N, D, stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION
+            )
+        b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
+        b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        b_p = tl.exp(b_logit - b_lse[:, None])  # [BM, BN]
+        if NEED_DSCALE:
+            b_ps += tl.sum(b_p * b_s, axis=1)
+        b_p = (b_p * _fold(b_cinv, r.dtype.element_ty)[None, :]).to(r.dtype.element_ty)  # P_ij c_inv_j
+        if SINGLE_D:
+            b_dr = tl.dot(b_p, b_c, b_dr, input_precision=DOT_PRECISION)  # [BM, BD]
+        else:
+            for start_d in range(0, D, BLOCK_D):
+                b_c = _load_rows(c, start_n, N, start_d, D, stride_c, BLOCK_N, BLOCK_D, EVEN_D)
+                b_part = tl.dot(b_p, b_c, input_precision=DOT_PRECISION) * b_coef[:, None]  # [BM, BD]
+                _add_rows(dr, b_part, start_n > 0, start_m, M, start_d, D, BLOCK_M, BLOCK_D)
+    if SINGLE_D:
+        _store_rows(dr, b_dr * b_coef[:, None], start_m, M, 0, D, BLOCK_M, BLOCK_D)
+    if NEED_DSCALE:
+        tl.store(dscale + o_m, b_ps * b_g, mask=m_m)
+
+
+@_autotuned("bwd")
+@triton.jit
+def sim_lse_bwd_dc_kernel(
+    r,
+    c,
+    r_inv,
+    c_inv,
+    scale,
+    lse,
+    g,
+    g_max,
+    dc,
+    M,
+    N,
+    D,
+    period,
+    offset,
+    alpha,
+    stride_r,
+    stride_c,
+    MASK_OWN: tl.constexpr,
+    PEN_MODE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    start_n = tl.program_id(0).to(tl.int64) * BLOCK_N
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    b_scale = tl.load(scale).to(tl.float32)
+    b_gmax = tl.load(g_max)
+    b_gmax = tl.where(b_gmax > 0.0, b_gmax, 1.0)
+    b_cinv = tl.load(c_inv + o_n, mask=o_n < N, other=0.0)
+    if SINGLE_D:
+        b_c = _load_rows(c, start_n, N, 0, D, stride_c, BLOCK_N, BLOCK_D, EVEN_D)  # [BN, BD]
+        b_dc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        o_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_m = o_m < M
+        b_rinv = tl.load(r_inv + o_m, mask=m_m, other=0.0)
+        b_lse = _load_lse(lse, o_m, M)
+        b_g = tl.load(g + o_m, mask=m_m, other=0.0)
+        if SINGLE_D:
+            b_r = _load_rows(r, start_m, M, 0, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)  # [BM, BD]
+            b_dot = tl.dot(b_c, tl.trans(b_r), input_precision=DOT_PRECISION)
+        else:
+            b_dot = _dot_rows(
+                c, r, start_n, start_m, N, M, D, stride_c, stride_r, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, DOT_PRECISION
+            )
+        b_s = b_dot * b_cinv[:, None] * b_rinv[None, :]  # [BN, BM]: the transposed tile
+        b_logit = _logits(b_s, o_m[None, :], o_n[:, None], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        b_w = b_g / b_gmax * _fold(b_rinv, r.dtype.element_ty)  # |g / max|g|| <= 1: w * P stays in fp16 range
+        b_a = (tl.exp(b_logit - b_lse[None, :]) * b_w[None, :]).to(r.dtype.element_ty)  # [BN, BM]
+        if SINGLE_D:
+            b_dc = tl.dot(b_a, b_r, b_dc, input_precision=DOT_PRECISION)  # [BN, BD]
+        else:
+            for start_d in range(0, D, BLOCK_D):
+                b_r = _load_rows(r, start_m, M, start_d, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)
+                b_part = tl.dot(b_a, b_r, input_precision=DOT_PRECISION) * (b_scale * b_gmax)  # [BN, BD]
+                _add_rows(dc, b_part, start_m > 0, start_n, N, start_d, D, BLOCK_N, BLOCK_D)
+    if SINGLE_D:
+        _store_rows(dc, b_dc * (b_scale * b_gmax), start_n, N, 0, D, BLOCK_N, BLOCK_D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host
+
+
+def _operands(r: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    if r.ndim != 2 or c.ndim != 2 or r.shape[1] != c.shape[1]:
+        raise ValueError(f"sim_lse: r [M, D] and c [N, D] must share D, got {tuple(r.shape)} and {tuple(c.shape)}")
+    if r.dtype != c.dtype or r.device != c.device:
+        raise ValueError(
+            f"sim_lse: r and c must share dtype and device, got {r.dtype}/{r.device}, {c.dtype}/{c.device}"
+        )
+    if r.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"sim_lse: r and c must be float16, bfloat16, float32 or float64, got {r.dtype}")
+    if r.shape[1] >= 2**23:
+        raise ValueError(f"sim_lse: D must be < 2**23 (in-tile offsets are int32), got {r.shape[1]}")
+    if r.dtype == torch.float64 or (r.dtype == torch.bfloat16 and _interpret()):
+        r, c = r.float(), c.float()
+    # the kernels take a row stride only: rows may be strided (a slice), elements within a row contiguous
+    return (r if r.stride(1) == 1 else r.contiguous()), (c if c.stride(1) == 1 else c.contiguous())
+
+
+def _vector(x: Tensor, n: int, name: str) -> Tensor:
+    if x.shape != (n,):
+        raise ValueError(f"sim_lse: {name} must have shape [{n}], got {tuple(x.shape)}")
+    return x.to(torch.float32).contiguous()
+
+
+def _scale(scale: Tensor | float, device: torch.device) -> Tensor:
+    """A 0-d fp32 tensor on ``device`` (conversion without a host sync)."""
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"sim_lse: scale must hold one value, got shape {tuple(scale.shape)}")
+        return scale.detach().to(device=device, dtype=torch.float32).reshape(()).contiguous()
+    return torch.full((), float(scale), device=device, dtype=torch.float32)
+
+
+def _options(period: int, pen_mode: int, alpha: float) -> tuple[int, str]:
+    if period < 1:
+        raise ValueError(f"sim_lse: period must be >= 1, got {period}")
+    if pen_mode not in (0, 1, 2, 3):
+        raise ValueError(f"sim_lse: pen_mode must be 0, 1, 2 or 3, got {pen_mode}")
+    if alpha < 0.0:
+        raise ValueError(f"sim_lse: alpha must be >= 0, got {alpha}")
+    tf32 = os.environ.get("FASTLOSS_ALLOW_TF32", "0") == "1" and not _interpret()
+    return (pen_mode if alpha > 0.0 else 0), ("tf32" if tf32 else "ieee")
+
+
+def _on_device(x: Tensor):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def sim_lse_fwd(
+    r: Tensor,
+    c: Tensor,
+    r_inv: Tensor,
+    c_inv: Tensor,
+    scale: Tensor | float,
+    *,
+    period: int,
+    offset: int,
+    mask_own: bool,
+    pen_mode: int,
+    alpha: float,
+) -> Tensor:
+    """lse_i = logsumexp_j logit_ij (fp32 [M]; -inf for a fully masked row). See the module docstring."""
+    r, c = _operands(r, c)
+    (M, D), N = r.shape, c.shape[0]
+    r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
+    pen_mode, precision = _options(period, pen_mode, alpha)
+    lse = torch.empty(M, device=r.device, dtype=torch.float32)
+    if M == 0 or N == 0:
+        return lse.fill_(float("-inf"))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+    with _on_device(r):
+        sim_lse_fwd_kernel[grid](
+            r,
+            c,
+            r_inv,
+            c_inv,
+            _scale(scale, r.device),
+            lse,
+            M,
+            N,
+            D,
+            period,
+            offset,
+            float(alpha),
+            r.stride(0),
+            c.stride(0),
+            MASK_OWN=bool(mask_own),
+            PEN_MODE=pen_mode,
+            DOT_PRECISION=precision,
+        )
+    return lse
+
+
+def sim_lse_bwd(
+    r: Tensor,
+    c: Tensor,
+    r_inv: Tensor,
+    c_inv: Tensor,
+    scale: Tensor | float,
+    lse: Tensor,
+    g: Tensor,
+    *,
+    period: int,
+    offset: int,
+    mask_own: bool,
+    pen_mode: int,
+    alpha: float,
+    need_dscale: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dr_hat fp32 [M, D], dc_hat fp32 [N, D], dscale fp32 [M] or None) for dL/dlse = ``g``."""
+    r, c = _operands(r, c)
+    (M, D), N = r.shape, c.shape[0]
+    r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
+    lse, g = _vector(lse, M, "lse"), _vector(g, M, "g")
+    pen_mode, precision = _options(period, pen_mode, alpha)
+    if M == 0 or N == 0:
+        dr = torch.zeros((M, D), device=r.device, dtype=torch.float32)
+        dc = torch.zeros((N, D), device=r.device, dtype=torch.float32)
+        return dr, dc, (torch.zeros(M, device=r.device, dtype=torch.float32) if need_dscale else None)
+    dr = torch.empty((M, D), device=r.device, dtype=torch.float32)
+    dc = torch.empty((N, D), device=r.device, dtype=torch.float32)
+    dscale = torch.empty(M, device=r.device, dtype=torch.float32) if need_dscale else None
+    scale = _scale(scale, r.device)
+    sizes = (M, N, D, period, offset, float(alpha), r.stride(0), c.stride(0))
+    flags = {"MASK_OWN": bool(mask_own), "PEN_MODE": pen_mode, "DOT_PRECISION": precision}
+    with _on_device(r):
+        sim_lse_bwd_dr_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+            r,
+            c,
+            r_inv,
+            c_inv,
+            scale,
+            lse,
+            g,
+            dr,
+            dr if dscale is None else dscale,
+            *sizes,
+            NEED_DSCALE=bool(need_dscale),
+            **flags,
+        )
+        sim_lse_bwd_dc_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+            r,
+            c,
+            r_inv,
+            c_inv,
+            scale,
+            lse,
+            g,
+            g.abs().amax(),
+            dc,
+            *sizes,
+            **flags,
+        )
+    return dr, dc, dscale

@@ -1,0 +1,354 @@
+"""The Triton masked scaled-similarity logsumexp (fastloss.ops.sim_lse) against a dense fp64 oracle.
+
+Without CUDA the kernels run on CPU tensors under TRITON_INTERPRET=1 (fp32 / fp16: the interpreter's bf16
+tl.dot is wrong, so bf16 is upcast there and covered for real by the GPU class).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastloss.ops import sim_lse  # noqa: E402
+from fastloss.ops.sim_lse import sim_lse_bwd, sim_lse_fwd  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+# max error relative to the largest reference magnitude of each output
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-4}
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+PEN_IDS = ["none", "in_batch_negatives", "hard_negatives", "all_negatives"]
+
+
+def oracle(r, c, r_inv, c_inv, scale, g, *, period, offset, mask_own, pen_mode, alpha):
+    """The contract, densely in fp64: (lse [M], dr_hat [M, D], dc_hat [N, D], dscale [M])."""
+    r, c, r_inv, c_inv, g = (x.double() for x in (r, c, r_inv, c_inv, g))
+    M, N = r.shape[0], c.shape[0]
+    s = (r @ c.T) * r_inv[:, None] * c_inv[None, :]
+    i = torch.arange(M, device=r.device)[:, None]
+    j = torch.arange(N, device=r.device)[None, :]
+    own = (j % period) == (i + offset)
+    first = j < period
+    pen = [torch.zeros_like(own), ~own, own & ~first, ~(own & first)][pen_mode].double()
+    logit = scale * s + alpha * pen * s
+    if mask_own:
+        logit = logit.masked_fill(own, float("-inf"))
+    lse = torch.logsumexp(logit, dim=1)
+    p = torch.where(torch.isfinite(lse)[:, None], torch.exp(logit - lse[:, None]), torch.zeros_like(logit))
+    grad = g[:, None] * p * scale
+    dr = (grad * c_inv[None, :]) @ c
+    dc = (grad * r_inv[:, None]).T @ r
+    return lse, dr, dc, g * (p * s).sum(dim=1)
+
+
+def make(M, N, D, dtype, *, normalize=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(M, D, generator=gen)
+    c = torch.randn(N, D, generator=gen)
+    if not normalize:
+        r, c = r / D**0.5, c / D**0.5
+    g = torch.randn(M, generator=gen)
+    r, c, g = r.to(DEVICE, dtype), c.to(DEVICE, dtype), g.to(DEVICE)
+    return r, c, inv_norms(r, normalize), inv_norms(c, normalize), g
+
+
+def inv_norms(x, normalize=True):
+    if not normalize:
+        return torch.ones(x.shape[0], device=x.device)
+    return torch.linalg.vector_norm(x.float(), dim=1).clamp_min(1e-12).reciprocal()
+
+
+def assert_close(actual, expected, tol, name):
+    assert not torch.isnan(actual).any(), f"{name}: NaN in the output (unwritten or 0 * inf)"
+    finite = expected[torch.isfinite(expected)]
+    ref = float(finite.abs().max()) if finite.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected, atol=tol * ref + 1e-9, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """torch.empty returns NaN-filled float tensors, so an output element the kernels never write fails."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def check(r, c, r_inv, c_inv, scale, g, tol, **opts):
+    expected = oracle(r, c, r_inv, c_inv, float(scale), g, **opts)
+    scale_t = torch.tensor(float(scale), device=r.device)
+    lse = sim_lse_fwd(r, c, r_inv, c_inv, scale_t, **opts)
+    assert lse.dtype == torch.float32 and lse.shape == (r.shape[0],)
+    assert_close(lse, expected[0], tol, "lse")
+    dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, scale_t, lse, g, need_dscale=True, **opts)
+    assert dr.shape == r.shape and dc.shape == c.shape and dscale.shape == (r.shape[0],)
+    assert dr.dtype == dc.dtype == dscale.dtype == torch.float32
+    for name, actual, want in zip(("dr_hat", "dc_hat", "dscale"), (dr, dc, dscale), expected[1:]):
+        assert_close(actual, want, tol, name)
+    return lse, dr, dc, dscale
+
+
+def shape_id(shape):
+    return "M{}N{}D{}".format(*shape)
+
+
+SHAPES = [(1, 1, 1), (7, 13, 33), (16, 48, 64), (5, 40, 20), (40, 72, 16)]
+
+
+def test_oracle_matches_autograd():
+    """The oracle's backward is the gradient of sum_i g_i lse_i w.r.t. r_hat, c_hat and scale, penalty detached."""
+    M, N, D, period, offset, alpha, scale = 5, 12, 9, 4, 1, 0.6, 7.0
+    gen = torch.Generator().manual_seed(3)
+    r, c, g = torch.randn(M, D, generator=gen), torch.randn(N, D, generator=gen), torch.randn(M, generator=gen)
+    r_inv, c_inv = inv_norms(r), inv_norms(c)
+    r_hat = (r.double() * r_inv.double()[:, None]).requires_grad_()
+    c_hat = (c.double() * c_inv.double()[:, None]).requires_grad_()
+    scale_t = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    s = r_hat @ c_hat.T
+    j, i = torch.arange(N)[None, :], torch.arange(M)[:, None]
+    own = (j % period) == (i + offset)
+    logit = (scale_t * s + alpha * (own & (j >= period)).double() * s.detach()).masked_fill(own, -torch.inf)
+    lse = torch.logsumexp(logit, dim=1)
+    (lse * g.double()).sum().backward()
+    want = oracle(r, c, r_inv, c_inv, scale, g, period=period, offset=offset, mask_own=True, pen_mode=2, alpha=alpha)
+    torch.testing.assert_close(lse.detach(), want[0])
+    torch.testing.assert_close(r_hat.grad, want[1])
+    torch.testing.assert_close(c_hat.grad, want[2])
+    torch.testing.assert_close(scale_t.grad, want[3].sum())
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_shapes(poison, shape, dtype, normalize):
+    M, N, D = shape
+    r, c, r_inv, c_inv, g = make(M, N, D, dtype, normalize=normalize)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=N, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("offset", [0, 3, 6], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("mask_own", [False, True], ids=["keep_own", "mask_own"])
+@pytest.mark.parametrize("pen_mode", range(4), ids=PEN_IDS)
+def test_masks_and_penalties(poison, pen_mode, mask_own, offset, dtype):
+    """W = 8 gathered rows, 5 local rows at ``offset`` (rows past W - offset have no own column), 3 doc columns."""
+    r, c, r_inv, c_inv, g = make(5, 24, 20, dtype, seed=1)
+    check(
+        r,
+        c,
+        r_inv,
+        c_inv,
+        20.0,
+        g,
+        TOL[dtype],
+        period=8,
+        offset=offset,
+        mask_own=mask_own,
+        pen_mode=pen_mode,
+        alpha=0.7,
+    )
+
+
+def test_fully_masked_rows(poison):
+    """Row 0 (and the only candidate's whole column) is masked: lse -inf, zero gradients, no NaN."""
+    r, c, r_inv, c_inv, g = make(3, 1, 5, torch.float32, seed=2)
+    lse, dr, dc, dscale = check(
+        r, c, r_inv, c_inv, 20.0, g, TOL[torch.float32], period=1, offset=0, mask_own=True, pen_mode=0, alpha=0.0
+    )
+    assert lse[0] == float("-inf") and torch.isfinite(lse[1:]).all()
+    assert (dr[0] == 0).all() and dscale[0] == 0
+
+
+@pytest.mark.parametrize("pen_mode", [0, 3], ids=["none", "all_negatives"])
+def test_every_row_masked(poison, pen_mode):
+    r, c, r_inv, c_inv, g = make(1, 1, 1, torch.float32, seed=4)
+    lse, dr, dc, dscale = check(
+        r, c, r_inv, c_inv, 20.0, g, TOL[torch.float32], period=1, offset=0, mask_own=True, pen_mode=pen_mode, alpha=0.5
+    )
+    assert lse.item() == float("-inf")
+    assert (dr == 0).all() and (dc == 0).all() and (dscale == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_zero_and_tiny_vectors(poison, dtype):
+    """Zero rows / candidates carry r_inv = 1e12 (the clamped norm): s = 0, gradients finite; rows of norm ~5e-3
+    (inverse norm ~200, folded into P) are exact."""
+    r, c, r_inv, c_inv, g = make(7, 13, 33, dtype, seed=5)
+    r[2] = 0
+    c[[0, 9]] = 0
+    r[4] *= 1e-3
+    c[5] *= 1e-3
+    r_inv, c_inv = inv_norms(r), inv_norms(c)
+    assert r_inv[2] == 1e12 and c_inv[9] == 1e12 and r_inv[4] > 100 and c_inv[5] > 100
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=13, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_duplicate_rows(poison, dtype):
+    r, c, r_inv, c_inv, g = make(9, 16, 20, dtype, seed=6)
+    r[4] = r[1]
+    c[[5, 11]] = c[3].clone()
+    r_inv, c_inv = inv_norms(r), inv_norms(c)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=8, offset=0, mask_own=False, pen_mode=1, alpha=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_extreme_scale(poison, dtype):
+    r, c, r_inv, c_inv, g = make(16, 48, 64, dtype, seed=7)
+    check(r, c, r_inv, c_inv, 1e3, g, TOL[dtype], period=16, offset=0, mask_own=True, pen_mode=3, alpha=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("D", [33, 64], ids=lambda d: f"D{d}")
+def test_chunked_d(poison, monkeypatch, D, dtype):
+    """D looped in 16-wide chunks, the gradients accumulated in the output (the path of D > 256)."""
+    monkeypatch.setattr(sim_lse, "SINGLE_D_MAX", 16)
+    monkeypatch.setattr(sim_lse, "CHUNK_D", 16)
+    r, c, r_inv, c_inv, g = make(21, 40, D, dtype, seed=8)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=20, offset=3, mask_own=True, pen_mode=2, alpha=0.5)
+
+
+def test_large_d(poison):
+    r, c, r_inv, c_inv, g = make(5, 9, 300, torch.float32, seed=9)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[torch.float32], period=9, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+
+
+def test_strided_inputs(poison):
+    """A row slice of a wider buffer and a column-major candidate matrix."""
+    M, N, D = 7, 13, 33
+    gen = torch.Generator().manual_seed(10)
+    r = torch.randn(2 * M, D + 5, generator=gen).to(DEVICE)[::2, 2 : D + 2]
+    c = torch.randn(D, N, generator=gen).to(DEVICE).T
+    g = torch.randn(M, generator=gen).to(DEVICE)
+    assert not r.is_contiguous() and not c.is_contiguous()
+    check(
+        r,
+        c,
+        inv_norms(r),
+        inv_norms(c),
+        20.0,
+        g,
+        TOL[torch.float32],
+        period=N,
+        offset=0,
+        mask_own=False,
+        pen_mode=0,
+        alpha=0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [torch.tensor([20.0], dtype=torch.float16), torch.tensor(20.0, dtype=torch.float64), 20.0],
+    ids=["fp16_shape1", "fp64_0d", "python_float"],
+)
+def test_scale_forms(scale):
+    r, c, r_inv, c_inv, g = make(7, 13, 33, torch.float32, seed=11)
+    opts = dict(period=13, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+    want = sim_lse_fwd(r, c, r_inv, c_inv, torch.tensor(20.0, device=DEVICE), **opts)
+    scale = scale.to(DEVICE) if isinstance(scale, torch.Tensor) else scale
+    torch.testing.assert_close(sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts), want)
+
+
+def test_without_dscale():
+    r, c, r_inv, c_inv, g = make(7, 13, 33, torch.float32, seed=12)
+    opts = dict(period=13, offset=0, mask_own=True, pen_mode=1, alpha=0.4)
+    scale = torch.tensor(20.0, device=DEVICE)
+    lse = sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts)
+    dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=False, **opts)
+    dr_ref, dc_ref, _ = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=True, **opts)
+    assert dscale is None
+    torch.testing.assert_close(dr, dr_ref, rtol=0, atol=0)
+    torch.testing.assert_close(dc, dc_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_other_dtypes(poison, dtype):
+    """fp64 is computed in fp32; bf16 runs the kernels in bf16 on a GPU (upcast under the interpreter)."""
+    r, c, r_inv, c_inv, g = make(7, 13, 33, dtype, seed=13)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=13, offset=0, mask_own=True, pen_mode=0, alpha=0.0)
+
+
+@pytest.mark.parametrize("M, N", [(0, 5), (4, 0)], ids=["no_rows", "no_candidates"])
+def test_empty(M, N):
+    """No candidates: lse = -inf and zero gradients; no rows: empty outputs and zero candidate gradients."""
+    r, c, r_inv, c_inv, g = make(M, N, 8, torch.float32)
+    opts = dict(period=max(N, 1), offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+    lse = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
+    dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, 20.0, lse, g, need_dscale=True, **opts)
+    assert lse.shape == (M,) and (lse == float("-inf")).all()
+    assert dr.shape == (M, 8) and dc.shape == (N, 8) and dscale.shape == (M,)
+    assert (dr == 0).all() and (dc == 0).all() and (dscale == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(period=0), "period"),
+        (dict(pen_mode=4), "pen_mode"),
+        (dict(alpha=-1.0), "alpha"),
+    ],
+    ids=["period", "pen_mode", "alpha"],
+)
+def test_invalid_options(kwargs, match):
+    r, c, r_inv, c_inv, _ = make(3, 4, 5, torch.float32)
+    opts = dict(period=4, offset=0, mask_own=False, pen_mode=0, alpha=0.0) | kwargs
+    with pytest.raises(ValueError, match=match):
+        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
+
+
+def test_shape_mismatch():
+    r, _, r_inv, _, _ = make(3, 4, 5, torch.float32)
+    c = torch.randn(4, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="share D"):
+        sim_lse_fwd(r, c, r_inv, inv_norms(c), 20.0, period=4, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device (compiled kernels)")
+class TestGPU:
+    """Compiled kernels on CUDA: GPU-sized shapes, the chunked-D path, bf16, determinism."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+    @pytest.mark.parametrize("shape", [(64, 256, 384), (129, 1000, 768), (33, 130, 4096), (300, 301, 1)], ids=shape_id)
+    def test_matches_oracle(self, poison, shape, dtype):
+        M, N, D = shape
+        r, c, r_inv, c_inv, g = make(M, N, D, dtype, seed=14)
+        period = N if N % 2 else N // 2
+        check(
+            r,
+            c,
+            r_inv,
+            c_inv,
+            20.0,
+            g,
+            TOL[dtype],
+            period=period,
+            offset=min(3, M),
+            mask_own=True,
+            pen_mode=3,
+            alpha=0.5,
+        )
+
+    def test_tf32(self, monkeypatch):
+        monkeypatch.setenv("FASTLOSS_ALLOW_TF32", "1")
+        r, c, r_inv, c_inv, g = make(100, 300, 384, torch.float32, seed=16)
+        check(r, c, r_inv, c_inv, 20.0, g, 2e-2, period=100, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+
+    @pytest.mark.parametrize("D", [64, 1024], ids=lambda d: f"D{d}")
+    def test_deterministic(self, D):
+        r, c, r_inv, c_inv, g = make(200, 513, D, torch.float16, seed=15)
+        opts = dict(period=513, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+        scale = torch.tensor(20.0, device=DEVICE)
+        lse = sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts)
+        first = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=True, **opts)
+        second = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=True, **opts)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
