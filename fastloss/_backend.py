@@ -66,11 +66,12 @@ def warn_once(message: str) -> None:
     _warn_once(message)
 
 
-def select(tensor: torch.Tensor, native_op: str) -> str:
+def select(tensor: torch.Tensor, native_op: str, cpu_impl: str | None = None) -> str:
     """The backend for an op whose inputs live where ``tensor`` lives.
 
     ``native_op`` is the name of the op's function in fastloss._C (so a partially built extension falls back
-    per op rather than as a whole).
+    per op rather than as a whole). ``cpu_impl`` names an op's own fused CPU implementation in torch ops (e.g.
+    blocked rows): CPU tensors take it when fastloss._C lacks the op, and under FASTLOSS_BACKEND=native.
     """
     forced = forced_backend()
     if forced == "torch":
@@ -84,6 +85,8 @@ def select(tensor: torch.Tensor, native_op: str) -> str:
     if forced == "native":
         if tensor.device.type != "cpu":
             raise RuntimeError(f"FASTLOSS_BACKEND=native runs on CPU tensors only, got {tensor.device}")
+        if not native_has(native_op) and cpu_impl is not None:
+            return cpu_impl
         if not native_has(native_op):
             raise RuntimeError(f"FASTLOSS_BACKEND=native but fastloss._C has no {native_op!r} (extension not built?)")
         return "native"
@@ -95,6 +98,8 @@ def select(tensor: torch.Tensor, native_op: str) -> str:
     if tensor.device.type == "cpu":
         if native_has(native_op):
             return "native"
+        if cpu_impl is not None:
+            return cpu_impl
         warn_once(f"fastloss: fastloss._C has no {native_op!r}; CPU tensors use the torch reference")
         return "torch"
     warn_once(f"fastloss: no fused kernel for device {tensor.device.type!r}; using the torch reference")

@@ -49,17 +49,23 @@ def similarity_kind(similarity: PairwiseSimilarity) -> tuple[str | None, Callabl
 def check_labels(labels: object, n_pairs: int, like: Tensor, name: str = "labels") -> Tensor:
     """A bool / integer / floating tensor with one finite value per pair (any shape); returned flat."""
     if not isinstance(labels, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor with one score per pair ({n_pairs}), got "
-                         f"{type(labels).__name__}")
+        raise ValueError(
+            f"{name} must be a torch.Tensor with one score per pair ({n_pairs}), got {type(labels).__name__}"
+        )
     if labels.is_complex():
         raise ValueError(f"{name} must be a bool, integer or floating tensor, got {labels.dtype}")
     if labels.numel() != n_pairs:
-        raise ValueError(f"{name} must hold one score per pair: expected {n_pairs} values, got {labels.numel()} "
-                         f"(shape {tuple(labels.shape)})")
+        raise ValueError(
+            f"{name} must hold one score per pair: expected {n_pairs} values, got {labels.numel()} "
+            f"(shape {tuple(labels.shape)})"
+        )
     if labels.device != like.device:
         raise ValueError(f"{name} must be on the device of the embeddings ({like.device}), got {labels.device}")
-    if (labels.is_floating_point() and os.environ.get("FASTLOSS_CHECK_FINITE", "1") != "0"
-            and not bool(torch.isfinite(labels).all())):
+    if (
+        labels.is_floating_point()
+        and os.environ.get("FASTLOSS_CHECK_FINITE", "1") != "0"
+        and not bool(torch.isfinite(labels).all())
+    ):
         raise ValueError(f"{name} contains NaN or Inf; expected finite similarity scores")
     return labels.reshape(-1)
 
@@ -71,11 +77,9 @@ def _scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
 
 
 def _backend_for(b: Tensor) -> str:
-    """triton | torch (the reference) | closed_form: the op in closed form with torch ops, which is CoSENT's CPU
-    implementation (default, or FASTLOSS_BACKEND=native): O(B) ranking, faster than the reference, no fastloss._C."""
-    if b.device.type == "cpu" and _backend.forced_backend() in (None, "native"):
-        return "closed_form"
-    return _backend.select(b, "cosent")
+    """triton | torch (the reference) | closed_form: the op in closed form with torch ops, CoSENT's CPU
+    implementation (O(B log B), faster than the reference, no fastloss._C needed)."""
+    return _backend.select(b, "cosent", cpu_impl="closed_form")
 
 
 def _run(a: Tensor, b: Tensor, labels: Tensor, scale: float | Tensor, kind: str | None, fn: Callable) -> Tensor:
