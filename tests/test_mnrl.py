@@ -355,3 +355,36 @@ def test_torch_compile_fullgraph_matches_eager(backend_name, monkeypatch):
     (eager, eager_grad), (compiled, compiled_grad) = results
     torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
     torch.testing.assert_close(compiled_grad, eager_grad, **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+class TestCUDA:
+    """The Triton path on CUDA tensors (runs where a GPU is present), against sentence-transformers in fp32."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    @pytest.mark.parametrize(
+        "batch,dim,n_neg,dname",
+        [(7, 33, 0, "all4"), (256, 384, 1, "q2d"), (1000, 768, 2, "all4"), (300, 4096, 1, "q2d+d2q")],
+    )
+    def test_matches_sentence_transformers(self, dtype, batch, dim, n_neg, dname):
+        ours, theirs = _pair(
+            dict(directions=DIRECTION_SETS[dname], hardness_mode="all_negatives", hardness_strength=0.3)
+        )
+        cols = [e.cuda() for e in _embeddings(batch, dim, 2 + n_neg, dtype=dtype)]
+        loss, grads = _loss_and_grads(ours, cols)
+        ref_loss, ref_grads = _loss_and_grads(theirs, [c.float() for c in cols])
+        bound = 1e-4 if dtype == torch.float32 else LOW_PRECISION_TOL
+        assert rel_err(loss, ref_loss) < bound
+        for g, ref in zip(grads, ref_grads):
+            assert g.dtype == dtype and rel_err(g, ref) < 4 * bound
+
+    def test_deterministic(self):
+        cols = [e.cuda().requires_grad_(True) for e in _embeddings(512, 256, 3)]
+        runs = []
+        for _ in range(2):
+            for c in cols:
+                c.grad = None
+            FF.mnrl_loss(cols[0], cols[1:], directions=DIRECTION_SETS["all4"]).backward()
+            runs.append([c.grad.clone() for c in cols])
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
