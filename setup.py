@@ -2,14 +2,17 @@
 
 Environment flags (see the README's table):
   FASTLOSS_BUILD_EXT=0     skip the extension entirely (pure Python + Triton)
-  FASTLOSS_BUILD_CUDA=auto compile csrc/cuda/*.cu when CUDA_HOME and a CUDA build of torch exist (default);
+  FASTLOSS_BUILD_CUDA=auto compile csrc/cuda/ (*.cu, *.cpp) when a CUDA toolkit (CUDA_HOME, else nvcc on PATH,
+                           else /usr/local/cuda) and a CUDA build of torch exist (default);
                       =0   never; =1 always (fails loudly if it cannot)
+  TORCH_CUDA_ARCH_LIST     GPU architectures of the CUDA build (default "8.0;9.0": A100, H100)
   FASTLOSS_EXT_STRICT=1    a failed extension build fails the install instead of falling back to Python
   MAX_JOBS                 parallel compile jobs (default: from cores and memory)
 """
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -31,10 +34,33 @@ def _default_max_jobs() -> str:
     return str(max(1, min(cores, int(mem_gib // 2))))
 
 
+def _find_cuda_home() -> str | None:
+    """The toolkit that nvcc belongs to: CUDA_HOME / CUDA_PATH, else the toolkit of nvcc on PATH, else
+    /usr/local/cuda. torch's own guess can land on /usr/local (an nvcc wrapper script), which has no headers."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return home
+    return None
+
+
 def _extensions():
     if _flag("FASTLOSS_BUILD_EXT", "1") in ("0", "false", "no") or sys.platform == "darwin":
         print("fastloss: skipping the native extension (FASTLOSS_BUILD_EXT=0 or macOS)")
         return [], {}
+    want_cuda = _flag("FASTLOSS_BUILD_CUDA", "auto")
+    cuda_home = _find_cuda_home() if want_cuda in ("auto", "1") else None
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read once, when torch.utils.cpp_extension is imported
     try:
         from torch.utils import cpp_extension
     except ImportError:
@@ -43,14 +69,19 @@ def _extensions():
 
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cuda_dir = os.path.join("csrc", "cuda")
+    cuda_sources = sorted(glob.glob(os.path.join(cuda_dir, "*.cu")) + glob.glob(os.path.join(cuda_dir, "*.cpp")))
+    # No -std flag: torch.utils.cpp_extension adds the standard this torch's headers need (C++17 or C++20).
+    cxx_flags = ["-O3", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
-    want_cuda = _flag("FASTLOSS_BUILD_CUDA", "auto")
     import torch
 
-    have_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    have_cuda = (
+        cpp_extension.CUDA_HOME is not None
+        and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h"))
+        and torch.version.cuda is not None
+    )
     if want_cuda == "1" and not have_cuda:
         raise RuntimeError("FASTLOSS_BUILD_CUDA=1 but CUDA_HOME or a CUDA build of torch is missing")
     build_cuda = bool(cuda_sources) and have_cuda and want_cuda in ("auto", "1")
@@ -64,7 +95,8 @@ def _extensions():
             cpp_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=[("FASTLOSS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            # no --use_fast_math: the kernels keep IEEE division/sqrt and denormals (F.normalize's eps semantics)
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:
@@ -75,7 +107,8 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    print(f"fastloss: building fastloss._C ({'CPU + CUDA' if build_cuda else 'CPU'}), MAX_JOBS={os.environ['MAX_JOBS']}")
+    kind = f"CPU + CUDA {os.environ['TORCH_CUDA_ARCH_LIST']}" if build_cuda else "CPU"
+    print(f"fastloss: building fastloss._C ({kind}), MAX_JOBS={os.environ['MAX_JOBS']}")
 
     class BuildExt(cpp_extension.BuildExtension):
         """Falls back to pure Python when the compiler fails, unless FASTLOSS_EXT_STRICT=1."""

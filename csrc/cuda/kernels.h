@@ -1,0 +1,8 @@
+// Host entry points of the CUDA kernels (ATen only, so that nvcc never parses pybind11).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace fastloss {
+at::Tensor l2norm_fwd_cuda(const at::Tensor& x, double eps);
+at::Tensor l2norm_bwd_cuda(const at::Tensor& x, const at::Tensor& dy, double eps);
+}  // namespace fastloss

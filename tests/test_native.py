@@ -1,0 +1,415 @@
+"""The native CPU kernel fastloss._C.mnrl_fused against the plain-PyTorch reference (sentence-transformers' maths).
+
+The truth is the reference evaluated in fp64 on the very values the kernel sees; the kernel accumulates in fp32
+(fp64 for fp64 inputs), so the loss matches to fp32 rounding in every dtype and the gradients to the rounding of
+their output dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastloss import _backend
+from fastloss.ops.mnrl import DIRECTION_BITS, MNRLParams, mnrl
+from fastloss.reference import mnrl_loss
+from fastloss.similarity import cos_sim, dot_score
+
+_C = _backend.native_module()
+if _C is None or not hasattr(_C, "mnrl_fused"):
+    pytest.skip("fastloss._C is not built (pip install --no-deps --no-build-isolation -e .)", allow_module_level=True)
+
+# (rtol, atol) per input dtype: the loss is always accumulated in fp32 or better; the gradients come back in the
+# input dtype, so they carry its rounding.
+LOSS_TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-5),
+}
+GRAD_TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-4),
+}
+SCALE = {"cos": 20.0, "dot": 1.0}  # dot-product inputs have O(1) entries: O(1) logits, as trained models give
+HARDNESS = {0: None, 1: "in_batch_negatives", 2: "hard_negatives", 3: "all_negatives"}
+ALPHA = 0.7
+
+DIRECTION_SETS = [
+    ("query_to_doc",),
+    ("query_to_doc", "query_to_query"),
+    ("query_to_doc", "doc_to_query"),
+    ("query_to_doc", "doc_to_doc"),
+    ("query_to_doc", "query_to_query", "doc_to_query"),
+    ("query_to_doc", "query_to_query", "doc_to_doc"),
+    ("query_to_doc", "doc_to_query", "doc_to_doc"),
+    ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+]
+# sentence-transformers allows per_direction only when every direction's pool holds the positive
+PARTITIONS = [(dirs, "joint") for dirs in DIRECTION_SETS] + [
+    (dirs, "per_direction") for dirs in DIRECTION_SETS if set(dirs) <= {"query_to_doc", "doc_to_query"}
+]
+
+
+def _ids(dirs: tuple[str, ...], partition: str) -> str:
+    short = {"query_to_doc": "qd", "query_to_query": "qq", "doc_to_query": "dq", "doc_to_doc": "dd"}
+    return "+".join(short[d] for d in dirs) + "-" + partition
+
+
+def make_inputs(world: int, dim: int, columns: int, similarity: str, dtype: torch.dtype, seed: int = 0):
+    """Queries [W, D] and ``columns`` doc columns, rounded to ``dtype``; dot-product inputs scaled to O(1) logits."""
+    g = torch.Generator().manual_seed(seed)
+    shrink = 1.0 if similarity == "cos" else dim**-0.5
+    q = (torch.randn(world, dim, generator=g, dtype=torch.float64) * shrink).to(dtype)
+    docs = [(torch.randn(world, dim, generator=g, dtype=torch.float64) * shrink).to(dtype) for _ in range(columns)]
+    return q, docs
+
+
+def reference(q, docs, scale, *, similarity, offset, batch, directions, partition, hardness):
+    """(loss, dq, dd, dscale) of the fp64 reference on the same values.
+
+    dscale is a central difference: the reference's autograd gives NaN for it once a direction masks entries with
+    -inf (d(-inf * scale) / d scale), while the loss itself is smooth in the scale.
+    """
+    q64 = q.detach().double().requires_grad_(True)
+    docs64 = [c.detach().double().requires_grad_(True) for c in docs]
+
+    def loss_at(s: float):
+        return mnrl_loss(
+            q64,
+            docs64,
+            s,
+            similarity_fct=cos_sim if similarity == "cos" else dot_score,
+            offset=offset,
+            batch_size=batch,
+            directions=directions,
+            partition_mode=partition,
+            hardness_mode=HARDNESS[hardness],
+            hardness_strength=ALPHA if hardness else 0.0,
+        )
+
+    loss = loss_at(float(scale))
+    grads = torch.autograd.grad(loss, [q64, *docs64])
+    h = 1e-5
+    with torch.no_grad():
+        dscale = (loss_at(scale + h) - loss_at(scale - h)) / (2 * h)
+    return loss.detach(), grads[0], torch.cat(grads[1:]), dscale
+
+
+def native(q, docs, scale, *, similarity, offset, batch, directions, partition, hardness, need_grad=True):
+    bits = sum(DIRECTION_BITS[d] for d in directions)
+    return _C.mnrl_fused(
+        q.contiguous(),
+        torch.cat(docs).contiguous(),
+        torch.tensor(float(scale)),
+        offset,
+        batch,
+        bits,
+        partition == "joint",
+        hardness,
+        ALPHA if hardness else 0.0,
+        similarity == "cos",
+        need_grad,
+    )
+
+
+def assert_matches(got, want, dtype):
+    loss, dq, dd, dscale = got
+    ref_loss, ref_dq, ref_dd, ref_dscale = want
+    assert dq.shape == ref_dq.shape and dd.shape == ref_dd.shape and dscale.dim() == 0 and loss.dim() == 0
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert dq.dtype == dtype and dd.dtype == dtype
+    rtol, atol = LOSS_TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dscale.double(), ref_dscale, rtol=rtol, atol=atol)
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(dq.double(), ref_dq.to(dtype).double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(dd.double(), ref_dd.to(dtype).double(), rtol=rtol, atol=atol)
+
+
+def check_case(
+    world,
+    dim,
+    columns,
+    dtype,
+    *,
+    similarity,
+    offset=0,
+    batch=None,
+    directions=DIRECTION_SETS[0],
+    partition="joint",
+    hardness=0,
+    seed=0,
+):
+    q, docs = make_inputs(world, dim, columns, similarity, dtype, seed=seed)
+    scale = SCALE[similarity]
+    kwargs = dict(
+        similarity=similarity,
+        offset=offset,
+        batch=batch or world,
+        directions=directions,
+        partition=partition,
+        hardness=hardness,
+    )
+    assert_matches(native(q, docs, scale, **kwargs), reference(q, docs, scale, **kwargs), dtype)
+
+
+ROWS = [(0, None), (5, 11)]
+ROW_IDS = ["local", "distributed"]
+
+
+@pytest.mark.parametrize("rows", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("directions,partition", PARTITIONS, ids=[_ids(*p) for p in PARTITIONS])
+def test_directions(directions, partition, similarity, rows):
+    """Every direction set and partition mode, with a hardness penalty and two hard-negative columns."""
+    check_case(
+        17,
+        33,
+        3,
+        torch.float32,
+        similarity=similarity,
+        offset=rows[0],
+        batch=rows[1],
+        directions=directions,
+        partition=partition,
+        hardness=3,
+    )
+
+
+@pytest.mark.parametrize("rows", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("columns", [1, 2, 3], ids=["pos", "pos+1neg", "pos+2neg"])
+@pytest.mark.parametrize("hardness", [0, 1, 2, 3], ids=["none", "in_batch", "hard", "all"])
+def test_hardness(hardness, columns, similarity, rows):
+    """Each hardness mode with 0..2 hard-negative columns, under all four directions (the penalty is query_to_doc's)."""
+    check_case(
+        17,
+        33,
+        columns,
+        torch.float32,
+        similarity=similarity,
+        offset=rows[0],
+        batch=rows[1],
+        directions=DIRECTION_SETS[-1],
+        hardness=hardness,
+        seed=columns,
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["fp64", "fp32", "fp16", "bf16"]
+)
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize(
+    "directions,partition", [PARTITIONS[0], PARTITIONS[7], PARTITIONS[9]], ids=[_ids(*PARTITIONS[i]) for i in (0, 7, 9)]
+)
+def test_dtypes(directions, partition, similarity, dtype):
+    check_case(
+        33,
+        33,
+        3,
+        dtype,
+        similarity=similarity,
+        offset=3,
+        batch=29,
+        directions=directions,
+        partition=partition,
+        hardness=3,
+        seed=1,
+    )
+
+
+@pytest.mark.parametrize("dim", [1, 33])
+@pytest.mark.parametrize("world", [1, 7, 33])
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("partition", ["joint", "per_direction"])
+def test_odd_sizes(partition, similarity, world, dim):
+    directions = DIRECTION_SETS[-1] if partition == "joint" else ("query_to_doc", "doc_to_query")
+    check_case(
+        world,
+        dim,
+        2,
+        torch.float32,
+        similarity=similarity,
+        directions=directions,
+        partition=partition,
+        hardness=1,
+        seed=world * 100 + dim,
+    )
+
+
+@pytest.mark.parametrize("block_bytes", ["1", "600"], ids=["one-row", "some-rows"])
+@pytest.mark.parametrize(
+    "directions,partition", [PARTITIONS[7], PARTITIONS[9]], ids=[_ids(*PARTITIONS[i]) for i in (7, 9)]
+)
+def test_row_blocks(monkeypatch, directions, partition, block_bytes):
+    """A small FASTLOSS_NATIVE_BLOCK_BYTES splits the rows into several blocks (with a short last one)."""
+    monkeypatch.setenv("FASTLOSS_NATIVE_BLOCK_BYTES", block_bytes)
+    # 11 queries, 22 docs: 600 bytes hold 2 rows of all four directions (66 fp32 logits) or 4 rows of qd+dq (33)
+    check_case(
+        11,
+        33,
+        2,
+        torch.float32,
+        similarity="cos",
+        offset=1,
+        batch=9,
+        directions=directions,
+        partition=partition,
+        hardness=2,
+        seed=3,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_zero_and_duplicate_rows(similarity, dtype):
+    q, docs = make_inputs(9, 16, 2, similarity, dtype, seed=4)
+    q[2] = 0.0
+    docs[0][5] = 0.0
+    docs[1][7] = 0.0
+    q[4] = q[3]
+    docs[0][6] = docs[0][3]
+    docs[1][1] = docs[0][1]
+    kwargs = dict(
+        similarity=similarity, offset=0, batch=9, directions=DIRECTION_SETS[-1], partition="joint", hardness=3
+    )
+    got = native(q, docs, SCALE[similarity], **kwargs)
+    assert all(bool(torch.isfinite(t).all()) for t in got)
+    assert_matches(got, reference(q, docs, SCALE[similarity], **kwargs), dtype)
+
+
+def test_without_grad_returns_zeros():
+    q, docs = make_inputs(7, 5, 2, "cos", torch.float32, seed=5)
+    kwargs = dict(similarity="cos", offset=0, batch=7, directions=DIRECTION_SETS[-1], partition="joint", hardness=1)
+    loss, dq, dd, dscale = native(q, docs, 20.0, need_grad=False, **kwargs)
+    torch.testing.assert_close(loss, native(q, docs, 20.0, **kwargs)[0], rtol=0, atol=0)
+    assert dq.shape == q.shape and dd.shape == (14, 5) and dscale.dim() == 0
+    assert not dq.any() and not dd.any() and not dscale.any()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(d=torch.zeros(10, 4)), "k\\*W"),
+        (dict(offset=5, batch=4), "local rows"),
+        (dict(directions=2), "query_to_doc"),
+        (dict(hardness=4), "hardness"),
+        (dict(scale=torch.tensor(-1.0)), "scale"),
+        (dict(q=torch.zeros(7, 4, dtype=torch.float64)), "dtype"),
+    ],
+    ids=["doc-rows", "rows-range", "no-query_to_doc", "hardness", "scale", "dtype-mismatch"],
+)
+def test_rejects_bad_input(change, message):
+    args = dict(
+        q=torch.randn(7, 4),
+        d=torch.randn(14, 4),
+        scale=torch.tensor(20.0),
+        offset=0,
+        batch=7,
+        directions=1,
+        joint=True,
+        hardness=0,
+        alpha=0.0,
+        normalize=True,
+        need_grad=True,
+    )
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        _C.mnrl_fused(*args.values())
+
+
+def test_dscale_finite_difference_fp64():
+    """d loss / d scale in fp64, through the kernel alone (the scale is read as a double)."""
+    q, docs = make_inputs(6, 5, 2, "cos", torch.float64, seed=6)
+    d = torch.cat(docs)
+
+    def loss_at(scale: float) -> float:
+        out = _C.mnrl_fused(q, d, torch.tensor(scale, dtype=torch.float64), 1, 4, 15, True, 3, ALPHA, True, True)
+        return float(out[0])
+
+    dscale = float(_C.mnrl_fused(q, d, torch.tensor(7.0, dtype=torch.float64), 1, 4, 15, True, 3, ALPHA, True, True)[3])
+    h = 1e-6
+    assert dscale == pytest.approx((loss_at(7.0 + h) - loss_at(7.0 - h)) / (2 * h), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        MNRLParams(offset=0, batch=5, directions=15, joint=True),
+        MNRLParams(offset=1, batch=3, directions=5, joint=False),
+        MNRLParams(offset=2, batch=2, directions=11, joint=True),
+    ],
+    ids=["all-joint", "qd+dq-per_direction", "qd+qq+dd-distributed"],
+)
+def test_gradcheck(params, similarity):
+    """No hardness penalty here: its stop-gradient makes autograd's gradient differ from finite differences."""
+    q, docs = make_inputs(5, 4, 2, similarity, torch.float64, seed=7)
+    q, d = q.requires_grad_(True), torch.cat(docs).requires_grad_(True)
+    scale = torch.tensor(SCALE[similarity], dtype=torch.float64)
+    p = MNRLParams(**{**params.__dict__, "normalize": similarity == "cos"})
+    assert torch.autograd.gradcheck(lambda q, d: mnrl(q, d, scale, p, backend="native"), (q, d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck(dtype):
+    q, docs = make_inputs(6, 8, 2, "cos", dtype, seed=8)
+    q, d = q.requires_grad_(True), torch.cat(docs).requires_grad_(True)
+    scale = torch.tensor(20.0, requires_grad=True)
+    args = (q, d, scale, 1, 4, 15, True, 3, ALPHA, True, True)
+    torch.library.opcheck(torch.ops.fastloss.mnrl_fused.default, args)
+
+
+def test_env_block_bytes_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTLOSS_NATIVE_BLOCK_BYTES", "lots")
+    q, docs = make_inputs(3, 4, 1, "cos", torch.float32)
+    with pytest.raises(RuntimeError, match="FASTLOSS_NATIVE_BLOCK_BYTES"):
+        native(
+            q,
+            docs,
+            20.0,
+            similarity="cos",
+            offset=0,
+            batch=3,
+            directions=("query_to_doc",),
+            partition="joint",
+            hardness=0,
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none here")
+@pytest.mark.skipif(not hasattr(_C, "l2norm_fwd"), reason="fastloss._C was built without CUDA (FASTLOSS_BUILD_CUDA)")
+@pytest.mark.parametrize("dim", [1, 33, 384, 1000])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["fp64", "fp32", "fp16", "bf16"]
+)
+def test_l2norm_cuda_matches_f_normalize(dtype, dim):
+    """Forward and backward against F.normalize in fp64, with a zero row and a row below eps."""
+    g = torch.Generator(device="cuda").manual_seed(9)
+    x = torch.randn(129, dim, device="cuda", dtype=torch.float64, generator=g)
+    dy = torch.randn(129, dim, device="cuda", dtype=torch.float64, generator=g)
+    x[3] = 0.0
+    x[5] *= 1e-14
+    x, dy = x.to(dtype), dy.to(dtype)
+    x64 = x.double().requires_grad_(True)
+    y64 = F.normalize(x64, p=2, dim=1, eps=1e-12)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(_C.l2norm_fwd(x), y64.to(dtype), rtol=rtol, atol=atol)
+    torch.testing.assert_close(_C.l2norm_bwd(x, dy), dx64.to(dtype), rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(
+    os.environ.get("FASTLOSS_EXPECT_CUDA_BUILD") != "1",
+    reason="FASTLOSS_EXPECT_CUDA_BUILD=1 is not set (the build was not asked to include CUDA)",
+)
+def test_cuda_build_requested():
+    assert _C.build_info()["cuda"] is True
