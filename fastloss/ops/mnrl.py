@@ -250,6 +250,11 @@ def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z):
 torch.library.register_autograd("fastloss::mnrl_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    """The native op computes fp64 inputs in fp64 (for gradcheck) and everything else in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("fastloss::mnrl_fused", mutates_args=())
 def _mnrl_fused_op(
     q: Tensor,
@@ -269,7 +274,7 @@ def _mnrl_fused_op(
     loss, dq, dd, dscale = native_module().mnrl_fused(
         q.contiguous(),
         d.contiguous(),
-        scale.detach().float().cpu().reshape(()),
+        scale.detach().to(_accumulation_dtype(q)).cpu().reshape(()),
         offset,
         batch,
         directions,
@@ -284,7 +289,8 @@ def _mnrl_fused_op(
 
 @_mnrl_fused_op.register_fake
 def _(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad):
-    return q.new_empty((), dtype=torch.float32), torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
+    loss = q.new_empty((), dtype=_accumulation_dtype(q))
+    return loss, torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
 
 
 def _fused_setup_context(ctx, inputs, output):
