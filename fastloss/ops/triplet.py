@@ -44,9 +44,13 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton (e.g. macOS): the blocked torch path still works
+    triton = tl = None
 
 EUCLIDEAN, SQUARED_EUCLIDEAN, COSINE = 0, 1, 2
 METRIC_NAMES = {"euclidean": EUCLIDEAN, "squared_euclidean": SQUARED_EUCLIDEAN, "cosine": COSINE}
@@ -57,6 +61,14 @@ STREAM_BLOCK_ELEMS = 1 << 22
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _jit(fn):
+    return fn if triton is None else triton.jit(fn)
+
+
+def _autotuned(fn):
+    return fn if triton is None else triton.autotune(configs=_configs(), key=["D", "METRIC"])(triton.jit(fn))
 
 
 def _configs() -> list[triton.Config]:
@@ -78,14 +90,14 @@ def _configs() -> list[triton.Config]:
 # kernels
 
 
-@triton.jit
+@_jit
 def _load_rows(p, o_row, o_d, n_rows, D, stride_row, stride_d):
     """x[o_row, o_d] as a [len(o_row), len(o_d)] tile, zeros outside the matrix."""
     m_x = (o_row[:, None] < n_rows) & (o_d[None, :] < D)
     return tl.load(p + o_row[:, None] * stride_row + o_d[None, :] * stride_d, mask=m_x, other=0.0)
 
 
-@triton.jit
+@_jit
 def _keep_max(b_best, b_best_i, b_tile, start):
     """Running (max, first argmax) per row over column tiles, given one [BM, BN] tile starting at column start."""
     b_val, b_arg = tl.max(b_tile, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -93,15 +105,14 @@ def _keep_max(b_best, b_best_i, b_tile, start):
     return tl.where(m_new, b_val, b_best), tl.where(m_new, b_arg.to(tl.int64) + start, b_best_i)
 
 
-@triton.jit
+@_jit
 def _keep_min(b_best, b_best_i, b_tile, start):
     b_val, b_arg = tl.min(b_tile, axis=1, return_indices=True, return_indices_tie_break_left=True)
     m_new = b_val < b_best
     return tl.where(m_new, b_val, b_best), tl.where(m_new, b_arg.to(tl.int64) + start, b_best_i)
 
 
-@triton.autotune(configs=_configs(), key=["D", "METRIC"])
-@triton.jit
+@_autotuned
 def batch_hard_fwd_kernel(
     x,
     labels,
