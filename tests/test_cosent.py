@@ -226,7 +226,8 @@ class TestFused:
             assert_close(g, w, TOL[torch.float16], "grad")
 
     @pytest.mark.parametrize(
-        "n_cols,with_labels", [(2, True), (3, True), (3, False), (5, True), (5, False)],
+        "n_cols,with_labels",
+        [(2, True), (3, True), (3, False), (5, True), (5, False)],
         ids=["pairs", "triplets-labels", "triplets", "5-tuples-labels", "5-tuples"],
     )
     def test_angle_against_sentence_transformers(self, n_cols, with_labels):
@@ -310,7 +311,8 @@ class TestFused:
             assert_close(g, w, TOL[torch.float32], "grad")
 
     @pytest.mark.parametrize(
-        "magnitude,scale", [(1e-20, 20.0), (1e15, 20.0), (1.0, 1e4), (1.0, 1e-4)],
+        "magnitude,scale",
+        [(1e-20, 20.0), (1e15, 20.0), (1.0, 1e4), (1.0, 1e-4)],
         ids=["tiny-embeddings", "huge-embeddings", "huge-scale", "tiny-scale"],
     )
     @pytest.mark.parametrize("kind", ["cos", "angle"])
@@ -328,8 +330,14 @@ class TestFused:
         y = make_labels("float-ties", 10)
         scale = torch.tensor(20.0)
         for kind in cosent_op.KINDS.values():
-            args = (a.requires_grad_(True), b.requires_grad_(True), y, scale.requires_grad_(True), kind,
-                    fused_backend == "triton")
+            args = (
+                a.requires_grad_(True),
+                b.requires_grad_(True),
+                y,
+                scale.requires_grad_(True),
+                kind,
+                fused_backend == "triton",
+            )
             torch.library.opcheck(cosent_op._cosent_fwd_op, args)
 
     def test_compile_fullgraph(self, fused_backend):
@@ -568,8 +576,9 @@ class TestCUDA:
         y = make_labels("float-ties", shape[0], device="cuda")
         got = run(lambda x1, x2: cosent_loss(x1, x2, y, similarity=kind), [a, b])
         want = run(lambda x1, x2: st_cosent(kind).compute_loss_from_embeddings([x1, x2], y), [a, b])
-        truth = run(lambda x1, x2: ref.cosent_loss(x1, x2, y, similarity_fct=FASTLOSS_SIM[kind]),
-                    [a.double(), b.double()])
+        truth = run(
+            lambda x1, x2: ref.cosent_loss(x1, x2, y, similarity_fct=FASTLOSS_SIM[kind]), [a.double(), b.double()]
+        )
         loss_err, st_loss_err = abs(got[0].item() - truth[0].item()), abs(want[0].item() - truth[0].item())
         assert loss_err <= 2 * st_loss_err + LOSS_TOL[dtype] * max(abs(truth[0].item()), 1.0)
         for g, w, t in zip(got[1], want[1], truth[1]):

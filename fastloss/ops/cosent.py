@@ -42,6 +42,7 @@ except ImportError:  # no triton (e.g. macOS): the closed-form torch implementat
 def _jit(fn):
     return fn if triton is None else triton.jit(fn)
 
+
 KIND_DOT, KIND_COS, KIND_ANGLE = 0, 1, 2  # the kernels' KIND constexpr
 KINDS = {"dot": KIND_DOT, "cos": KIND_COS, "angle": KIND_ANGLE}
 
@@ -67,8 +68,19 @@ def _logaddexp(x, y):
 
 @_jit
 def cosent_sim_fwd_kernel(
-    p_a, p_b, p_aux, n_pairs, n_anchor, dim, half, stride_a, stride_b,
-    KIND: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    p_a,
+    p_b,
+    p_aux,
+    n_pairs,
+    n_anchor,
+    dim,
+    half,
+    stride_a,
+    stride_b,
+    KIND: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -109,8 +121,17 @@ def cosent_sim_fwd_kernel(
 
 @_jit
 def cosent_rank_kernel(
-    p_aux, p_scale, p_order, p_lo, p_hi, p_scratch, p_loss, p_gsim, n_pairs,
-    KIND: tl.constexpr, BLOCK: tl.constexpr,
+    p_aux,
+    p_scale,
+    p_order,
+    p_lo,
+    p_hi,
+    p_scratch,
+    p_loss,
+    p_gsim,
+    n_pairs,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # scratch rows: R [N + 1], Q [N + 1], s in sorted order [N]
     p_r = p_scratch
@@ -175,9 +196,26 @@ def cosent_rank_kernel(
 
 @_jit
 def cosent_sim_bwd_kernel(
-    p_a, p_b, p_aux, p_grad, p_scale, p_da, p_db, n_pairs, n_anchor, n_rep, dim, half,
-    stride_a, stride_b, stride_da, stride_db,
-    KIND: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    p_a,
+    p_b,
+    p_aux,
+    p_grad,
+    p_scale,
+    p_da,
+    p_db,
+    n_pairs,
+    n_anchor,
+    n_rep,
+    dim,
+    half,
+    stride_a,
+    stride_b,
+    stride_da,
+    stride_db,
+    KIND: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     o_a = i_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -245,8 +283,20 @@ def cosent_fwd(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int) -
     aux = torch.empty((4, n_pairs), device=b.device, dtype=torch.float32)
     block_n, block_d, warps = _sim_config(half)
     cosent_sim_fwd_kernel[(triton.cdiv(n_pairs, block_n),)](
-        a, b, aux, n_pairs, a.shape[0], dim, half, a.stride(0), b.stride(0),
-        KIND=kind, EPS=NORM_EPS, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+        a,
+        b,
+        aux,
+        n_pairs,
+        a.shape[0],
+        dim,
+        half,
+        a.stride(0),
+        b.stride(0),
+        KIND=kind,
+        EPS=NORM_EPS,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     order, lo, hi = _sorted_ranks(labels, b.device)
     scratch = torch.empty((3 * n_pairs + 2,), device=b.device, dtype=torch.float32)
@@ -254,7 +304,18 @@ def cosent_fwd(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int) -
     gsim = torch.empty((), device=b.device, dtype=torch.float32)
     block, warps = _rank_config(n_pairs)
     cosent_rank_kernel[(1,)](
-        aux, scale, order, lo, hi, scratch, loss, gsim, n_pairs, KIND=kind, BLOCK=block, num_warps=warps,
+        aux,
+        scale,
+        order,
+        lo,
+        hi,
+        scratch,
+        loss,
+        gsim,
+        n_pairs,
+        KIND=kind,
+        BLOCK=block,
+        num_warps=warps,
     )
     return loss, aux, gsim
 
@@ -272,9 +333,27 @@ def cosent_bwd(
     grad32 = grad.reshape(()).float()
     block_n, block_d, warps = _sim_config(half)
     cosent_sim_bwd_kernel[(triton.cdiv(n_anchor, block_n),)](
-        a, b, aux, grad32, scale, da, db, n_pairs, n_anchor, n_pairs // n_anchor, dim, half,
-        a.stride(0), b.stride(0), da.stride(0), db.stride(0),
-        KIND=kind, EPS=NORM_EPS, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+        a,
+        b,
+        aux,
+        grad32,
+        scale,
+        da,
+        db,
+        n_pairs,
+        n_anchor,
+        n_pairs // n_anchor,
+        dim,
+        half,
+        a.stride(0),
+        b.stride(0),
+        da.stride(0),
+        db.stride(0),
+        KIND=kind,
+        EPS=NORM_EPS,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     dscale = (grad32 * gsim).to(scale.dtype).reshape(scale.shape)
     return da, db, dscale
