@@ -1,0 +1,1 @@
+"""The fastloss benchmark suite: ``python -m benchmarks`` (see benchmarks/README.md)."""

@@ -1,0 +1,524 @@
+"""What is benchmarked: one ``OpSpec`` per op, each a way to make inputs and a builder per implementation.
+
+Adding an op is one ``OpSpec`` in ``OPS``: ``make(B, N, D, dtype, device, seed)`` returns a ``Problem`` (the
+differentiable embeddings plus labels), and ``impls`` maps an implementation name to a builder
+``Problem -> Impl`` (untimed set-up; the ``Impl.fn`` it returns computes the loss with its graph). A builder raises
+``Skip(note)`` where the implementation cannot run (a package or an op that is not importable, no CUDA, ...).
+``sentence_transformers`` is the oracle: every other loss is checked against it before it is timed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMPLS = ("fastloss", "sentence_transformers", "torch_compile", "gemm_floor", "inf_cl", "cce_exact")
+SCALE = 20.0
+
+
+class Skip(Exception):
+    """An implementation (or op) that cannot run here; the message says why."""
+
+
+@dataclass
+class Problem:
+    B: int
+    N: int
+    D: int
+    dtype: torch.dtype
+    inputs: list[Tensor]
+    labels: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Impl:
+    fn: Callable[[], Tensor]
+    backend: str | None = None
+    is_loss: bool = True
+    note: str | None = None
+
+
+Builder = Callable[[Problem], Impl]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    make: Callable[[int, int, int, torch.dtype, torch.device, int], Problem]
+    impls: dict[str, Builder]
+    flops: Callable[[int, int, int], float] | None = None
+    check_batch: int = 96
+    description: str = ""
+
+
+def _import(module: str, what: str = ""):
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a skip with its reason
+        raise Skip(f"{module} not importable ({type(exc).__name__}: {exc})") from None
+    if what and not hasattr(mod, what):
+        raise Skip(f"{module} has no {what}")
+    return getattr(mod, what) if what else mod
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _randn(shape, device, gen, dtype=torch.float32) -> Tensor:
+    return torch.randn(shape, device=device, generator=gen, dtype=torch.float32).to(dtype)
+
+
+def _leaf(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype).contiguous().requires_grad_(True)
+
+
+def _backend_of(x: Tensor, native_op: str, cpu_impl: str | None = None) -> str:
+    """The backend fastloss picks for this op (the functional module asks ``select`` the same way)."""
+    from fastloss import _backend
+
+    if cpu_impl is None:
+        return _backend.select(x, native_op)
+    return _backend.select(x, native_op, cpu_impl=cpu_impl)
+
+
+@functools.cache
+def _st_losses():
+    return _import("sentence_transformers.sentence_transformer.losses")
+
+
+def _st_loss(name: str, **kwargs):
+    cls = getattr(_st_losses(), name, None)
+    if cls is None:
+        raise Skip(f"sentence-transformers has no {name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cls(None, **kwargs)
+
+
+class _GemmFloor(torch.autograd.Function):
+    """The products an exact loss over S = R C^T cannot avoid: S in forward, G C and G^T R in backward
+    (G: a stand-in for dLoss/dS, made once outside the timing). ``backward_gemms`` selects 0, 1 (G C only, for a
+    symmetric Gram matrix) or 2."""
+
+    @staticmethod
+    def forward(ctx, r: Tensor, c: Tensor, g: Tensor, backward_gemms: int) -> Tensor:
+        ctx.save_for_backward(r, c, g)
+        ctx.backward_gemms = backward_gemms
+        s = r @ c.T
+        return s[0, 0].float().clone()
+
+    @staticmethod
+    def backward(ctx, _grad):
+        r, c, g = ctx.saved_tensors
+        dr = g @ c if ctx.backward_gemms >= 1 else None
+        dc = g.T @ r if ctx.backward_gemms >= 2 else None
+        return dr, dc, None, None
+
+
+def _gemm_floor(rows: Callable[[Problem], Tensor], cands: Callable[[Problem], Tensor], backward_gemms: int) -> Builder:
+    def build(p: Problem) -> Impl:
+        r = rows(p)
+        c = cands(p).detach().contiguous().requires_grad_(backward_gemms >= 2)
+        if r is c or backward_gemms < 2:
+            r = r.detach().requires_grad_(True)
+        g = (torch.randn(r.shape[0], c.shape[0], device=r.device, dtype=torch.float32) / c.shape[0]).to(r.dtype)
+        return Impl(lambda: _GemmFloor.apply(r, c, g, backward_gemms), backend="matmul", is_loss=False)
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MNRL family: queries [B, D], doc columns k x [B, D] (positives first, then hard negatives), N = k * B
+
+
+def _make_mnrl(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, seed: int) -> Problem:
+    if N % B:
+        raise ValueError(f"MNRL cases need N a multiple of B (N = columns * B), got B={B}, N={N}")
+    gen = _generator(device, seed)
+    q = _randn((B, D), device, gen)
+    cols = [q + 1.5 * _randn((B, D), device, gen)] + [_randn((B, D), device, gen) for _ in range(N // B - 1)]
+    return Problem(B, N, D, dtype, [_leaf(q, dtype)] + [_leaf(c, dtype) for c in cols], extra={"cols": N // B})
+
+
+def _docs(p: Problem) -> Tensor:
+    return torch.cat([x.detach() for x in p.inputs[1:]], dim=0)
+
+
+def _mnrl_fastloss(symmetric: bool) -> Builder:
+    def build(p: Problem) -> Impl:
+        fl = _import("fastloss.functional")
+        q, docs = p.inputs[0], p.inputs[1:]
+        if symmetric:
+            return Impl(lambda: fl.mnsrl_loss(q, docs, SCALE), backend=_backend_of(q, "mnrl_fused"))
+        return Impl(lambda: fl.mnrl_loss(q, docs, SCALE), backend=_backend_of(q, "mnrl_fused"))
+
+    return build
+
+
+def _mnrl_st(symmetric: bool) -> Builder:
+    def build(p: Problem) -> Impl:
+        if symmetric:
+            try:
+                loss = _st_loss(
+                    "MultipleNegativesRankingLoss",
+                    scale=SCALE,
+                    directions=("query_to_doc", "doc_to_query"),
+                    partition_mode="per_direction",
+                )
+            except TypeError:
+                loss = _st_loss("MultipleNegativesSymmetricRankingLoss", scale=SCALE)
+        else:
+            loss = _st_loss("MultipleNegativesRankingLoss", scale=SCALE)
+        return Impl(lambda: loss.compute_loss_from_embeddings(p.inputs, None), backend="torch")
+
+    return build
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(name: str, fn: Callable) -> Callable:
+    """torch.compile(fn) once per name: one static-shape graph per benchmarked shape."""
+    if name not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, knob):
+                setattr(dynamo_config, knob, max(64, getattr(dynamo_config, knob)))
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
+
+
+def _mnrl_reference(symmetric: bool) -> Callable:
+    from fastloss.reference.mnrl import mnrl_loss
+
+    if symmetric:
+        return lambda q, *docs: mnrl_loss(
+            q, docs, SCALE, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"
+        )
+    return lambda q, *docs: mnrl_loss(q, docs, SCALE)
+
+
+def _mnrl_compile(symmetric: bool) -> Builder:
+    def build(p: Problem) -> Impl:
+        fn = _compiled("mnsrl" if symmetric else "mnrl", _mnrl_reference(symmetric))
+        return Impl(lambda: fn(*p.inputs), backend="inductor")
+
+    return build
+
+
+def _cuda_only(p: Problem, package: str) -> None:
+    if p.inputs[0].device.type != "cuda":
+        raise Skip(f"{package} runs on CUDA only")
+
+
+def _head_dim(D: int) -> int:
+    for h in (256, 128, 64, 32, 16):
+        if D % h == 0:
+            return h
+    raise Skip(f"inf_cl needs D divisible by 16, got {D}")
+
+
+def _inf_cl(p: Problem) -> Impl:
+    cal_inf_loss = _import("inf_cl", "cal_inf_loss")
+    _cuda_only(p, "inf_cl")
+    q, docs = p.inputs[0], p.inputs[1:]
+    head_dim = _head_dim(p.D)
+    scale = torch.tensor(SCALE, device=q.device)
+
+    def fn() -> Tensor:
+        return cal_inf_loss(
+            F.normalize(q, dim=-1), F.normalize(torch.cat(docs), dim=-1), scale=scale, head_dim=head_dim
+        )
+
+    return Impl(fn, backend="triton", note="one direction; scale and normalisation outside its kernel")
+
+
+def _cce_exact(p: Problem) -> Impl:
+    linear_cross_entropy = _import("cut_cross_entropy", "linear_cross_entropy")
+    _cuda_only(p, "cut_cross_entropy")
+    q, docs = p.inputs[0], p.inputs[1:]
+    targets = torch.arange(p.B, device=q.device)
+
+    def fn() -> Tensor:
+        return linear_cross_entropy(
+            SCALE * F.normalize(q, dim=-1), F.normalize(torch.cat(docs), dim=-1), targets, impl="cce_exact"
+        )
+
+    return Impl(fn, backend="triton", note="MNRL as linear cross-entropy over the docs")
+
+
+def _mnrl_flops(B: int, N: int, D: int) -> float:
+    return 8.0 * B * N * D
+
+
+MNRL = OpSpec(
+    "mnrl",
+    _make_mnrl,
+    {
+        "fastloss": _mnrl_fastloss(False),
+        "sentence_transformers": _mnrl_st(False),
+        "torch_compile": _mnrl_compile(False),
+        "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
+        "inf_cl": _inf_cl,
+        "cce_exact": _cce_exact,
+    },
+    flops=_mnrl_flops,
+    description="MultipleNegativesRankingLoss, query_to_doc, cos, scale 20; N = columns * B",
+)
+
+MNSRL = OpSpec(
+    "mnsrl",
+    _make_mnrl,
+    {
+        "fastloss": _mnrl_fastloss(True),
+        "sentence_transformers": _mnrl_st(True),
+        "torch_compile": _mnrl_compile(True),
+        "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
+    },
+    flops=_mnrl_flops,
+    description="MNRL with query_to_doc + doc_to_query, per_direction (MultipleNegativesSymmetricRankingLoss)",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CoSENT / AnglE: pairs a [B, D], b [B, D], a float score per pair; N = B
+
+
+def _make_pairs(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, seed: int) -> Problem:
+    gen = _generator(device, seed)
+    a = _randn((B, D), device, gen)
+    b = a + 2.0 * _randn((B, D), device, gen)
+    labels = torch.rand(B, device=device, generator=gen)
+    return Problem(B, B, D, dtype, [_leaf(a, dtype), _leaf(b, dtype)], labels=labels)
+
+
+def _cosent_fastloss(angle: bool) -> Builder:
+    def build(p: Problem) -> Impl:
+        fn = _import("fastloss.functional.cosent", "angle_loss" if angle else "cosent_loss")
+        a, b = p.inputs
+        return Impl(lambda: fn(a, b, p.labels, SCALE), backend=_backend_of(b, "cosent", "closed_form"))
+
+    return build
+
+
+def _cosent_st(angle: bool) -> Builder:
+    def build(p: Problem) -> Impl:
+        loss = _st_loss("AnglELoss" if angle else "CoSENTLoss", scale=SCALE)
+        return Impl(lambda: loss.compute_loss_from_embeddings(p.inputs, p.labels), backend="torch")
+
+    return build
+
+
+def _cosent_compile(angle: bool) -> Builder:
+    def build(p: Problem) -> Impl:
+        ref = _import("fastloss.reference.cosent")
+        if angle:
+            fn = _compiled("angle", lambda a, b, y: ref.angle_loss([a, b], y, SCALE))
+        else:
+            fn = _compiled("cosent", lambda a, b, y: ref.cosent_loss(a, b, y, SCALE))
+        return Impl(lambda: fn(*p.inputs, p.labels), backend="inductor")
+
+    return build
+
+
+COSENT = OpSpec(
+    "cosent",
+    _make_pairs,
+    {
+        "fastloss": _cosent_fastloss(False),
+        "sentence_transformers": _cosent_st(False),
+        "torch_compile": _cosent_compile(False),
+    },
+    description="CoSENTLoss, pairwise cos, scale 20; N = B (no GEMM: no gemm_floor)",
+)
+ANGLE = OpSpec(
+    "angle",
+    _make_pairs,
+    {
+        "fastloss": _cosent_fastloss(True),
+        "sentence_transformers": _cosent_st(True),
+        "torch_compile": _cosent_compile(True),
+    },
+    description="AnglELoss, scale 20; N = B (no GEMM: no gemm_floor)",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batch-hard triplet family: embeddings [B, D], integer labels (B // 4 classes); N = B
+
+
+def _make_labelled(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, seed: int) -> Problem:
+    gen = _generator(device, seed)
+    labels = torch.randint(0, max(2, B // 4), (B,), device=device, generator=gen)
+    centers = _randn((max(2, B // 4), D), device, gen)
+    x = centers[labels] + _randn((B, D), device, gen)
+    return Problem(B, B, D, dtype, [_leaf(x, dtype)], labels=labels)
+
+
+_TRIPLET_ST = {
+    "batch_hard_triplet": "BatchHardTripletLoss",
+    "batch_all_triplet": "BatchAllTripletLoss",
+    "batch_semi_hard_triplet": "BatchSemiHardTripletLoss",
+    "batch_hard_soft_margin_triplet": "BatchHardSoftMarginTripletLoss",
+}
+
+
+def _triplet_fastloss(op: str) -> Builder:
+    def build(p: Problem) -> Impl:
+        fn = _import("fastloss.functional", f"{op}_loss")
+        (x,) = p.inputs
+        return Impl(lambda: fn(x, p.labels), backend=_backend_of(x, op, "blocked"))
+
+    return build
+
+
+def _triplet_st(op: str) -> Builder:
+    def build(p: Problem) -> Impl:
+        loss = _st_loss(_TRIPLET_ST[op])
+        return Impl(lambda: loss.compute_loss_from_embeddings(p.inputs, p.labels), backend="torch")
+
+    return build
+
+
+def _triplet_spec(op: str) -> OpSpec:
+    dense_backward = op in ("batch_all_triplet", "batch_semi_hard_triplet")
+    return OpSpec(
+        op,
+        _make_labelled,
+        {
+            "fastloss": _triplet_fastloss(op),
+            "sentence_transformers": _triplet_st(op),
+            "gemm_floor": _gemm_floor(lambda p: p.inputs[0], lambda p: p.inputs[0], 1 if dense_backward else 0),
+        },
+        description=f"{_TRIPLET_ST[op]}, euclidean, B // 4 classes; N = B; gemm_floor = the Gram matrix"
+        + (" and its backward" if dense_backward else " (the backward touches only the chosen pairs)"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GradCache step: a tiny bag-of-words encoder, (anchor, positive) columns of B rows of L tokens, MNRL;
+# one full training step's forward + backward in mini-batches of 64 rows
+
+
+_VOCAB, _SEQ, _MINI = 4096, 32, 64
+
+
+class _BagEncoder(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(_VOCAB, dim, mode="mean")
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def __getitem__(self, index: int) -> torch.nn.Module:
+        return (self.emb, self.proj)[index]  # sentence-transformers' Cached losses look at model[0]
+
+    def forward(self, features: dict) -> dict:
+        features = dict(features)
+        features["sentence_embedding"] = self.proj(self.emb(features["input_ids"]))
+        return features
+
+
+def _make_gradcache(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, seed: int) -> Problem:
+    if dtype != torch.float32:
+        raise Skip("gradcache_step is benchmarked in fp32 only")
+    gen = _generator(device, seed)
+    torch.manual_seed(seed)
+    encoder = _BagEncoder(D).to(device)
+    cols = []
+    for _ in range(max(2, N // B)):
+        ids = torch.randint(0, _VOCAB, (B, _SEQ), device=device, generator=gen)
+        cols.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    params = list(encoder.parameters())
+    return Problem(B, max(2, N // B) * B, D, dtype, params, extra={"encoder": encoder, "columns": cols})
+
+
+def _gradcache_fastloss(p: Problem) -> Impl:
+    step = _import("fastloss.gradcache", "gradcache_step")
+    fl = _import("fastloss.functional")
+    encoder, cols = p.extra["encoder"], p.extra["columns"]
+
+    def loss_fn(embs: list[Tensor]) -> Tensor:
+        return fl.mnrl_loss(embs[0], embs[1:], SCALE)
+
+    def fn() -> Tensor:
+        return _Done.apply(step(encoder, cols, loss_fn, mini_batch_size=_MINI), p.inputs[0])
+
+    return Impl(fn, backend=_backend_of(p.inputs[0], "mnrl_fused"), note="gradcache_step with fastloss MNRL")
+
+
+def _gradcache_st(p: Problem) -> Impl:
+    cached = getattr(_st_losses(), "CachedMultipleNegativesRankingLoss", None)
+    if cached is None:
+        raise Skip("sentence-transformers has no CachedMultipleNegativesRankingLoss")
+    encoder, cols = p.extra["encoder"], p.extra["columns"]
+    loss = cached(encoder, scale=SCALE, mini_batch_size=_MINI)
+
+    def fn() -> Tensor:
+        return loss(cols, None)
+
+    return Impl(fn, backend="torch", note="CachedMultipleNegativesRankingLoss (backward on .backward())")
+
+
+class _Done(torch.autograd.Function):
+    """Wraps an already back-propagated loss so that the harness's .backward() is a no-op that keeps the graph
+    shape (gradcache_step runs its backward inside the call)."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, anchor: Tensor) -> Tensor:
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+GRADCACHE = OpSpec(
+    "gradcache_step",
+    _make_gradcache,
+    {"fastloss": _gradcache_fastloss, "sentence_transformers": _gradcache_st},
+    check_batch=128,
+    description=f"one cached step (mini-batches of {_MINI}) of a bag-of-words encoder ({_SEQ} tokens) with MNRL; "
+    "time and memory of the whole step",
+)
+
+
+OPS: dict[str, OpSpec] = {
+    spec.name: spec for spec in (MNRL, MNSRL, COSENT, ANGLE, *(_triplet_spec(op) for op in _TRIPLET_ST), GRADCACHE)
+}
+
+
+def preload() -> None:
+    """Import the heavy modules now and move every object alive after that out of the garbage collector's
+    generations (gc.freeze), so that the gc.collect() before each memory measurement takes milliseconds."""
+    import gc
+
+    for module in ("fastloss.functional", "sentence_transformers.sentence_transformer.losses"):
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - reported where the module is used
+            pass
+    gc.collect()
+    gc.freeze()
+
+
+def op_available(name: str, device: torch.device) -> str | None:
+    """None when the op's fastloss implementation imports (and selects a backend), else the reason."""
+    spec = OPS[name]
+    try:
+        p = spec.make(8, 16, 8, torch.float32, device, 0)
+        spec.impls["fastloss"](p)
+    except Skip as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001
+        return f"fastloss {name} unavailable ({type(exc).__name__}: {exc})"
+    return None

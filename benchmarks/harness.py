@@ -1,0 +1,256 @@
+"""Timing, peak memory and the environment of a benchmark run.
+
+Time: ``triton.testing.do_bench`` on CUDA (median and 20/80 quantiles); on CPU a wall-clock loop over rounds
+that call every implementation of a case once each (``time.perf_counter`` around each call, at least ``min_reps``
+rounds and as many more as fit the budget), so that load changes on a shared CPU hit all implementations alike.
+
+Peak memory of the loss stage beyond its inputs:
+- CUDA: ``torch.cuda.max_memory_allocated() - memory_allocated()`` around one fwd+bwd (peak stats reset first).
+- CPU (Linux): the process's resident-set high-water mark, in a fresh process (benchmarks/memory.py) whose glibc
+  serves every block of 256 KiB or more with mmap and returns it on free. Free heap pages are dropped
+  (``malloc_trim(0)``), the kernel's peak counter is reset (``echo 5 > /proc/self/clear_refs`` sets VmHWM to
+  VmRSS), one fwd+bwd runs, and VmHWM - VmRSS(before) is the peak. It counts every allocation (torch's allocator,
+  the native extension's own buffers, OpenMP scratch), at page granularity.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import functools
+import gc
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+MMAP_THRESHOLD = 256 * 1024
+_M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD = -1
+
+
+@dataclass
+class Timing:
+    ms: float
+    q20_ms: float
+    q80_ms: float
+    reps: int
+
+
+def quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) with linear interpolation."""
+    xs = sorted(samples_ms)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+
+    def q(p: float) -> float:
+        pos = p * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return statistics.median(xs), q(0.2), q(0.8)
+
+
+def time_cpu_interleaved(
+    calls: dict[str, tuple[Callable[[], object] | None, Callable]],
+    *,
+    warmup: int = 1,
+    min_reps: int = 3,
+    max_reps: int = 50,
+    budget_s: float = 1.0,
+) -> dict[str, Timing | Exception]:
+    """Wall-clock times of several implementations of one case, in rounds (one call of each per round), so that a
+    change of load on a shared CPU hits all of them alike. ``calls[name] = (setup, fn)``: ``fn(setup())`` is timed,
+    ``setup`` is not (None: ``fn()``). ``budget_s`` is per implementation; one that raises is dropped and its
+    exception returned."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    failed: dict[str, Exception] = {}
+
+    def one(name: str, timed: bool) -> None:
+        setup, fn = calls[name]
+        try:
+            arg = setup() if setup is not None else None
+            t0 = time.perf_counter()
+            fn(arg) if setup is not None else fn()
+            if timed:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+        except Exception as exc:  # noqa: BLE001 - reported per implementation
+            failed[name] = exc
+
+    for _ in range(warmup):
+        for name in calls:
+            if name not in failed:
+                one(name, False)
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s * len(calls)):
+        live = [name for name in calls if name not in failed]
+        if not live:
+            break
+        for name in live:
+            one(name, True)
+        rounds += 1
+    out: dict[str, Timing | Exception] = {}
+    for name in calls:
+        if name in failed:
+            out[name] = failed[name]
+        else:
+            ms, q20, q80 = quantiles(samples[name])
+            out[name] = Timing(ms, q20, q80, len(samples[name]))
+    return out
+
+
+def time_cuda(fn: Callable[[], object], *, grad_to_none=None, warmup_ms: int = 25, rep_ms: int = 100) -> Timing:
+    from triton.testing import do_bench
+
+    ms, q20, q80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return Timing(float(ms), float(q20), float(q80), -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peak memory
+
+
+@functools.lru_cache(maxsize=1)
+def setup_cpu_allocator() -> bool:
+    """Pin glibc's mmap threshold (see the module docstring); False where that is not possible."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        libc.mallopt(_M_TRIM_THRESHOLD, MMAP_THRESHOLD)
+        return ok
+    except OSError:
+        return False
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+@functools.lru_cache(maxsize=1)
+def rss_peak_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_memory_method() -> str | None:
+    if not rss_peak_supported():
+        return None
+    pinned = setup_cpu_allocator()
+    return "rss_hwm" + ("" if pinned else "_unpinned")
+
+
+def peak_cpu_mib(fn: Callable[[], object]) -> float | None:
+    """Resident-set growth (MiB) at the peak of one call of ``fn``, beyond what is live before it."""
+    if not rss_peak_supported():
+        return None
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return max(0, _status_kib("VmHWM") - base) / 1024.0
+
+
+def peak_cuda_mib(fn: Callable[[], object], device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# environment
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu-<model>-<n>c`` or ``cuda-<gpu name>``: the results file is ``results/<device_name>.json``."""
+    if device.type == "cuda":
+        return "cuda-" + _slug(torch.cuda.get_device_name(device))
+    model = _slug(cpu_model())
+    model = re.sub(r"-(processor|cpu|\d+-core)\b.*$", "", model) or "unknown"
+    return f"cpu-{model}-{cpu_count()}c"
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if out.returncode != 0:
+            return None
+        commit = out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

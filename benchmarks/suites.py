@@ -1,0 +1,76 @@
+"""The configurations: which (op, B, N, D, dtype, impls) cases a run measures.
+
+``cpu_default`` fits a 2-core CPU in about five minutes; ``gpu_default`` is the full sweep for an H100/H200;
+``quick`` is the tiny set that ``pytest benchmarks/`` and ``--quick`` use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MNRL_IMPLS = ("sentence_transformers", "fastloss", "gemm_floor")
+GPU_MNRL_IMPLS = ("sentence_transformers", "fastloss", "torch_compile", "gemm_floor", "inf_cl", "cce_exact")
+TRIPLET_OPS = ("batch_hard_triplet", "batch_hard_soft_margin_triplet", "batch_all_triplet", "batch_semi_hard_triplet")
+CUBIC_OPS = ("batch_all_triplet", "batch_semi_hard_triplet")  # sentence-transformers holds B^3 tensors for these
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    B: int
+    N: int
+    D: int
+    dtype: str
+    impls: tuple[str, ...]
+    group: str = "batch"
+
+
+def _sweep(op: str, batches, D: int, dtype: str, impls, ratio: int = 1, group: str = "batch") -> list[Case]:
+    return [Case(op, b, ratio * b, D, dtype, tuple(impls), group) for b in batches]
+
+
+def _other_ops(batches, cubic_batches, D: int, dtype: str, compile_batch: int | None, pair_batches=None) -> list[Case]:
+    cases = []
+    for op in ("cosent", "angle"):
+        cases += _sweep(op, pair_batches or batches, D, dtype, ("sentence_transformers", "fastloss"))
+        if compile_batch:
+            cases.append(Case(op, compile_batch, compile_batch, D, dtype, ("torch_compile",)))
+    for op in TRIPLET_OPS:
+        cases += _sweep(op, cubic_batches if op in CUBIC_OPS else batches, D, dtype, MNRL_IMPLS)
+    return cases
+
+
+def cpu_default(compile_cases: bool = True) -> list[Case]:
+    cases = _sweep("mnrl", (256, 512, 1024, 2048, 4096), 256, "fp32", MNRL_IMPLS)
+    if compile_cases:
+        cases.append(Case("mnrl", 1024, 1024, 256, "fp32", ("torch_compile",)))
+    cases.append(Case("mnrl", 4096, 8192, 256, "fp32", MNRL_IMPLS, group="target"))
+    cases += [Case("mnrl", 1024, 1024, d, "fp32", MNRL_IMPLS, group="dim") for d in (64, 768)]
+    cases.append(Case("mnrl", 1024, 1024, 256, "bf16", MNRL_IMPLS, group="dtype"))
+    cases += _sweep("mnsrl", (256, 1024, 2048, 4096), 256, "fp32", MNRL_IMPLS)
+    cases += _other_ops((256, 1024, 2048, 4096), (128, 256, 384, 512), 256, "fp32", None, (256, 1024, 4096, 8192))
+    cases += _sweep("gradcache_step", (128, 512, 1024), 256, "fp32", ("sentence_transformers", "fastloss"), ratio=2)
+    return cases
+
+
+def gpu_default(compile_cases: bool = True) -> list[Case]:
+    impls = GPU_MNRL_IMPLS if compile_cases else tuple(i for i in GPU_MNRL_IMPLS if i != "torch_compile")
+    cases = _sweep("mnrl", (1024, 2048, 4096, 8192, 16384), 768, "bf16", impls, ratio=2)
+    cases.append(Case("mnrl", 32768, 65536, 1024, "bf16", impls, group="target"))
+    eager = tuple(i for i in impls if i != "torch_compile")  # one compilation per shape: the batch sweep only
+    cases += [Case("mnrl", 8192, 16384, d, "bf16", eager, group="dim") for d in (256, 384, 1024, 4096)]
+    cases += _sweep("mnrl", (1024, 4096, 8192), 768, "fp32", eager, ratio=2, group="dtype")
+    cases += _sweep("mnrl", (4096, 8192), 768, "fp16", eager, ratio=2, group="dtype")
+    mnsrl_impls = tuple(i for i in impls if i not in ("inf_cl", "cce_exact"))
+    cases += _sweep("mnsrl", (1024, 4096, 16384), 768, "bf16", mnsrl_impls)
+    cases += _other_ops((1024, 4096, 16384), (256, 512, 1024), 768, "bf16", 4096 if compile_cases else None)
+    cases += _sweep("gradcache_step", (1024, 8192), 768, "fp32", ("sentence_transformers", "fastloss"), ratio=2)
+    return cases
+
+
+def quick() -> list[Case]:
+    cases = _sweep("mnrl", (32, 64), 32, "fp32", MNRL_IMPLS, ratio=2)
+    cases += _sweep("mnsrl", (32, 64), 32, "fp32", MNRL_IMPLS)
+    cases += _other_ops((32, 64), (16, 32), 32, "fp32", None)
+    cases += _sweep("gradcache_step", (128,), 32, "fp32", ("sentence_transformers", "fastloss"), ratio=2)
+    return cases
