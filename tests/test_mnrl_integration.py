@@ -9,6 +9,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _helpers import rel_err
 
 from fastloss import losses
 
@@ -135,9 +136,10 @@ def test_matryoshka_over_drop_in(minilm_path):
     results = []
     for cls in (losses.MultipleNegativesRankingLoss, st_losses.MultipleNegativesRankingLoss):
         model.zero_grad()
-        loss = st_losses.MatryoshkaLoss(model, cls(model), matryoshka_dims=dims)(features, None)
+        # scale 2: with the default 20 these easy pairs give a loss of ~1e-4, whose fp32 gradient is all cancellation
+        loss = st_losses.MatryoshkaLoss(model, cls(model, scale=2.0), matryoshka_dims=dims)(features, None)
         loss.backward()
         grad = model[0].auto_model.embeddings.word_embeddings.weight.grad.clone()
         results.append((loss.detach(), grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    assert rel_err(results[0][1], results[1][1]) < 1e-4
