@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMPLS = ("fastloss", "sentence_transformers", "torch_compile", "gemm_floor", "inf_cl", "cce_exact")
+IMPLS = (
+    "fastloss",
+    "sentence_transformers",
+    "torch_compile",
+    "gemm_floor",
+    "inf_cl",
+    "cce_exact",
+    "fastloss_uncached",
+)
 SCALE = 20.0
 
 
@@ -456,6 +464,19 @@ def _gradcache_fastloss(p: Problem) -> Impl:
     return Impl(fn, backend=_backend_of(p.inputs[0], "mnrl_fused"), note="gradcache_step with fastloss MNRL")
 
 
+def _gradcache_uncached(p: Problem) -> Impl:
+    """The same step without GradCache: the whole batch embedded with gradients, fastloss MNRL, one backward (the
+    baseline of issue 4's "cached step at most 1.3x an uncached step")."""
+    fl = _import("fastloss.functional")
+    encoder, cols = p.extra["encoder"], p.extra["columns"]
+
+    def fn() -> Tensor:
+        embs = [encoder(c)["sentence_embedding"] for c in cols]
+        return fl.mnrl_loss(embs[0], embs[1:], SCALE)
+
+    return Impl(fn, backend=_backend_of(p.inputs[0], "mnrl_fused"), note="uncached step with fastloss MNRL")
+
+
 def _gradcache_st(p: Problem) -> Impl:
     cached = getattr(_st_losses(), "CachedMultipleNegativesRankingLoss", None)
     if cached is None:
@@ -485,7 +506,7 @@ class _Done(torch.autograd.Function):
 GRADCACHE = OpSpec(
     "gradcache_step",
     _make_gradcache,
-    {"fastloss": _gradcache_fastloss, "sentence_transformers": _gradcache_st},
+    {"fastloss": _gradcache_fastloss, "sentence_transformers": _gradcache_st, "fastloss_uncached": _gradcache_uncached},
     check_batch=128,
     description=f"one cached step (mini-batches of {_MINI}) of a bag-of-words encoder ({_SEQ} tokens) with MNRL; "
     "time and memory of the whole step",
