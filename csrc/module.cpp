@@ -23,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return info;
   });
   fastloss::register_mnrl(m);
+  fastloss::register_triplet(m);
 #ifdef FASTLOSS_WITH_CUDA
   fastloss::register_cuda(m);
 #endif

@@ -536,3 +536,193 @@ class TestCuda:
         x = torch.randint(-2, 3, (2053, 256), generator=g).float().cuda()
         y = (torch.arange(2053) % 257).cuda()
         _compare(kind, metric, x, y, dict(rtol=1e-5, atol=1e-6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The native CPU mining op fastloss._C.batch_hard_triplet_mine: what CPU tensors run without the interpreter. It must
+# return exactly the blocked torch path's selections (same fp32 distances, first-index ties, row-max rule), so the
+# loss and its gradient equal sentence-transformers' as the blocked path's do.
+
+NATIVE_OP = "batch_hard_triplet_mine"
+needs_native = pytest.mark.skipif(
+    not ops._backend.native_has(NATIVE_OP),
+    reason="fastloss._C lacks batch_hard_triplet_mine (not built, or built before it: reinstall the package)",
+)
+NATIVE_SIZES = [1, 7, 37, 130]
+NATIVE_LABELS = ["classes", "one_class", "all_unique", "singletons"]
+NATIVE_METRICS = {"euclidean": ops.EUCLIDEAN, "squared": ops.SQUARED_EUCLIDEAN, "cosine": ops.COSINE}
+NATIVE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+MINED = ("hp", "hn", "sel_idx", "sel_d")
+
+
+def _native_labels(name, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if name == "classes":
+        return torch.randint(0, max(1, batch // 4), (batch,), generator=g)
+    if name == "one_class":
+        return torch.full((batch,), 3)
+    if name == "all_unique":
+        return torch.randperm(batch, generator=g)
+    return torch.tensor([i // 2 if i < batch // 2 else batch + i for i in range(batch)])  # pairs, then no positive
+
+
+def _integer_embeddings(batch, metric, seed=0):
+    """Exact distances full of ties: entries in {-1, 0, 1}; one-hot multiples for cosine."""
+    g = torch.Generator().manual_seed(seed)
+    if metric == "cosine":
+        x = torch.nn.functional.one_hot(torch.randint(0, 3, (batch,), generator=g), 4).float()
+        return x * torch.randint(1, 4, (batch, 1), generator=g)
+    return torch.randint(-1, 2, (batch, 4), generator=g).float()
+
+
+def _assert_same_mining(got, want):
+    for g, w, name in zip(got, want, MINED, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=0.0, atol=0.0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.fixture
+def native_cpu(monkeypatch):
+    """CPU tensors as they run without the interpreter, on the default backend rule; returns the native calls."""
+    monkeypatch.setattr(ops, "_interpret", lambda: False)
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    calls = []
+    native = ops._batch_hard_fwd_native
+
+    def spy(x, labels, metric):
+        calls.append(metric)
+        return native(x, labels, metric)
+
+    monkeypatch.setattr(ops, "_batch_hard_fwd_native", spy)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", list(NATIVE_DTYPES.values()), ids=list(NATIVE_DTYPES))
+@pytest.mark.parametrize("labels", NATIVE_LABELS)
+@pytest.mark.parametrize("batch", NATIVE_SIZES)
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
+def test_native_mining_equals_blocked(metric, batch, labels, dtype):
+    y = _native_labels(labels, batch, seed=batch)
+    x = _x(batch, 19, dtype=dtype, seed=batch)
+    code = NATIVE_METRICS[metric]
+    _assert_same_mining(ops._batch_hard_fwd_native(x, y, code), ops._batch_hard_fwd_blocked(x, y, code))
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [7, 37, 130])
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
+def test_native_mining_ties_equal_blocked(metric, batch):
+    y = torch.arange(batch) % 7
+    x = _integer_embeddings(batch, metric, seed=batch)
+    code = NATIVE_METRICS[metric]
+    _assert_same_mining(ops._batch_hard_fwd_native(x, y, code), ops._batch_hard_fwd_blocked(x, y, code))
+
+
+@needs_native
+@pytest.mark.parametrize("labels", NATIVE_LABELS)
+@pytest.mark.parametrize("batch", NATIVE_SIZES)
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_native_matches_sentence_transformers(native_cpu, kind, metric, batch, labels):
+    y = _native_labels(labels, batch, seed=batch)
+    _compare(kind, metric, _x(batch, 19, seed=batch), y, TOL[torch.float32])
+    assert native_cpu == [NATIVE_METRICS[metric]]
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [7, 37, 130])
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_native_ties_follow_sentence_transformers(native_cpu, kind, metric, batch):
+    """Exact distances with many ties: the first-index rules decide which pairs get the gradient."""
+    y = torch.arange(batch) % 7
+    y[-3:] = torch.tensor([100, 101, 102])  # anchors without a positive
+    x = _integer_embeddings(batch, metric, seed=batch + 1)
+    for margin in (0.0, 1.0):
+        _compare(kind, metric, x, y, EXACT, margin=margin)
+    assert native_cpu
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", list(NATIVE_DTYPES.values()), ids=list(NATIVE_DTYPES))
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_native_dtypes_against_fp32_truth(native_cpu, kind, metric, dtype):
+    y = torch.arange(37) % 5
+    _check_against_fp32_truth(kind, metric, _x(37, 20, dtype=dtype, seed=2), y)
+    assert native_cpu
+
+
+@needs_native
+@pytest.mark.parametrize("block_bytes", ["1", "600"], ids=["one-row", "some-rows"])
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
+def test_native_row_blocks(monkeypatch, metric, block_bytes):
+    """A small FASTLOSS_NATIVE_BLOCK_BYTES splits the anchors into several blocks (the last one short)."""
+    y = torch.arange(37) % 5
+    x = _integer_embeddings(37, metric, seed=11)
+    code = NATIVE_METRICS[metric]
+    whole = ops._batch_hard_fwd_native(x, y, code)
+    monkeypatch.setenv("FASTLOSS_NATIVE_BLOCK_BYTES", block_bytes)
+    _assert_same_mining(ops._batch_hard_fwd_native(x, y, code), whole)
+    _assert_same_mining(ops._batch_hard_fwd_native(x, y, code), ops._batch_hard_fwd_blocked(x, y, code))
+
+
+@needs_native
+def test_native_is_selected_and_recorded(native_cpu, monkeypatch):
+    """The batch-hard losses ask select() for the native op, so CPU tensors record "native" and run it."""
+    chosen = []
+    select = FF.triplet._backend.select
+
+    def recording_select(tensor, native_op, cpu_impl=None):
+        chosen.append((native_op, select(tensor, native_op, cpu_impl=cpu_impl)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(FF.triplet._backend, "select", recording_select)
+    y = _labels("classes3")
+    x = _x(len(y), 6)
+    FF.batch_hard_triplet_loss(x, y)
+    FF.batch_hard_soft_margin_triplet_loss(x, y)
+    assert chosen == [(NATIVE_OP, "native")] * 2
+    assert native_cpu == [ops.EUCLIDEAN] * 2
+
+
+@needs_native
+def test_without_the_native_op_the_blocked_path_runs(native_cpu, monkeypatch):
+    y = _labels("no_positive_some")
+    x = _x(len(y), 6, seed=3)
+    with_native = _value_and_grad(_ours("hard", "euclidean"), x, y)
+    assert len(native_cpu) == 1
+    monkeypatch.setenv("FASTLOSS_BACKEND", "torch")  # the ops-level torch paths: the blocked mining
+    ops.batch_hard_fwd(x, y, ops.EUCLIDEAN)
+    monkeypatch.delenv("FASTLOSS_BACKEND")
+    monkeypatch.setattr(ops._backend, "native_has", lambda op: False)
+    without = _value_and_grad(_ours("hard", "euclidean"), x, y)
+    assert len(native_cpu) == 1
+    torch.testing.assert_close(without, with_native, **TOL[torch.float32])
+
+
+@needs_native
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS.values()), ids=list(NATIVE_METRICS))
+def test_native_opcheck(native_cpu, metric):
+    x = leaf(_x(9, 5, seed=1))
+    y = torch.tensor([0, 1, 0, 1, 2, 0, 2, 3, 1])
+    torch.library.opcheck(torch.ops.fastloss.batch_hard_triplet_mine, (x, y, metric))
+    assert native_cpu
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((_x(5, 3), torch.arange(4), 0), "labels must hold 5 values"),
+        ((_x(5, 3), torch.arange(5).float(), 0), "labels must be an integer or bool tensor"),
+        ((_x(5, 3), torch.arange(5), 3), "metric must be 0"),
+        ((_x(5, 3)[0], torch.arange(5), 0), "x must be 2-D"),
+        ((_x(5, 3).long(), torch.arange(5), 0), "x must be float16"),
+    ],
+    ids=["label_count", "float_labels", "metric", "1d", "int_x"],
+)
+def test_native_rejects_bad_input(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops._backend.native_module().batch_hard_triplet_mine(*args)

@@ -96,14 +96,22 @@ def _resolve_metric(distance_metric: DistanceMetric) -> tuple[str | None, Callab
     return distance_kind(distance_metric), distance_metric
 
 
-def _prepare(op: str, embeddings: Tensor, labels: Tensor, margin: object, distance_metric: DistanceMetric):
-    """Validate everything, then choose: (labels, margin, metric code or None for the reference, reference fn)."""
+def _prepare(
+    op: str,
+    embeddings: Tensor,
+    labels: Tensor,
+    margin: object,
+    distance_metric: DistanceMetric,
+    native_op: str | None = None,
+):
+    """Validate everything, then choose: (labels, margin, metric code or None for the reference, reference fn).
+    ``native_op``: the op's function in fastloss._C (default ``op``); without it CPU tensors take the blocked path."""
     check_embeddings("embeddings", embeddings)
     labels = _check_labels(labels, embeddings.shape[0], embeddings.device)
     margin = _check_margin(margin)
     kind, fn = _resolve_metric(distance_metric)
     check_finite([("embeddings", embeddings)])
-    backend = _backend.select(embeddings, op, cpu_impl="blocked")
+    backend = _backend.select(embeddings, native_op or op, cpu_impl="blocked")
     if backend == "torch":
         return labels, margin, None, fn
     if kind is None:
@@ -122,7 +130,9 @@ def batch_hard_triplet_loss(
     hp_i = max_{j != i, y_j = y_i} d_ij (0 without one) and the hardest negative distance hn_i = min_{y_j != y_i} d_ij
     (an anchor without negatives gets min_{y_j = y_i} d_ij + max_j d_ij, as in sentence-transformers).
     The fused op keeps O(B*D) memory: no B x B matrix."""
-    labels, margin, metric, fn = _prepare("batch_hard_triplet", embeddings, labels, margin, distance_metric)
+    labels, margin, metric, fn = _prepare(
+        "batch_hard_triplet", embeddings, labels, margin, distance_metric, native_op="batch_hard_triplet_mine"
+    )
     if metric is None:
         return reference.batch_hard_triplet_loss(embeddings, labels, margin, fn).float()
     return ops.batch_hard_triplet(embeddings, labels, margin, metric)
@@ -132,7 +142,9 @@ def batch_hard_soft_margin_triplet_loss(
     embeddings: Tensor, labels: Tensor, *, distance_metric: DistanceMetric = "euclidean"
 ) -> Tensor:
     """mean_i softplus(hp_i - hn_i), with hp, hn as in :func:`batch_hard_triplet_loss`."""
-    labels, _, metric, fn = _prepare("batch_hard_soft_margin_triplet", embeddings, labels, 0.0, distance_metric)
+    labels, _, metric, fn = _prepare(
+        "batch_hard_soft_margin_triplet", embeddings, labels, 0.0, distance_metric, native_op="batch_hard_triplet_mine"
+    )
     if metric is None:
         return reference.batch_hard_soft_margin_triplet_loss(embeddings, labels, fn).float()
     return ops.batch_hard_triplet(embeddings, labels, 0.0, metric, soft_margin=True)

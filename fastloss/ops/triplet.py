@@ -6,8 +6,8 @@ Distances from the Gram tile G_ij = <x_i, x_j> (x_hat = F.normalize(x) for cosin
     cosine             d_ij = 1 - <x_hat_i, x_hat_j>
 Labels y; positives P_i = {j != i : y_j = y_i}, negatives N_i = {j : y_j != y_i}, same S_i = {j : y_j = y_i}.
 
-batch-hard (Triton ``batch_hard_fwd_kernel`` on CUDA; CPU tensors: the same selections in torch over blocks of
-rows): one pass over column tiles per row block keeps, per row,
+batch-hard (Triton ``batch_hard_fwd_kernel`` on CUDA; CPU tensors: fastloss._C.batch_hard_triplet_mine, else the
+same selections in torch over blocks of rows): one pass over column tiles per row block keeps, per row,
     hp_i = max(0, max_{j in P_i} d_ij)                 (its index, or -1 when no positive beats 0)
     n_i  = argmin_{j in N_i} d_ij,  s_i = argmin_{j in S_i} d_ij,  m_i = argmax_j d_ij
     hn_i = d_{i n_i} if d_{i n_i} < d_{i s_i} + d_{i m_i} (or equal with n_i < s_i) else d_{i s_i} + d_{i m_i}
@@ -17,7 +17,7 @@ only the (at most 3B) selected pairs, with c = dL/dd of the pair:
     euclidean: dx_i += c / d_ij (x_i - x_j), dx_j -= the same (0 where d_ij = 0)
     squared:   dx_i += 2 c (x_i - x_j),       dx_j -= the same (0 where d_ij = 0)
     cosine:    dx_hat_i -= c x_hat_j, dx_hat_j -= c x_hat_i, then the backward of F.normalize
-an O(B*D) gather / index_add. Memory O(B*D) beyond the inputs (the CPU block path: O(rows * B)).
+an O(B*D) gather / index_add. Memory O(B*D) beyond the inputs (the CPU paths: O(rows * B)).
 
 batch-all and semi-hard (torch, streamed over blocks of anchor rows, O(rows * B) memory, O(B^2 log B) time):
   batch-all: with the negatives of anchor a sorted, s_1 <= s_2 <= ..., and t = d_ap + margin,
@@ -45,6 +45,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastloss import _backend
 
 try:
     import triton
@@ -330,15 +332,30 @@ def _batch_hard_fwd_blocked(x: Tensor, labels: Tensor, metric: int) -> tuple[Ten
     return hp, hn, sel_idx, sel_d
 
 
+def _native_mining() -> bool:
+    """CPU tensors mine in fastloss._C when it has the op, unless FASTLOSS_BACKEND=torch forces the torch paths."""
+    return _backend.forced_backend() != "torch" and _backend.native_has("batch_hard_triplet_mine")
+
+
+def _batch_hard_fwd_native(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """batch_hard_fwd by fastloss._C.batch_hard_triplet_mine: the blocked path's selections with at::mm per block of
+    rows and one parallel pass over them (O(rows * B) memory)."""
+    labels = _labels(labels, x.shape[0])
+    return _backend.native_module().batch_hard_triplet_mine(x.detach(), labels, metric)
+
+
 def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mine the hardest pairs without a B x B matrix. Returns fp32 hp [B], fp32 hn [B], and the selected pairs:
     int64 sel_idx [3, B] (hardest positive, hardest negative or smallest same-label, row argmax when that was used;
     -1 for none) with their fp32 distances sel_d [3, B]. See the module docstring. The Triton kernel runs on CUDA
-    (and on CPU under TRITON_INTERPRET=1); other CPU tensors take the same selections in blocks of rows in torch."""
+    (and on CPU under TRITON_INTERPRET=1); other CPU tensors take fastloss._C.batch_hard_triplet_mine, or the same
+    selections in blocks of rows in torch where the extension lacks it."""
     _check_metric(metric)
     if x.ndim != 2:
         raise ValueError(f"triplet: x must be 2-D [B, D], got shape {tuple(x.shape)}")
     if x.device.type == "cpu" and not _interpret():
+        if _native_mining():
+            return _batch_hard_fwd_native(x, labels, metric)
         return _batch_hard_fwd_blocked(x, labels, metric)
     B, D = x.shape
     labels = _labels(labels, B).to(x.device)
