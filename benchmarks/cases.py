@@ -381,11 +381,18 @@ _TRIPLET_ST = {
 }
 
 
+# the fastloss._C function each triplet op runs when the extension has it (batch-hard's mining)
+_TRIPLET_NATIVE = {
+    "batch_hard_triplet": "batch_hard_triplet_mine",
+    "batch_hard_soft_margin_triplet": "batch_hard_triplet_mine",
+}
+
+
 def _triplet_fastloss(op: str) -> Builder:
     def build(p: Problem) -> Impl:
         fn = _import("fastloss.functional", f"{op}_loss")
         (x,) = p.inputs
-        return Impl(lambda: fn(x, p.labels), backend=_backend_of(x, op, "blocked"))
+        return Impl(lambda: fn(x, p.labels), backend=_backend_of(x, _TRIPLET_NATIVE.get(op, op), "blocked"))
 
     return build
 
