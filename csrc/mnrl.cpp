@@ -20,12 +20,6 @@
 
 #include "fastloss.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)  // target_clones resolves through ifunc
-#define FASTLOSS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTLOSS_SIMD_CLONES
-#endif
-
 namespace fastloss {
 namespace {
 
@@ -34,8 +28,6 @@ constexpr int kQueryToQuery = 2;
 constexpr int kDocToQuery = 4;
 constexpr int kDocToDoc = 8;
 constexpr int kDirectionOrder[] = {kQueryToDoc, kQueryToQuery, kDocToQuery, kDocToDoc};  // sentence-transformers'
-constexpr double kNormEps = 1e-12;                                                        // F.normalize's default
-constexpr int64_t kDefaultBlockBytes = int64_t{16} << 20;  // m = 512 rows at N = 8192: GEMMs still efficient
 
 // exp(x) for x <= 0, branch-free so that the row loops vectorise: Cody-Waite reduction x = n ln2 + r with
 // |r| <= ln2 / 2 and Cephes' degree-6 polynomial for exp(r) (about 1 ulp); x below -87.3 gives 0.
@@ -216,16 +208,6 @@ std::vector<Direction<T>> select_directions(const Options& o, int64_t columns, T
     out.push_back({bit, bit == kQueryToDoc || bit == kQueryToQuery, bit == kQueryToDoc || bit == kDocToDoc, rule});
   }
   return out;
-}
-
-int64_t block_bytes() {
-  const char* env = std::getenv("FASTLOSS_NATIVE_BLOCK_BYTES");
-  if (env == nullptr || *env == '\0') return kDefaultBlockBytes;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && value > 0,
-              "FASTLOSS_NATIVE_BLOCK_BYTES must be a positive integer (bytes), got '", env, "'");
-  return static_cast<int64_t>(value);
 }
 
 // An embedding matrix in the accumulation dtype (the input itself when it already is one) and its rows' inverse

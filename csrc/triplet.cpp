@@ -18,31 +18,13 @@
 
 #include "fastloss.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)  // target_clones resolves through ifunc
-#define FASTLOSS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTLOSS_SIMD_CLONES
-#endif
-
 namespace fastloss {
 namespace {
 
 constexpr int64_t kEuclidean = 0;
 constexpr int64_t kSquaredEuclidean = 1;
 constexpr int64_t kCosine = 2;
-constexpr double kNormEps = 1e-12;                         // F.normalize's default, as fastloss.ops.triplet
-constexpr int64_t kDefaultBlockBytes = int64_t{16} << 20;  // the native MNRL op's default logits block
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-int64_t block_bytes() {
-  const char* env = std::getenv("FASTLOSS_NATIVE_BLOCK_BYTES");
-  if (env == nullptr || *env == '\0') return kDefaultBlockBytes;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && value > 0,
-              "FASTLOSS_NATIVE_BLOCK_BYTES must be a positive integer (bytes), got '", env, "'");
-  return static_cast<int64_t>(value);
-}
 
 // One row of distances in place of its Gram row g, in the torch path's order of operations and rounding: cosine
 // 1 - g; else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0, and sqrt(t) for euclidean by at::sqrt, as torch
