@@ -15,6 +15,8 @@
 namespace fastloss {
 void register_mnrl(pybind11::module_& m);
 void register_triplet(pybind11::module_& m);
+void register_triplet_streamed(pybind11::module_& m);
+void register_cosent(pybind11::module_& m);
 #ifdef FASTLOSS_WITH_CUDA
 void register_cuda(pybind11::module_& m);
 #endif

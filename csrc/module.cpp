@@ -24,6 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   fastloss::register_mnrl(m);
   fastloss::register_triplet(m);
+  fastloss::register_triplet_streamed(m);
+  fastloss::register_cosent(m);
 #ifdef FASTLOSS_WITH_CUDA
   fastloss::register_cuda(m);
 #endif
