@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-batch-limit", type=int, default=1 << 20, help="stop the search at this B")
     ap.add_argument("--budget", type=float, help="CPU: seconds of repetitions per timing, min 3 reps (0.5; quick 0.2)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    ap.add_argument(
+        "--time-limit", type=float, help="seconds: start no further case after this (the records so far are kept)"
+    )
     ap.add_argument("--allow-mismatch", action="store_true", help="time impls that fail the check (flagged)")
     ap.add_argument("--out", default=RESULTS, help="results directory (default benchmarks/results)")
     ap.add_argument("--fresh", action="store_true", help="replace the device's JSON instead of merging into it")
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
         memory=not args.no_memory,
     )
     run = runner.Runner(opts)
-    records = run.run(cases)
+    # the records are saved after every case, so a sweep stopped part-way (a device lease ending) keeps its numbers
+    records = run.run(cases, lambda recs: runner.save_records(path, recs, fresh=args.fresh), args.time_limit)
     search = args.max_batch if args.max_batch is not None else (use_cuda and not args.quick)
     if search:
         if not use_cuda:

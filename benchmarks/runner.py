@@ -221,11 +221,24 @@ class Runner:
             "load_1m": round(os.getloadavg()[0], 2),
         }
 
-    def run(self, cases: list[Case]) -> list[dict]:
+    def run(
+        self,
+        cases: list[Case],
+        checkpoint: Callable[[list[dict]], object] | None = None,
+        time_limit_s: float | None = None,
+    ) -> list[dict]:
+        """Every case in order. ``checkpoint(records)`` runs after each case, so a run killed part-way keeps what
+        it measured; no case starts once ``time_limit_s`` seconds have passed (the rest are listed as skipped)."""
         preload()
+        started = time.perf_counter()
         done: list[tuple[Case, str, dict]] = []
         missing: dict[str, str | None] = {}
         for i, case in enumerate(cases):
+            if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
+                self._skip(
+                    f"{len(cases) - i} cases from [{i + 1}/{len(cases)}] on: the time limit ({time_limit_s:g} s)"
+                )
+                break
             if case.op not in missing:
                 missing[case.op] = op_available(case.op, self.opts.device)
             if missing[case.op] is not None:
@@ -235,6 +248,8 @@ class Runner:
                 self.records.append(rec)
                 if rec["ms"] is not None:
                     done.append((case, rec["impl"], rec))
+            if checkpoint is not None:
+                checkpoint(self.records)
         if self.opts.memory and self.opts.device.type == "cpu":
             self._cpu_memory(done)
         return self.records

@@ -54,3 +54,30 @@ def test_fwd_bwd(benchmark, checker, op, impl):
             torch.cuda.synchronize()
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+
+
+def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, monkeypatch):
+    from benchmarks import __main__ as cli
+    from benchmarks import harness, runner
+
+    args = ["--cpu", "--quick", "--ops", "cosent", "--impls", "fastloss", "--out", str(tmp_path), "--no-plot"]
+    args += ["--no-memory", "--budget", "0.01"]
+    saved: list[int] = []
+    real_save = runner.save_records
+
+    def spy(path, records, fresh=False):
+        saved.append(len(records))
+        return real_save(path, records, fresh)
+
+    monkeypatch.setattr(runner, "save_records", spy)
+    assert cli.main(args) == 0
+    n_cases = len(cli.select_cases(cli.parse_args(args), torch.device("cpu")))
+    assert n_cases >= 2
+    assert saved == [*range(1, n_cases + 1), n_cases]  # after each case, then the final save
+    path = str(tmp_path / f"{harness.device_name(torch.device('cpu'))}.json")
+    assert len(runner.load_records(path)) == n_cases
+
+    capsys.readouterr()
+    assert cli.main([*args, "--time-limit", "0", "--fresh"]) == 0
+    assert "the time limit" in capsys.readouterr().out
+    assert runner.load_records(path) == []
