@@ -7,9 +7,14 @@
 # Budget: GPU_CHECK_BUDGET_S (default 540 s) for the whole script; the build gets at most GPU_CHECK_BUILD_S (240),
 # the tests at most GPU_CHECK_TESTS_S (150), the sweep what is left (its cases stop starting 20 s before the end;
 # the records are saved after every case). Wheels of optional peers (inf-cl, cut-cross-entropy) in ./.whl are
-# installed first when present. GPU_CHECK_DRY=1 runs the same steps on the CPU at tiny shapes, without the build,
+# installed first when present: fetch them here with `bash scripts/gpu_check.sh --fetch-wheels` and name `.whl` in the
+# device call's carry list. GPU_CHECK_DRY=1 runs the same steps on the CPU at tiny shapes, without the build,
 # to check the plumbing where there is no GPU.
 set -u -o pipefail
+if [ "${1:-}" = --fetch-wheels ]; then  # pure-Python wheels; their needs (torch, triton, numpy) are on the GPU image
+  exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 -d .whl "inf-cl==1.2.1" "cut-cross-entropy==25.1.1"
+fi
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fastloss-gpu-check}
 mkdir -p "$OUT"
