@@ -291,6 +291,37 @@ ColumnPairs group_by_column(const int64_t* sel, int64_t batch) {
   return g;
 }
 
+// out = (g - x^ <x^, g>) / max(|x|, eps) with x^ = x / max(|x|, eps), the projection 0 where |x| <= eps.
+template <typename scalar_t, typename acc_t>
+void normalize_backward_row(const scalar_t* x, const acc_t* g, scalar_t* out, int64_t n) {
+  acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < n; ++d) ss += static_cast<acc_t>(x[d]) * static_cast<acc_t>(x[d]);
+  const acc_t norm = std::sqrt(ss);
+  const acc_t denom = std::max(norm, static_cast<acc_t>(kNormEps));
+  acc_t projection = 0;
+  if (norm > static_cast<acc_t>(kNormEps)) {
+#pragma omp simd reduction(+ : projection)
+    for (int64_t d = 0; d < n; ++d) projection += static_cast<acc_t>(x[d]) / denom * g[d];
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d)
+    out[d] = static_cast<scalar_t>((g[d] - static_cast<acc_t>(x[d]) / denom * projection) / denom);
+}
+
+FASTLOSS_SIMD_CLONES void normalize_backward_row_f32(const float* x, const float* g, float* out, int64_t n) {
+  normalize_backward_row<float, float>(x, g, out, n);
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_backward(const scalar_t* x, const acc_t* g, scalar_t* out, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    normalize_backward_row_f32(x, g, out, n);
+  } else {
+    normalize_backward_row<scalar_t, acc_t>(x, g, out, n);
+  }
+}
+
 template <typename scalar_t>
 void bwd_impl(const at::Tensor& x, const at::Tensor& xo_t, const at::Tensor& w_t, const int64_t* sel,
               const ColumnPairs& cols, int64_t metric, at::Tensor& dx_t) {
@@ -320,17 +351,7 @@ void bwd_impl(const at::Tensor& x, const at::Tensor& xo_t, const at::Tensor& w_t
         for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(acc[d]);
         continue;
       }
-      const scalar_t* xr = xs + i * dim;
-      acc_t ss = 0;
-      for (int64_t d = 0; d < dim; ++d) ss += static_cast<acc_t>(xr[d]) * static_cast<acc_t>(xr[d]);
-      const acc_t norm = std::sqrt(ss);
-      const acc_t denom = std::max(norm, static_cast<acc_t>(kNormEps));
-      acc_t projection = 0;
-      if (norm > static_cast<acc_t>(kNormEps)) {
-        for (int64_t d = 0; d < dim; ++d) projection += static_cast<acc_t>(xr[d]) / denom * acc[d];
-      }
-      for (int64_t d = 0; d < dim; ++d)
-        out[d] = static_cast<scalar_t>((acc[d] - static_cast<acc_t>(xr[d]) / denom * projection) / denom);
+      normalize_backward(xs + i * dim, acc.data(), out, dim);
     }
   });
 }
