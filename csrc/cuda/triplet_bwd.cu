@@ -10,7 +10,7 @@
 // gives each row's slice, and one thread block per output row gathers its own pairs and the pairs that selected it,
 // threads over the D columns; no atomics, so the sum order is fixed. Sums in at::opmath_type (fp32 for
 // fp16/bf16/fp32, fp64 for fp64). For cosine the block reduces <x, dx^> and |x|^2 and then writes dx; dx^ stays in
-// shared memory when D of it fits in kCacheBytes, else it is recomputed in a second pass.
+// shared memory when D of it fits in kCacheBytes (D <= 8192 fp32, 4096 fp64), else it is recomputed in a second pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,7 +28,9 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kMaxThreads = 256;
-constexpr int64_t kCacheBytes = 48 * 1024;  // the dynamic shared memory a launch gets without opting in
+// dx^ cached in dynamic shared memory up to this size: within the 48 KiB a block gets without opting in, with room
+// for block_sum2's static arrays
+constexpr int64_t kCacheBytes = 32 * 1024;
 constexpr int kEuclidean = 0;
 constexpr int kCosine = 2;
 constexpr double kEps = 1e-12;  // F.normalize's default, as kNormEps in fastloss.h
@@ -108,7 +110,7 @@ __global__ void batch_hard_bwd_kernel(const scalar_t* __restrict__ x, const scal
                                       Pairs<at::opmath_type<scalar_t>> pairs, scalar_t* __restrict__ dx, int64_t dim,
                                       bool cache) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   acc_t* s_dxh = reinterpret_cast<acc_t*>(smem);
   const int64_t i = blockIdx.x;
   scalar_t* p_dx = dx + i * dim;
