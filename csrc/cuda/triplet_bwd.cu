@@ -46,8 +46,13 @@ struct Pairs {
   int64_t batch;
   int metric;
 
+  // the anchor row r of pair e = k * B + r (k < 3: two compares instead of a 64-bit division)
+  __device__ __forceinline__ int64_t row_of(int64_t e) const {
+    return e < batch ? e : (e < 2 * batch ? e - batch : e - 2 * batch);
+  }
+
   __device__ __forceinline__ acc_t weight(int64_t e) const {
-    const acc_t c = e < batch ? grad_hp[e] : grad_hn[e % batch];
+    const acc_t c = e < batch ? grad_hp[e] : grad_hn[row_of(e)];
     if (metric == kCosine) return c;
     const acc_t d = sel_d[e];
     if (!(d > acc_t(0))) return acc_t(0);
@@ -73,7 +78,7 @@ __device__ __forceinline__ acc_t gather_column(const scalar_t* __restrict__ xo, 
   }
   for (int64_t q = p.offsets[i]; q < p.offsets[i + 1]; ++q) {
     const int64_t e = p.order[q];
-    const acc_t x_r = static_cast<acc_t>(xo[(e % p.batch) * dim + col]);
+    const acc_t x_r = static_cast<acc_t>(xo[p.row_of(e) * dim + col]);
     const acc_t w = p.weight(e);
     acc += cosine ? -w * x_r : w * (x_i - x_r);
   }
