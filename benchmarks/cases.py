@@ -27,6 +27,9 @@ IMPLS = (
     "inf_cl",
     "cce_exact",
     "fastloss_uncached",
+    "bwd_torch",
+    "bwd_native",
+    "bwd_cuda",
 )
 SCALE = 20.0
 
@@ -420,6 +423,79 @@ def _triplet_spec(op: str) -> OpSpec:
     )
 
 
+# batch-hard backward alone (op batch_hard_triplet_bwd): the problem of batch_hard_triplet, its selections mined once
+# in the untimed set-up; fn() is the loss from the mined distances (O(B)), so fwd+bwd is one backward
+
+
+class _MinedBatchHard(torch.autograd.Function):
+    """(hp, hn) of selections mined beforehand; the backward runs ``bwd`` (one of fastloss's batch_hard_bwd paths)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, hp: Tensor, hn: Tensor, sel_idx: Tensor, sel_d: Tensor, bwd: Callable):
+        ctx.save_for_backward(x, sel_idx, sel_d)
+        ctx.bwd = bwd
+        ctx.mark_non_differentiable(sel_idx, sel_d)
+        return hp.clone(), hn.clone()
+
+    @staticmethod
+    def backward(ctx, grad_hp: Tensor, grad_hn: Tensor):
+        x, sel_idx, sel_d = ctx.saved_tensors
+        return ctx.bwd(grad_hp.contiguous(), grad_hn.contiguous(), x, sel_idx, sel_d, 0), None, None, None, None, None
+
+
+def _batch_hard_bwd(path: str) -> Builder:
+    """fastloss: batch_hard_bwd as dispatched (CPU: fastloss._C; CUDA: torch ops unless FASTLOSS_CUDA_KERNELS=1);
+    bwd_torch / bwd_native / bwd_cuda: that path forced."""
+
+    def build(p: Problem) -> Impl:
+        ops = _import("fastloss.ops.triplet")
+        from fastloss import _backend
+
+        (x,) = p.inputs
+        cpu = x.device.type == "cpu"
+        if path == "fastloss":
+            bwd = ops.batch_hard_bwd
+            if cpu and ops._native_bwd():
+                backend = "native"
+            else:
+                backend = "cuda" if not cpu and ops._cuda_bwd() else "torch"
+        elif path == "bwd_torch":
+            bwd, backend = ops._batch_hard_bwd_torch, "torch"
+        elif path == "bwd_native":
+            if not cpu or not _backend.native_has("batch_hard_triplet_bwd"):
+                raise Skip("bwd_native: CPU tensors and fastloss._C.batch_hard_triplet_bwd only")
+            bwd, backend = ops._batch_hard_bwd_native, "native"
+        else:
+            if cpu or not _backend.native_has("batch_hard_triplet_bwd_cuda"):
+                raise Skip("bwd_cuda: CUDA tensors and a CUDA build of fastloss._C only")
+            bwd, backend = ops._batch_hard_bwd_cuda, "cuda"
+        hp, hn, sel_idx, sel_d = ops.batch_hard_fwd(x.detach(), p.labels, 0)
+
+        def fn() -> Tensor:
+            hp_, hn_ = _MinedBatchHard.apply(x, hp, hn, sel_idx, sel_d, bwd)
+            hinge = hp_ - hn_ + 5.0  # sentence-transformers' default margin
+            return torch.where(hinge < 0, torch.zeros_like(hinge), hinge).mean()
+
+        return Impl(fn, backend=backend, note="backward only: selections mined in the set-up")
+
+    return build
+
+
+BATCH_HARD_BWD = OpSpec(
+    "batch_hard_triplet_bwd",
+    _make_labelled,
+    {
+        "fastloss": _batch_hard_bwd("fastloss"),
+        "bwd_torch": _batch_hard_bwd("bwd_torch"),
+        "bwd_native": _batch_hard_bwd("bwd_native"),
+        "bwd_cuda": _batch_hard_bwd("bwd_cuda"),
+        "sentence_transformers": _triplet_st("batch_hard_triplet"),
+    },
+    description="the backward of BatchHardTripletLoss (euclidean, margin 5) alone, selections mined in the set-up: "
+    "the torch-ops path (bwd_torch), fastloss._C's CPU kernel (bwd_native), its CUDA kernel (bwd_cuda)",
+)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GradCache step: a tiny bag-of-words encoder, (anchor, positive) columns of B rows of L tokens, MNRL;
 # one full training step's forward + backward in mini-batches of 64 rows
@@ -521,7 +597,8 @@ GRADCACHE = OpSpec(
 
 
 OPS: dict[str, OpSpec] = {
-    spec.name: spec for spec in (MNRL, MNSRL, COSENT, ANGLE, *(_triplet_spec(op) for op in _TRIPLET_ST), GRADCACHE)
+    spec.name: spec
+    for spec in (MNRL, MNSRL, COSENT, ANGLE, *(_triplet_spec(op) for op in _TRIPLET_ST), BATCH_HARD_BWD, GRADCACHE)
 }
 
 

@@ -49,6 +49,7 @@ def cpu_default(compile_cases: bool = True) -> list[Case]:
     cases.append(Case("mnrl", 1024, 1024, 256, "bf16", MNRL_IMPLS, group="dtype"))
     cases += _sweep("mnsrl", (256, 1024, 2048, 4096), 256, "fp32", MNRL_IMPLS)
     cases += _other_ops((256, 1024, 2048, 4096), (128, 256, 384, 512), 256, "fp32", None, (256, 1024, 4096, 8192))
+    cases.append(Case("batch_hard_triplet_bwd", 4096, 4096, 256, "fp32", ("bwd_torch", "fastloss")))
     gradcache_impls = ("sentence_transformers", "fastloss", "fastloss_uncached")
     cases += _sweep("gradcache_step", (128, 512, 1024), 256, "fp32", gradcache_impls, ratio=2)
     return cases
@@ -65,6 +66,9 @@ def gpu_default(compile_cases: bool = True) -> list[Case]:
     mnsrl_impls = tuple(i for i in impls if i not in ("inf_cl", "cce_exact"))
     cases += _sweep("mnsrl", (1024, 4096, 16384), 768, "bf16", mnsrl_impls)
     cases += _other_ops((1024, 4096, 16384), (256, 512, 1024), 768, "bf16", 4096 if compile_cases else None)
+    # the batch-hard backward alone: the torch-ops path (default) against the opt-in CUDA kernel
+    cases += _sweep("batch_hard_triplet_bwd", (1024, 4096, 16384), 768, "bf16", ("bwd_torch", "bwd_cuda"))
+    cases.append(Case("batch_hard_triplet_bwd", 16384, 16384, 768, "fp32", ("bwd_torch", "bwd_cuda"), group="dtype"))
     cases += _sweep("gradcache_step", (1024, 8192), 768, "fp32", ("sentence_transformers", "fastloss"), ratio=2)
     # issue 4: cached vs uncached time, and cached peak memory flat from 1k to 64k rows at a fixed mini-batch
     cases += _sweep("gradcache_step", (1024, 4096, 16384, 65536), 768, "fp32", ("fastloss",), ratio=2, group="flat")
@@ -76,5 +80,6 @@ def quick() -> list[Case]:
     cases = _sweep("mnrl", (32, 64), 32, "fp32", MNRL_IMPLS, ratio=2)
     cases += _sweep("mnsrl", (32, 64), 32, "fp32", MNRL_IMPLS)
     cases += _other_ops((32, 64), (16, 32), 32, "fp32", None)
+    cases.append(Case("batch_hard_triplet_bwd", 64, 64, 32, "fp32", ("bwd_torch", "fastloss")))
     cases += _sweep("gradcache_step", (128,), 32, "fp32", ("sentence_transformers", "fastloss"), ratio=2)
     return cases

@@ -1,10 +1,13 @@
-// Batch-hard triplet mining on CPU: the selections of fastloss.ops.triplet.batch_hard_fwd without a B x B matrix.
+// Batch-hard triplet mining on CPU: the selections of fastloss.ops.triplet.batch_hard_fwd without a B x B matrix,
+// and the backward through the selected pairs (batch_hard_triplet_bwd, below the mining).
 //
 // Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer), then one parallel pass over the block's
 // rows turns each row of G into distances in place (fp64 for fp64 inputs, then rounded to fp32 in a per-thread row,
 // as the torch path does) and keeps the row's hardest positive, smallest negative, smallest same-label distance and
 // maximum, each with its first index (torch's max / min tie rule). Memory beyond the inputs: the operand rows
 // (O(B*D): x_hat for cosine, fp32 for half inputs) and one m x B block.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -211,6 +214,204 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
   return {hp, hn, sel_idx, sel_d};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Backward: dx from dL/dhp and dL/dhn through the (at most 3B) selected pairs.
+//
+// Pair e = k * B + r (k = 0 hardest positive, 1 negative or smallest same-label, 2 row argmax) joins row r and
+// column j = sel_idx[k, r] (-1: no pair) with c_e = dL/dd_rj = grad_hp[r] (k = 0) or grad_hn[r] (k = 1, 2). Each
+// pair adds the same kind of term to both of its rows, so with w_e its weight:
+//   euclidean  d = |x_r - x_j|:      dx_r += w_e (x_r - x_j), dx_j += w_e (x_j - x_r), w_e = c_e / d  (0 where d = 0)
+//   squared    d = |x_r - x_j|^2:    the same with w_e = 2 c_e                                        (0 where d = 0)
+//   cosine     d = 1 - <x^_r, x^_j>: dx^_r -= w_e x^_j,  dx^_j -= w_e x^_r,  w_e = c_e
+// and for cosine dx = (dx^ - x^ <x^, dx^>) / max(|x|, eps) (F.normalize's backward; x^ recomputed in the
+// accumulation type, the projection 0 where |x| <= eps, as fastloss.ops.triplet._normalize_backward).
+// The scatter half (dx_j) is turned into a gather without races: a counting sort over the columns lists, for each
+// row j, the pairs that selected it (in pair order, so the sum order is fixed: deterministic), and every output row
+// is then one parallel gather over its own <= 3 pairs and its incoming ones. Memory beyond the inputs and dx: the
+// operand (fp32 copy of half inputs; x^ for cosine), 3B weights, the B + 1 offsets and 3B pair ids, and one D-row
+// accumulator per thread.
+
+template <typename T>
+[[gnu::always_inline]] inline void add_difference(T* acc, const T* xi, const T* xj, T w, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) acc[d] += w * (xi[d] - xj[d]);
+}
+
+template <typename T>
+[[gnu::always_inline]] inline void add_scaled(T* acc, const T* xj, T w, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) acc[d] += w * xj[d];
+}
+
+FASTLOSS_SIMD_CLONES void add_difference_f32(float* acc, const float* xi, const float* xj, float w, int64_t n) {
+  add_difference<float>(acc, xi, xj, w, n);
+}
+
+FASTLOSS_SIMD_CLONES void add_scaled_f32(float* acc, const float* xj, float w, int64_t n) {
+  add_scaled<float>(acc, xj, w, n);
+}
+
+inline void add_pair(float* acc, const float* xi, const float* xj, float w, int64_t n, bool cosine) {
+  if (cosine) {
+    add_scaled_f32(acc, xj, -w, n);
+  } else {
+    add_difference_f32(acc, xi, xj, w, n);
+  }
+}
+
+inline void add_pair(double* acc, const double* xi, const double* xj, double w, int64_t n, bool cosine) {
+  if (cosine) {
+    add_scaled<double>(acc, xj, -w, n);
+  } else {
+    add_difference<double>(acc, xi, xj, w, n);
+  }
+}
+
+// Pairs grouped by their selected column: pairs_of[offsets[j] .. offsets[j + 1]) are the pair ids e with
+// sel_idx[e] = j, in increasing e.
+struct ColumnPairs {
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> pairs_of;
+};
+
+ColumnPairs group_by_column(const int64_t* sel, int64_t batch) {
+  ColumnPairs g;
+  g.offsets.assign(batch + 1, 0);
+  for (int64_t e = 0; e < 3 * batch; ++e) {
+    const int64_t j = sel[e];
+    TORCH_CHECK(j >= -1 && j < batch, "batch_hard_triplet_bwd: sel_idx must hold row indices in [-1, ", batch,
+                "), got ", j);
+    if (j >= 0) ++g.offsets[j + 1];
+  }
+  for (int64_t j = 0; j < batch; ++j) g.offsets[j + 1] += g.offsets[j];
+  g.pairs_of.resize(g.offsets[batch]);
+  std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);
+  for (int64_t e = 0; e < 3 * batch; ++e)
+    if (sel[e] >= 0) g.pairs_of[next[sel[e]]++] = e;
+  return g;
+}
+
+// out = (g - x^ <x^, g>) / max(|x|, eps) with x^ = x / max(|x|, eps), the projection 0 where |x| <= eps.
+template <typename scalar_t, typename acc_t>
+void normalize_backward_row(const scalar_t* x, const acc_t* g, scalar_t* out, int64_t n) {
+  acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < n; ++d) ss += static_cast<acc_t>(x[d]) * static_cast<acc_t>(x[d]);
+  const acc_t norm = std::sqrt(ss);
+  const acc_t denom = std::max(norm, static_cast<acc_t>(kNormEps));
+  acc_t projection = 0;
+  if (norm > static_cast<acc_t>(kNormEps)) {
+#pragma omp simd reduction(+ : projection)
+    for (int64_t d = 0; d < n; ++d) projection += static_cast<acc_t>(x[d]) / denom * g[d];
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d)
+    out[d] = static_cast<scalar_t>((g[d] - static_cast<acc_t>(x[d]) / denom * projection) / denom);
+}
+
+FASTLOSS_SIMD_CLONES void normalize_backward_row_f32(const float* x, const float* g, float* out, int64_t n) {
+  normalize_backward_row<float, float>(x, g, out, n);
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_backward(const scalar_t* x, const acc_t* g, scalar_t* out, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    normalize_backward_row_f32(x, g, out, n);
+  } else {
+    normalize_backward_row<scalar_t, acc_t>(x, g, out, n);
+  }
+}
+
+template <typename scalar_t>
+void bwd_impl(const at::Tensor& x, const at::Tensor& xo_t, const at::Tensor& w_t, const int64_t* sel,
+              const ColumnPairs& cols, int64_t metric, at::Tensor& dx_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = x.size(0), dim = x.size(1);
+  const bool cosine = metric == kCosine;
+  const acc_t* xo = xo_t.const_data_ptr<acc_t>();
+  const acc_t* w = w_t.const_data_ptr<acc_t>();
+  const scalar_t* xs = x.const_data_ptr<scalar_t>();
+  scalar_t* dx = dx_t.mutable_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(dim, 1));
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(dim);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const acc_t* xi = xo + i * dim;
+      for (int64_t k = 0; k < 3; ++k) {  // the row's own pairs
+        const int64_t j = sel[k * batch + i];
+        if (j >= 0) add_pair(acc.data(), xi, xo + j * dim, w[k * batch + i], dim, cosine);
+      }
+      for (int64_t p = cols.offsets[i]; p < cols.offsets[i + 1]; ++p) {  // the pairs that selected row i
+        const int64_t e = cols.pairs_of[p];
+        add_pair(acc.data(), xi, xo + (e % batch) * dim, w[e], dim, cosine);
+      }
+      scalar_t* out = dx + i * dim;
+      if (!cosine) {
+        for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(acc[d]);
+        continue;
+      }
+      normalize_backward(xs + i * dim, acc.data(), out, dim);
+    }
+  });
+}
+
+at::Tensor batch_hard_triplet_bwd(const at::Tensor& grad_hp, const at::Tensor& grad_hn, const at::Tensor& x_in,
+                                  const at::Tensor& sel_idx, const at::Tensor& sel_d, int64_t metric) {
+  TORCH_CHECK(x_in.device().is_cpu() && grad_hp.device().is_cpu() && grad_hn.device().is_cpu() &&
+                  sel_idx.device().is_cpu() && sel_d.device().is_cpu(),
+              "batch_hard_triplet_bwd: every argument must be a CPU tensor");
+  TORCH_CHECK(x_in.dim() == 2, "batch_hard_triplet_bwd: x must be 2-D [B, D], got shape ", x_in.sizes());
+  TORCH_CHECK(metric == kEuclidean || metric == kSquaredEuclidean || metric == kCosine,
+              "batch_hard_triplet_bwd: metric must be 0 (euclidean), 1 (squared euclidean) or 2 (cosine), got ",
+              metric);
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "batch_hard_triplet_bwd: x must be float16, bfloat16, float32 or float64, got ", dtype);
+  const int64_t batch = x_in.size(0);
+  TORCH_CHECK(grad_hp.numel() == batch && grad_hn.numel() == batch, "batch_hard_triplet_bwd: grad_hp and grad_hn ",
+              "must hold ", batch, " values, got shapes ", grad_hp.sizes(), " and ", grad_hn.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_hp.scalar_type()) && at::isFloatingType(grad_hn.scalar_type()),
+              "batch_hard_triplet_bwd: grad_hp and grad_hn must be floating point");
+  TORCH_CHECK(sel_idx.dim() == 2 && sel_idx.size(0) == 3 && sel_idx.size(1) == batch &&
+                  sel_idx.scalar_type() == at::kLong,
+              "batch_hard_triplet_bwd: sel_idx must be int64 [3, ", batch, "], got ", sel_idx.scalar_type(), " ",
+              sel_idx.sizes());
+  TORCH_CHECK(sel_d.dim() == 2 && sel_d.size(0) == 3 && sel_d.size(1) == batch &&
+                  at::isFloatingType(sel_d.scalar_type()),
+              "batch_hard_triplet_bwd: sel_d must be a floating [3, ", batch, "] tensor, got ", sel_d.scalar_type(),
+              " ", sel_d.sizes());
+
+  at::NoGradGuard no_grad;
+  const at::Tensor x = x_in.detach().contiguous();
+  at::Tensor dx = at::empty_like(x);
+  if (x.numel() == 0) return dx.zero_();
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor sel = sel_idx.contiguous();
+  const ColumnPairs cols = group_by_column(sel.const_data_ptr<int64_t>(), batch);
+
+  // The operand rows in the accumulation type, as the torch path: x^ = F.normalize(x) in x's dtype for cosine.
+  at::Tensor xo = x;
+  if (metric == kCosine) xo = xo / xo.norm(2, {1}, true).clamp_min(kNormEps);
+  xo = xo.to(acc_type).contiguous();
+
+  // w [3, B]: the pair weights of the header comment (0 for no pair).
+  const at::Tensor c = at::stack({grad_hp.reshape(-1), grad_hn.reshape(-1), grad_hn.reshape(-1)}).to(acc_type);
+  at::Tensor w = at::where(sel >= 0, c, at::zeros({}, c.options()));
+  if (metric != kCosine) {
+    const at::Tensor d = sel_d.to(acc_type);
+    const at::Tensor positive = d > 0;
+    w = metric == kEuclidean ? at::where(positive, w / at::where(positive, d, at::ones({}, d.options())), 0.0)
+                             : at::where(positive, 2.0 * w, 0.0);
+  }
+  w = w.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "batch_hard_triplet_bwd", [&] {
+    bwd_impl<scalar_t>(x, xo, w, sel.const_data_ptr<int64_t>(), cols, metric, dx);
+  });
+  return dx;
+}
+
 }  // namespace
 
 void register_triplet(pybind11::module_& m) {
@@ -225,6 +426,19 @@ the negative or smallest same-label index, the row argmax or -1) and their fp32 
 Distances in fp64 for fp64 x, else fp32; ties go to the first index. Memory beyond the inputs: O(B*D) plus one
 block of Gram rows of at most FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row).)doc",
         pybind11::arg("x"), pybind11::arg("labels"), pybind11::arg("metric"));
+  m.def("batch_hard_triplet_bwd", &batch_hard_triplet_bwd, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        R"doc(batch_hard_triplet_bwd(grad_hp, grad_hn, x, sel_idx, sel_d, metric) -> dx
+
+The gradient w.r.t. embeddings x [B, D] (CPU, fp16/bf16/fp32/fp64) of a loss of batch_hard_triplet_mine's hp and
+hn, given dL/dhp = grad_hp [B] and dL/dhn = grad_hn [B] and the mined sel_idx [3, B] / sel_d [3, B]; metric as in
+batch_hard_triplet_mine. Returns dx in x's dtype, equal to fastloss.ops.triplet.batch_hard_bwd's torch path: each
+selected pair (r, j) with c = dL/dd_rj adds c/d (x_r - x_j) (euclidean; 2c (x_r - x_j) squared; 0 where d = 0) to
+dx_r and its negative to dx_j; for cosine -c x^_j to dx^_r and -c x^_r to dx^_j, then F.normalize's backward.
+The scatter runs as a gather over the pairs grouped by column (a counting sort): parallel over rows, no atomics,
+deterministic. Sums in fp32 (fp64 for fp64 x). Memory beyond the inputs and dx: O(B*D) (an fp32 copy of half x,
+or x^ for cosine) plus O(B) and one D-row per thread.)doc",
+        pybind11::arg("grad_hp"), pybind11::arg("grad_hn"), pybind11::arg("x"), pybind11::arg("sel_idx"),
+        pybind11::arg("sel_d"), pybind11::arg("metric"));
 }
 
 }  // namespace fastloss

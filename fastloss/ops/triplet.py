@@ -17,7 +17,11 @@ only the (at most 3B) selected pairs, with c = dL/dd of the pair:
     euclidean: dx_i += c / d_ij (x_i - x_j), dx_j -= the same (0 where d_ij = 0)
     squared:   dx_i += 2 c (x_i - x_j),       dx_j -= the same (0 where d_ij = 0)
     cosine:    dx_hat_i -= c x_hat_j, dx_hat_j -= c x_hat_i, then the backward of F.normalize
-an O(B*D) gather / index_add. Memory O(B*D) beyond the inputs (the CPU paths: O(rows * B)).
+Every pair adds its term to both of its rows, so grouping the pairs by selected column (a counting sort on CPU, a
+stable sort on CUDA) turns the scatter into a gather: fastloss._C.batch_hard_triplet_bwd runs one parallel,
+deterministic gather per output row on CPU tensors (cosine with F.normalize's backward fused in), its CUDA twin
+batch_hard_triplet_bwd_cuda one thread block per row (opt-in: FASTLOSS_CUDA_KERNELS=1); otherwise torch ops do a
+gather and an index_add_. Memory O(B*D) beyond the inputs (the CPU mining: O(rows * B)).
 
 batch-all and semi-hard (torch, streamed over blocks of anchor rows, O(rows * B) memory, O(B^2 log B) time):
   batch-all: with the negatives of anchor a sorted, s_1 <= s_2 <= ..., and t = d_ap + margin,
@@ -387,8 +391,53 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
     return hp, hn, sel_idx, sel_d
 
 
+def _native_bwd() -> bool:
+    """CPU tensors take fastloss._C.batch_hard_triplet_bwd where the extension has it, unless FASTLOSS_BACKEND=torch."""
+    return _backend.forced_backend() != "torch" and _backend.native_has("batch_hard_triplet_bwd")
+
+
+def _cuda_bwd() -> bool:
+    """CUDA tensors take fastloss._C.batch_hard_triplet_bwd_cuda only when FASTLOSS_CUDA_KERNELS=1 opts in (and not
+    under FASTLOSS_BACKEND=torch): the torch path stays the default until a GPU measurement shows the kernel faster."""
+    return (
+        os.environ.get("FASTLOSS_CUDA_KERNELS", "0") == "1"
+        and _backend.forced_backend() != "torch"
+        and _backend.native_has("batch_hard_triplet_bwd_cuda")
+    )
+
+
+def _batch_hard_bwd_native(
+    grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor, sel_d: Tensor, metric: int
+) -> Tensor:
+    """fastloss._C.batch_hard_triplet_bwd: the pairs grouped by selected column (counting sort), then one parallel
+    gather per output row, F.normalize's backward fused for cosine; deterministic, O(B*D) memory."""
+    return _backend.native_module().batch_hard_triplet_bwd(grad_hp, grad_hn, x.detach(), sel_idx, sel_d, metric)
+
+
+def _batch_hard_bwd_cuda(
+    grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor, sel_d: Tensor, metric: int
+) -> Tensor:
+    """fastloss._C.batch_hard_triplet_bwd_cuda: the same gather as the CPU kernel, one thread block per output row
+    over the pairs grouped by column (a stable sort), no atomics: deterministic."""
+    return _backend.native_module().batch_hard_triplet_bwd_cuda(grad_hp, grad_hn, x.detach(), sel_idx, sel_d, metric)
+
+
 def batch_hard_bwd(grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor, sel_d: Tensor, metric: int) -> Tensor:
-    """dx (x.dtype) for dL/dhp = ``grad_hp`` and dL/dhn = ``grad_hn``, through the selected pairs only."""
+    """dx (x.dtype) for dL/dhp = ``grad_hp`` and dL/dhn = ``grad_hn``, through the selected pairs only: CPU tensors in
+    fastloss._C.batch_hard_triplet_bwd, CUDA tensors in the CUDA kernel with FASTLOSS_CUDA_KERNELS=1, else torch
+    ops (:func:`_batch_hard_bwd_torch`)."""
+    _check_metric(metric)
+    if x.device.type == "cpu" and _native_bwd():
+        return _batch_hard_bwd_native(grad_hp, grad_hn, x, sel_idx, sel_d, metric)
+    if x.device.type == "cuda" and _cuda_bwd():
+        return _batch_hard_bwd_cuda(grad_hp, grad_hn, x, sel_idx, sel_d, metric)
+    return _batch_hard_bwd_torch(grad_hp, grad_hn, x, sel_idx, sel_d, metric)
+
+
+def _batch_hard_bwd_torch(
+    grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor, sel_d: Tensor, metric: int
+) -> Tensor:
+    """batch_hard_bwd in torch ops on any device: a gather over the 3B pairs and an index_add_ for the scatter."""
     _check_metric(metric)
     B = x.shape[0]
     rows = torch.arange(B, device=x.device).repeat(3)
