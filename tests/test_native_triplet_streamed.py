@@ -207,12 +207,14 @@ def test_cosine_ties(kind):
     margin=hyp.sampled_from([0.0, 1.0, 2.0]),
 )
 def test_random_ties(labels, seed, kind, metric, margin):
-    """Any label structure with embeddings in {-1, 0, 1}^3: the native op equals the blocked path and ST."""
+    """Any label structure with embeddings in {-1, 0, 1}^3: the native op equals the blocked path and ST. (Cosine
+    distances of these rows are not exact, and a zero row scales its gradient by 1e12: fp32 tolerance there.)"""
     y = torch.tensor(labels)
     x = _integer_x(len(labels), 3, seed=seed)
+    tol = TOL[torch.float32] if metric == "cosine" else EXACT
     native = _native(kind, x, y, margin, metric)
-    _close(native, _blocked(kind, x, y, margin, metric), EXACT, "blocked")
-    _close(native, _st(kind, x, y, margin, metric), EXACT, "sentence-transformers")
+    _close(native, _blocked(kind, x, y, margin, metric), tol, "blocked")
+    _close(native, _st(kind, x, y, margin, metric), tol, "sentence-transformers")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
