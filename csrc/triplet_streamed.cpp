@@ -14,8 +14,8 @@
 //              h = (d_ap - d_an*) + margin, loss term max(h, 0), u = 1 (h > 0), 1/2 (h == 0, torch.max's tie), 0;
 //              w_ap += u, w_an* -= u.
 // Each anchor takes one of two equal evaluations by its number of positives P: direct, one vectorised pass over its
-// negatives per positive (O(P B): a few positives per class, the usual batch), or sorted (O(B log B): the negatives
-// sorted once, fp64 prefix sums and binary searches; one or two large classes).
+// negatives per positive (O(P B): a few positives per class, the usual batch), or searched (O(B log P): the
+// positives sorted, one binary search per negative, fp64 suffix sums; one or two large classes).
 //
 // Gradient inside the forward: the weights do not depend on the normaliser (the batch's count of triplets or
 // positive pairs, known only after the last block), which only scales the result, so the same pass turns each row
@@ -43,17 +43,20 @@
 namespace fastloss {
 namespace {
 
-// Anchors with more positives than this sort their negatives: P passes over B values against a sort of B values
-// and P + B binary searches (measured at B = 512 on a 2-core EPYC, the two cost the same near P = 12).
-constexpr int64_t kSortedMinPositives = 12;
+// Anchors with more positives than these take the searched evaluation (P vectorised passes over the negatives
+// against a sort of P values and B binary searches among them). The crossovers measured on one core of a 2-core
+// EPYC (D = 64): batch-all near P = 12-16 at B = 512 and 2048; semi-hard (a cheaper pass) near 100 at B = 512
+// and 50 at B = 2048.
+constexpr int64_t kBatchAllSearchMinPositives = 12;
+constexpr int64_t kSemiHardSearchMinPositives = 48;
 
 // One anchor's columns split by label, in column order, and the per-thread buffers of its evaluation.
 template <typename T>
 struct Scratch {
-  std::vector<T> neg, pos, w, reach, sorted, thr;
-  std::vector<int64_t> neg_j, pos_j;
-  std::vector<double> prefix;
-  std::vector<std::pair<T, int64_t>> order;
+  std::vector<T> neg, pos, w, reach, thr;
+  std::vector<int64_t> neg_j, pos_j, hist;
+  std::vector<double> thr_c, suffix;
+  std::vector<std::pair<T, int64_t>> order, best, chosen;
   int64_t n_neg = 0, n_pos = 0;
 
   explicit Scratch(int64_t n) : neg(n), pos(n), w(n), reach(n), neg_j(n), pos_j(n) {}
@@ -77,6 +80,20 @@ struct RowSums {
   double total = 0.0;  // the row's loss terms
   double count = 0.0;  // batch-all: triplets with a loss above 1e-16; semi-hard: positive pairs
 };
+
+// #{i : before(a[i])} for a sorted so that those i form a prefix (lower_bound with <, upper_bound with <=), by a
+// binary search whose steps are conditional moves, not branches: the searched evaluations' cost is mostly these.
+template <typename T, typename Before>
+[[gnu::always_inline]] inline int64_t prefix_count(const T* a, int64_t n, Before before) {
+  if (n == 0) return 0;
+  const T* base = a;
+  while (n > 1) {
+    const int64_t half = n / 2;
+    base = before(base[half]) ? base + half : base;
+    n -= half;
+  }
+  return (base - a) + (before(*base) ? 1 : 0);
+}
 
 // sum_n max(t - s_n, 0) in fp64, #{n : s_n < t - 1e-16} in fp64 (the torch path's searchsorted on .double()),
 // and #{n : s_n <= t}, adding 1 to reach[n] for each s_n <= t when reach is given.
@@ -129,7 +146,7 @@ RowSums batch_all_row(Scratch<T>& s, T margin, T* w) {
   RowSums out;
   const int64_t n_neg = s.n_neg, n_pos = s.n_pos;
   int64_t counted = 0;
-  if (n_pos <= kSortedMinPositives) {
+  if (n_pos <= kBatchAllSearchMinPositives) {
     T* reach = nullptr;  // #{p : t_p >= d_an} per negative
     if (w != nullptr) {
       reach = s.reach.data();
@@ -145,30 +162,39 @@ RowSums batch_all_row(Scratch<T>& s, T margin, T* w) {
     out.count = static_cast<double>(counted);
     return out;
   }
-  s.sorted.assign(s.neg.begin(), s.neg.begin() + n_neg);
-  std::sort(s.sorted.begin(), s.sorted.end());
-  s.prefix.resize(n_neg + 1);
-  s.prefix[0] = 0.0;
-  for (int64_t k = 0; k < n_neg; ++k) s.prefix[k + 1] = s.prefix[k] + static_cast<double>(s.sorted[k]);
-  const T* first = s.sorted.data();
-  const T* last = first + n_neg;
-  if (w != nullptr) s.thr.resize(n_pos);
-  for (int64_t p = 0; p < n_pos; ++p) {
-    const T t = s.pos[p] + margin;
-    const double tc = static_cast<double>(t) - 1e-16;
-    const int64_t below = std::lower_bound(first, last, t) - first;  // #{n : d_an < t}
-    out.total += static_cast<double>(below) * static_cast<double>(t) - s.prefix[below];
-    counted += std::lower_bound(first, last, tc, [](T v, double c) { return static_cast<double>(v) < c; }) - first;
+  // Positives sorted by threshold, then one binary search per negative: with suffix sums S_i = sum_{q >= i} t_q,
+  // sum_{p : t_p > s} (t_p - s) = S_i - (P - i) s for i = #{p : t_p <= s}.
+  s.order.resize(n_pos);
+  for (int64_t p = 0; p < n_pos; ++p) s.order[p] = {static_cast<T>(s.pos[p] + margin), s.pos_j[p]};
+  std::sort(s.order.begin(), s.order.end());
+  s.thr.resize(n_pos);
+  s.thr_c.resize(n_pos);
+  s.suffix.resize(n_pos + 1);
+  s.suffix[n_pos] = 0.0;
+  for (int64_t i = n_pos - 1; i >= 0; --i) {
+    s.thr[i] = s.order[i].first;
+    s.thr_c[i] = static_cast<double>(s.order[i].first) - 1e-16;
+    s.suffix[i] = s.suffix[i + 1] + static_cast<double>(s.order[i].first);
+  }
+  const T* first = s.thr.data();
+  if (w != nullptr) s.hist.assign(n_pos + 1, 0);
+  for (int64_t k = 0; k < n_neg; ++k) {
+    const T v = s.neg[k];
+    const int64_t at_or_below = prefix_count(first, n_pos, [v](T t) { return t <= v; });  // #{p : t_p <= d_an}
+    out.total += s.suffix[at_or_below] - static_cast<double>(n_pos - at_or_below) * static_cast<double>(v);
+    const double vd = v;
+    counted += n_pos - prefix_count(s.thr_c.data(), n_pos, [vd](double t) { return t <= vd; });
     if (w != nullptr) {
-      w[s.pos_j[p]] = static_cast<T>(std::upper_bound(first, last, t) - first);  // #{n : d_an <= t}
-      s.thr[p] = t;
+      const int64_t below = prefix_count(first, n_pos, [v](T t) { return t < v; });  // #{p : t_p < d_an}
+      w[s.neg_j[k]] = -static_cast<T>(n_pos - below);
+      ++s.hist[below];  // d_an <= t_p for the sorted positives from `below` on
     }
   }
   if (w != nullptr) {
-    std::sort(s.thr.begin(), s.thr.end());
-    for (int64_t k = 0; k < n_neg; ++k) {  // -#{p : t_p >= d_an}
-      const int64_t lower = std::lower_bound(s.thr.begin(), s.thr.end(), s.neg[k]) - s.thr.begin();
-      w[s.neg_j[k]] = -static_cast<T>(n_pos - lower);
+    int64_t reached = 0;
+    for (int64_t i = 0; i < n_pos; ++i) {
+      reached += s.hist[i];
+      w[s.order[i].second] = static_cast<T>(reached);  // #{n : d_an <= t_p}
     }
   }
   out.count = static_cast<double>(counted);
@@ -197,11 +223,25 @@ RowSums semi_hard_row(Scratch<T>& s, const T* d, const int64_t* labels, int64_t 
   RowSums out;
   const int64_t n_neg = s.n_neg, n_pos = s.n_pos;
   out.count = static_cast<double>(n_pos);
-  const bool sorted = n_pos > kSortedMinPositives;
-  if (sorted) {
-    s.order.resize(n_neg);
-    for (int64_t k = 0; k < n_neg; ++k) s.order[k] = {s.neg[k], s.neg_j[k]};
-    std::sort(s.order.begin(), s.order.end());  // by distance, then column: torch's stable sort
+  const bool searched = n_pos > kSemiHardSearchMinPositives;
+  if (searched) {
+    // Positives sorted by distance; each negative, in column order, is a candidate for the positives closer than it
+    // (a prefix of that order): keep it at the prefix's end, then a suffix minimum over (distance, column) gives
+    // each positive its first negative farther away.
+    s.order.resize(n_pos);
+    for (int64_t p = 0; p < n_pos; ++p) s.order[p] = {s.pos[p], p};
+    std::sort(s.order.begin(), s.order.end());
+    s.thr.resize(n_pos);
+    for (int64_t i = 0; i < n_pos; ++i) s.thr[i] = s.order[i].first;
+    s.best.assign(n_pos, {std::numeric_limits<T>::infinity(), -1});
+    for (int64_t k = 0; k < n_neg; ++k) {
+      const T v = s.neg[k];
+      const int64_t closer = prefix_count(s.thr.data(), n_pos, [v](T d) { return d < v; });
+      if (closer > 0 && v < s.best[closer - 1].first) s.best[closer - 1] = {v, s.neg_j[k]};
+    }
+    for (int64_t i = n_pos - 2; i >= 0; --i) s.best[i] = std::min(s.best[i], s.best[i + 1]);
+    s.chosen.resize(n_pos);
+    for (int64_t i = 0; i < n_pos; ++i) s.chosen[s.order[i].second] = s.best[i];
   }
   bool have_fallback = false;
   T fallback = 0;
@@ -211,13 +251,9 @@ RowSums semi_hard_row(Scratch<T>& s, const T* d, const int64_t* labels, int64_t 
     const T dp = s.pos[p];
     T chosen = std::numeric_limits<T>::infinity();
     int64_t chosen_j = -1;
-    if (sorted) {
-      const auto it = std::upper_bound(s.order.begin(), s.order.end(), dp,
-                                       [](T v, const std::pair<T, int64_t>& e) { return v < e.first; });
-      if (it != s.order.end()) {
-        chosen = it->first;
-        chosen_j = it->second;
-      }
+    if (searched) {
+      chosen = s.chosen[p].first;
+      chosen_j = s.chosen[p].second;
     } else {
       chosen = min_above_any(s.neg.data(), n_neg, dp);
       if (chosen < std::numeric_limits<T>::infinity()) {

@@ -77,7 +77,7 @@ def _labels(layout, batch, seed=0):
         return torch.randperm(batch, generator=g)
     if layout == "equal":  # no negatives
         return torch.full((batch,), 7)
-    if layout == "two":  # many positives per anchor: the sorted evaluation once P > kSortedMinPositives
+    if layout == "two":  # many positives per anchor: the searched evaluation (csrc/triplet_streamed.cpp)
         return torch.randint(0, 2, (batch,), generator=g)
     if layout == "random":  # a few positives per anchor: the direct evaluation
         return torch.randint(0, max(1, batch // 4), (batch,), generator=g)
@@ -185,6 +185,16 @@ def test_ties(kind, metric, layout, margin):
     the gradient by sentence-transformers' conventions."""
     y = _labels(layout, 61, seed=9)
     _check_all(kind, _integer_x(61, 3, seed=int(margin)), y, margin, metric, EXACT)
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+@pytest.mark.parametrize("metric", ["euclidean", "squared"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_ties_with_many_positives(kind, metric, margin):
+    """About 75 positives per anchor: both ops take their searched evaluation (more positives than either
+    threshold in csrc/triplet_streamed.cpp), here with duplicate rows and equal distances."""
+    y = _labels("two", 151, seed=10)
+    _check_all(kind, _integer_x(151, 3, seed=int(margin)), y, margin, metric, EXACT)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
