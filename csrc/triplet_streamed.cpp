@@ -19,8 +19,9 @@
 //
 // Gradient inside the forward: the weights do not depend on the normaliser (the batch's count of triplets or
 // positive pairs, known only after the last block), which only scales the result, so the same pass turns each row
-// into coefficients c_aj = w_aj dd_aj/d(-2 G_aj) (euclidean w / d, squared 2 w, 0 where d = 0) and two GEMMs per
-// block apply them: with C the (never whole) B x B coefficient matrix and r, k its row and column sums,
+// into coefficients c_aj with w_aj dd_aj/dx_a = c_aj (x_a - x_j) (euclidean c = w / d, squared 2 w, 0 where d = 0)
+// and two GEMMs per block apply them: with C the (never whole) B x B coefficient matrix, r and k its row and column
+// sums,
 //   dX = diag(r + k) X - C X - C^T X                 (euclidean, squared)
 //   dX_hat = -C X_hat - C^T X_hat, then the backward of F.normalize (cosine).
 // A training step then costs three GEMMs (G, C X, C^T X_blk) and one pass per row instead of recomputing the block
@@ -34,7 +35,6 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
