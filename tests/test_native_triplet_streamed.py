@@ -278,9 +278,26 @@ def test_gradcheck_fp64(native_calls, monkeypatch, kind, metric, layout):
 def test_opcheck(kind, metric, dtype):
     y = _labels("mixed", 11, seed=1)
     x = _x(11, 5, dtype=dtype, seed=1)
-    op = getattr(torch.ops.fastloss, f"{ops.NATIVE_BATCH_ALL if kind == 'all' else ops.NATIVE_SEMI_HARD}")
+    op = getattr(torch.ops.fastloss, ops.NATIVE_BATCH_ALL if kind == "all" else ops.NATIVE_SEMI_HARD)
     torch.library.opcheck(op, (leaf(x), y, 0.5, METRICS[metric][0], True))
     torch.library.opcheck(op, (x, y, 0.5, METRICS[metric][0], False))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_torch_compile_fullgraph_matches_eager(native_calls, monkeypatch, kind):
+    """torch.compile sees the fused op as one node (the need_grad flag is decided at trace time)."""
+    monkeypatch.setenv("FASTLOSS_CHECK_FINITE", "0")  # a data-dependent check is a graph break by design
+    torch._dynamo.reset()
+    y = _labels("mixed", 20, seed=1)
+    x = _x(20, 6, seed=1)
+
+    def step(e):
+        return KINDS[kind][4](e, y, 1.0, distance_metric="euclidean")
+
+    eager = _grad(step, x)
+    compiled = _grad(torch.compile(step, fullgraph=True, backend="aot_eager"), x)
+    _close(compiled, eager, TOL[torch.float32], "compiled")
+    assert set(native_calls) == {(ops.NATIVE_BATCH_ALL if kind == "all" else ops.NATIVE_SEMI_HARD, True)}
 
 
 @pytest.mark.parametrize("block_bytes", ["1", "700"], ids=["one-row", "some-rows"])
