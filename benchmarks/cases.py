@@ -388,6 +388,8 @@ _TRIPLET_ST = {
 _TRIPLET_NATIVE = {
     "batch_hard_triplet": "batch_hard_triplet_mine",
     "batch_hard_soft_margin_triplet": "batch_hard_triplet_mine",
+    "batch_all_triplet": "batch_all_triplet_fused",
+    "batch_semi_hard_triplet": "batch_semi_hard_triplet_fused",
 }
 
 

@@ -1,5 +1,5 @@
 // Shared declarations of the fastloss._C extension: each op file defines one register_* function; the CPU ops share
-// the row-block budget, F.normalize's eps and the SIMD dispatch below.
+// the row-block budget, F.normalize's eps and the SIMD dispatch below, the triplet ops their distance rows.
 #pragma once
 #include <torch/extension.h>
 
@@ -33,5 +33,37 @@ inline int64_t block_bytes() {
   TORCH_CHECK(end != env && *end == '\0' && value > 0,
               "FASTLOSS_NATIVE_BLOCK_BYTES must be a positive integer (bytes), got '", env, "'");
   return static_cast<int64_t>(value);
+}
+// Triplet distances (the metric codes of fastloss.ops.triplet), shared by the batch-hard and streamed ops.
+constexpr int64_t kEuclidean = 0;
+constexpr int64_t kSquaredEuclidean = 1;
+constexpr int64_t kCosine = 2;
+
+// One row of distances in place of its Gram row g, in the torch path's order of operations and rounding: cosine
+// 1 - g; else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0; euclidean then takes sqrt(t) by at::sqrt, as
+// torch does (MKL's vector sqrt is not correctly rounded, so std::sqrt would differ in the last bit).
+template <typename T>
+[[gnu::always_inline]] inline void distance_row(T* g, const T* sq, int64_t own, int64_t n, int64_t metric) {
+  if (metric == kCosine) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) g[j] = T(1) - g[j];
+    return;
+  }
+  const T sq_i = sq[own];
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T t = (sq[j] - T(2) * g[j]) + sq_i;
+    g[j] = t < T(0) ? T(0) : t;  // NaN stays NaN, as clamp_min
+  }
+  g[own] = T(0);
+}
+
+void distance_row_f32(float* g, const float* sq, int64_t own, int64_t n, int64_t metric);  // SIMD clones, triplet.cpp
+
+inline void dist_row(float* g, const float* sq, int64_t own, int64_t n, int64_t metric) {
+  distance_row_f32(g, sq, own, n, metric);
+}
+inline void dist_row(double* g, const double* sq, int64_t own, int64_t n, int64_t metric) {
+  distance_row<double>(g, sq, own, n, metric);
 }
 }  // namespace fastloss

@@ -22,42 +22,14 @@
 #include "fastloss.h"
 
 namespace fastloss {
-namespace {
-
-constexpr int64_t kEuclidean = 0;
-constexpr int64_t kSquaredEuclidean = 1;
-constexpr int64_t kCosine = 2;
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// One row of distances in place of its Gram row g, in the torch path's order of operations and rounding: cosine
-// 1 - g; else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0, and sqrt(t) for euclidean by at::sqrt, as torch
-// takes it (MKL's vector sqrt is not correctly rounded, so std::sqrt would differ in the last bit).
-template <typename T>
-[[gnu::always_inline]] inline void distance_row(T* g, const T* sq, int64_t own, int64_t n, int64_t metric) {
-  if (metric == kCosine) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] = T(1) - g[j];
-    return;
-  }
-  const T sq_i = sq[own];
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T t = (sq[j] - T(2) * g[j]) + sq_i;
-    g[j] = t < T(0) ? T(0) : t;  // NaN stays NaN, as clamp_min
-  }
-  g[own] = T(0);
-}
 
 FASTLOSS_SIMD_CLONES void distance_row_f32(float* g, const float* sq, int64_t own, int64_t n, int64_t metric) {
   distance_row<float>(g, sq, own, n, metric);
 }
 
-inline void dist_row(float* g, const float* sq, int64_t own, int64_t n, int64_t metric) {
-  distance_row_f32(g, sq, own, n, metric);
-}
-inline void dist_row(double* g, const double* sq, int64_t own, int64_t n, int64_t metric) {
-  distance_row<double>(g, sq, own, n, metric);
-}
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct RowExtremes {
   float pos;       // max over positives (same label, not self), -inf without one

@@ -156,7 +156,9 @@ def batch_all_triplet_loss(
     """sum_{a, p, n} max(d_ap - d_an + margin, 0) / (#{triplets with a loss > 1e-16} + 1e-16) over the valid
     triplets (a != p, y_a = y_p != y_n). The fused op streams blocks of anchors (sort + prefix sums): no B^3 and
     no B x B tensor."""
-    labels, margin, metric, fn = _prepare("batch_all_triplet", embeddings, labels, margin, distance_metric)
+    labels, margin, metric, fn = _prepare(
+        "batch_all_triplet", embeddings, labels, margin, distance_metric, native_op=ops.NATIVE_BATCH_ALL
+    )
     if metric is None:
         return reference.batch_all_triplet_loss(embeddings, labels, margin, fn).float()
     return ops.batch_all_triplet(embeddings, labels, margin, metric).float()
@@ -168,7 +170,9 @@ def batch_semi_hard_triplet_loss(
     """FaceNet's semi-hard triplet loss: for each positive pair (a, p) the closest negative farther than p (else
     the farthest negative), loss = sum_ap max(d_ap - d_an + margin, 0) / #positive pairs. The fused op streams
     blocks of anchors: no B x B tensor."""
-    labels, margin, metric, fn = _prepare("batch_semi_hard_triplet", embeddings, labels, margin, distance_metric)
+    labels, margin, metric, fn = _prepare(
+        "batch_semi_hard_triplet", embeddings, labels, margin, distance_metric, native_op=ops.NATIVE_SEMI_HARD
+    )
     if metric is None:
         return reference.batch_semi_hard_triplet_loss(embeddings, labels, margin, fn).float()
     return ops.batch_semi_hard_triplet(embeddings, labels, margin, metric).float()

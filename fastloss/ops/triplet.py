@@ -23,15 +23,21 @@ deterministic gather per output row on CPU tensors (cosine with F.normalize's ba
 batch_hard_triplet_bwd_cuda one thread block per row (opt-in: FASTLOSS_CUDA_KERNELS=1); otherwise torch ops do a
 gather and an index_add_. Memory O(B*D) beyond the inputs (the CPU mining: O(rows * B)).
 
-batch-all and semi-hard (torch, streamed over blocks of anchor rows, O(rows * B) memory, O(B^2 log B) time):
+batch-all and semi-hard (CPU tensors: fastloss._C.batch_all_triplet_fused / batch_semi_hard_triplet_fused, which
+compute the gradient inside the forward; CUDA tensors, FASTLOSS_BACKEND=torch|triton or no extension: torch streamed
+over blocks of anchor rows. Both O(rows * B) memory, O(B^2 log B) time at most):
   batch-all: with the negatives of anchor a sorted, s_1 <= s_2 <= ..., and t = d_ap + margin,
     sum_n max(t - d_an, 0) = k t - (s_1 + ... + s_k),  k = #{n : d_an < t}         (prefix sums in fp64)
     loss = sum_{a, p in P_a} of that / (#{(a, p, n) : t - d_an > 1e-16} + 1e-16)
     dL/dd_ap = #{n : d_an <= t} / norm,  dL/dd_an = -#{p : d_ap + margin >= d_an} / norm
   semi-hard: n*(a, p) = the first negative with d_an > d_ap in the sorted row (else sentence-transformers'
     masked maximum of the row), loss = sum_{a, p in P_a} max(d_ap - d_an* + margin, 0) / max(|P|, 1e-16).
-  The backward recomputes each block of distance rows and applies the weights above through the Gram matrix:
+  The gradient applies the weights above through the Gram matrix, per block of anchor rows A:
     dx_A += rowsum(C) x_A - C x,  dx += colsum(C) x - C^T x_A   (C: the per-pair coefficients as above).
+  The torch path recomputes each block in its backward. The weights do not depend on the normaliser (it only scales
+  them), so the native op accumulates the gradient in the forward (three GEMMs per step, no recompute) unless the
+  forward runs without grad, and the backward scales it by grad_output. Per anchor it evaluates the sums directly
+  (one pass over the negatives per positive) when the anchor has few positives, else by sort + prefix sums.
   Neither keeps more than a block of rows: at B = 16384 the B^2 sort and prefix sums would need gigabytes.
 
 Precision: tl.dot on the input dtype with fp32 accumulation ("ieee" for fp32, "tf32" with FASTLOSS_ALLOW_TF32=1);
@@ -672,11 +678,81 @@ for _op, _bwd in ((_batch_all_op, _batch_all_bwd_op), (_semi_hard_op, _semi_hard
     _op.register_autograd(_streamed_autograd(_bwd), setup_context=_streamed_setup_context)
 
 
+NATIVE_BATCH_ALL = "batch_all_triplet_fused"
+NATIVE_SEMI_HARD = "batch_semi_hard_triplet_fused"
+
+
+def _native_streamed(x: Tensor, native_op: str) -> bool:
+    """CPU tensors run fastloss._C's fused op when it has it; FASTLOSS_BACKEND=torch or =triton (the CUDA path)
+    take the blocked torch path above, as _backend.select answers for these ops."""
+    return (
+        x.device.type == "cpu"
+        and _backend.forced_backend() not in ("torch", "triton")
+        and _backend.native_has(native_op)
+    )
+
+
+def _need_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _native_fused(native_op: str, x: Tensor, labels: Tensor, margin: float, metric: int, need_grad: bool):
+    _check_metric(metric)
+    if x.ndim != 2:
+        raise ValueError(f"triplet: x must be 2-D [B, D], got shape {tuple(x.shape)}")
+    fn = getattr(_backend.native_module(), native_op)
+    return fn(x.detach(), _labels(labels, x.shape[0]), margin, metric, need_grad)
+
+
+@torch.library.custom_op("fastloss::batch_all_triplet_fused", mutates_args=())
+def _batch_all_fused_op(
+    x: Tensor, labels: Tensor, margin: float, metric: int, need_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _native_fused(NATIVE_BATCH_ALL, x, labels, margin, metric, need_grad)
+
+
+@torch.library.custom_op("fastloss::batch_semi_hard_triplet_fused", mutates_args=())
+def _semi_hard_fused_op(
+    x: Tensor, labels: Tensor, margin: float, metric: int, need_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _native_fused(NATIVE_SEMI_HARD, x, labels, margin, metric, need_grad)
+
+
+def _fused_fake(x, labels, margin, metric, need_grad):
+    dtype = _loss_dtype(x)
+    return x.new_empty((), dtype=dtype), x.new_empty((), dtype=torch.float64), x.new_empty(x.shape, dtype=dtype)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    x, _, _, _, need_grad = inputs
+    _, norm, dx = output
+    ctx.save_for_backward(dx)
+    ctx.x_dtype = x.dtype
+    ctx.need_grad = need_grad
+    ctx.mark_non_differentiable(norm, dx)
+
+
+def _fused_backward(ctx, grad_loss, _grad_norm, _grad_dx):
+    if not ctx.need_grad:
+        raise RuntimeError("triplet: backward through a fused op called with need_grad=False")
+    (dx,) = ctx.saved_tensors
+    return (grad_loss.to(dx.dtype) * dx).to(ctx.x_dtype), None, None, None, None
+
+
+for _op in (_batch_all_fused_op, _semi_hard_fused_op):
+    _op.register_fake(_fused_fake)
+    _op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
 def batch_all_triplet(x: Tensor, labels: Tensor, margin: float, metric: int) -> Tensor:
     """Batch-all triplet loss (fp32 scalar; fp64 for fp64 x), O(rows * B) memory. See the module docstring."""
+    if _native_streamed(x, NATIVE_BATCH_ALL):
+        return _batch_all_fused_op(x, labels, float(margin), metric, _need_grad(x))[0]
     return _batch_all_op(x, labels, float(margin), metric)[0]
 
 
 def batch_semi_hard_triplet(x: Tensor, labels: Tensor, margin: float, metric: int) -> Tensor:
     """Batch-semi-hard triplet loss (fp32 scalar; fp64 for fp64 x), O(rows * B) memory. See the module docstring."""
+    if _native_streamed(x, NATIVE_SEMI_HARD):
+        return _semi_hard_fused_op(x, labels, float(margin), metric, _need_grad(x))[0]
     return _semi_hard_op(x, labels, float(margin), metric)[0]
