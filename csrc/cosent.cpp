@@ -1,8 +1,472 @@
-// CoSENT / AnglE on CPU (fastloss.ops.cosent's native path). Filled in by the CoSENT native kernel work.
+// CoSENT / AnglE on CPU: fastloss.ops.cosent's contract (see its module docstring for the maths) in three passes.
+//
+// 1. Pair statistics, in parallel over anchors: for anchor i and each of its repeats r (pair p = r * A + i) one fused
+//    loop over the row halves gives <a, b>, AnglE's <a2, b1> - <a1, b2>, |a|^2 and |b|^2; each row is read once.
+// 2. Ranking: a stable sort of the labels, then with s_k = scale * sim in sorted order
+//      R_m = LSE_{j >= m}(-s_j),  Q_m = LSE_{j < m}(s_j),  t_k = s_k + R_{hi_k},  loss = LSE(0, t)
+//      dloss/ds_k = exp(t_k - loss) - exp(Q_{lo_k} - s_k - loss)
+//    R and Q are needed only at the first position of each label group (hi_k, lo_k are group starts, or N), so the
+//    scans keep an online (max, sum) pair and take one log per group. The scans are serial and run in fp64 for every
+//    input dtype: a scalar double exp costs what a float one does, and fp64 keeps the N-term sums and the difference
+//    of the two shares in dloss/ds exact to far below the fp32 outputs.
+// 3. Backward, in parallel over anchors: da of an anchor is summed over its repeats in an fp32 (fp64) row owned by
+//    one thread, so no atomics; db of each pair is written once.
+// Accumulation in fp32 for fp16 / bf16 / fp32 inputs (half rows are widened into per-thread buffers), fp64 for fp64.
+// Memory beyond inputs and outputs: O(N) for the ranking and O(threads * D) row buffers.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
 #include "fastloss.h"
 
 namespace fastloss {
+namespace {
 
-void register_cosent(pybind11::module_& m) { (void)m; }
+constexpr int64_t kDot = 0;
+constexpr int64_t kCos = 1;
+constexpr int64_t kAngle = 2;
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+template <typename T>
+struct PairSums {
+  T dot;  // <a, b> (+ <a2, b1> - <a1, b2> for AnglE)
+  T aa;   // |a|^2
+  T bb;   // |b|^2
+};
+
+template <typename T>
+[[gnu::always_inline]] inline PairSums<T> plain_sums(const T* a, const T* b, int64_t dim) {
+  T dot = 0, aa = 0, bb = 0;
+#pragma omp simd reduction(+ : dot, aa, bb)
+  for (int64_t j = 0; j < dim; ++j) {
+    dot += a[j] * b[j];
+    aa += a[j] * a[j];
+    bb += b[j] * b[j];
+  }
+  return {dot, aa, bb};
+}
+
+// Halves x = (x1, x2) of `half` = ceil(D / 2) columns; x2 has `rest` = D - half columns (its zero padding adds
+// nothing). The cosine and sine numerators share the loads: <a1, b1> + <a2, b2> + <a2, b1> - <a1, b2>.
+template <typename T>
+[[gnu::always_inline]] inline PairSums<T> angle_sums(const T* a, const T* b, int64_t half, int64_t rest) {
+  const T* a2 = a + half;
+  const T* b2 = b + half;
+  T dot = 0, aa = 0, bb = 0;
+#pragma omp simd reduction(+ : dot, aa, bb)
+  for (int64_t j = 0; j < rest; ++j) {
+    const T x1 = a[j], x2 = a2[j], y1 = b[j], y2 = b2[j];
+    dot += x1 * y1 + x2 * y2 + x2 * y1 - x1 * y2;
+    aa += x1 * x1 + x2 * x2;
+    bb += y1 * y1 + y2 * y2;
+  }
+  if (half > rest) {  // odd D: the last column of x1 meets the padding of x2
+    const T x1 = a[half - 1], y1 = b[half - 1];
+    dot += x1 * y1;
+    aa += x1 * x1;
+    bb += y1 * y1;
+  }
+  return {dot, aa, bb};
+}
+
+// da += c_ab * u(b) - c_aa * a,  db = c_ab * v(a) - c_bb * b  with u(b) = b, v(a) = a (cosine; dot: c_aa = c_bb = 0).
+template <typename T>
+[[gnu::always_inline]] inline void plain_grad(const T* a, const T* b, T* da, T* db, int64_t dim, T c_ab, T c_aa,
+                                              T c_bb) {
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) {
+    const T x = a[j], y = b[j];
+    da[j] += c_ab * y - c_aa * x;
+    db[j] = c_ab * x - c_bb * y;
+  }
+}
+
+// AnglE's d z / d a_hat = u(b) = (b1 - b2, b2 + b1) and d z / d b_hat = v(a) = (a1 + a2, a2 - a1), over |b|, |a|.
+template <typename T>
+[[gnu::always_inline]] inline void angle_grad(const T* a, const T* b, T* da, T* db, int64_t half, int64_t rest,
+                                              T c_ab, T c_aa, T c_bb) {
+#pragma omp simd
+  for (int64_t j = 0; j < rest; ++j) {
+    const T x1 = a[j], x2 = a[j + half], y1 = b[j], y2 = b[j + half];
+    da[j] += c_ab * (y1 - y2) - c_aa * x1;
+    da[j + half] += c_ab * (y2 + y1) - c_aa * x2;
+    db[j] = c_ab * (x1 + x2) - c_bb * y1;
+    db[j + half] = c_ab * (x2 - x1) - c_bb * y2;
+  }
+  if (half > rest) {
+    const int64_t j = half - 1;
+    da[j] += c_ab * b[j] - c_aa * a[j];
+    db[j] = c_ab * a[j] - c_bb * b[j];
+  }
+}
+
+// The fp32 loops compiled per x86 vector extension (always_inline above: a clone vectorises what it inlines).
+FASTLOSS_SIMD_CLONES PairSums<float> plain_sums_f32(const float* a, const float* b, int64_t dim) {
+  return plain_sums<float>(a, b, dim);
+}
+FASTLOSS_SIMD_CLONES PairSums<float> angle_sums_f32(const float* a, const float* b, int64_t half, int64_t rest) {
+  return angle_sums<float>(a, b, half, rest);
+}
+FASTLOSS_SIMD_CLONES void plain_grad_f32(const float* a, const float* b, float* da, float* db, int64_t dim,
+                                         float c_ab, float c_aa, float c_bb) {
+  plain_grad<float>(a, b, da, db, dim, c_ab, c_aa, c_bb);
+}
+FASTLOSS_SIMD_CLONES void angle_grad_f32(const float* a, const float* b, float* da, float* db, int64_t half,
+                                         int64_t rest, float c_ab, float c_aa, float c_bb) {
+  angle_grad<float>(a, b, da, db, half, rest, c_ab, c_aa, c_bb);
+}
+
+template <typename T>
+PairSums<T> pair_sums(const T* a, const T* b, int64_t dim, int64_t kind) {
+  const int64_t half = (dim + 1) / 2;
+  if constexpr (std::is_same_v<T, float>) {
+    return kind == kAngle ? angle_sums_f32(a, b, half, dim - half) : plain_sums_f32(a, b, dim);
+  } else {
+    return kind == kAngle ? angle_sums<T>(a, b, half, dim - half) : plain_sums<T>(a, b, dim);
+  }
+}
+
+template <typename T>
+void pair_grad(const T* a, const T* b, T* da, T* db, int64_t dim, int64_t kind, T c_ab, T c_aa, T c_bb) {
+  const int64_t half = (dim + 1) / 2;
+  if constexpr (std::is_same_v<T, float>) {
+    if (kind == kAngle) {
+      angle_grad_f32(a, b, da, db, half, dim - half, c_ab, c_aa, c_bb);
+    } else {
+      plain_grad_f32(a, b, da, db, dim, c_ab, c_aa, c_bb);
+    }
+  } else if (kind == kAngle) {
+    angle_grad<T>(a, b, da, db, half, dim - half, c_ab, c_aa, c_bb);
+  } else {
+    plain_grad<T>(a, b, da, db, dim, c_ab, c_aa, c_bb);
+  }
+}
+
+// A row of the input in the accumulation type T: the row itself when the types agree, else widened into buf.
+template <typename S, typename T>
+const T* row_as(const S* row, int64_t dim, T* buf) {
+  if constexpr (std::is_same_v<S, T>) {
+    return row;
+  } else {
+    for (int64_t j = 0; j < dim; ++j) buf[j] = static_cast<T>(row[j]);
+    return buf;
+  }
+}
+
+// Online log-sum-exp: value() = log(sum exp(x)) over the added x, with one exp per add.
+struct OnlineLse {
+  double max = kNegInf;
+  double sum = 0.0;
+  void add(double x) {
+    if (x <= max) {
+      sum += std::exp(x - max);
+    } else {
+      sum = (max == kNegInf ? 0.0 : sum * std::exp(max - x)) + 1.0;
+      max = x;
+    }
+  }
+  double value() const { return max == kNegInf ? kNegInf : max + std::log(sum); }
+};
+
+// The stable label sort: order[k] is the pair at sorted position k, starts[k] marks the first of a label group.
+void sort_labels(const at::Tensor& labels, std::vector<int64_t>& order, std::vector<uint8_t>& starts) {
+  const int64_t n = labels.numel();
+  order.resize(n);
+  starts.resize(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(), "cosent_sort_labels", [&] {
+    const scalar_t* y = labels.const_data_ptr<scalar_t>();
+    std::stable_sort(order.begin(), order.end(), [y](int64_t i, int64_t j) { return y[i] < y[j]; });
+    for (int64_t k = 0; k < n; ++k) starts[k] = k == 0 || y[order[k - 1]] < y[order[k]];
+  });
+}
+
+// Pass 2: loss, dloss/ds per pair (scattered back to pair order into g) and gsim = sum_p dloss/ds_p * sim_p.
+template <typename T>
+std::tuple<double, double> rank(const T* z, T* g, const at::Tensor& labels, double scale, int64_t kind) {
+  const int64_t n = labels.numel();
+  std::vector<int64_t> order;
+  std::vector<uint8_t> starts;
+  sort_labels(labels, order, starts);
+  std::vector<double> sim(n), s(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const double v = static_cast<double>(z[order[k]]);
+    sim[k] = kind == kAngle ? std::abs(v) : v;
+    s[k] = scale * sim[k];
+  }
+  // lo[k] / hi[k]: the first position of k's group / of the next group (n after the last)
+  std::vector<int64_t> lo(n), hi(n);
+  for (int64_t k = 0; k < n; ++k) lo[k] = starts[k] ? k : lo[k - 1];
+  for (int64_t k = n - 1; k >= 0; --k) hi[k] = (k + 1 == n || starts[k + 1]) ? k + 1 : hi[k + 1];
+  // R and Q at group starts (R_n = Q_0 = -inf); other entries are never read
+  std::vector<double> r(n + 1), q(n + 1);
+  r[n] = kNegInf;
+  OnlineLse acc;
+  for (int64_t m = n - 1; m >= 0; --m) {
+    acc.add(-s[m]);
+    if (starts[m]) r[m] = acc.value();
+  }
+  acc = OnlineLse{};
+  for (int64_t m = 0; m < n; ++m) {
+    if (starts[m]) q[m] = acc.value();
+    acc.add(s[m]);
+  }
+  std::vector<double> t(n);
+  double t_max = 0.0;  // the "1 +" of the loss is exp(0)
+  for (int64_t k = 0; k < n; ++k) {
+    t[k] = s[k] + r[hi[k]];
+    t_max = std::max(t_max, t[k]);
+  }
+  double total = std::exp(-t_max);
+  for (int64_t k = 0; k < n; ++k) total += std::exp(t[k] - t_max);
+  const double loss = t_max + std::log(total);
+
+  std::vector<double> gs(n);  // dloss/ds in sorted order
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) gs[k] = std::exp(t[k] - loss) - std::exp(q[lo[k]] - s[k] - loss);
+  });
+  double gsim = 0.0;
+  for (int64_t k = 0; k < n; ++k) {
+    g[order[k]] = static_cast<T>(gs[k]);
+    gsim += gs[k] * sim[k];
+  }
+  return {loss, gsim};
+}
+
+void check_embeddings(const char* fn, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), fn, ": a and b must be CPU tensors");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, fn, ": a and b must be 2-D [A, D] and [N, D], got shapes ", a.sizes(),
+              " and ", b.sizes());
+  const auto dtype = a.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, fn,
+              ": a must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(b.scalar_type() == dtype, fn, ": b must have the dtype of a (", dtype, "), got ", b.scalar_type());
+  TORCH_CHECK(b.size(1) == a.size(1), fn, ": b must have the embedding dimension of a (", a.size(1), "), got ",
+              b.size(1));
+  TORCH_CHECK(a.size(0) > 0 ? b.size(0) % a.size(0) == 0 : b.size(0) == 0, fn,
+              ": the pair count of b (", b.size(0), ") must be a multiple of the anchor count of a (", a.size(0), ")");
+}
+
+void check_kind(const char* fn, int64_t kind) {
+  TORCH_CHECK(kind == kDot || kind == kCos || kind == kAngle, fn,
+              ": kind must be 0 (dot), 1 (cos) or 2 (angle), got ", kind);
+}
+
+double scalar_of(const char* fn, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.numel() == 1 && at::isFloatingType(x.scalar_type()), fn, ": ", name,
+              " must be a 1-element floating tensor, got shape ", x.sizes(), " dtype ", x.scalar_type());
+  return x.to(at::kCPU).to(at::kDouble).item<double>();
+}
+
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Pass 1 and 2 for input rows of type S, accumulated in T.
+template <typename S, typename T>
+void forward_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& labels, double scale, int64_t kind,
+                  at::Tensor& aux, at::Tensor& loss, at::Tensor& gsim) {
+  const int64_t n_anchor = a.size(0), n_pairs = b.size(0), dim = a.size(1);
+  const int64_t n_rep = n_anchor > 0 ? n_pairs / n_anchor : 0;
+  const S* pa = a.const_data_ptr<S>();
+  const S* pb = b.const_data_ptr<S>();
+  T* z = aux.mutable_data_ptr<T>();
+  T* na = z + n_pairs;
+  T* nb = z + 2 * n_pairs;
+  T* g = z + 3 * n_pairs;
+  const T eps = static_cast<T>(kNormEps);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dim * n_rep));
+  at::parallel_for(0, n_anchor, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> a_buf(std::is_same_v<S, T> ? 0 : dim), b_buf(std::is_same_v<S, T> ? 0 : dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* a_row = row_as<S, T>(pa + i * dim, dim, a_buf.data());
+      for (int64_t rep = 0; rep < n_rep; ++rep) {
+        const int64_t p = rep * n_anchor + i;
+        const T* b_row = row_as<S, T>(pb + p * dim, dim, b_buf.data());
+        const PairSums<T> sums = pair_sums<T>(a_row, b_row, dim, kind);
+        if (kind == kDot) {
+          z[p] = sums.dot;
+          na[p] = nb[p] = T(1);
+        } else {
+          na[p] = std::sqrt(sums.aa);
+          nb[p] = std::sqrt(sums.bb);
+          z[p] = sums.dot / (std::max(na[p], eps) * std::max(nb[p], eps));
+        }
+      }
+    }
+  });
+  const auto [value, gs] = rank<T>(z, g, labels, scale, kind);
+  loss.fill_(value);
+  gsim.fill_(gs);
+}
+
+// Pass 3: (da, db) for input rows of type S, accumulated in T.
+template <typename S, typename T>
+void backward_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& aux, double coef, int64_t kind,
+                   at::Tensor& da, at::Tensor& db) {
+  const int64_t n_anchor = a.size(0), n_pairs = b.size(0), dim = a.size(1);
+  const int64_t n_rep = n_pairs / n_anchor;
+  const S* pa = a.const_data_ptr<S>();
+  const S* pb = b.const_data_ptr<S>();
+  S* pda = da.mutable_data_ptr<S>();
+  S* pdb = db.mutable_data_ptr<S>();
+  const T* z = aux.const_data_ptr<T>();
+  const T* na = z + n_pairs;
+  const T* nb = z + 2 * n_pairs;
+  const T* g = z + 3 * n_pairs;
+  const T eps = static_cast<T>(kNormEps);
+  constexpr bool kSame = std::is_same_v<S, T>;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dim * n_rep));
+  at::parallel_for(0, n_anchor, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> a_buf(kSame ? 0 : dim), b_buf(kSame ? 0 : dim), da_buf(kSame ? 0 : dim), db_buf(kSame ? 0 : dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* a_row = row_as<S, T>(pa + i * dim, dim, a_buf.data());
+      T* da_row;
+      if constexpr (kSame) {
+        da_row = pda + i * dim;
+      } else {
+        da_row = da_buf.data();
+      }
+      std::fill(da_row, da_row + dim, T(0));
+      for (int64_t rep = 0; rep < n_rep; ++rep) {
+        const int64_t p = rep * n_anchor + i;
+        const T* b_row = row_as<S, T>(pb + p * dim, dim, b_buf.data());
+        T* db_row;
+        if constexpr (kSame) {
+          db_row = pdb + p * dim;
+        } else {
+          db_row = db_buf.data();
+        }
+        // G = grad * scale * dloss/ds * dsim/dz; the normalisation's chain rule gives the c's (see ops/cosent.py)
+        T big_g = static_cast<T>(coef) * g[p];
+        if (kind == kAngle) big_g = z[p] > T(0) ? big_g : (z[p] < T(0) ? -big_g : T(0));
+        T c_ab = big_g, c_aa = 0, c_bb = 0;
+        if (kind != kDot) {
+          const T ia = T(1) / std::max(na[p], eps), ib = T(1) / std::max(nb[p], eps);
+          c_ab = big_g * ia * ib;
+          c_aa = na[p] >= eps ? big_g * ia * (z[p] * ia) : T(0);
+          c_bb = nb[p] >= eps ? big_g * ib * (z[p] * ib) : T(0);
+        }
+        pair_grad<T>(a_row, b_row, da_row, db_row, dim, kind, c_ab, c_aa, c_bb);
+        if constexpr (!kSame) {
+          S* out = pdb + p * dim;
+          for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<S>(db_row[j]);
+        }
+      }
+      if constexpr (!kSame) {
+        S* out = pda + i * dim;
+        for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<S>(da_row[j]);
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_input(at::ScalarType dtype, F&& fn) {
+  switch (dtype) {
+    case at::kDouble:
+      fn(double{}, double{});
+      break;
+    case at::kFloat:
+      fn(float{}, float{});
+      break;
+    case at::kHalf:
+      fn(at::Half{}, float{});
+      break;
+    case at::kBFloat16:
+      fn(at::BFloat16{}, float{});
+      break;
+    default:
+      TORCH_CHECK(false, "cosent: unsupported dtype ", dtype);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_fwd(const at::Tensor& a, const at::Tensor& b,
+                                                          const at::Tensor& labels, const at::Tensor& scale,
+                                                          int64_t kind) {
+  check_embeddings("cosent_fwd", a, b);
+  check_kind("cosent_fwd", kind);
+  TORCH_CHECK(labels.device().is_cpu(), "cosent_fwd: labels must be a CPU tensor");
+  TORCH_CHECK(labels.numel() == b.size(0), "cosent_fwd: labels must hold one value per pair (", b.size(0),
+              "), got shape ", labels.sizes());
+  TORCH_CHECK(!at::isComplexType(labels.scalar_type()), "cosent_fwd: labels must be real, got ",
+              labels.scalar_type());
+  const double scale_value = scalar_of("cosent_fwd", "scale", scale);
+
+  at::NoGradGuard no_grad;
+  const auto acc = a.options().dtype(accumulation_type(a));
+  at::Tensor aux = at::empty({4, b.size(0)}, acc);
+  at::Tensor loss = at::zeros({}, acc);
+  at::Tensor gsim = at::zeros({}, acc);
+  if (b.size(0) == 0) return {loss, aux, gsim};
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const at::Tensor labels_flat = labels.reshape({-1}).contiguous();
+  dispatch_input(a.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    forward_impl<S, T>(ac, bc, labels_flat, scale_value, kind, aux, loss, gsim);
+  });
+  return {loss, aux, gsim};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_bwd(const at::Tensor& grad, const at::Tensor& a,
+                                                          const at::Tensor& b, const at::Tensor& scale,
+                                                          const at::Tensor& aux, const at::Tensor& gsim,
+                                                          int64_t kind) {
+  check_embeddings("cosent_bwd", a, b);
+  check_kind("cosent_bwd", kind);
+  const auto acc = accumulation_type(a);
+  TORCH_CHECK(aux.device().is_cpu() && aux.dim() == 2 && aux.size(0) == 4 && aux.size(1) == b.size(0),
+              "cosent_bwd: aux must be a CPU tensor [4, ", b.size(0), "], got shape ", aux.sizes());
+  TORCH_CHECK(aux.scalar_type() == acc, "cosent_bwd: aux must be ", acc, " (cosent_fwd's output), got ",
+              aux.scalar_type());
+  const double grad_value = scalar_of("cosent_bwd", "grad", grad);
+  const double scale_value = scalar_of("cosent_bwd", "scale", scale);
+  const double gsim_value = scalar_of("cosent_bwd", "gsim", gsim);
+
+  at::NoGradGuard no_grad;
+  at::Tensor da = at::empty_like(a, at::MemoryFormat::Contiguous);
+  at::Tensor db = at::empty_like(b, at::MemoryFormat::Contiguous);
+  const at::Tensor dscale = at::full({}, grad_value * gsim_value, a.options().dtype(acc));
+  if (b.size(0) == 0) return {da.zero_(), db, dscale};
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous(), auxc = aux.contiguous();
+  dispatch_input(a.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    backward_impl<S, T>(ac, bc, auxc, grad_value * scale_value, kind, da, db);
+  });
+  return {da, db, dscale};
+}
+
+}  // namespace
+
+void register_cosent(pybind11::module_& m) {
+  m.def("cosent_fwd", &cosent_fwd, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        R"doc(cosent_fwd(a, b, labels, scale, kind) -> (loss, aux, gsim)
+
+CoSENT / AnglE forward over the pairs (a[p mod A], b[p]) of anchors a [A, D] and b [N, D] (N a multiple of A),
+labels [N] (bool, integer or floating; ties are not compared), scale a 1-element tensor, kind 0 dot | 1 cos |
+2 angle (fastloss.ops.cosent.KINDS). Returns loss (0-d) = log(1 + sum_{y_i < y_j} exp(s_i - s_j)), aux [4, N]
+(z, |a|, |b| and dloss/ds per pair; |a| = |b| = 1 for dot) and gsim (0-d) = sum_p dloss/ds_p * sim_p: fp64 for fp64
+inputs, else fp32 (fp32 accumulation; the ranking scans run in fp64 for every dtype). O(N) memory beyond the
+inputs and outputs, plus one row buffer per thread for half inputs.)doc",
+        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("labels"), pybind11::arg("scale"), pybind11::arg("kind"));
+  m.def("cosent_bwd", &cosent_bwd, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        R"doc(cosent_bwd(grad, a, b, scale, aux, gsim, kind) -> (da, db, dscale)
+
+CoSENT / AnglE backward for the incoming scalar grad, from cosent_fwd's aux and gsim: da [A, D] (summed over the
+repeats of each anchor) and db [N, D] in the dtype of a, and dscale = grad * gsim (0-d, fp64 for fp64 inputs,
+else fp32). Parallel over anchors; accumulation in fp32 (fp64 for fp64); one row buffer per thread for half
+inputs.)doc",
+        pybind11::arg("grad"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("scale"), pybind11::arg("aux"),
+        pybind11::arg("gsim"), pybind11::arg("kind"));
+}
 
 }  // namespace fastloss
