@@ -2,13 +2,12 @@
 //
 // 1. Pair statistics, in parallel over anchors: for anchor i and each of its repeats r (pair p = r * A + i) one fused
 //    loop over the row halves gives <a, b>, AnglE's <a2, b1> - <a1, b2>, |a|^2 and |b|^2; each row is read once.
-// 2. Ranking: a stable sort of the labels, then with s_k = scale * sim in sorted order
+// 2. Ranking: a stable sort of the labels (radix, on order-preserving keys), then with s_k = scale * sim in sorted order
 //      R_m = LSE_{j >= m}(-s_j),  Q_m = LSE_{j < m}(s_j),  t_k = s_k + R_{hi_k},  loss = LSE(0, t)
 //      dloss/ds_k = exp(t_k - loss) - exp(Q_{lo_k} - s_k - loss)
-//    R and Q are needed only at the first position of each label group (hi_k, lo_k are group starts, or N), so the
-//    scans keep an online (max, sum) pair and take one log per group. The scans are serial and run in fp64 for every
-//    input dtype: a scalar double exp costs what a float one does, and fp64 keeps the N-term sums and the difference
-//    of the two shares in dloss/ds exact to far below the fp32 outputs.
+//    The scans run in fp64 for every input dtype, with exp / log written branch-free so that they vectorise (a
+//    libm call each would make this serial step a tenth of the op at N = 8192): fp64 keeps the N-term sums and the
+//    difference of the two shares in dloss/ds exact to far below the fp32 outputs, and costs little more here.
 // 3. Backward, in parallel over anchors: da of an anchor is summed over its repeats in an fp32 (fp64) row owned by
 //    one thread, so no atomics; db of each pair is written once.
 // Accumulation in fp32 for fp16 / bf16 / fp32 inputs (half rows are widened into per-thread buffers), fp64 for fp64.
@@ -16,12 +15,15 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fastloss.h"
@@ -33,6 +35,15 @@ constexpr int64_t kDot = 0;
 constexpr int64_t kCos = 1;
 constexpr int64_t kAngle = 2;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// The bits of a value as another type of the same size (std::bit_cast before C++20; GCC folds it to a register move).
+template <typename To, typename From>
+[[gnu::always_inline]] inline To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
+}
 
 template <typename T>
 struct PairSums {
@@ -160,32 +171,162 @@ const T* row_as(const S* row, int64_t dim, T* buf) {
   }
 }
 
-// Online log-sum-exp: value() = log(sum exp(x)) over the added x, with one exp per add.
-struct OnlineLse {
-  double max = kNegInf;
-  double sum = 0.0;
-  void add(double x) {
-    if (x <= max) {
-      sum += std::exp(x - max);
-    } else {
-      sum = (max == kNegInf ? 0.0 : sum * std::exp(max - x)) + 1.0;
-      max = x;
-    }
+// An order-preserving unsigned key of a label: x < y <=> key(x) < key(y), and equal labels get equal keys (-0.0 and
+// 0.0 included, as torch.sort and searchsorted compare them). Floating labels go through double (exact for every
+// floating dtype): the sign bit set for x >= 0, all bits flipped for x < 0. Integers: the sign bit flipped.
+template <typename scalar_t>
+uint64_t label_key(scalar_t value) {
+  if constexpr (std::is_same_v<scalar_t, bool>) {
+    return value ? 1 : 0;
+  } else if constexpr (std::is_integral_v<scalar_t>) {
+    return static_cast<uint64_t>(static_cast<int64_t>(value)) ^ (uint64_t{1} << 63);
+  } else {
+    double x = static_cast<double>(value);
+    if (x == 0.0) x = 0.0;
+    const uint64_t bits = bits_as<uint64_t>(x);
+    return (bits >> 63) ? ~bits : bits | (uint64_t{1} << 63);
   }
-  double value() const { return max == kNegInf ? kNegInf : max + std::log(sum); }
-};
+}
 
 // The stable label sort: order[k] is the pair at sorted position k, starts[k] marks the first of a label group.
+// An LSD radix sort of the keys, one byte per pass (each pass a stable counting sort, so ties keep the pair order),
+// skipping the bytes that every key shares: a few passes of O(N) instead of a comparison sort's N log N branches.
 void sort_labels(const at::Tensor& labels, std::vector<int64_t>& order, std::vector<uint8_t>& starts) {
   const int64_t n = labels.numel();
-  order.resize(n);
-  starts.resize(n);
-  std::iota(order.begin(), order.end(), int64_t{0});
+  std::vector<uint64_t> keys(n), keys_tmp(n);
+  std::vector<int64_t> order_tmp(n);
   AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, labels.scalar_type(), "cosent_sort_labels", [&] {
     const scalar_t* y = labels.const_data_ptr<scalar_t>();
-    std::stable_sort(order.begin(), order.end(), [y](int64_t i, int64_t j) { return y[i] < y[j]; });
-    for (int64_t k = 0; k < n; ++k) starts[k] = k == 0 || y[order[k - 1]] < y[order[k]];
+    for (int64_t i = 0; i < n; ++i) keys[i] = label_key<scalar_t>(y[i]);
   });
+  std::vector<std::array<int64_t, 256>> counts(8);
+  for (auto& c : counts) c.fill(0);
+  for (const uint64_t key : keys)
+    for (int byte = 0; byte < 8; ++byte) ++counts[byte][(key >> (8 * byte)) & 0xff];
+  order.resize(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  for (int byte = 0; byte < 8; ++byte) {
+    auto& count = counts[byte];
+    if (std::any_of(count.begin(), count.end(), [n](int64_t c) { return c == n; })) continue;
+    int64_t offset = 0;
+    for (auto& c : count) offset += std::exchange(c, offset);  // counts -> first output slot per digit
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t slot = count[(keys[i] >> (8 * byte)) & 0xff]++;
+      keys_tmp[slot] = keys[i];
+      order_tmp[slot] = order[i];
+    }
+    keys.swap(keys_tmp);
+    order.swap(order_tmp);
+  }
+  starts.resize(n);
+  for (int64_t k = 0; k < n; ++k) starts[k] = k == 0 || keys[k - 1] != keys[k];
+}
+
+// exp(x) for x <= 0 (-inf included) in fp64, written so that loops of it vectorise (no floating-point compare or
+// select, which GCC will not if-convert under -ftrapping-math): Cody-Waite reduction x = n ln2 + r (fdlibm's split
+// of ln2, n ln2_hi exact), |r| <= ln2 / 2, the Taylor series of exp(r) to degree 13 (truncation below 5e-18), 2^n
+// built in the exponent bits from the low bits of x log2(e) + 1.5 * 2^52. Below -708 (and at -inf) the garbage of
+// that construction is masked to 0, decided on the bits of x: subnormal shares are far below any output's rounding.
+[[gnu::always_inline]] inline double exp_nonpositive(double x) {
+  constexpr double kLog2e = 1.4426950408889634;
+  constexpr double kLn2Hi = 6.93147180369123816490e-01;
+  constexpr double kLn2Lo = 1.90821492927058770002e-10;
+  constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52: adding and subtracting it rounds to an integer
+  constexpr int64_t kMinBits = static_cast<int64_t>(0xc086200000000000ull);  // the bits of -708.0
+  const int64_t xb = bits_as<int64_t>(x);
+  const uint64_t keep = -static_cast<uint64_t>(xb >= 0 || xb <= kMinBits);
+  const double k = x * kLog2e + kShift;
+  const double n = k - kShift;
+  const double r = (x - n * kLn2Hi) - n * kLn2Lo;
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const double two_n = bits_as<double>((bits_as<uint64_t>(k) + 1023) << 52);
+  return bits_as<double>(bits_as<uint64_t>(p * two_n) & keep);
+}
+// log(x) for normal x > 0, vectorisable like exp_nonpositive: x = 2^e m with m in [sqrt(1/2), sqrt(2)) (decided on
+// the bits of m), log(m) = 2 atanh(u) with u = (m - 1) / (m + 1), |u| <= 0.172, by its series to u^21 (truncation
+// below 1e-18).
+[[gnu::always_inline]] inline double log_positive(double x) {
+  constexpr double kLn2Hi = 6.93147180369123816490e-01;
+  constexpr double kLn2Lo = 1.90821492927058770002e-10;
+  constexpr int64_t kSqrt2Bits = 0x3ff6a09e667f3bcd;  // the bits of sqrt(2)
+  const uint64_t bits = bits_as<uint64_t>(x);
+  const int64_t m_bits = static_cast<int64_t>((bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull);
+  const uint64_t big = -static_cast<uint64_t>(m_bits > kSqrt2Bits);
+  const double m = bits_as<double>(static_cast<uint64_t>(m_bits) - (big & (uint64_t{1} << 52)));
+  const double e = bits_as<double>((bits >> 52) | 0x4330000000000000ull) - (4503599627370496.0 + 1023.0) +
+                   bits_as<double>(bits_as<uint64_t>(1.0) & big);
+  const double u = (m - 1.0) / (m + 1.0);
+  const double u2 = u * u;
+  double p = 1.0 / 21.0;
+  p = p * u2 + 1.0 / 19.0;
+  p = p * u2 + 1.0 / 17.0;
+  p = p * u2 + 1.0 / 15.0;
+  p = p * u2 + 1.0 / 13.0;
+  p = p * u2 + 1.0 / 11.0;
+  p = p * u2 + 1.0 / 9.0;
+  p = p * u2 + 1.0 / 7.0;
+  p = p * u2 + 1.0 / 5.0;
+  p = p * u2 + 1.0 / 3.0;
+  p = p * u2 + 1.0;
+  return e * kLn2Hi + (e * kLn2Lo + 2.0 * u * p);
+}
+// Inclusive LSE scan: out[j] = log(sum_{i <= j} exp(x[i])) for finite x. With the prefix maximum M_j the running
+// sum S_j = sum_{i <= j} exp(x_i - M_j) >= 1 obeys S_j = S_{j-1} exp(M_{j-1} - M_j) + exp(x_j - M_j): the exps
+// and logs vectorise, only that linear recurrence is serial, and no term is taken relative to a later maximum
+// (which could underflow the whole sum at large scales).
+FASTLOSS_SIMD_CLONES void lse_scan(const double* x, double* out, double* carry, double* term, int64_t n) {
+  double running = kNegInf;
+  for (int64_t j = 0; j < n; ++j) {
+    running = std::max(running, x[j]);
+    out[j] = running;  // M_j
+  }
+  carry[0] = 0.0;
+#pragma omp simd
+  for (int64_t j = 1; j < n; ++j) carry[j] = exp_nonpositive(out[j - 1] - out[j]);  // exp(M_{j-1} - M_j)
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) term[j] = exp_nonpositive(x[j] - out[j]);  // exp(x_j - M_j)
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    sum = sum * carry[j] + term[j];
+    carry[j] = sum;  // S_j
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] += log_positive(carry[j]);
+}
+
+// t_k = s_k + R_{hi_k} and the loss LSE(0, t): its max first, then one vectorised pass of exps.
+FASTLOSS_SIMD_CLONES double loss_of(const double* s, const double* r_hi, double* t, int64_t n) {
+  double t_max = 0.0;  // the "1 +" of the loss is exp(0)
+#pragma omp simd reduction(max : t_max)
+  for (int64_t k = 0; k < n; ++k) {
+    t[k] = s[k] + r_hi[k];
+    t_max = t[k] > t_max ? t[k] : t_max;
+  }
+  double total = 0.0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = 0; k < n; ++k) total += exp_nonpositive(t[k] - t_max);
+  return t_max + log_positive(total + exp_nonpositive(-t_max));
+}
+
+// dloss/ds_k = exp(t_k - loss) - exp(Q_{lo_k} - s_k - loss): the share of the partition where pair k is the lower
+// one minus the share where it is the higher one; both arguments are <= 0.
+FASTLOSS_SIMD_CLONES void shares(const double* t, const double* q_lo, const double* s, double loss, double* out,
+                                 int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = exp_nonpositive(t[k] - loss) - exp_nonpositive(q_lo[k] - s[k] - loss);
 }
 
 // Pass 2: loss, dloss/ds per pair (scattered back to pair order into g) and gsim = sum_p dloss/ds_p * sim_p.
@@ -195,43 +336,33 @@ std::tuple<double, double> rank(const T* z, T* g, const at::Tensor& labels, doub
   std::vector<int64_t> order;
   std::vector<uint8_t> starts;
   sort_labels(labels, order, starts);
-  std::vector<double> sim(n), s(n);
+  std::vector<double> sim(n), s(n), neg_rev(n);
   for (int64_t k = 0; k < n; ++k) {
     const double v = static_cast<double>(z[order[k]]);
     sim[k] = kind == kAngle ? std::abs(v) : v;
     s[k] = scale * sim[k];
+    neg_rev[n - 1 - k] = -s[k];
   }
-  // lo[k] / hi[k]: the first position of k's group / of the next group (n after the last)
-  std::vector<int64_t> lo(n), hi(n);
-  for (int64_t k = 0; k < n; ++k) lo[k] = starts[k] ? k : lo[k - 1];
-  for (int64_t k = n - 1; k >= 0; --k) hi[k] = (k + 1 == n || starts[k + 1]) ? k + 1 : hi[k + 1];
-  // R and Q at group starts (R_n = Q_0 = -inf); other entries are never read
-  std::vector<double> r(n + 1), q(n + 1);
-  r[n] = kNegInf;
-  OnlineLse acc;
-  for (int64_t m = n - 1; m >= 0; --m) {
-    acc.add(-s[m]);
-    if (starts[m]) r[m] = acc.value();
-  }
-  acc = OnlineLse{};
-  for (int64_t m = 0; m < n; ++m) {
-    if (starts[m]) q[m] = acc.value();
-    acc.add(s[m]);
-  }
-  std::vector<double> t(n);
-  double t_max = 0.0;  // the "1 +" of the loss is exp(0)
+  // P_m = LSE_{j <= m}(s_j) (so Q_m = P_{m-1}) and R_m = LSE_{j >= m}(-s_j), through the reversed -s
+  std::vector<double> prefix(n), suffix_rev(n), scratch(n), scratch2(n);
+  lse_scan(s.data(), prefix.data(), scratch.data(), scratch2.data(), n);
+  lse_scan(neg_rev.data(), suffix_rev.data(), scratch.data(), scratch2.data(), n);
+  // per sorted position: R at the first position of the next label group, Q at the first of its own group
+  std::vector<double> r_hi(n), q_lo(n);
+  int64_t lo = 0;
   for (int64_t k = 0; k < n; ++k) {
-    t[k] = s[k] + r[hi[k]];
-    t_max = std::max(t_max, t[k]);
+    if (starts[k]) lo = k;
+    q_lo[k] = lo > 0 ? prefix[lo - 1] : kNegInf;
   }
-  double total = std::exp(-t_max);
-  for (int64_t k = 0; k < n; ++k) total += std::exp(t[k] - t_max);
-  const double loss = t_max + std::log(total);
-
-  std::vector<double> gs(n);  // dloss/ds in sorted order
-  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) gs[k] = std::exp(t[k] - loss) - std::exp(q[lo[k]] - s[k] - loss);
-  });
+  double r_next = kNegInf;  // R_n
+  for (int64_t k = n - 1; k >= 0; --k) {
+    r_hi[k] = r_next;
+    if (starts[k]) r_next = suffix_rev[n - 1 - k];  // R_k, the next group's value for the positions before k
+  }
+  std::vector<double>& t = neg_rev;  // reused
+  const double loss = loss_of(s.data(), r_hi.data(), t.data(), n);
+  std::vector<double>& gs = scratch;  // dloss/ds in sorted order
+  shares(t.data(), q_lo.data(), s.data(), loss, gs.data(), n);
   double gsim = 0.0;
   for (int64_t k = 0; k < n; ++k) {
     g[order[k]] = static_cast<T>(gs[k]);

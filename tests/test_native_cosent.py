@@ -323,6 +323,43 @@ def test_label_kinds(kind, labels_kind, native):
     assert_all_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [
+        torch.tensor([-0.0, 0.0, -1.5, 2.0, -1e30, 1e30, 0.0, -1.5, 7.25, -0.0, 3.0]),
+        torch.tensor([2**60, 2**60 + 1, -(2**62), 5, -3, 2**60, 0, -1, 2**62, -(2**62), 5]),
+        torch.tensor([0.5, -0.25, 0.5, 1e4, -1e4, 0.0, -0.0, 3.0, 3.0, 2.0, -7.0]).half(),
+        torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0], dtype=torch.uint8),
+    ],
+    ids=["float-signs-and-zeros", "int64-beyond-2^53", "fp16", "uint8"],
+)
+def test_label_sort_keys(labels, native):
+    """The radix sort's keys order every label dtype as torch.sort does (-0.0 ties 0.0; int64 exactly)."""
+    a, b = make_columns(2, 11, 6, torch.float64, seed=13)
+    got = run(lambda x1, x2: cosent_loss(x1, x2, labels, similarity="cos"), [a, b])
+    assert native == [torch.float64]
+    assert_all_close(got, run(lambda x1, x2: ref.cosent_loss(x1, x2, labels), [a, b]), torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_brute_force_definition(seed, native):
+    """log(1 + sum_{y_i < y_j} exp(s_i - s_j)) over all pairs, in fp64, for random ties, scales and kinds."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 40, (1,), generator=g))
+    kind = KINDS[seed % 3]
+    y = torch.randint(0, 1 + seed, (n,), generator=g)
+    scale = float(torch.empty(()).uniform_(0.1, 60.0, generator=g))
+    a, b = make_columns(2, n, 5, torch.float64, kind=kind, seed=seed)
+
+    def brute(x1, x2):
+        s = scale * FASTLOSS_SIM[kind](x1, x2)
+        terms = (s[:, None] - s[None, :])[y[:, None] < y[None, :]]
+        return torch.logsumexp(torch.cat([terms, terms.new_zeros(1)]), 0)
+
+    got = run(lambda x1, x2: cosent_loss(x1, x2, y, scale, similarity=kind), [a, b])
+    assert_all_close(got, run(brute, [a, b]), torch.float64)
+
+
 def test_labels_shape_and_dtype_do_not_matter(native):
     a, b = make_columns(2, 12, 8, torch.float32)
     y = make_labels("int", 12)
