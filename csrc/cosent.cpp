@@ -188,6 +188,23 @@ void widen_f16c(const at::Half*, float*, int64_t) {}
 void narrow_f16c(const float*, at::Half*, int64_t) {}
 #endif
 
+// bf16 <-> fp32 rows in vectorised loops: the widening is a shift, the narrowing rounds to nearest even exactly as
+// c10::BFloat16 does (NaN -> 0x7fc0), on the integer bits so that the loop has no floating-point select.
+FASTLOSS_SIMD_CLONES void widen_bf16(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = bits_as<float>(static_cast<uint32_t>(bits[j]) << 16);
+}
+FASTLOSS_SIMD_CLONES void narrow_bf16(const float* src, at::BFloat16* dst, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = bits_as<uint32_t>(src[j]);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    bits[j] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+  }
+}
+
 // A row of the input in the accumulation type T: the row itself when the types agree, else widened into buf.
 template <typename S, typename T>
 const T* row_as(const S* row, int64_t dim, T* buf) {
@@ -199,6 +216,9 @@ const T* row_as(const S* row, int64_t dim, T* buf) {
         widen_f16c(row, buf, dim);
         return buf;
       }
+    } else if constexpr (std::is_same_v<S, at::BFloat16> && std::is_same_v<T, float>) {
+      widen_bf16(row, buf, dim);
+      return buf;
     }
     for (int64_t j = 0; j < dim; ++j) buf[j] = static_cast<T>(row[j]);
     return buf;
@@ -213,6 +233,9 @@ void store_row(const T* row, S* out, int64_t dim) {
       narrow_f16c(row, out, dim);
       return;
     }
+  } else if constexpr (std::is_same_v<S, at::BFloat16> && std::is_same_v<T, float>) {
+    narrow_bf16(row, out, dim);
+    return;
   }
   for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<S>(row[j]);
 }

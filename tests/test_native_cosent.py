@@ -166,6 +166,27 @@ def test_values_and_grads(kind, n, dim, dtype, native, monkeypatch):
     assert_all_close(closed_form(ours, [a, b, scale], monkeypatch), want, dtype, baseline=run(reference, [a, b, scale]))
 
 
+@pytest.mark.parametrize("dim", [1, 7, 33, 256], ids=["D1", "D7", "D33", "D256"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_inputs_are_the_fp32_computation_rounded(kind, dtype, dim):
+    """fp16/bf16 rows are widened exactly and the gradients narrowed once (F16C / integer rounding, to nearest
+    even): bit for bit the fp32 kernel on the widened values, rounded by torch."""
+    cols = make_columns(3, 37, dim, dtype, kind=kind, seed=dim)
+    y = make_labels("ties", 74)
+    k = cosent_op.KINDS[kind]
+    s = torch.tensor(SCALE)
+    half = _C.cosent_fwd(cols[0], torch.cat(cols[1:]), y, s, k)
+    full = _C.cosent_fwd(cols[0].float(), torch.cat(cols[1:]).float(), y, s, k)
+    for x, z in zip(half, full):
+        assert torch.equal(x, z)
+    grad = torch.tensor(0.37)
+    da, db, _ = _C.cosent_bwd(grad, cols[0], torch.cat(cols[1:]), s, half[1], half[2], k)
+    da32, db32, _ = _C.cosent_bwd(grad, cols[0].float(), torch.cat(cols[1:]).float(), s, full[1], full[2], k)
+    assert da.dtype == db.dtype == dtype
+    assert torch.equal(da, da32.to(dtype)) and torch.equal(db, db32.to(dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n_cols", [2, 3, 5], ids=["pairs", "triplets", "5-tuples"])
 def test_angle_columns(n_cols, dtype, native, monkeypatch):
