@@ -69,24 +69,23 @@ template <typename T>
 }
 
 // Halves x = (x1, x2) of `half` = ceil(D / 2) columns; x2 has `rest` = D - half columns (its zero padding adds
-// nothing). The cosine and sine numerators share the loads: <a1, b1> + <a2, b2> + <a2, b1> - <a1, b2>.
+// nothing). <a1, b1> + <a2, b2> + <a2, b1> - <a1, b2> = <a1, b1 - b2> + <a2, b2 + b1> in one loop, the norms in a
+// second over the rows (then in L1): one loop with all three reductions ran at half this speed (GCC keeps its
+// reduction lanes in memory there).
 template <typename T>
 [[gnu::always_inline]] inline PairSums<T> angle_sums(const T* a, const T* b, int64_t half, int64_t rest) {
   const T* a2 = a + half;
   const T* b2 = b + half;
-  T dot = 0, aa = 0, bb = 0;
-#pragma omp simd reduction(+ : dot, aa, bb)
-  for (int64_t j = 0; j < rest; ++j) {
-    const T x1 = a[j], x2 = a2[j], y1 = b[j], y2 = b2[j];
-    dot += x1 * y1 + x2 * y2 + x2 * y1 - x1 * y2;
-    aa += x1 * x1 + x2 * x2;
-    bb += y1 * y1 + y2 * y2;
-  }
-  if (half > rest) {  // odd D: the last column of x1 meets the padding of x2
-    const T x1 = a[half - 1], y1 = b[half - 1];
-    dot += x1 * y1;
-    aa += x1 * x1;
-    bb += y1 * y1;
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < rest; ++j) dot += a[j] * (b[j] - b2[j]) + a2[j] * (b2[j] + b[j]);
+  if (half > rest) dot += a[half - 1] * b[half - 1];  // odd D: the last column of x1 meets the padding of x2
+  const int64_t dim = half + rest;
+  T aa = 0, bb = 0;
+#pragma omp simd reduction(+ : aa, bb)
+  for (int64_t j = 0; j < dim; ++j) {
+    aa += a[j] * a[j];
+    bb += b[j] * b[j];
   }
   return {dot, aa, bb};
 }
