@@ -317,7 +317,7 @@ def _cosent_fastloss(angle: bool) -> Builder:
     def build(p: Problem) -> Impl:
         fn = _import("fastloss.functional.cosent", "angle_loss" if angle else "cosent_loss")
         a, b = p.inputs
-        return Impl(lambda: fn(a, b, p.labels, SCALE), backend=_backend_of(b, "cosent", "closed_form"))
+        return Impl(lambda: fn(a, b, p.labels, SCALE), backend=_backend_of(b, "cosent_fwd", "closed_form"))
 
     return build
 

@@ -43,8 +43,11 @@ def check_finite(tensors: Sequence[tuple[str, Tensor]]) -> None:
     if os.environ.get("FASTLOSS_CHECK_FINITE", "1") == "0":
         return
     for name, x in tensors:
-        # one fp64 reduction: exact for any finite fp16/bf16/fp32 input (no overflow), NaN/Inf propagate; no B x D temp
-        if not bool(torch.isfinite(x.sum(dtype=torch.float64))):
+        # NaN/Inf propagate through a sum, and no B x D temp: first the fast fp32 (fp64) reduction, then, only where
+        # that is not finite (NaN/Inf, or finite values overflowing fp32), the exact fp64 one. On CPU the fp64 sum of
+        # fp32 values is not vectorised: 10-60x the fp32 sum, ~1.5 ms per 8 MiB on the 2-core EPYC (> the CoSENT op)
+        fast = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if not bool(torch.isfinite(fast)) and not bool(torch.isfinite(x.sum(dtype=torch.float64))):
             raise ValueError(f"{name} contains NaN or Inf; expected finite embeddings")
 
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st_hyp  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fastloss import _backend  # noqa: E402
 from fastloss.functional.cosent import angle_loss, cosent_loss  # noqa: E402
 from fastloss.losses.cosent import AnglELoss, CoSENTLoss  # noqa: E402
 from fastloss.ops import cosent as cosent_op  # noqa: E402
@@ -114,13 +115,20 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
 
 
+def _without_native(monkeypatch):
+    """CPU tensors as in a build without fastloss._C.cosent_fwd: the closed-form torch implementation runs."""
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "native_has", lambda op: False)
+
+
 @pytest.fixture(params=["triton", "closed_form"])
 def fused_backend(request, monkeypatch):
-    """The Triton kernels (forced), or the op's closed-form torch implementation (the CPU default: no env var)."""
+    """The Triton kernels (forced), or the op's closed-form torch implementation (the CPU fallback without the
+    native op; tests/test_native_cosent.py covers the native one)."""
     if request.param == "triton":
         monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
     else:
-        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+        _without_native(monkeypatch)
     return request.param
 
 
@@ -336,7 +344,7 @@ class TestFused:
                 y,
                 scale.requires_grad_(True),
                 kind,
-                fused_backend == "triton",
+                fused_backend,
             )
             torch.library.opcheck(cosent_op._cosent_fwd_op, args)
 
@@ -346,7 +354,7 @@ class TestFused:
         scale = torch.tensor(20.0)
 
         def fn(x1, x2, s):
-            return cosent_op.cosent(x1, x2, y, s, cosent_op.KIND_ANGLE, fused_backend == "triton") * 2.0
+            return cosent_op.cosent(x1, x2, y, s, cosent_op.KIND_ANGLE, fused_backend) * 2.0
 
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
         got = run(compiled, [a, b, scale])
@@ -370,9 +378,9 @@ def test_closed_form_matches_brute_force_and_ignores_pair_order(labels, seed, sc
     a, b = make_columns(2, len(labels), 5, torch.float32, kind=kind, seed=seed)
     s = scale * FASTLOSS_SIM[kind](a.double(), b.double())
     want = torch.log1p(torch.exp((s[:, None] - s[None, :])[y[:, None] < y[None, :]]).sum())
-    got = cosent_op.cosent(a, b, y, torch.tensor(scale), cosent_op.KINDS[kind], use_triton=False)
+    got = cosent_op.cosent(a, b, y, torch.tensor(scale), cosent_op.KINDS[kind], impl="closed_form")
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    permuted = cosent_op.cosent(a[perm], b[perm], y[perm], torch.tensor(scale), cosent_op.KINDS[kind], use_triton=False)
+    permuted = cosent_op.cosent(a[perm], b[perm], y[perm], torch.tensor(scale), cosent_op.KINDS[kind], "closed_form")
     assert_close(got, want.float(), 1e-5)
     assert_close(permuted, got, 1e-6)
 
@@ -392,7 +400,8 @@ def test_reference_backend_equals_sentence_transformers(torch_backend):
 
 
 @pytest.mark.parametrize("backend", ["", "native"], ids=["default", "native"])
-def test_cpu_default_is_closed_form_without_warning(backend, monkeypatch, recwarn):
+def test_cpu_fallback_is_closed_form_without_warning(backend, monkeypatch, recwarn):
+    _without_native(monkeypatch)
     monkeypatch.setenv("FASTLOSS_BACKEND", backend)
     calls = []
     fwd = cosent_op.cosent_fwd_torch
@@ -408,7 +417,7 @@ def test_unfused_similarity_falls_back_with_warning(backend, monkeypatch):
     if backend == "triton":
         monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
     else:
-        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+        _without_native(monkeypatch)
 
     def unfused(x, y):
         return -(x - y).abs().sum(dim=-1)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastloss import _backend
 from fastloss._validation import check_embeddings, check_finite, check_same, check_scale
-from fastloss.ops.cosent import KINDS, cosent
+from fastloss.ops.cosent import IMPLS, KINDS, cosent
 from fastloss.reference.cosent import cosent_loss as reference_cosent_loss
 from fastloss.reference.cosent import pairwise_angle_sim
 from fastloss.similarity import pairwise_cos_sim, pairwise_dot_score, pairwise_kernel_kind
@@ -71,15 +71,17 @@ def check_labels(labels: object, n_pairs: int, like: Tensor, name: str = "labels
 
 
 def _scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
+    """The scale as a 0-d tensor: fp64 for fp64 embeddings (so gradcheck sees an fp64 scale), else fp32."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     if isinstance(scale, Tensor):
-        return scale.reshape(()).to(device=like.device, dtype=torch.float32)
-    return torch.tensor(float(scale), dtype=torch.float32, device=like.device)
+        return scale.reshape(()).to(device=like.device, dtype=dtype)
+    return torch.tensor(float(scale), dtype=dtype, device=like.device)
 
 
 def _backend_for(b: Tensor) -> str:
-    """triton | torch (the reference) | closed_form: the op in closed form with torch ops, CoSENT's CPU
-    implementation (O(B log B), faster than the reference, no fastloss._C needed)."""
-    return _backend.select(b, "cosent", cpu_impl="closed_form")
+    """triton | native (fastloss._C.cosent_fwd, the CPU default once built) | closed_form (the op in closed form
+    with torch ops: the CPU fallback without fastloss._C, O(B log B)) | torch (the reference)."""
+    return _backend.select(b, "cosent_fwd", cpu_impl="closed_form")
 
 
 def _run(a: Tensor, b: Tensor, labels: Tensor, scale: float | Tensor, kind: str | None, fn: Callable) -> Tensor:
@@ -94,10 +96,11 @@ def _run(a: Tensor, b: Tensor, labels: Tensor, scale: float | Tensor, kind: str 
     if backend == "torch":
         if a.shape[0] != b.shape[0]:
             a = a.repeat(b.shape[0] // a.shape[0], 1)
-        return reference_cosent_loss(a, b, labels, scale, similarity_fct=fn).float()
-    if backend not in ("triton", "closed_form"):
+        loss = reference_cosent_loss(a, b, labels, scale, similarity_fct=fn)
+        return loss.double() if a.dtype == torch.float64 else loss.float()
+    if backend not in IMPLS:
         raise ValueError(f"cosent: no fused implementation for backend {backend!r}")
-    return cosent(a, b, labels, _scale_tensor(scale, b), KINDS[kind], use_triton=backend == "triton")
+    return cosent(a, b, labels, _scale_tensor(scale, b), KINDS[kind], impl=backend)
 
 
 def cosent_loss(
@@ -114,7 +117,7 @@ def cosent_loss(
     ``similarity``: "cos", "dot", "angle" or a pairwise callable (sentence-transformers' / fastloss's
     pairwise_cos_sim, pairwise_dot_score, pairwise_angle_sim or a model's ``similarity_pairwise`` are fused; any
     other callable runs the reference). ``scale`` is a float or a 1-element tensor (which gets its gradient).
-    Equals sentence-transformers' CoSENTLoss to fp32 rounding; the loss is fp32.
+    Equals sentence-transformers' CoSENTLoss to fp32 rounding; the loss is fp32 (fp64 for fp64 embeddings).
     """
     check_embeddings("a", a)
     check_embeddings("b", b, batch=a.shape[0], dim=a.shape[1])

@@ -22,7 +22,11 @@ Kernels: ``cosent_sim_fwd_kernel`` (row blocks: z, |a|, |b| per pair), ``cosent_
 backward pass for R and the loss, a forward pass for Q and dloss/ds; O(N) scratch) and ``cosent_sim_bwd_kernel``
 (anchor row blocks, the D tiles outside and the pairs of each anchor inside). ``cosent_fwd_torch`` /
 ``cosent_bwd_torch`` are the same maths in closed form with torch ops (row dots, norms, logcumsumexp, addcmul):
-the CPU default, about half the B x D memory passes of autograd through sentence-transformers' code.
+about half the B x D memory passes of autograd through sentence-transformers' code, the CPU fallback.
+``cosent_fwd_native`` / ``cosent_bwd_native`` call fastloss._C (csrc/cosent.cpp): one parallel pass over the
+pairs, the ranking scans in fp64, one parallel pass over the anchors for the gradients; the CPU default once built.
+The custom ops take the implementation by name (``impl``: "triton" | "native" | "closed_form"). Every one returns
+loss, aux and gsim in fp32, or fp64 for fp64 inputs (native and closed_form then compute in fp64: gradcheck).
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ def _jit(fn):
 
 KIND_DOT, KIND_COS, KIND_ANGLE = 0, 1, 2  # the kernels' KIND constexpr
 KINDS = {"dot": KIND_DOT, "cos": KIND_COS, "angle": KIND_ANGLE}
+
+
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    """fp64 inputs are computed (and the loss, aux, gsim returned) in fp64, for gradcheck; the rest in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _sim_config(half: int) -> tuple[int, int, int]:
@@ -276,7 +285,8 @@ def _rows_contiguous(x: Tensor) -> Tensor:
 
 
 def cosent_fwd(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss fp32 [], aux fp32 [4, N]: z, |a|, |b|, dloss/ds per pair, gsim fp32 [] = sum_p dloss/ds_p * sim_p)."""
+    """(loss [], aux [4, N]: z, |a|, |b|, dloss/ds per pair, gsim [] = sum_p dloss/ds_p * sim_p), computed in fp32;
+    returned in fp64 for fp64 inputs (the op's contract; the kernels compute fp32 all the same)."""
     a, b = _rows_contiguous(a), _rows_contiguous(b)
     n_pairs, dim = b.shape
     half = (dim + 1) // 2
@@ -317,7 +327,8 @@ def cosent_fwd(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int) -
         BLOCK=block,
         num_warps=warps,
     )
-    return loss, aux, gsim
+    acc = _accumulation_dtype(b)
+    return loss.to(acc), aux.to(acc), gsim.to(acc)
 
 
 def cosent_bwd(
@@ -331,6 +342,7 @@ def cosent_bwd(
     da = torch.empty_like(a)
     db = torch.empty_like(b)
     grad32 = grad.reshape(()).float()
+    aux = aux.float()
     block_n, block_d, warps = _sim_config(half)
     cosent_sim_bwd_kernel[(triton.cdiv(n_anchor, block_n),)](
         a,
@@ -360,8 +372,8 @@ def cosent_bwd(
 
 
 def _pair_stats_torch(a: Tensor, b: Tensor, kind: int) -> tuple[Tensor, Tensor, Tensor]:
-    """z, |a|, |b| per pair (fp32 [N]) from row dots and norms: no normalised copies of the embeddings."""
-    a32, b32 = a.float(), b.float()
+    """z, |a|, |b| per pair ([N], fp32 or fp64) from row dots and norms: no normalised copies of the embeddings."""
+    a32, b32 = a.to(_accumulation_dtype(a)), b.to(_accumulation_dtype(b))
     n_pairs, dim = b.shape
     n_rep = n_pairs // a.shape[0]
     b3 = b32.reshape(n_rep, a.shape[0], dim)
@@ -394,7 +406,7 @@ def _sorted_ranks(labels: Tensor, device: torch.device) -> tuple[Tensor, Tensor,
 def cosent_fwd_torch(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int) -> tuple[Tensor, Tensor, Tensor]:
     """``cosent_fwd`` in closed form with torch ops (the CPU path): the same outputs, O(N) memory beyond inputs."""
     z, na, nb = _pair_stats_torch(a, b, kind)
-    scale32 = scale.detach().float().reshape(())
+    scale32 = scale.detach().to(z.dtype).reshape(())
     sim = z.abs() if kind == KIND_ANGLE else z
     order, lo, hi = _sorted_ranks(labels, b.device)
     s = scale32 * sim[order]
@@ -413,12 +425,13 @@ def cosent_bwd_torch(
     grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, aux: Tensor, gsim: Tensor, kind: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``cosent_bwd`` in closed form with torch ops: da = sum_r c_ab * u(b) - c_aa * a, db = c_ba * v(a) - c_bb * b."""
-    a32, b32 = a.float(), b.float()
+    acc = _accumulation_dtype(a)
+    a32, b32 = a.to(acc), b.to(acc)
     n_anchor, dim = a.shape
     n_rep = b.shape[0] // n_anchor
-    grad32 = grad.reshape(()).float()
+    grad32 = grad.reshape(()).to(acc)
     z, na, nb, g = aux.unbind(0)
-    big_g = grad32 * scale.detach().float().reshape(()) * g
+    big_g = grad32 * scale.detach().to(acc).reshape(()) * g
     if kind == KIND_ANGLE:
         big_g = big_g * torch.sign(z)
     if kind == KIND_DOT:
@@ -450,52 +463,83 @@ def cosent_bwd_torch(
     return da.to(a.dtype), db.to(b.dtype), dscale
 
 
+def cosent_fwd_native(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``cosent_fwd`` in fastloss._C (csrc/cosent.cpp): one parallel pass over the pairs, the ranking in fp64."""
+    from fastloss._backend import native_module
+
+    return native_module().cosent_fwd(a, b, labels.reshape(-1), scale.detach(), kind)
+
+
+def cosent_bwd_native(
+    grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, aux: Tensor, gsim: Tensor, kind: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``cosent_bwd`` in fastloss._C: parallel over anchors, each anchor's gradient summed over its repeats."""
+    from fastloss._backend import native_module
+
+    da, db, dscale = native_module().cosent_bwd(grad, a, b, scale.detach(), aux, gsim, kind)
+    return da, db, dscale.to(scale.dtype).reshape(scale.shape)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.library registration
+
+IMPLS = ("triton", "native", "closed_form")
+# host functions by name, looked up when the op runs (so a test can wrap one with monkeypatch)
+_FWD = {"triton": "cosent_fwd", "native": "cosent_fwd_native", "closed_form": "cosent_fwd_torch"}
+_BWD = {"triton": "cosent_bwd", "native": "cosent_bwd_native", "closed_form": "cosent_bwd_torch"}
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
 @torch.library.custom_op("fastloss::cosent_fwd", mutates_args=())
 def _cosent_fwd_op(
-    a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int, use_triton: bool
+    a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return (cosent_fwd if use_triton else cosent_fwd_torch)(a, b, labels, scale, kind)
+    _check_impl(impl)
+    return globals()[_FWD[impl]](a, b, labels, scale, kind)
 
 
 @_cosent_fwd_op.register_fake
-def _(a, b, labels, scale, kind, use_triton):
-    f32 = torch.float32
-    return b.new_empty((), dtype=f32), b.new_empty((4, b.shape[0]), dtype=f32), b.new_empty((), dtype=f32)
+def _(a, b, labels, scale, kind, impl):
+    acc = _accumulation_dtype(b)
+    return b.new_empty((), dtype=acc), b.new_empty((4, b.shape[0]), dtype=acc), b.new_empty((), dtype=acc)
 
 
 @torch.library.custom_op("fastloss::cosent_bwd", mutates_args=())
 def _cosent_bwd_op(
-    grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, aux: Tensor, gsim: Tensor, kind: int, use_triton: bool
+    grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, aux: Tensor, gsim: Tensor, kind: int, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return (cosent_bwd if use_triton else cosent_bwd_torch)(grad, a, b, scale, aux, gsim, kind)
+    _check_impl(impl)
+    return globals()[_BWD[impl]](grad, a, b, scale, aux, gsim, kind)
 
 
 @_cosent_bwd_op.register_fake
-def _(grad, a, b, scale, aux, gsim, kind, use_triton):
+def _(grad, a, b, scale, aux, gsim, kind, impl):
     return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, _labels, scale, kind, use_triton = inputs
+    a, b, _labels, scale, kind, impl = inputs
     _, aux, gsim = output
     ctx.save_for_backward(a, b, scale, aux, gsim)
-    ctx.kind, ctx.use_triton = kind, use_triton
+    ctx.kind, ctx.impl = kind, impl
 
 
 def _backward(ctx, grad_loss, _grad_aux, _grad_gsim):
     a, b, scale, aux, gsim = ctx.saved_tensors
-    da, db, dscale = _cosent_bwd_op(grad_loss, a, b, scale, aux, gsim, ctx.kind, ctx.use_triton)
+    da, db, dscale = _cosent_bwd_op(grad_loss, a, b, scale, aux, gsim, ctx.kind, ctx.impl)
     return da, db, None, dscale, None, None
 
 
 torch.library.register_autograd("fastloss::cosent_fwd", _backward, setup_context=_setup_context)
 
 
-def cosent(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int, use_triton: bool = True) -> Tensor:
-    """The CoSENT loss (fp32 scalar) of pairs (a[p mod A], b[p]) under the labels [N]: the Triton kernels, or
-    (``use_triton=False``) the same maths in closed form with torch ops, the CPU default."""
-    return _cosent_fwd_op(a, b, labels, scale, kind, use_triton)[0]
+def cosent(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int, impl: str = "triton") -> Tensor:
+    """The CoSENT loss of pairs (a[p mod A], b[p]) under the labels [N] (fp32 scalar; fp64 for fp64 inputs) on
+    ``impl``: "triton" (the kernels above), "native" (fastloss._C, the CPU default once built) or "closed_form"
+    (the same maths with torch ops, the CPU fallback)."""
+    _check_impl(impl)
+    return _cosent_fwd_op(a, b, labels, scale, kind, impl)[0]
