@@ -9,19 +9,12 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/kernels.h"
+#include "cuda/reduce.cuh"
 
 namespace fastloss {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o_lane = kWarp / 2; o_lane > 0; o_lane /= 2) v += __shfl_xor_sync(0xffffffffu, v, o_lane);
-  return v;
-}
 
 // y = x / max(|x|, eps)
 template <typename scalar_t>

@@ -22,11 +22,11 @@
 #include <algorithm>
 
 #include "cuda/kernels.h"
+#include "cuda/reduce.cuh"
 
 namespace fastloss {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kMaxThreads = 256;
 // dx^ cached in dynamic shared memory up to this size: within the 48 KiB a block gets without opting in, with room
 // for block_sum2's static arrays
@@ -83,13 +83,6 @@ __device__ __forceinline__ acc_t gather_column(const scalar_t* __restrict__ xo, 
     acc += cosine ? -w * x_r : w * (x_i - x_r);
   }
   return acc;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o_lane = kWarp / 2; o_lane > 0; o_lane /= 2) v += __shfl_xor_sync(0xffffffffu, v, o_lane);
-  return v;
 }
 
 // The block-wide sums of a and b, returned to every thread (blockDim.x a multiple of 32, at most 1024).
