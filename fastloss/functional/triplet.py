@@ -154,8 +154,9 @@ def batch_all_triplet_loss(
     embeddings: Tensor, labels: Tensor, margin: float = 5.0, *, distance_metric: DistanceMetric = "euclidean"
 ) -> Tensor:
     """sum_{a, p, n} max(d_ap - d_an + margin, 0) / (#{triplets with a loss > 1e-16} + 1e-16) over the valid
-    triplets (a != p, y_a = y_p != y_n). The fused op streams blocks of anchors (sort + prefix sums): no B^3 and
-    no B x B tensor."""
+    triplets (a != p, y_a = y_p != y_n). The fused ops stream blocks of anchor rows (fastloss._C on CPU, with the
+    gradient computed in the forward; sorted distances and prefix sums in torch ops elsewhere): no B^3 and no B x B
+    tensor."""
     labels, margin, metric, fn = _prepare(
         "batch_all_triplet", embeddings, labels, margin, distance_metric, native_op=ops.NATIVE_BATCH_ALL
     )

@@ -137,7 +137,8 @@ class BatchHardSoftMarginTripletLoss(BatchHardTripletLoss):
 class BatchAllTripletLoss(_TripletBase):
     """Every valid triplet: sum max(d_ap - d_an + margin, 0) / #triplets with a positive loss.
 
-    Fused: blocks of anchors with sorted negatives and prefix sums, no B^3 (nor B x B) tensor.
+    Fused: blocks of anchor rows (fastloss._C on CPU; sorted negatives and prefix sums elsewhere), no B^3 (nor B x B)
+    tensor.
     """
 
     def __init__(
