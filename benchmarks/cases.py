@@ -30,6 +30,8 @@ IMPLS = (
     "bwd_torch",
     "bwd_native",
     "bwd_cuda",
+    "norm_torch",
+    "norm_cuda",
 )
 SCALE = 20.0
 
@@ -499,6 +501,96 @@ BATCH_HARD_BWD = OpSpec(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# L2 normalisation alone (op l2norm): x [B, D] -> F.normalize(x), and its backward for a fixed fp32 gradient dy (the
+# dtype the losses' backward hands it); fn() returns one element of y, so fwd+bwd is one normalise and one backward
+
+_L2NORM_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative Frobenius error of y and dx; half: 2 ulp
+
+
+class _Normalised(torch.autograd.Function):
+    """y = fwd(x) in forward (returns y[0, 0] as fp32); the backward returns bwd(x, dy) for the stand-in ``dy``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dy: Tensor, fwd: Callable, bwd: Callable) -> Tensor:
+        ctx.save_for_backward(x, dy)
+        ctx.bwd = bwd
+        return fwd(x)[0, 0].float().clone()
+
+    @staticmethod
+    def backward(ctx, _grad: Tensor):
+        x, dy = ctx.saved_tensors
+        return ctx.bwd(x, dy), None, None, None
+
+
+def _make_l2norm(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, seed: int) -> Problem:
+    gen = _generator(device, seed)
+    x = _randn((B, D), device, gen)
+    return Problem(B, B, D, dtype, [_leaf(x, dtype)], extra={"dy": _randn((B, D), device, gen)})
+
+
+def _check_l2norm(name: str, x: Tensor, dy: Tensor, fwd: Callable, bwd: Callable, rows: int = 4096) -> None:
+    """Refuse an implementation whose y or dx (first ``rows`` rows) is off F.normalize's autograd in fp64."""
+    x, dy = x.detach()[:rows], dy[:rows]
+    x64 = x.double().requires_grad_(True)
+    y64 = F.normalize(x64, p=2, dim=1, eps=1e-12)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    tol = _L2NORM_TOL.get(x.dtype, 2.0 * torch.finfo(x.dtype).eps)
+    with torch.no_grad():
+        for what, got, truth in (("y", fwd(x), y64), ("dx", bwd(x, dy), dx64)):
+            err = float(torch.linalg.vector_norm(got.double() - truth) / torch.linalg.vector_norm(truth))
+            if not err <= tol:  # NaN fails too
+                raise RuntimeError(f"l2norm/{name}: {what} off F.normalize in fp64 by {err:.2e} > {tol:.1e}")
+
+
+def _l2norm(path: str) -> Builder:
+    """fastloss: fastloss.ops.triplet's _normalize / _normalize_backward as dispatched (torch ops unless
+    FASTLOSS_CUDA_KERNELS=1; MNRL's backward dispatches alike); norm_torch: those torch ops (F.normalize, then the
+    fp32 backward cast to x's dtype); norm_cuda: fastloss._C.l2norm_fwd / l2norm_bwd."""
+
+    def build(p: Problem) -> Impl:
+        ops = _import("fastloss.ops.triplet")
+        from fastloss import _backend
+
+        (x,) = p.inputs
+        dy = p.extra["dy"]
+        if path == "fastloss":
+            fwd = ops._normalize
+            cuda = x.device.type == "cuda" and _backend.cuda_kernel_enabled("l2norm_bwd")
+            backend = "cuda" if cuda else "torch"
+        elif path == "norm_torch":
+            fwd, backend = (lambda t: F.normalize(t, p=2, dim=1, eps=ops.NORM_EPS)), "torch"
+        else:
+            if x.device.type != "cuda" or not _backend.native_has("l2norm_bwd"):
+                raise Skip("norm_cuda: CUDA tensors and a CUDA build of fastloss._C only")
+            fwd, backend = (lambda t: _backend.native_module().l2norm_fwd(t, ops.NORM_EPS)), "cuda"
+
+        if path == "norm_cuda":
+
+            def bwd(t: Tensor, g: Tensor) -> Tensor:
+                return _backend.native_module().l2norm_bwd(t, g, ops.NORM_EPS)
+
+        else:
+            backward = ops._normalize_backward_torch if path == "norm_torch" else ops._normalize_backward
+
+            def bwd(t: Tensor, g: Tensor) -> Tensor:
+                return backward(t, g).to(t.dtype)
+
+        _check_l2norm(path, x, dy, fwd, bwd)
+        return Impl(lambda: _Normalised.apply(x, dy, fwd, bwd), backend=backend, is_loss=False)
+
+    return build
+
+
+L2NORM = OpSpec(
+    "l2norm",
+    _make_l2norm,
+    {"fastloss": _l2norm("fastloss"), "norm_torch": _l2norm("norm_torch"), "norm_cuda": _l2norm("norm_cuda")},
+    description="F.normalize(x) of [B, D] rows and its backward for an fp32 gradient (what the losses' backward "
+    "hands it): torch ops (norm_torch) against fastloss._C's CUDA kernels (norm_cuda); checked against fp64 autograd",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GradCache step: a tiny bag-of-words encoder, (anchor, positive) columns of B rows of L tokens, MNRL;
 # one full training step's forward + backward in mini-batches of 64 rows
 
@@ -600,7 +692,16 @@ GRADCACHE = OpSpec(
 
 OPS: dict[str, OpSpec] = {
     spec.name: spec
-    for spec in (MNRL, MNSRL, COSENT, ANGLE, *(_triplet_spec(op) for op in _TRIPLET_ST), BATCH_HARD_BWD, GRADCACHE)
+    for spec in (
+        MNRL,
+        MNSRL,
+        COSENT,
+        ANGLE,
+        *(_triplet_spec(op) for op in _TRIPLET_ST),
+        BATCH_HARD_BWD,
+        L2NORM,
+        GRADCACHE,
+    )
 }
 
 

@@ -2,6 +2,8 @@
 ``native`` (fastloss._C on CPU tensors) or ``torch`` (the plain-PyTorch reference in fastloss.reference).
 
 ``FASTLOSS_BACKEND=triton|native|torch`` forces one. Each fallback is logged once with its reason.
+``FASTLOSS_CUDA_KERNELS=1`` opts CUDA tensors into fastloss._C's hand-written CUDA kernels (see
+:func:`cuda_kernel_enabled`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def native_module():
 def native_has(op: str) -> bool:
     module = native_module()
     return module is not None and hasattr(module, op)
+
+
+def cuda_kernel_enabled(op: str) -> bool:
+    """Whether CUDA tensors take fastloss._C's CUDA kernel ``op`` (e.g. ``l2norm_bwd``) instead of torch ops: only when
+    FASTLOSS_CUDA_KERNELS=1 opts in, FASTLOSS_BACKEND is not ``torch`` and the extension was built with it. The torch
+    ops stay the default until a GPU measurement shows a kernel faster. Callers check that the tensors are on CUDA."""
+    return os.environ.get("FASTLOSS_CUDA_KERNELS", "0") == "1" and forced_backend() != "torch" and native_has(op)
 
 
 @functools.lru_cache(maxsize=1)

@@ -392,19 +392,44 @@ def test_env_block_bytes_is_validated(monkeypatch):
     "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["fp64", "fp32", "fp16", "bf16"]
 )
 def test_l2norm_cuda_matches_f_normalize(dtype, dim):
-    """Forward and backward against F.normalize in fp64, with a zero row and a row below eps."""
+    """Forward and backward against F.normalize in fp64, with a zero row and a row below eps; the backward for dy
+    in x's dtype and in fp32 (fp64 for fp64 x: what the losses' backward hands it), dx in x's dtype either way."""
     g = torch.Generator(device="cuda").manual_seed(9)
     x = torch.randn(129, dim, device="cuda", dtype=torch.float64, generator=g)
-    dy = torch.randn(129, dim, device="cuda", dtype=torch.float64, generator=g)
+    dy64 = torch.randn(129, dim, device="cuda", dtype=torch.float64, generator=g)
     x[3] = 0.0
     x[5] *= 1e-14
-    x, dy = x.to(dtype), dy.to(dtype)
+    x = x.to(dtype)
     x64 = x.double().requires_grad_(True)
     y64 = F.normalize(x64, p=2, dim=1, eps=1e-12)
-    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
     rtol, atol = GRAD_TOL[dtype]
     torch.testing.assert_close(_C.l2norm_fwd(x), y64.to(dtype), rtol=rtol, atol=atol)
-    torch.testing.assert_close(_C.l2norm_bwd(x, dy), dx64.to(dtype), rtol=rtol, atol=atol)
+    for dy in (dy64.to(dtype), dy64.to(torch.float64 if dtype == torch.float64 else torch.float32)):
+        (dx64,) = torch.autograd.grad(y64, x64, dy.double(), retain_graph=True)
+        dx = _C.l2norm_bwd(x, dy)
+        assert dx.dtype == dtype
+        torch.testing.assert_close(dx, dx64.to(dtype), rtol=rtol, atol=atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none here")
+@pytest.mark.skipif(not hasattr(_C, "l2norm_bwd"), reason="fastloss._C was built without CUDA (FASTLOSS_BUILD_CUDA)")
+@pytest.mark.parametrize(
+    "x_dtype, dy_dtype",
+    [
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.float64),
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float16),
+    ],
+    ids=["bf16-fp16", "fp16-fp64", "fp32-fp64", "fp64-fp32", "fp32-fp16"],
+)
+def test_l2norm_bwd_cuda_rejects_other_dy_dtypes(x_dtype, dy_dtype):
+    """dy must be in x's dtype or in x's accumulation dtype (fp32; fp64 for fp64)."""
+    x = torch.randn(4, 8, device="cuda", dtype=x_dtype)
+    with pytest.raises(RuntimeError, match="dy must be in x's dtype"):
+        _C.l2norm_bwd(x, torch.randn(4, 8, device="cuda").to(dy_dtype))
 
 
 @pytest.mark.skipif(

@@ -34,15 +34,16 @@ __global__ void l2norm_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __re
   for (int64_t k = threadIdx.x; k < dim; k += kWarp) p_y[k] = static_cast<scalar_t>(static_cast<acc_t>(p_x[k]) / denom);
 }
 
-// dx = (dy - y <y, dy>) / |x| where |x| >= eps, else dy / eps (clamp_min passes no gradient to the norm there)
-template <typename scalar_t>
-__global__ void l2norm_bwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+// dx = (dy - y <y, dy>) / |x| where |x| >= eps, else dy / eps (clamp_min passes no gradient to the norm there).
+// dy in x's dtype or in acc_t (an fp32 gradient for a half x is not rounded to x's dtype first); dx in x's dtype.
+template <typename scalar_t, typename grad_t>
+__global__ void l2norm_bwd_kernel(const scalar_t* __restrict__ x, const grad_t* __restrict__ dy,
                                   scalar_t* __restrict__ dx, int64_t rows, int64_t dim, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (row >= rows) return;
   const scalar_t* p_x = x + row * dim;
-  const scalar_t* p_dy = dy + row * dim;
+  const grad_t* p_dy = dy + row * dim;
   scalar_t* p_dx = dx + row * dim;
   acc_t b_ss = 0, b_dot = 0;
   for (int64_t k = threadIdx.x; k < dim; k += kWarp) {
@@ -96,9 +97,12 @@ at::Tensor l2norm_fwd_cuda(const at::Tensor& x_in, double eps) {
 at::Tensor l2norm_bwd_cuda(const at::Tensor& x_in, const at::Tensor& dy_in, double eps) {
   check_input(x_in, "x");
   check_input(dy_in, "dy");
-  TORCH_CHECK(x_in.sizes() == dy_in.sizes() && x_in.scalar_type() == dy_in.scalar_type() &&
-                  x_in.device() == dy_in.device(),
-              "l2norm_bwd: dy must match x in shape, dtype and device");
+  const at::ScalarType acc_type = at::toOpMathType(x_in.scalar_type());
+  TORCH_CHECK(x_in.sizes() == dy_in.sizes() && x_in.device() == dy_in.device(),
+              "l2norm_bwd: dy must match x in shape and device");
+  TORCH_CHECK(dy_in.scalar_type() == x_in.scalar_type() || dy_in.scalar_type() == acc_type,
+              "l2norm_bwd: dy must be in x's dtype or in ", acc_type, " (x is ", x_in.scalar_type(), "), got ",
+              dy_in.scalar_type());
   TORCH_CHECK(eps > 0.0, "l2norm_bwd: eps must be > 0, got ", eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -106,10 +110,17 @@ at::Tensor l2norm_bwd_cuda(const at::Tensor& x_in, const at::Tensor& dy_in, doub
   at::Tensor dx = at::empty_like(x);
   const int64_t rows = x.size(0), dim = x.size(1);
   if (rows == 0 || dim == 0) return dx;
+  const dim3 grid = grid_for(rows), block(kWarp, kRowsPerBlock);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2norm_bwd", [&] {
-    l2norm_bwd_kernel<scalar_t><<<grid_for(rows), dim3(kWarp, kRowsPerBlock), 0,
-                                  c10::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), rows, dim, eps);
+    using acc_t = at::opmath_type<scalar_t>;
+    if (dy.scalar_type() == x.scalar_type()) {
+      l2norm_bwd_kernel<scalar_t, scalar_t><<<grid, block, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), rows, dim, eps);
+    } else {
+      l2norm_bwd_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), dy.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), rows, dim, eps);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;

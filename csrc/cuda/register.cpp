@@ -10,7 +10,8 @@ void register_cuda(pybind11::module_& m) {
         "(fp16/bf16/fp32/fp64; sums in fp32, fp64 for fp64)",
         pybind11::arg("x"), pybind11::arg("eps") = 1e-12);
   m.def("l2norm_bwd", &l2norm_bwd_cuda, pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "l2norm_bwd(x, dy, eps=1e-12) -> dx: the gradient of F.normalize(x, p=2, dim=1, eps) w.r.t. x given dy",
+        "l2norm_bwd(x, dy, eps=1e-12) -> dx: the gradient of F.normalize(x, p=2, dim=1, eps) w.r.t. x given dy "
+        "(dy in x's dtype or in fp32, fp64 for fp64 x; dx in x's dtype; sums as l2norm_fwd)",
         pybind11::arg("x"), pybind11::arg("dy"), pybind11::arg("eps") = 1e-12);
   m.def("batch_hard_triplet_bwd_cuda", &batch_hard_triplet_bwd_cuda,
         pybind11::call_guard<pybind11::gil_scoped_release>(),

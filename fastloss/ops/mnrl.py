@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastloss import _backend
 from fastloss.similarity import NORM_EPS
 
 QUERY_TO_DOC, QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC = 1, 2, 4, 8
@@ -67,9 +68,14 @@ def _inv_norms(x: Tensor, normalize: bool) -> Tensor:
 
 
 def _norm_backward(x: Tensor, inv: Tensor, dx_hat: Tensor, normalize: bool) -> Tensor:
-    """The backward of F.normalize(x, eps=1e-12) given the gradient w.r.t. the normalised rows (fp32)."""
+    """The backward of F.normalize(x, eps=1e-12) given the fp32 gradient w.r.t. the normalised rows: fp32 from torch
+    ops; in x's dtype from fastloss._C.l2norm_bwd (CUDA tensors with FASTLOSS_CUDA_KERNELS=1: one pass over x and
+    dx_hat, the same fp32 sums, rounded once as the caller's cast to x's dtype would). fp64 x stays on torch ops,
+    whose sums here are fp32 (as ``inv``)."""
     if not normalize:
         return dx_hat
+    if x.device.type == "cuda" and x.dtype != torch.float64 and _backend.cuda_kernel_enabled("l2norm_bwd"):
+        return _backend.native_module().l2norm_bwd(x.detach(), dx_hat, NORM_EPS)
     x_hat = x.float() * inv[:, None]
     projection = (x_hat * dx_hat).sum(dim=1, keepdim=True)
     projection = torch.where(inv[:, None] < 1.0 / NORM_EPS, projection, torch.zeros_like(projection))

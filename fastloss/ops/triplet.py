@@ -204,12 +204,32 @@ def _check_metric(metric: int) -> None:
 
 
 def _normalize(x: Tensor) -> Tensor:
-    """sentence-transformers' normalisation (F.normalize in the input dtype)."""
+    """sentence-transformers' normalisation (F.normalize in the input dtype). fp32/fp64 CUDA tensors outside autograd
+    take fastloss._C.l2norm_fwd with FASTLOSS_CUDA_KERNELS=1: the same maths in x's dtype. Half dtypes keep
+    F.normalize, which rounds the norm to x's dtype before dividing (and turns fp16 zero rows into NaN)."""
+    if (
+        x.device.type == "cuda"
+        and x.ndim == 2
+        and x.dtype in (torch.float32, torch.float64)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and _backend.cuda_kernel_enabled("l2norm_fwd")
+    ):
+        return _backend.native_module().l2norm_fwd(x, NORM_EPS)
     return F.normalize(x, p=2, dim=-1, eps=NORM_EPS)
 
 
 def _normalize_backward(x: Tensor, dx_hat: Tensor) -> Tensor:
-    """The backward of F.normalize(x, eps=1e-12) for the gradient ``dx_hat`` w.r.t. its output (fp32, fp64 for fp64)."""
+    """The backward of F.normalize(x, eps=1e-12) for the gradient ``dx_hat`` w.r.t. its output, summed in fp32 (fp64
+    for fp64): fp32 (fp64) from torch ops; in x's dtype from fastloss._C.l2norm_bwd (CUDA tensors with
+    FASTLOSS_CUDA_KERNELS=1, one pass, rounded once as the callers' cast to x's dtype would)."""
+    if x.device.type == "cuda" and x.ndim == 2 and _backend.cuda_kernel_enabled("l2norm_bwd"):
+        dx_hat = dx_hat.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return _backend.native_module().l2norm_bwd(x.detach(), dx_hat, NORM_EPS)
+    return _normalize_backward_torch(x, dx_hat)
+
+
+def _normalize_backward_torch(x: Tensor, dx_hat: Tensor) -> Tensor:
+    """:func:`_normalize_backward` in torch ops on any device (fp32, fp64 for fp64)."""
     xf = x.double() if x.dtype == torch.float64 else x.float()
     dx_hat = dx_hat.to(xf.dtype)
     norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
@@ -403,13 +423,9 @@ def _native_bwd() -> bool:
 
 
 def _cuda_bwd() -> bool:
-    """CUDA tensors take fastloss._C.batch_hard_triplet_bwd_cuda only when FASTLOSS_CUDA_KERNELS=1 opts in (and not
-    under FASTLOSS_BACKEND=torch): the torch path stays the default until a GPU measurement shows the kernel faster."""
-    return (
-        os.environ.get("FASTLOSS_CUDA_KERNELS", "0") == "1"
-        and _backend.forced_backend() != "torch"
-        and _backend.native_has("batch_hard_triplet_bwd_cuda")
-    )
+    """CUDA tensors take fastloss._C.batch_hard_triplet_bwd_cuda only when FASTLOSS_CUDA_KERNELS=1 opts in (the rule:
+    :func:`fastloss._backend.cuda_kernel_enabled`)."""
+    return _backend.cuda_kernel_enabled("batch_hard_triplet_bwd_cuda")
 
 
 def _batch_hard_bwd_native(
