@@ -11,7 +11,8 @@ the per-row LSE. With pos_i = scale * s(q_i, d_i):
   per_direction:  loss = mean_i(mean_d(LSE_d,i) - pos_i)
 Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
 tiles and returns the gradients w.r.t. the normalised embeddings; the positive term and the normalisation
-backward dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here.
+backward dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one pass
+by fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise).
 
 Two implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)

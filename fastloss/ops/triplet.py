@@ -21,7 +21,9 @@ Every pair adds its term to both of its rows, so grouping the pairs by selected 
 stable sort on CUDA) turns the scatter into a gather: fastloss._C.batch_hard_triplet_bwd runs one parallel,
 deterministic gather per output row on CPU tensors (cosine with F.normalize's backward fused in), its CUDA twin
 batch_hard_triplet_bwd_cuda one thread block per row (opt-in: FASTLOSS_CUDA_KERNELS=1); otherwise torch ops do a
-gather and an index_add_. Memory O(B*D) beyond the inputs (the CPU mining: O(rows * B)).
+gather and an index_add_. With FASTLOSS_CUDA_KERNELS=1 the cosine normalisation of CUDA tensors also takes
+fastloss._C.l2norm_fwd (fp32/fp64, outside autograd) and l2norm_bwd. Memory O(B*D) beyond the inputs (the CPU
+mining: O(rows * B)).
 
 batch-all and semi-hard (CPU tensors: fastloss._C.batch_all_triplet_fused / batch_semi_hard_triplet_fused, which
 compute the gradient inside the forward; CUDA tensors, FASTLOSS_BACKEND=torch|triton or no extension: torch streamed
