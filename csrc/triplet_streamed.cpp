@@ -5,9 +5,12 @@
 // Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer), a parallel pass turning each row into
 // distances in place (distance_row; at::sqrt of the block for euclidean), then a parallel pass over the anchors.
 // With anchor a's negatives n (y_n != y_a) and positives p (p != a, y_p = y_a):
-//   batch-all  t_p = d_ap + margin; loss terms sum_n max(t_p - d_an, 0) and the count #{n : t_p - d_an > 1e-16}
-//              (fp64); weights w_ap = #{n : d_an <= t_p}, w_an = -#{p : t_p >= d_an} (the gradient at t = 0 as
-//              sentence-transformers passes it).
+//   batch-all  h_pn = (d_ap - d_an) + margin in the distances' dtype, sentence-transformers' order of operations
+//              (d_ap + margin first would round differently: a duplicate's d_ap = 6e-8 vanishes in 1 + 6e-8, and a
+//              triplet ST counts would get no loss and a 1e16 gradient); loss terms sum max(h, 0) (fp64 sum), the
+//              count #{h > 1e-16}; weights w_ap = #{n : h >= 0}, w_an = -#{p : h >= 0} (the gradient at h = 0 as
+//              sentence-transformers passes it). h is monotone in d_an (falling) and d_ap (rising), so the searched
+//              evaluation finds these sets by binary searches on the same predicate.
 //   semi-hard  n*(p) = the negative first in (d_an, n) order with d_an > d_ap, else the fallback of
 //              sentence-transformers' masked maximum: f = max_j([y_j != y_a] (d_aj - min_k d_ak)) + min_k d_ak, whose
 //              gradient goes to its argmax when that is a negative, else to the row's argmin (first indices);
@@ -53,9 +56,9 @@ constexpr int64_t kSemiHardSearchMinPositives = 48;
 // One anchor's columns split by label, in column order, and the per-thread buffers of its evaluation.
 template <typename T>
 struct Scratch {
-  std::vector<T> neg, pos, w, reach, thr;
+  std::vector<T> neg, pos, w, reach, sorted_pos;
   std::vector<int64_t> neg_j, pos_j, hist;
-  std::vector<double> thr_c, suffix;
+  std::vector<double> suffix;
   std::vector<std::pair<T, int64_t>> order, best, chosen;
   int64_t n_neg = 0, n_pos = 0;
 
@@ -95,29 +98,28 @@ template <typename T, typename Before>
   return (base - a) + (before(*base) ? 1 : 0);
 }
 
-// sum_n max(t - s_n, 0) in fp64, #{n : s_n < t - 1e-16} in fp64 (the torch path's searchsorted on .double()),
-// and #{n : s_n <= t}, adding 1 to reach[n] for each s_n <= t when reach is given.
+// One positive of batch-all against the negatives s: with h_k = (dp - s_k) + margin in T, adds sum max(h_k, 0)
+// (fp64) to sum, #{h_k > 1e-16} to counted, #{h_k >= 0} to at_most, and 1 to reach[k] where h_k >= 0 (reach given).
 template <typename T>
-[[gnu::always_inline]] inline void hinge_pass(const T* s, int64_t n, T t, T* reach, double& sum, int64_t& counted,
-                                              int64_t& at_most) {
-  const double td = t;
-  const double tc = td - 1e-16;
+[[gnu::always_inline]] inline void hinge_pass(const T* s, int64_t n, T dp, T margin, T* reach, double& sum,
+                                              int64_t& counted, int64_t& at_most) {
+  const T tiny = static_cast<T>(1e-16);
   double acc = 0.0;
   int64_t c = 0, a = 0;
   if (reach == nullptr) {
 #pragma omp simd reduction(+ : acc, c)
     for (int64_t k = 0; k < n; ++k) {
-      const double v = s[k];
-      acc += s[k] < t ? td - v : 0.0;
-      c += v < tc ? 1 : 0;
+      const T h = (dp - s[k]) + margin;
+      acc += h > T(0) ? static_cast<double>(h) : 0.0;
+      c += h > tiny ? 1 : 0;
     }
   } else {
 #pragma omp simd reduction(+ : acc, c, a)
     for (int64_t k = 0; k < n; ++k) {
-      const double v = s[k];
-      const bool reached = s[k] <= t;
-      acc += s[k] < t ? td - v : 0.0;
-      c += v < tc ? 1 : 0;
+      const T h = (dp - s[k]) + margin;
+      const bool reached = h >= T(0);
+      acc += h > T(0) ? static_cast<double>(h) : 0.0;
+      c += h > tiny ? 1 : 0;
       a += reached ? 1 : 0;
       reach[k] += reached ? T(1) : T(0);
     }
@@ -127,17 +129,17 @@ template <typename T>
   at_most += a;
 }
 
-FASTLOSS_SIMD_CLONES void hinge_pass_f32(const float* s, int64_t n, float t, float* reach, double& sum,
+FASTLOSS_SIMD_CLONES void hinge_pass_f32(const float* s, int64_t n, float dp, float margin, float* reach, double& sum,
                                          int64_t& counted, int64_t& at_most) {
-  hinge_pass<float>(s, n, t, reach, sum, counted, at_most);
+  hinge_pass<float>(s, n, dp, margin, reach, sum, counted, at_most);
 }
-inline void hinge_pass_any(const float* s, int64_t n, float t, float* reach, double& sum, int64_t& counted,
-                           int64_t& at_most) {
-  hinge_pass_f32(s, n, t, reach, sum, counted, at_most);
+inline void hinge_pass_any(const float* s, int64_t n, float dp, float margin, float* reach, double& sum,
+                           int64_t& counted, int64_t& at_most) {
+  hinge_pass_f32(s, n, dp, margin, reach, sum, counted, at_most);
 }
-inline void hinge_pass_any(const double* s, int64_t n, double t, double* reach, double& sum, int64_t& counted,
-                           int64_t& at_most) {
-  hinge_pass<double>(s, n, t, reach, sum, counted, at_most);
+inline void hinge_pass_any(const double* s, int64_t n, double dp, double margin, double* reach, double& sum,
+                           int64_t& counted, int64_t& at_most) {
+  hinge_pass<double>(s, n, dp, margin, reach, sum, counted, at_most);
 }
 
 // Batch-all terms of one anchor; with w, its weights (w zeroed by the caller).
@@ -154,7 +156,7 @@ RowSums batch_all_row(Scratch<T>& s, T margin, T* w) {
     }
     for (int64_t p = 0; p < n_pos; ++p) {
       int64_t at_most = 0;
-      hinge_pass_any(s.neg.data(), n_neg, static_cast<T>(s.pos[p] + margin), reach, out.total, counted, at_most);
+      hinge_pass_any(s.neg.data(), n_neg, s.pos[p], margin, reach, out.total, counted, at_most);
       if (w != nullptr) w[s.pos_j[p]] = static_cast<T>(at_most);
     }
     if (w != nullptr)
@@ -162,39 +164,38 @@ RowSums batch_all_row(Scratch<T>& s, T margin, T* w) {
     out.count = static_cast<double>(counted);
     return out;
   }
-  // Positives sorted by threshold, then one binary search per negative: with suffix sums S_i = sum_{q >= i} t_q,
-  // sum_{p : t_p > s} (t_p - s) = S_i - (P - i) s for i = #{p : t_p <= s}.
+  // Positives sorted by distance, then per negative v binary searches for the prefixes of positives whose
+  // h = (d_ap - v) + margin is <= 0, <= 1e-16 and < 0; with suffix sums S_i = sum_{q >= i} (d_q + margin) (fp64),
+  // sum_{p : h > 0} h = S_i - (P - i) v for i = #{p : h <= 0}.
   s.order.resize(n_pos);
-  for (int64_t p = 0; p < n_pos; ++p) s.order[p] = {static_cast<T>(s.pos[p] + margin), s.pos_j[p]};
+  for (int64_t p = 0; p < n_pos; ++p) s.order[p] = {s.pos[p], s.pos_j[p]};
   std::sort(s.order.begin(), s.order.end());
-  s.thr.resize(n_pos);
-  s.thr_c.resize(n_pos);
+  s.sorted_pos.resize(n_pos);
   s.suffix.resize(n_pos + 1);
   s.suffix[n_pos] = 0.0;
   for (int64_t i = n_pos - 1; i >= 0; --i) {
-    s.thr[i] = s.order[i].first;
-    s.thr_c[i] = static_cast<double>(s.order[i].first) - 1e-16;
-    s.suffix[i] = s.suffix[i + 1] + static_cast<double>(s.order[i].first);
+    s.sorted_pos[i] = s.order[i].first;
+    s.suffix[i] = s.suffix[i + 1] + (static_cast<double>(s.order[i].first) + static_cast<double>(margin));
   }
-  const T* first = s.thr.data();
+  const T* first = s.sorted_pos.data();
+  const T tiny = static_cast<T>(1e-16);
   if (w != nullptr) s.hist.assign(n_pos + 1, 0);
   for (int64_t k = 0; k < n_neg; ++k) {
     const T v = s.neg[k];
-    const int64_t at_or_below = prefix_count(first, n_pos, [v](T t) { return t <= v; });  // #{p : t_p <= d_an}
-    out.total += s.suffix[at_or_below] - static_cast<double>(n_pos - at_or_below) * static_cast<double>(v);
-    const double vd = v;
-    counted += n_pos - prefix_count(s.thr_c.data(), n_pos, [vd](double t) { return t <= vd; });
+    const int64_t no_loss = prefix_count(first, n_pos, [v, margin](T dp) { return (dp - v) + margin <= T(0); });
+    out.total += s.suffix[no_loss] - static_cast<double>(n_pos - no_loss) * static_cast<double>(v);
+    counted += n_pos - prefix_count(first, n_pos, [v, margin, tiny](T dp) { return (dp - v) + margin <= tiny; });
     if (w != nullptr) {
-      const int64_t below = prefix_count(first, n_pos, [v](T t) { return t < v; });  // #{p : t_p < d_an}
-      w[s.neg_j[k]] = -static_cast<T>(n_pos - below);
-      ++s.hist[below];  // d_an <= t_p for the sorted positives from `below` on
+      const int64_t below = prefix_count(first, n_pos, [v, margin](T dp) { return (dp - v) + margin < T(0); });
+      w[s.neg_j[k]] = -static_cast<T>(n_pos - below);  // -#{p : h >= 0}
+      ++s.hist[below];  // h >= 0 for the sorted positives from `below` on
     }
   }
   if (w != nullptr) {
     int64_t reached = 0;
     for (int64_t i = 0; i < n_pos; ++i) {
       reached += s.hist[i];
-      w[s.order[i].second] = static_cast<T>(reached);  // #{n : d_an <= t_p}
+      w[s.order[i].second] = static_cast<T>(reached);  // #{n : h >= 0}
     }
   }
   out.count = static_cast<double>(counted);
@@ -231,12 +232,12 @@ RowSums semi_hard_row(Scratch<T>& s, const T* d, const int64_t* labels, int64_t 
     s.order.resize(n_pos);
     for (int64_t p = 0; p < n_pos; ++p) s.order[p] = {s.pos[p], p};
     std::sort(s.order.begin(), s.order.end());
-    s.thr.resize(n_pos);
-    for (int64_t i = 0; i < n_pos; ++i) s.thr[i] = s.order[i].first;
+    s.sorted_pos.resize(n_pos);
+    for (int64_t i = 0; i < n_pos; ++i) s.sorted_pos[i] = s.order[i].first;
     s.best.assign(n_pos, {std::numeric_limits<T>::infinity(), -1});
     for (int64_t k = 0; k < n_neg; ++k) {
       const T v = s.neg[k];
-      const int64_t closer = prefix_count(s.thr.data(), n_pos, [v](T d) { return d < v; });
+      const int64_t closer = prefix_count(s.sorted_pos.data(), n_pos, [v](T d) { return d < v; });
       if (closer > 0 && v < s.best[closer - 1].first) s.best[closer - 1] = {v, s.neg_j[k]};
     }
     for (int64_t i = n_pos - 2; i >= 0; --i) s.best[i] = std::min(s.best[i], s.best[i + 1]);

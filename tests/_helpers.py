@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import torch
+from packaging.version import Version
 
 from fastloss import _backend
+
+
+def sentence_transformers_at_least(version: str) -> bool:
+    """fastloss mirrors sentence-transformers 6.2; the GPU image holds 6.0.1, where some comparisons must differ."""
+    import sentence_transformers
+
+    return Version(sentence_transformers.__version__) >= Version(version)
+
+
+# sentence-transformers < 6.2 finds the semi-hard negative by a masked minimum, min((d - rowmax) * mask) + rowmax,
+# whose rounding moves hinges that tie exactly (integer embeddings) off 0 and so changes the gradient there; 6.2 sorts
+# and searches, exactly, as fastloss does. Exact-tie comparisons of semi-hard against ST need 6.2.
+ST_EXACT_SEMI_HARD_TIES = sentence_transformers_at_least("6.2")
 
 
 def available_backends() -> list[str]:

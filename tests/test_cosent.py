@@ -151,9 +151,11 @@ class TestReference:
         y = make_labels(labels_kind, 23)
         got = run(lambda x1, x2: ref.cosent_loss(x1, x2, y, 20.0, similarity_fct=FASTLOSS_SIM[kind]), [a, b])
         want = run(lambda x1, x2: st_cosent(kind).compute_loss_from_embeddings([x1, x2], y), [a, b])
-        assert_close(got[0], want[0], 1e-6, "loss")
+        # ST < 6.2 masks pairs by subtracting 1e12 from the scores: ~2e-5 relative error in its own gradients
+        tol = 1e-6 if ST_IS_62 else 1e-4
+        assert_close(got[0], want[0], tol, "loss")
         for g, w in zip(got[1], want[1]):
-            assert_close(g, w, 1e-6, "grad")
+            assert_close(g, w, tol, "grad")
 
     @pytest.mark.parametrize("dim", [6, 7], ids=["even-D", "odd-D"])
     def test_angle_sim_matches_sentence_transformers(self, dim):
@@ -490,9 +492,9 @@ def test_label_count_message_matches_sentence_transformers(cls):
     with pytest.raises(ValueError) as got:
         {"CoSENTLoss": CoSENTLoss, "AnglELoss": AnglELoss}[cls](None).compute_loss_from_embeddings([a, b], y)
     assert str(got.value) == f"{cls} expects 4 labels (one per example), but got 6 labels with shape (2, 3)."
-    with pytest.raises(ValueError) as want:
-        getattr(st_losses, cls)(None).compute_loss_from_embeddings([a, b], y)
-    if ST_IS_62:
+    if ST_IS_62:  # older releases do not check the label count
+        with pytest.raises(ValueError) as want:
+            getattr(st_losses, cls)(None).compute_loss_from_embeddings([a, b], y)
         assert str(got.value) == str(want.value)
 
 

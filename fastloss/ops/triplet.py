@@ -28,10 +28,12 @@ mining: O(rows * B)).
 batch-all and semi-hard (CPU tensors: fastloss._C.batch_all_triplet_fused / batch_semi_hard_triplet_fused, which
 compute the gradient inside the forward; CUDA tensors, FASTLOSS_BACKEND=torch|triton or no extension: torch streamed
 over blocks of anchor rows. Both O(rows * B) memory, O(B^2 log B) time at most):
-  batch-all: with the negatives of anchor a sorted, s_1 <= s_2 <= ..., and t = d_ap + margin,
-    sum_n max(t - d_an, 0) = k t - (s_1 + ... + s_k),  k = #{n : d_an < t}         (prefix sums in fp64)
-    loss = sum_{a, p in P_a} of that / (#{(a, p, n) : t - d_an > 1e-16} + 1e-16)
-    dL/dd_ap = #{n : d_an <= t} / norm,  dL/dd_an = -#{p : d_ap + margin >= d_an} / norm
+  batch-all: h_apn = (d_ap - d_an) + margin in the distances' dtype, in sentence-transformers' order (d_ap + margin
+    first rounds differently: a duplicate's d_ap = 6e-8 vanishes in 1 + 6e-8). h falls with d_an and rises with d_ap,
+    so with the negatives of anchor a sorted, s_1 <= s_2 <= ..., binary searches on h itself give
+    sum_n max(h, 0) = k (d_ap + margin) - (s_1 + ... + s_k),  k = #{n : h > 0}      (prefix sums in fp64)
+    loss = sum_{a, p in P_a} of that / (#{(a, p, n) : h > 1e-16} + 1e-16)
+    dL/dd_ap = #{n : h >= 0} / norm,  dL/dd_an = -#{p : h >= 0} / norm   (the gradient at h = 0, as ST passes it)
   semi-hard: n*(a, p) = the first negative with d_an > d_ap in the sorted row (else sentence-transformers'
     masked maximum of the row), loss = sum_{a, p in P_a} max(d_ap - d_an* + margin, 0) / max(|P|, 1e-16).
   The gradient applies the weights above through the Gram matrix, per block of anchor rows A:
@@ -541,12 +543,29 @@ def batch_hard_triplet(x: Tensor, labels: Tensor, margin: float, metric: int, so
 # host: streamed batch-all and semi-hard
 
 
-def _batch_all_block(dist: Tensor, same: Tensor, margin: float):
-    """Per block: sorted negatives, thresholds t = d + margin and #negatives below each t."""
-    sorted_neg = dist.masked_fill(same, float("inf")).sort(dim=1).values
-    threshold = dist + margin
-    below = torch.searchsorted(sorted_neg, threshold)  # #{n : d_an < t}
-    return sorted_neg, threshold, below
+def _prefix_count(sorted_rows: Tensor, query: Tensor, keep) -> Tensor:
+    """int64 [rows, B]: for each query[r, i], #{k : keep(query[r, i], sorted_rows[r, k])}, where keep holds on a
+    prefix of each sorted row: a binary search on the predicate itself, so the count follows its floating-point
+    arithmetic exactly (a searchsorted on a precomputed threshold would round differently)."""
+    n = sorted_rows.shape[1]
+    lo = torch.zeros(query.shape, dtype=torch.int64, device=query.device)
+    hi = torch.full_like(lo, n)
+    for _ in range(max(n, 1).bit_length()):
+        mid = (lo + hi) // 2
+        ok = keep(query, sorted_rows.gather(1, mid.clamp(max=max(n - 1, 0)))) & (lo < hi)
+        lo = torch.where(ok, mid + 1, lo)
+        hi = torch.where(ok, hi, mid)
+    return lo
+
+
+def _sorted_negatives(dist: Tensor, same: Tensor) -> Tensor:
+    """Each anchor row's negative distances sorted ascending, inf in place of the same-label columns."""
+    return dist.masked_fill(same, float("inf")).sort(dim=1).values
+
+
+def _hinge(d_ap: Tensor, d_an: Tensor, margin: float) -> Tensor:
+    """Batch-all's h = (d_ap - d_an) + margin in sentence-transformers' order of operations, in the distances' dtype."""
+    return (d_ap - d_an) + margin
 
 
 def batch_all_fwd(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
@@ -560,12 +579,13 @@ def batch_all_fwd(x: Tensor, labels: Tensor, margin: float, metric: int) -> tupl
         stop = min(start + step, B)
         dist = _distance_rows(xo, sq, start, stop, metric)
         same, positive = _masks(labels, start, stop)
-        sorted_neg, threshold, below = _batch_all_block(dist, same, margin)
+        sorted_neg = _sorted_negatives(dist, same)
+        below = _prefix_count(sorted_neg, dist, lambda d, v: _hinge(d, v, margin) > 0)  # #{n : h > 0}
         prefix = F.pad(sorted_neg.masked_fill(torch.isinf(sorted_neg), 0.0).double().cumsum(dim=1), (1, 0))
-        sums = below * threshold.double() - prefix.gather(1, below)
+        sums = below * (dist.double() + margin) - prefix.gather(1, below)
         total += sums.masked_fill(~positive, 0.0).sum()
         # sentence-transformers counts the triplets whose loss exceeds 1e-16
-        counted = torch.searchsorted(sorted_neg.double(), threshold.double() - 1e-16)
+        counted = _prefix_count(sorted_neg, dist, lambda d, v: _hinge(d, v, margin) > 1e-16)
         count += counted.masked_fill(~positive, 0).sum()
     norm = count + 1e-16
     return (total / norm).to(_loss_dtype(x)), norm
@@ -581,10 +601,10 @@ def batch_all_bwd(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin:
         stop = min(start + step, B)
         dist = _distance_rows(xo, sq, start, stop, metric)
         same, positive = _masks(labels, start, stop)
-        sorted_neg, threshold, _ = _batch_all_block(dist, same, margin)
-        at_most = torch.searchsorted(sorted_neg, threshold, right=True)  # #{n : d_an <= t}: gradient at t = 0, as ST
-        sorted_thr = threshold.masked_fill(~positive, float("-inf")).sort(dim=1).values
-        reaching = B - torch.searchsorted(sorted_thr, dist)  # #{p : d_ap + margin >= d_an}
+        sorted_neg = _sorted_negatives(dist, same)
+        at_most = _prefix_count(sorted_neg, dist, lambda d, v: _hinge(d, v, margin) >= 0)  # #{n : h >= 0}, as ST
+        sorted_pos = dist.masked_fill(~positive, float("-inf")).sort(dim=1).values
+        reaching = B - _prefix_count(sorted_pos, dist, lambda d, p: _hinge(p, d, margin) < 0)  # #{p : h >= 0}
         weight = torch.where(positive, at_most.to(xo.dtype), 0.0) - torch.where(same, 0.0, reaching.to(xo.dtype))
         _accumulate_distance_grad(dxo, xo, weight * scale, dist, start, stop, metric)
     return _finish_grad(x, dxo, metric)
