@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fresh", action="store_true", help="replace the device's JSON instead of merging into it")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="plot and print the device's existing records")
+    ap.add_argument(
+        "--device", help="with --report-only: another machine's records (e.g. cuda-nvidia-h200) instead of this one's"
+    )
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
@@ -81,7 +84,9 @@ def main(argv=None) -> int:
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu: CUDA is not available here")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    name = harness.device_name(device)
+    if args.device and not args.report_only:
+        raise SystemExit("--device: only with --report-only (a run records the machine it runs on)")
+    name = args.device or harness.device_name(device)
     path = os.path.join(args.out, f"{name}.json")
     if args.report_only:
         records = runner.load_records(path)

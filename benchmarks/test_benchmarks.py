@@ -77,6 +77,15 @@ def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, 
     path = str(tmp_path / f"{harness.device_name(torch.device('cpu'))}.json")
     assert len(runner.load_records(path)) == n_cases
 
+    # another machine's records: the plots and the table from the file alone
+    other = tmp_path / "cuda-test-gpu.json"
+    other.write_text(open(path).read())
+    capsys.readouterr()
+    assert cli.main(["--report-only", "--device", "cuda-test-gpu", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert "cosent" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--device"):
+        cli.main([*args, "--device", "cuda-test-gpu"])
+
     capsys.readouterr()
     assert cli.main([*args, "--time-limit", "0", "--fresh"]) == 0
     assert "the time limit" in capsys.readouterr().out
