@@ -36,6 +36,13 @@ def native_has(op: str) -> bool:
     return module is not None and hasattr(module, op)
 
 
+def native_enabled(op: str) -> bool:
+    """Whether CPU tensors take fastloss._C's ``op``: the extension has it and FASTLOSS_BACKEND forces neither the
+    reference (``torch``) nor the Triton kernels (``triton``: their CPU twin is the op's torch path), as
+    :func:`select` answers. Callers check that the tensors are on the CPU."""
+    return forced_backend() not in ("torch", "triton") and native_has(op)
+
+
 def cuda_kernel_enabled(op: str) -> bool:
     """Whether CUDA tensors take fastloss._C's CUDA kernel ``op`` (e.g. ``l2norm_bwd``) instead of torch ops: only when
     FASTLOSS_CUDA_KERNELS=1 opts in, FASTLOSS_BACKEND is not ``torch`` and the extension was built with it. The torch

@@ -367,8 +367,8 @@ def _batch_hard_fwd_blocked(x: Tensor, labels: Tensor, metric: int) -> tuple[Ten
 
 
 def _native_mining() -> bool:
-    """CPU tensors mine in fastloss._C when it has the op, unless FASTLOSS_BACKEND=torch forces the torch paths."""
-    return _backend.forced_backend() != "torch" and _backend.native_has("batch_hard_triplet_mine")
+    """CPU tensors mine in fastloss._C when it has the op (the rule: :func:`fastloss._backend.native_enabled`)."""
+    return _backend.native_enabled("batch_hard_triplet_mine")
 
 
 def _batch_hard_fwd_native(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -422,8 +422,9 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
 
 
 def _native_bwd() -> bool:
-    """CPU tensors take fastloss._C.batch_hard_triplet_bwd where the extension has it, unless FASTLOSS_BACKEND=torch."""
-    return _backend.forced_backend() != "torch" and _backend.native_has("batch_hard_triplet_bwd")
+    """CPU tensors take fastloss._C.batch_hard_triplet_bwd where the extension has it (the rule:
+    :func:`fastloss._backend.native_enabled`)."""
+    return _backend.native_enabled("batch_hard_triplet_bwd")
 
 
 def _cuda_bwd() -> bool:
@@ -721,13 +722,9 @@ NATIVE_SEMI_HARD = "batch_semi_hard_triplet_fused"
 
 
 def _native_streamed(x: Tensor, native_op: str) -> bool:
-    """CPU tensors run fastloss._C's fused op when it has it; FASTLOSS_BACKEND=torch or =triton (the CUDA path)
-    take the blocked torch path above, as _backend.select answers for these ops."""
-    return (
-        x.device.type == "cpu"
-        and _backend.forced_backend() not in ("torch", "triton")
-        and _backend.native_has(native_op)
-    )
+    """CPU tensors run fastloss._C's fused op when it has it (:func:`fastloss._backend.native_enabled`); otherwise
+    the blocked torch path above, which is also the CUDA path."""
+    return x.device.type == "cpu" and _backend.native_enabled(native_op)
 
 
 def _need_grad(x: Tensor) -> bool:
