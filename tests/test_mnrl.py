@@ -74,7 +74,7 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dname,partition,hardness,n_neg,sim", _grid())
+@pytest.mark.parametrize("dname,partition,hardness,n_neg,sim", list(_grid()))
 def test_matches_sentence_transformers(backend, dname, partition, hardness, n_neg, sim):
     config = dict(directions=DIRECTION_SETS[dname], partition_mode=partition, sim=sim)
     if hardness is not None:

@@ -200,7 +200,7 @@ def _scale_cases():
                 yield pytest.param(kind, metric, scale, id=f"{kind}-{metric}-{scale:g}")
 
 
-@pytest.mark.parametrize("kind,metric,scale", _scale_cases())
+@pytest.mark.parametrize("kind,metric,scale", list(_scale_cases()))
 def test_extreme_scales(backend, kind, metric, scale):
     y = _labels("classes3")
     x = _x(len(y), 8, scale=scale)

@@ -1,0 +1,279 @@
+"""Compile every Triton kernel of fastloss for a GPU architecture on a machine without a GPU, and check its resources.
+
+The interpreter (TRITON_INTERPRET=1), which the test suite uses, never lowers a kernel to PTX, so it accepts kernels
+that fail to compile for a GPU, or that compile but do not fit one: a tile whose shared memory exceeds the SM's, or
+registers that spill. This script drives the real host wrappers (sim_lse_fwd/bwd, cosent_fwd/bwd, batch_hard_fwd)
+with a stand-in for each kernel that records its launch instead of running it, then compiles each recorded launch
+for the target with every configuration its autotuner may pick (heuristics applied, early pruning included), the
+constants and argument types the launch would have on a GPU, and reads the resources from the cubin.
+
+    python3 scripts/triton_aot.py                 # sm_90 (H100/H200) and sm_80 (A100), the full matrix
+    python3 scripts/triton_aot.py --arch 90 --quick
+
+It fails (exit 1) when a launch does not compile, or when none of an autotuned kernel's configurations fits the
+architecture's shared memory (the autotuner skips those that do not fit, so one that fits is enough). Spilled
+registers are reported, not failed: they cost speed, not correctness. tests/test_triton_aot.py runs the quick matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("triton_aot: unset TRITON_INTERPRET: the kernels' GPU configurations are chosen at import")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastloss.ops import cosent, sim_lse, triplet  # noqa: E402
+
+# Most dynamic shared memory one thread block may use (bytes), per compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.bool: "i1",
+}
+
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded kernel launch: the kernel object (autotuner, heuristics or jit function) and its arguments."""
+
+    case: str
+    kernel: object
+    args: tuple
+    kwargs: dict
+
+
+@dataclasses.dataclass
+class Result:
+    case: str
+    kernel: str
+    config: str
+    shared: int = 0
+    registers: int = 0
+    stack: int = 0
+    error: str = ""
+    seconds: float = 0.0
+
+    def fits(self, arch: int) -> bool:
+        return not self.error and self.shared <= SHARED_LIMIT[arch]
+
+
+class _Recorder:
+    """Stands in for a kernel in its module: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, kernel, sink: list[Launch], case: Callable[[], str]):
+        self.kernel, self.sink, self.case = kernel, sink, case
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append(Launch(self.case(), self.kernel, args, kwargs))
+
+
+KERNELS = {
+    sim_lse: ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"),
+    cosent: ("cosent_sim_fwd_kernel", "cosent_rank_kernel", "cosent_sim_bwd_kernel"),
+    triplet: ("batch_hard_fwd_kernel",),
+}
+
+
+@contextlib.contextmanager
+def recording(sink: list[Launch], case: Callable[[], str]) -> Iterator[None]:
+    saved = {(mod, name): getattr(mod, name) for mod, names in KERNELS.items() for name in names}
+    try:
+        for (mod, name), kernel in saved.items():
+            setattr(mod, name, _Recorder(kernel, sink, case))
+        yield
+    finally:
+        for (mod, name), kernel in saved.items():
+            setattr(mod, name, kernel)
+
+
+def record_launches(quick: bool) -> list[Launch]:
+    """Call the host wrappers over the shapes and flags that select different kernel code, recording the launches."""
+    dims = (100, 1000) if quick else (64, 100, 256, 768, 1000)
+    dtypes = ("fp32", "fp16") if quick else ("fp32", "fp16", "bf16")
+    launches: list[Launch] = []
+    label = [""]
+    with recording(launches, lambda: label[0]):
+        for name, dim in itertools.product(dtypes, dims):
+            dtype = DTYPES[name]
+            r, c = torch.zeros(48, dim, dtype=dtype), torch.zeros(96, dim, dtype=dtype)
+            flags = dict(period=48, offset=0, mask_own=False, pen_mode=3, alpha=0.1)
+            ones_r, ones_c, lse = torch.ones(48), torch.ones(96), torch.zeros(48)
+            label[0] = f"sim_lse {name} D={dim}"
+            sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, **flags)
+            sim_lse.sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, lse, need_dscale=True, **flags)
+            label[0] = f"cosent {name} D={dim}"
+            a, b, scale = torch.zeros(16, dim, dtype=dtype), torch.zeros(32, dim, dtype=dtype), torch.tensor(20.0)
+            for kind in (cosent.KIND_COS,) if quick else (cosent.KIND_COS, cosent.KIND_ANGLE):
+                cosent.cosent_fwd(a, b, torch.arange(32), scale, kind)
+                aux = torch.zeros(4, 32)
+                cosent.cosent_bwd(torch.tensor(1.0), a, b, scale, aux, torch.tensor(0.0), kind)
+            label[0] = f"batch_hard {name} D={dim}"
+            x = torch.empty(64, dim, dtype=dtype, device="meta")
+            for metric in (triplet.EUCLIDEAN,) if quick else (triplet.EUCLIDEAN, triplet.COSINE):
+                triplet.batch_hard_fwd(x, torch.zeros(64, dtype=torch.int64, device="meta"), metric)
+        if not quick:  # the ranking kernel's block grows with the number of pairs, up to 4096 with 16 warps
+            for n_pairs in (600, 5000):
+                label[0] = f"cosent rank N={n_pairs}"
+                a = torch.zeros(n_pairs, 8)
+                cosent.cosent_fwd(a, a, torch.arange(n_pairs), torch.tensor(20.0), cosent.KIND_COS)
+    return launches
+
+
+def _unwrap(kernel) -> tuple[list[triton.Config] | None, Callable | None, dict, object]:
+    """(autotune configs or None, early prune or None, heuristics, jit function) of a decorated kernel."""
+    configs, prune, heuristics = None, None, {}
+    while not isinstance(kernel, triton.runtime.JITFunction):
+        if isinstance(kernel, triton.runtime.Autotuner):
+            configs, prune = kernel.configs, kernel.early_config_prune
+        elif isinstance(kernel, triton.runtime.Heuristics):
+            heuristics = kernel.values
+        kernel = kernel.fn
+    return configs, prune, heuristics, kernel
+
+
+def _arg_type(value) -> tuple[str, bool]:
+    """(Triton signature type, divisible by 16) of a runtime argument as the launcher would specialise it."""
+    if isinstance(value, torch.Tensor):
+        return "*" + TORCH_TYPES[value.dtype], value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "i1", False
+    if isinstance(value, int):
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"triton_aot: no signature type for {type(value).__name__}")
+
+
+def _compile_units(launch: Launch) -> Iterator[tuple[str, ASTSource, dict]]:
+    """(config text, source, options) for each configuration the launch may run with."""
+    configs, prune, heuristics, fn = _unwrap(launch.kernel)
+    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    given = {k: v for k, v in launch.kwargs.items() if k not in options}
+    named = dict(zip(fn.arg_names, launch.args)) | given
+    if configs is None:
+        configs = [triton.Config({}, num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))]
+    elif prune is not None:
+        configs = prune(configs, named)
+    for cfg in configs:
+        values = named | cfg.kwargs
+        for key, heuristic in heuristics.items():
+            values[key] = heuristic(values)
+        signature, constants, attrs = {}, {}, {}
+        for i, (arg, param) in enumerate(zip(fn.arg_names, fn.params)):
+            if param.is_constexpr:
+                signature[arg], constants[arg] = "constexpr", values[arg]
+            else:
+                kind, aligned = _arg_type(values[arg])
+                signature[arg] = kind
+                if aligned:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        text = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w{cfg.num_warps} s{cfg.num_stages}"
+        source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+        yield text.strip(), source, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _resources(cubin: bytes, arch: int) -> tuple[int, int]:
+    """(registers per thread, stack frame bytes: spilled registers live there) from the cubin (cuobjdump)."""
+    tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
+    registers = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    return (int(registers.group(1)) if registers else -1), (int(stack.group(1)) if stack else -1)
+
+
+def compile_launches(launches: list[Launch], arch: int) -> list[Result]:
+    target = GPUTarget("cuda", arch, 32)
+    results, seen = [], set()
+    for launch in launches:
+        for text, source, options in _compile_units(launch):
+            key = (source.hash(), tuple(sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            result = Result(launch.case, source.fn.__name__, text)
+            start = time.perf_counter()
+            try:
+                compiled = triton.compile(source, target=target, options=options)
+                result.shared = compiled.metadata.shared
+                result.registers, result.stack = _resources(compiled.asm["cubin"], arch)
+            except Exception as exc:  # a failed compile is the finding: keep its first line and go on
+                result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            result.seconds = time.perf_counter() - start
+            results.append(result)
+    return results
+
+
+def problems(results: list[Result], arch: int) -> list[str]:
+    """Compile errors, and launches (case + kernel) none of whose configurations fits the shared memory."""
+    found = [f"{r.case} {r.kernel} [{r.config}]: {r.error}" for r in results if r.error]
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.case, r.kernel), []).append(r)
+    for (case, kernel), group in groups.items():
+        if not any(r.fits(arch) for r in group):
+            worst = min(r.shared for r in group)
+            found.append(f"{case} {kernel}: no configuration fits sm_{arch} ({worst} > {SHARED_LIMIT[arch]} B shared)")
+    return found
+
+
+def report(results: list[Result], arch: int) -> str:
+    lines = [f"sm_{arch}: {len(results)} compiles, {sum(r.seconds for r in results):.0f} s"]
+    lines.append(f"{'case':<26} {'kernel':<24} {'config':<36} {'shared':>7} {'regs':>4} {'stack':>5}")
+    for r in results:
+        status = r.error or ("" if r.shared <= SHARED_LIMIT[arch] else "does not fit")
+        lines.append(
+            f"{r.case:<26} {r.kernel:<24} {r.config:<36} {r.shared:>7} {r.registers:>4} {r.stack:>5} {status}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="repeatable")
+    parser.add_argument("--quick", action="store_true", help="fewer dims/dtypes/flags (what the test runs)")
+    args = parser.parse_args()
+    launches = record_launches(args.quick)
+    failed = False
+    print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches recorded")
+    for arch in args.arch or (90, 80):
+        results = compile_launches(launches, arch)
+        print(report(results, arch))
+        found = problems(results, arch)
+        spilling = sum(r.stack != 0 for r in results)
+        print(f"sm_{arch}: {len(found)} problems, {spilling} of {len(results)} compiles use a stack frame (spilled registers)")
+        for line in found:
+            print("  PROBLEM", line)
+        failed |= bool(found)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
