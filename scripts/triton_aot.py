@@ -267,8 +267,8 @@ def main() -> int:
         results = compile_launches(launches, arch)
         print(report(results, arch))
         found = problems(results, arch)
-        spilling = sum(r.stack != 0 for r in results)
-        print(f"sm_{arch}: {len(found)} problems, {spilling} of {len(results)} compiles use a stack frame (spilled registers)")
+        stacked = sum(r.stack != 0 for r in results)
+        print(f"sm_{arch}: {len(found)} problems, {stacked} of {len(results)} compiles use a stack frame (spills)")
         for line in found:
             print("  PROBLEM", line)
         failed |= bool(found)
