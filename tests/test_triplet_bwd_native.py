@@ -399,6 +399,21 @@ def test_cuda_many_rows_select_one_and_wide_rows(metric, dtype):
 
 
 @needs_cuda_kernel
+@pytest.mark.parametrize("metric", list(METRICS.values()), ids=list(METRICS))
+def test_cuda_skips_out_of_range_columns(metric):
+    """A column outside [0, B) is never read: the CUDA op treats it as -1 (the CPU op raises; see the .cu header)."""
+    x = _x(40, 33, seed=6, device="cuda")
+    sel_idx, sel_d = _synthetic(x, metric, seed=6)
+    grad_hp, grad_hn = _grads(40, seed=6, device="cuda")
+    bad = sel_idx.clone()
+    bad[0, ::3], bad[1, 1::5], bad[2, 2::4] = 40, 1 << 40, -7
+    none = torch.where((bad < 0) | (bad >= 40), -1, bad)
+    got = ops._batch_hard_bwd_cuda(grad_hp, grad_hn, x, bad, sel_d, metric)
+    want = ops._batch_hard_bwd_cuda(grad_hp, grad_hn, x, none, sel_d, metric)
+    assert torch.equal(got, want)
+
+
+@needs_cuda_kernel
 @pytest.mark.parametrize("metric", list(REF_FNS))
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_cuda_switch_through_the_losses(monkeypatch, kind, metric):

@@ -8,7 +8,8 @@
 //   cosine     dx^_r -= c_e x^_j, dx^_j -= c_e x^_r, then dx = (dx^ - x^ <x^, dx^>) / max(|x|, eps)
 // Deterministic design: a stable sort of sel_idx groups the pairs by their column (in pair order), searchsorted
 // gives each row's slice, and one thread block per output row gathers its own pairs and the pairs that selected it,
-// threads over the D columns; no atomics, so the sum order is fixed. Sums in at::opmath_type (fp32 for
+// threads over the D columns; no atomics, so the sum order is fixed. A column outside [0, B) in sel_idx is skipped like
+// -1 (the CPU op raises on it; here that check would cost a host sync, and the mining never produces one). Sums in at::opmath_type (fp32 for
 // fp16/bf16/fp32, fp64 for fp64). For cosine the block reduces <x, dx^> and |x|^2 and then writes dx; dx^ stays in
 // shared memory when D of it fits in kCacheBytes (D <= 8192 fp32, 4096 fp64), else it is recomputed in a second pass.
 #include <ATen/ATen.h>
@@ -71,7 +72,7 @@ __device__ __forceinline__ acc_t gather_column(const scalar_t* __restrict__ xo, 
   for (int k = 0; k < 3; ++k) {
     const int64_t e = k * p.batch + i;
     const int64_t j = p.sel[e];
-    if (j < 0) continue;
+    if (j < 0 || j >= p.batch) continue;  // none (-1); out of range is skipped too: checking it would cost a sync
     const acc_t x_j = static_cast<acc_t>(xo[j * dim + col]);
     const acc_t w = p.weight(e);
     acc += cosine ? -w * x_j : w * (x_i - x_j);
