@@ -63,6 +63,23 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+FP32_DOTS = ("ieee", "tf32x3", "tf32")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision in the Triton kernels for operands of ``dtype``. fp32: ``FASTLOSS_FP32_DOT=ieee``
+    (default: fp32 FMAs, the parity of sentence-transformers' fp32 matmuls), ``tf32x3`` (three tf32 tensor-core
+    products per dot, close to fp32 accuracy) or ``tf32`` (one, ~1e-3 relative error); ``FASTLOSS_ALLOW_TF32=1`` is
+    the older spelling of ``tf32``. Half dtypes ignore the setting (``ieee``), and so does the interpreter, which has
+    no tf32; a bad value raises whatever the dtype."""
+    value = os.environ.get("FASTLOSS_FP32_DOT", "").strip().lower()
+    if not value:
+        value = "tf32" if os.environ.get("FASTLOSS_ALLOW_TF32", "0") == "1" else "ieee"
+    if value not in FP32_DOTS:
+        raise ValueError(f"FASTLOSS_FP32_DOT must be one of {FP32_DOTS}, got {value!r}")
+    return value if dtype == torch.float32 and not triton_interpret() else "ieee"
+
+
 def forced_backend() -> str | None:
     value = os.environ.get("FASTLOSS_BACKEND", "").strip().lower()
     if not value:

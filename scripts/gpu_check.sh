@@ -76,6 +76,15 @@ if [ "${GPU_CHECK_DRY:-0}" != 1 ] && [ "$rest" -gt 60 ]; then
   summary+=("max-batch search: rc=$?")
 fi
 
+# fp32 MNRL with tf32x3 tensor-core dots (FASTLOSS_FP32_DOT), to weigh against the default ieee records above; its
+# own folder, since the record schema has no precision field (the loss is still checked against the reference)
+rest=$(($(left) - 10))
+if [ "${GPU_CHECK_DRY:-0}" != 1 ] && [ "$rest" -gt 60 ]; then
+  FASTLOSS_FP32_DOT=tf32x3 timeout "$rest" python3 -m benchmarks --gpu --ops mnrl --impls fastloss --dtypes fp32 \
+    --groups dtype --no-plot --no-max-batch --out "$OUT/tf32x3" >>"$OUT/bench.log" 2>&1
+  summary+=("bench mnrl fp32 FASTLOSS_FP32_DOT=tf32x3: rc=$?")
+fi
+
 grep -E "^(op|mnrl|mnsrl|cosent|angle|batch|gradcache|target|  )" "$OUT/bench.log" | tail -40
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 ls "$OUT"

@@ -45,7 +45,13 @@ from fastloss.ops import cosent, sim_lse, triplet  # noqa: E402
 
 # Most dynamic shared memory one thread block may use (bytes), per compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "fp32/tf32x3": torch.float32,
+    "fp32/tf32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 TORCH_TYPES = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -114,15 +120,17 @@ def recording(sink: list[Launch], case: Callable[[], str]) -> Iterator[None]:
 def record_launches(quick: bool) -> list[Launch]:
     """Call the host wrappers over the shapes and flags that select different kernel code, recording the launches."""
     dims = (100, 1000) if quick else (64, 100, 256, 768, 1000)
-    dtypes = ("fp32", "fp16") if quick else ("fp32", "fp16", "bf16")
+    dtypes = ("fp32", "fp32/tf32x3", "fp16") if quick else ("fp32", "fp32/tf32x3", "fp32/tf32", "fp16", "bf16")
     launches: list[Launch] = []
     label = [""]
+    os.environ.pop("FASTLOSS_ALLOW_TF32", None)  # FASTLOSS_FP32_DOT is set per case below ("fp32/tf32x3": tf32x3)
     with recording(launches, lambda: label[0]):
         for name, dim in itertools.product(dtypes, dims):
             dtype = DTYPES[name]
             r, c = torch.zeros(48, dim, dtype=dtype), torch.zeros(96, dim, dtype=dtype)
             flags = dict(period=48, offset=0, mask_own=False, pen_mode=3, alpha=0.1)
             ones_r, ones_c, lse = torch.ones(48), torch.ones(96), torch.zeros(48)
+            os.environ["FASTLOSS_FP32_DOT"] = name.split("/")[1] if "/" in name else "ieee"
             label[0] = f"sim_lse {name} D={dim}"
             sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, **flags)
             sim_lse.sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, lse, need_dscale=True, **flags)

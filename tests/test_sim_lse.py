@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fastloss import _backend  # noqa: E402
 from fastloss.ops import sim_lse  # noqa: E402
 from fastloss.ops.sim_lse import sim_lse_bwd, sim_lse_fwd  # noqa: E402
 
@@ -304,6 +305,51 @@ def test_invalid_options(kwargs, match):
         sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
 
 
+@pytest.mark.parametrize(
+    "env,want",
+    [
+        ({}, "ieee"),
+        ({"FASTLOSS_ALLOW_TF32": "1"}, "tf32"),
+        ({"FASTLOSS_FP32_DOT": "tf32x3"}, "tf32x3"),
+        ({"FASTLOSS_FP32_DOT": " IEEE ", "FASTLOSS_ALLOW_TF32": "1"}, "ieee"),
+    ],
+    ids=["default", "allow_tf32", "tf32x3", "explicit_wins"],
+)
+def test_fp32_dot_precision_rule(monkeypatch, env, want):
+    """FASTLOSS_FP32_DOT picks tl.dot's precision for fp32 operands (FASTLOSS_ALLOW_TF32=1 is tf32); it reaches the
+    kernel launch for fp32 inputs only, and the interpreter always gets ieee."""
+    for name in ("FASTLOSS_FP32_DOT", "FASTLOSS_ALLOW_TF32"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    assert (_backend.dot_precision(torch.float32), _backend.dot_precision(torch.bfloat16)) == (want, "ieee")
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs["DOT_PRECISION"])
+
+    monkeypatch.setattr(sim_lse, "sim_lse_fwd_kernel", Recorder())
+    opts = dict(period=4, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+    for dtype in (torch.float32, torch.float16):
+        r, c, r_inv, c_inv, _ = make(3, 4, 5, dtype)
+        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
+    assert launches == [want, "ieee"]
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: True)
+    assert _backend.dot_precision(torch.float32) == "ieee"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fp32_dot_precision_bad_value(monkeypatch, dtype):
+    monkeypatch.setenv("FASTLOSS_FP32_DOT", "bf16x3")
+    r, c, r_inv, c_inv, _ = make(3, 4, 5, dtype)
+    with pytest.raises(
+        ValueError, match=r"FASTLOSS_FP32_DOT must be one of \('ieee', 'tf32x3', 'tf32'\), got 'bf16x3'"
+    ):
+        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, period=4, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+
+
 def test_shape_mismatch():
     r, _, r_inv, _, _ = make(3, 4, 5, torch.float32)
     c = torch.randn(4, 6, device=DEVICE)
@@ -337,10 +383,23 @@ class TestGPU:
             alpha=0.5,
         )
 
-    def test_tf32(self, monkeypatch):
-        monkeypatch.setenv("FASTLOSS_ALLOW_TF32", "1")
-        r, c, r_inv, c_inv, g = make(100, 300, 384, torch.float32, seed=16)
-        check(r, c, r_inv, c_inv, 20.0, g, 2e-2, period=100, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+    @pytest.mark.parametrize("D", [100, 384], ids=lambda d: f"D{d}")
+    @pytest.mark.parametrize(
+        "env,tol",
+        [
+            ("FASTLOSS_ALLOW_TF32=1", 2e-2),
+            ("FASTLOSS_FP32_DOT=tf32", 2e-2),
+            ("FASTLOSS_FP32_DOT=tf32x3", TOL[torch.float32]),
+        ],
+    )
+    def test_fp32_dot_precision(self, monkeypatch, env, tol, D):
+        """tf32 / tf32x3 against the oracle, and not the ieee result (the setting reaches the kernels)."""
+        r, c, r_inv, c_inv, g = make(100, 300, D, torch.float32, seed=16)
+        opts = dict(period=100, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+        ieee = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
+        monkeypatch.setenv(*env.split("="))
+        check(r, c, r_inv, c_inv, 20.0, g, tol, **opts)
+        assert not torch.equal(sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts), ieee)
 
     @pytest.mark.parametrize("D", [64, 1024], ids=lambda d: f"D{d}")
     def test_deterministic(self, D):

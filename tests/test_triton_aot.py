@@ -24,7 +24,9 @@ NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     reason="this Triton build has no NVIDIA backend tools (ptxas, cuobjdump) to compile with",
 )
 def test_kernels_compile_and_fit_sm90():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLOSS_ALLOW_TF32")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLOSS_ALLOW_TF32", "FASTLOSS_FP32_DOT")
+    }
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "triton_aot.py"), "--arch", "90", "--quick"],
         capture_output=True,

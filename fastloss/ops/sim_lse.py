@@ -16,8 +16,8 @@ the logits tile by tile, once over row blocks (dr_hat, dscale) and once over can
 atomics. When D fits one BLOCK_D the gradient accumulator stays in registers; otherwise it lives in the fp32
 output, updated per D chunk by the program that owns those rows.
 
-Precision: tl.dot on the input dtype with fp32 accumulation ("ieee" for fp32 inputs, "tf32" with
-FASTLOSS_ALLOW_TF32=1); logits, LSE and accumulators in fp32. The backward products take the raw tiles of r and c
+Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 inputs "ieee", or "tf32x3" / "tf32" with
+FASTLOSS_FP32_DOT); logits, LSE and accumulators in fp32. The backward products take the raw tiles of r and c
 with the inverse norms folded into P before its cast to the input dtype: P_ij c_inv_j in dr, P_ij r_inv_i g_i / max|g|
 in dc (g_i and scale are applied in fp32 afterwards), so that fp16 stays in range; in fp16 the folded inverse norm is
 capped at 65504, which only affects vectors of norm < 1.5e-5 (zero vectors, whose gradient term is 0, are exact).
@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fastloss import _backend
 
 # D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks.
 SINGLE_D_MAX = 256
@@ -87,7 +89,7 @@ def _autotuned(kind: str):
     prune = {"early_config_prune": _prune_bwd} if kind == "bwd" else None
 
     def wrap(fn):
-        return triton.autotune(configs=_configs(kind), key=["D"], prune_configs_by=prune)(
+        return triton.autotune(configs=_configs(kind), key=["D", "DOT_PRECISION"], prune_configs_by=prune)(
             triton.heuristics(_HEURISTICS)(fn)
         )
 
@@ -419,15 +421,14 @@ def _scale(scale: Tensor | float, device: torch.device) -> Tensor:
     return torch.full((), float(scale), device=device, dtype=torch.float32)
 
 
-def _options(period: int, pen_mode: int, alpha: float) -> tuple[int, str]:
+def _options(period: int, pen_mode: int, alpha: float, dtype: torch.dtype) -> tuple[int, str]:
     if period < 1:
         raise ValueError(f"sim_lse: period must be >= 1, got {period}")
     if pen_mode not in (0, 1, 2, 3):
         raise ValueError(f"sim_lse: pen_mode must be 0, 1, 2 or 3, got {pen_mode}")
     if alpha < 0.0:
         raise ValueError(f"sim_lse: alpha must be >= 0, got {alpha}")
-    tf32 = os.environ.get("FASTLOSS_ALLOW_TF32", "0") == "1" and not _interpret()
-    return (pen_mode if alpha > 0.0 else 0), ("tf32" if tf32 else "ieee")
+    return (pen_mode if alpha > 0.0 else 0), _backend.dot_precision(dtype)
 
 
 def _on_device(x: Tensor):
@@ -451,7 +452,7 @@ def sim_lse_fwd(
     r, c = _operands(r, c)
     (M, D), N = r.shape, c.shape[0]
     r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
-    pen_mode, precision = _options(period, pen_mode, alpha)
+    pen_mode, precision = _options(period, pen_mode, alpha, r.dtype)
     lse = torch.empty(M, device=r.device, dtype=torch.float32)
     if M == 0 or N == 0:
         return lse.fill_(float("-inf"))
@@ -500,7 +501,7 @@ def sim_lse_bwd(
     (M, D), N = r.shape, c.shape[0]
     r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
     lse, g = _vector(lse, M, "lse"), _vector(g, M, "g")
-    pen_mode, precision = _options(period, pen_mode, alpha)
+    pen_mode, precision = _options(period, pen_mode, alpha, r.dtype)
     if M == 0 or N == 0:
         dr = torch.zeros((M, D), device=r.device, dtype=torch.float32)
         dc = torch.zeros((N, D), device=r.device, dtype=torch.float32)

@@ -44,9 +44,9 @@ over blocks of anchor rows. Both O(rows * B) memory, O(B^2 log B) time at most):
   (one pass over the negatives per positive) when the anchor has few positives, else by sort + prefix sums.
   Neither keeps more than a block of rows: at B = 16384 the B^2 sort and prefix sums would need gigabytes.
 
-Precision: tl.dot on the input dtype with fp32 accumulation ("ieee" for fp32, "tf32" with FASTLOSS_ALLOW_TF32=1);
-distances, selections and the loss in fp32. fp64 inputs run the Triton kernel in fp32 (the streamed ops keep fp64);
-under TRITON_INTERPRET=1 bf16 runs in fp32 (the interpreter's bf16 tl.dot is wrong).
+Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 "ieee", or "tf32x3" / "tf32" with
+FASTLOSS_FP32_DOT); distances, selections and the loss in fp32. fp64 inputs run the Triton kernel in fp32 (the
+streamed ops keep fp64); under TRITON_INTERPRET=1 bf16 runs in fp32 (the interpreter's bf16 tl.dot is wrong).
 Limits: as in sentence-transformers, euclidean needs |x|^2 to fit in fp32 (|x| < ~1e19).
 """
 
@@ -84,7 +84,11 @@ def _jit(fn):
 
 
 def _autotuned(fn):
-    return fn if triton is None else triton.autotune(configs=_configs(), key=["D", "METRIC"])(triton.jit(fn))
+    return (
+        fn
+        if triton is None
+        else triton.autotune(configs=_configs(), key=["D", "METRIC", "DOT_PRECISION"])(triton.jit(fn))
+    )
 
 
 def _configs() -> list[triton.Config]:
@@ -401,7 +405,7 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
     sel_d = torch.empty((3, B), device=x.device, dtype=torch.float32)
     if B == 0:
         return hp, hn, sel_idx, sel_d
-    tf32 = os.environ.get("FASTLOSS_ALLOW_TF32", "0") == "1" and not _interpret()
+    precision = _backend.dot_precision(xo.dtype)
     with _on_device(x):
         batch_hard_fwd_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
             xo,
@@ -416,7 +420,7 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
             xo.stride(0),
             xo.stride(1),
             METRIC=metric,
-            DOT_PRECISION="tf32" if tf32 else "ieee",
+            DOT_PRECISION=precision,
         )
     return hp, hn, sel_idx, sel_d
 
