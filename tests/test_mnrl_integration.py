@@ -86,8 +86,11 @@ def _pairs_dataset(n: int):
 
 
 def _train(minilm_path, loss_factory, tmp_path, seed=0):
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers.training_args import SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
 
     torch.manual_seed(seed)
     model = SentenceTransformer(minilm_path, device="cpu")
