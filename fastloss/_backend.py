@@ -20,15 +20,22 @@ logger = logging.getLogger("fastloss")
 BACKENDS = ("triton", "native", "torch")
 
 
-@functools.lru_cache(maxsize=1)
+# Memoised in module globals rather than with functools caches, which torch.compile traces through with a warning
+_UNSET = object()
+_native = _triton = _UNSET
+
+
 def native_module():
     """The compiled ``fastloss._C`` module, or None (the reason is logged once)."""
-    try:
-        from fastloss import _C  # type: ignore[attr-defined]
-    except ImportError as exc:
-        logger.warning("fastloss: native extension fastloss._C is not available (%s); CPU ops use fallbacks", exc)
-        return None
-    return _C
+    global _native
+    if _native is _UNSET:
+        try:
+            from fastloss import _C  # type: ignore[attr-defined]
+        except ImportError as exc:
+            logger.warning("fastloss: native extension fastloss._C is not available (%s); CPU ops use fallbacks", exc)
+            _C = None
+        _native = _C
+    return _native
 
 
 def native_has(op: str) -> bool:
@@ -50,13 +57,16 @@ def cuda_kernel_enabled(op: str) -> bool:
     return os.environ.get("FASTLOSS_CUDA_KERNELS", "0") == "1" and forced_backend() != "torch" and native_has(op)
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _triton
+    if _triton is _UNSET:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton = False
+        else:
+            _triton = True
+    return _triton
 
 
 def triton_interpret() -> bool:
