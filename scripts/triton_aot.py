@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import multiprocessing
 import os
 import re
 import shutil
@@ -119,7 +120,7 @@ def recording(sink: list[Launch], case: Callable[[], str]) -> Iterator[None]:
 
 def record_launches(quick: bool) -> list[Launch]:
     """Call the host wrappers over the shapes and flags that select different kernel code, recording the launches."""
-    dims = (100, 1000) if quick else (64, 100, 256, 768, 1000)
+    dims = (100, 256, 1000) if quick else (64, 100, 256, 768, 1000)
     dtypes = ("fp32", "fp32/tf32x3", "fp16") if quick else ("fp32", "fp32/tf32x3", "fp32/tf32", "fp16", "bf16")
     launches: list[Launch] = []
     label = [""]
@@ -217,26 +218,39 @@ def _resources(cubin: bytes, arch: int) -> tuple[int, int]:
     return (int(registers.group(1)) if registers else -1), (int(stack.group(1)) if stack else -1)
 
 
-def compile_launches(launches: list[Launch], arch: int) -> list[Result]:
-    target = GPUTarget("cuda", arch, 32)
-    results, seen = [], set()
+_UNITS: list[tuple[str, str, ASTSource, dict, int]] = []  # what the forked workers compile, by index
+
+
+def _compile_one(index: int) -> Result:
+    case, text, source, options, arch = _UNITS[index]
+    result = Result(case, source.fn.__name__, text)
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        result.shared = compiled.metadata.shared
+        result.registers, result.stack = _resources(compiled.asm["cubin"], arch)
+    except Exception as exc:  # a failed compile is the finding: keep its first line and go on
+        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def compile_launches(launches: list[Launch], arch: int, jobs: int | None = None) -> list[Result]:
+    """Compile each distinct (kernel, constants, types, options) once, in ``jobs`` forked processes (default: one per
+    CPU); results in launch order."""
+    seen = set()
+    _UNITS.clear()
     for launch in launches:
         for text, source, options in _compile_units(launch):
             key = (source.hash(), tuple(sorted(options.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            result = Result(launch.case, source.fn.__name__, text)
-            start = time.perf_counter()
-            try:
-                compiled = triton.compile(source, target=target, options=options)
-                result.shared = compiled.metadata.shared
-                result.registers, result.stack = _resources(compiled.asm["cubin"], arch)
-            except Exception as exc:  # a failed compile is the finding: keep its first line and go on
-                result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-            result.seconds = time.perf_counter() - start
-            results.append(result)
-    return results
+            if key not in seen:
+                seen.add(key)
+                _UNITS.append((launch.case, text, source, options, arch))
+    jobs = min(jobs or os.cpu_count() or 1, len(_UNITS))
+    if jobs <= 1:
+        return [_compile_one(i) for i in range(len(_UNITS))]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_one, range(len(_UNITS)), chunksize=1)
 
 
 def problems(results: list[Result], arch: int) -> list[str]:
@@ -250,6 +264,19 @@ def problems(results: list[Result], arch: int) -> list[str]:
             worst = min(r.shared for r in group)
             found.append(f"{case} {kernel}: no configuration fits sm_{arch} ({worst} > {SHARED_LIMIT[arch]} B shared)")
     return found
+
+
+def spilling(results: list[Result], arch: int) -> list[str]:
+    """Launches (case + kernel) all of whose fitting configurations need a stack (spilled registers)."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        if r.fits(arch):
+            groups.setdefault((r.case, r.kernel), []).append(r)
+    return [
+        f"{case} {kernel}: least stack {min(r.stack for r in group)} B over {len(group)} configurations"
+        for (case, kernel), group in groups.items()
+        if min(r.stack for r in group) > 0
+    ]
 
 
 def report(results: list[Result], arch: int) -> str:
@@ -267,18 +294,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="repeatable")
     parser.add_argument("--quick", action="store_true", help="fewer dims/dtypes/flags (what the test runs)")
+    parser.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
     args = parser.parse_args()
     launches = record_launches(args.quick)
     failed = False
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches recorded")
     for arch in args.arch or (90, 80):
-        results = compile_launches(launches, arch)
+        results = compile_launches(launches, arch, args.jobs)
         print(report(results, arch))
         found = problems(results, arch)
         stacked = sum(r.stack != 0 for r in results)
         print(f"sm_{arch}: {len(found)} problems, {stacked} of {len(results)} compiles use a stack frame (spills)")
         for line in found:
             print("  PROBLEM", line)
+        for line in spilling(results, arch):
+            print("  spills in every configuration:", line)
         failed |= bool(found)
     return 1 if failed else 0
 

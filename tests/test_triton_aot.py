@@ -3,7 +3,8 @@
 The rest of the suite runs the kernels under TRITON_INTERPRET=1, which never lowers them to PTX: a kernel can pass
 there and still fail to compile for a GPU (a tl.dot shape the hardware lowering rejects, a type the interpreter lets
 through) or need more shared memory than an SM has. scripts/triton_aot.py compiles every launch the host wrappers
-make, with every autotune configuration, for a real target; here on the quick matrix (two D regimes, fp32/fp16).
+make, with every autotune configuration, for a real target; here on the quick matrix (D = 100, 256, 1000: both D
+regimes and the largest single tile; fp32 with ieee and tf32x3 dots, fp16).
 It runs in a subprocess because the kernels' GPU configurations are chosen at import, without the interpreter.
 """
 

@@ -55,10 +55,22 @@ def _config(bm: int, bn: int, warps: int, stages: int = 3) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Tile shapes picked from ptxas resource usage on sm_90 (triton 3.8) at D = 64, 128, 256, 768: at every such D some
-# of them spill no registers. Each kernel autotunes among them on its first call for a given D and dtypes.
-_FWD_CONFIGS = [_config(64, 64, 8), _config(128, 32, 8), _config(64, 32, 4), _config(32, 64, 4)]
-_BWD_CONFIGS = [_config(64, 64, 8), _config(128, 32, 8), _config(64, 32, 4), _config(32, 64, 4), _config(64, 64, 4)]
+# Tile shapes picked from the resources ptxas reports for sm_90 (scripts/triton_aot.py, triton 3.8): for each kernel,
+# dtype and D regime some of them need no stack (no spilled registers). fp32 with ieee dots (FMA, operands held per
+# thread) spills in all of the first five backward tiles at D in (64, 256]: the last three are there for it. With
+# tf32x3 at D = 256 only the 32 x 32 forward tile fits in shared memory. Each kernel autotunes among them on its first
+# call for a given D, dot precision and dtypes.
+_FWD_CONFIGS = [_config(64, 64, 8), _config(128, 32, 8), _config(64, 32, 4), _config(32, 64, 4), _config(32, 32, 4)]
+_BWD_CONFIGS = [
+    _config(64, 64, 8),
+    _config(128, 32, 8),
+    _config(64, 32, 4),
+    _config(32, 64, 4),
+    _config(64, 64, 4),
+    _config(32, 32, 4),
+    _config(32, 64, 8),
+    _config(64, 32, 8),
+]
 
 
 def _configs(kind: str) -> list[triton.Config]:
