@@ -48,3 +48,23 @@ def test_kernels_compile_and_fit_sm90():
         "batch_hard_fwd_kernel",
     ):
         assert kernel in done.stdout, f"{kernel} was never compiled"
+
+
+def test_fp32_only_tiles_are_pruned_for_half_dtypes():
+    """The tiles added for fp32 operands are neither compiled nor timed for half dtypes (each costs a compile on a
+    kernel's first call for a given D), and fp32 keeps every tile."""
+    import torch
+
+    from fastloss.ops import sim_lse, triplet
+
+    cases = [
+        (sim_lse._prune_fwd, sim_lse._FWD_CONFIGS, sim_lse._FP32_FWD, "r", {}),
+        (sim_lse._prune_bwd, sim_lse._BWD_CONFIGS, sim_lse._FP32_BWD, "r", {"D": 64}),
+        (triplet._prune, triplet._TILES, triplet._FP32_TILES, "x", {}),
+    ]
+    for prune, configs, fp32_only, name, extra in cases:
+        for dtype in (torch.float16, torch.bfloat16):
+            half = prune(configs, {name: torch.empty(1, dtype=dtype), **extra})
+            assert len(half) == len(configs) - len(fp32_only) > 0
+            assert not any(cfg is tile for cfg in half for tile in fp32_only)
+        assert prune(configs, {name: torch.empty(1, dtype=torch.float32), **extra}) == configs

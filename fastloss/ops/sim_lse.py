@@ -56,20 +56,20 @@ def _config(bm: int, bn: int, warps: int, stages: int = 3) -> triton.Config:
 
 
 # Tile shapes picked from the resources ptxas reports for sm_90 (scripts/triton_aot.py, triton 3.8): for each kernel,
-# dtype and D regime some of them need no stack (no spilled registers). fp32 with ieee dots (FMA, operands held per
-# thread) spills in all of the first five backward tiles at D in (64, 256]: the last three are there for it. With
-# tf32x3 at D = 256 only the 32 x 32 forward tile fits in shared memory. Each kernel autotunes among them on its first
-# call for a given D, dot precision and dtypes.
-_FWD_CONFIGS = [_config(64, 64, 8), _config(128, 32, 8), _config(64, 32, 4), _config(32, 64, 4), _config(32, 32, 4)]
+# dtype and D regime some of them need no stack (no spilled registers). fp32 operands get more: with ieee dots (FMA,
+# operands held per thread) all five shared backward tiles spill at D in (64, 256], and with tf32x3 dots at D = 256
+# only the 32 x 32 forward tile fits in shared memory. Half dtypes do not compile or time the fp32 tiles (every tile
+# costs a compile on the first call for a given D, dot precision and dtypes, when the kernel autotunes).
+_FP32_FWD = [_config(32, 32, 4)]
+_FP32_BWD = [_config(32, 32, 4), _config(32, 64, 8), _config(64, 32, 8)]
+_FWD_CONFIGS = [_config(64, 64, 8), _config(128, 32, 8), _config(64, 32, 4), _config(32, 64, 4), *_FP32_FWD]
 _BWD_CONFIGS = [
     _config(64, 64, 8),
     _config(128, 32, 8),
     _config(64, 32, 4),
     _config(32, 64, 4),
     _config(64, 64, 4),
-    _config(32, 32, 4),
-    _config(32, 64, 8),
-    _config(64, 32, 8),
+    *_FP32_BWD,
 ]
 
 
@@ -81,11 +81,24 @@ def _configs(kind: str) -> list[triton.Config]:
     return _FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS
 
 
+def _for_dtype(configs, named_args) -> list:
+    """Without fp32 operands, drop the fp32-only tiles."""
+    if named_args["r"].dtype == torch.float32:
+        return list(configs)
+    return [cfg for cfg in configs if not any(cfg is tile for tile in (*_FP32_FWD, *_FP32_BWD))]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return _for_dtype(configs, named_args) or configs[:1]
+
+
 def _prune_bwd(configs, named_args, **kwargs):
-    """Drop tiles whose [BLOCK, BLOCK_D] fp32 gradient accumulator would spill (2048 elements per warp)."""
+    """Also drop tiles whose [BLOCK, BLOCK_D] fp32 gradient accumulator would spill (2048 elements per warp)."""
     block_d = _block_d(named_args["D"])
     kept = [
-        cfg for cfg in configs if max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) * block_d <= 2048 * cfg.num_warps
+        cfg
+        for cfg in _for_dtype(configs, named_args)
+        if max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) * block_d <= 2048 * cfg.num_warps
     ]
     return kept or configs[:1]
 
@@ -98,7 +111,7 @@ _HEURISTICS = {
 
 
 def _autotuned(kind: str):
-    prune = {"early_config_prune": _prune_bwd} if kind == "bwd" else None
+    prune = {"early_config_prune": _prune_bwd if kind == "bwd" else _prune_fwd}
 
     def wrap(fn):
         return triton.autotune(configs=_configs(kind), key=["D", "DOT_PRECISION"], prune_configs_by=prune)(

@@ -84,11 +84,24 @@ def _jit(fn):
 
 
 def _autotuned(fn):
-    return (
-        fn
-        if triton is None
-        else triton.autotune(configs=_configs(), key=["D", "METRIC", "DOT_PRECISION"])(triton.jit(fn))
+    if triton is None:
+        return fn
+    prune = {"early_config_prune": _prune}
+    return triton.autotune(configs=_configs(), key=["D", "METRIC", "DOT_PRECISION"], prune_configs_by=prune)(
+        triton.jit(fn)
     )
+
+
+def _tile(bm: int, bn: int, bd: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=3)
+
+
+# Two tiles for fp32 inputs only: their ieee dots spill 570-820 B of stack in the first three on sm_90 and 40-70 B in
+# these (scripts/triton_aot.py); half dtypes spill in none of the first three and do not compile or time these.
+_FP32_TILES = [_tile(64, 64, 32, 8), _tile(32, 64, 32, 4)] if triton is not None else []
+_TILES = (
+    [_tile(64, 64, 64, 4), _tile(128, 64, 64, 8), _tile(128, 128, 32, 8), *_FP32_TILES] if triton is not None else []
+)
 
 
 def _configs() -> list[triton.Config]:
@@ -99,19 +112,13 @@ def _configs() -> list[triton.Config]:
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
             for bm, bn, bd, w, s in itertools.product((64, 128), (32, 64, 128), (32, 64), (4, 8), (2, 3, 4))
         ]
-    # the last two for fp32 inputs, whose ieee dots spill 570-820 B of stack in the first three on sm_90 (40-70 B in
-    # these; scripts/triton_aot.py); half dtypes spill in none
-    return [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-    ]
+    return _TILES
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# kernels
+def _prune(configs, named_args, **kwargs):
+    if named_args["x"].dtype == torch.float32:
+        return configs
+    return [cfg for cfg in configs if not any(cfg is tile for tile in _FP32_TILES)] or configs[:1]
 
 
 @_jit
