@@ -253,13 +253,18 @@ def compile_launches(launches: list[Launch], arch: int, jobs: int | None = None)
         return pool.map(_compile_one, range(len(_UNITS)), chunksize=1)
 
 
-def problems(results: list[Result], arch: int) -> list[str]:
-    """Compile errors, and launches (case + kernel) none of whose configurations fits the shared memory."""
-    found = [f"{r.case} {r.kernel} [{r.config}]: {r.error}" for r in results if r.error]
+def _by_launch(results: list[Result]) -> dict[tuple[str, str], list[Result]]:
+    """The results grouped by launch (case, kernel), one entry per configuration."""
     groups: dict[tuple[str, str], list[Result]] = {}
     for r in results:
         groups.setdefault((r.case, r.kernel), []).append(r)
-    for (case, kernel), group in groups.items():
+    return groups
+
+
+def problems(results: list[Result], arch: int) -> list[str]:
+    """Compile errors, and launches (case + kernel) none of whose configurations fits the shared memory."""
+    found = [f"{r.case} {r.kernel} [{r.config}]: {r.error}" for r in results if r.error]
+    for (case, kernel), group in _by_launch(results).items():
         if not any(r.fits(arch) for r in group):
             worst = min(r.shared for r in group)
             found.append(f"{case} {kernel}: no configuration fits sm_{arch} ({worst} > {SHARED_LIMIT[arch]} B shared)")
@@ -268,10 +273,7 @@ def problems(results: list[Result], arch: int) -> list[str]:
 
 def spilling(results: list[Result], arch: int) -> list[str]:
     """Launches (case + kernel) all of whose fitting configurations need a stack (spilled registers)."""
-    groups: dict[tuple[str, str], list[Result]] = {}
-    for r in results:
-        if r.fits(arch):
-            groups.setdefault((r.case, r.kernel), []).append(r)
+    groups = _by_launch([r for r in results if r.fits(arch)])
     return [
         f"{case} {kernel}: least stack {min(r.stack for r in group)} B over {len(group)} configurations"
         for (case, kernel), group in groups.items()
@@ -283,7 +285,7 @@ def report(results: list[Result], arch: int) -> str:
     lines = [f"sm_{arch}: {len(results)} compiles, {sum(r.seconds for r in results):.0f} s"]
     lines.append(f"{'case':<26} {'kernel':<24} {'config':<36} {'shared':>7} {'regs':>4} {'stack':>5}")
     for r in results:
-        status = r.error or ("" if r.shared <= SHARED_LIMIT[arch] else "does not fit")
+        status = r.error or ("" if r.fits(arch) else "does not fit")
         lines.append(
             f"{r.case:<26} {r.kernel:<24} {r.config:<36} {r.shared:>7} {r.registers:>4} {r.stack:>5} {status}".rstrip()
         )

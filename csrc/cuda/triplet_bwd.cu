@@ -9,9 +9,10 @@
 // Deterministic design: a stable sort of sel_idx groups the pairs by their column (in pair order), searchsorted
 // gives each row's slice, and one thread block per output row gathers its own pairs and the pairs that selected it,
 // threads over the D columns; no atomics, so the sum order is fixed. A column outside [0, B) in sel_idx is skipped like
-// -1 (the CPU op raises on it; here that check would cost a host sync, and the mining never produces one). Sums in at::opmath_type (fp32 for
-// fp16/bf16/fp32, fp64 for fp64). For cosine the block reduces <x, dx^> and |x|^2 and then writes dx; dx^ stays in
-// shared memory when D of it fits in kCacheBytes (D <= 8192 fp32, 4096 fp64), else it is recomputed in a second pass.
+// -1 (the CPU op raises on it; here that check would cost a host sync, and the mining never produces one). Sums in
+// at::opmath_type (fp32 for fp16/bf16/fp32, fp64 for fp64). For cosine the block reduces <x, dx^> and |x|^2 and then
+// writes dx; dx^ stays in shared memory when D of it fits in kCacheBytes (D <= 8192 fp32, 4096 fp64), else it is
+// recomputed in a second pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastloss import _backend
+from fastloss.ops._autotune import drop_fp32_tiles
 
 # D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks.
 SINGLE_D_MAX = 256
@@ -81,15 +82,8 @@ def _configs(kind: str) -> list[triton.Config]:
     return _FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS
 
 
-def _for_dtype(configs, named_args) -> list:
-    """Without fp32 operands, drop the fp32-only tiles."""
-    if named_args["r"].dtype == torch.float32:
-        return list(configs)
-    return [cfg for cfg in configs if not any(cfg is tile for tile in (*_FP32_FWD, *_FP32_BWD))]
-
-
 def _prune_fwd(configs, named_args, **kwargs):
-    return _for_dtype(configs, named_args) or configs[:1]
+    return drop_fp32_tiles(configs, named_args["r"], _FP32_FWD)
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -97,7 +91,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     block_d = _block_d(named_args["D"])
     kept = [
         cfg
-        for cfg in _for_dtype(configs, named_args)
+        for cfg in drop_fp32_tiles(configs, named_args["r"], _FP32_BWD)
         if max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) * block_d <= 2048 * cfg.num_warps
     ]
     return kept or configs[:1]

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastloss import _backend
+from fastloss.ops._autotune import drop_fp32_tiles
 
 try:
     import triton
@@ -98,10 +99,10 @@ def _tile(bm: int, bn: int, bd: int, warps: int) -> triton.Config:
 
 # Two tiles for fp32 inputs only: their ieee dots spill 570-820 B of stack in the first three on sm_90 and 40-70 B in
 # these (scripts/triton_aot.py); half dtypes spill in none of the first three and do not compile or time these.
-_FP32_TILES = [_tile(64, 64, 32, 8), _tile(32, 64, 32, 4)] if triton is not None else []
-_TILES = (
-    [_tile(64, 64, 64, 4), _tile(128, 64, 64, 8), _tile(128, 128, 32, 8), *_FP32_TILES] if triton is not None else []
-)
+_FP32_TILES, _TILES = [], []
+if triton is not None:
+    _FP32_TILES = [_tile(64, 64, 32, 8), _tile(32, 64, 32, 4)]
+    _TILES = [_tile(64, 64, 64, 4), _tile(128, 64, 64, 8), _tile(128, 128, 32, 8), *_FP32_TILES]
 
 
 def _configs() -> list[triton.Config]:
@@ -116,9 +117,11 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kwargs):
-    if named_args["x"].dtype == torch.float32:
-        return configs
-    return [cfg for cfg in configs if not any(cfg is tile for tile in _FP32_TILES)] or configs[:1]
+    return drop_fp32_tiles(configs, named_args["x"], _FP32_TILES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
 
 
 @_jit
