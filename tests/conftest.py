@@ -2,8 +2,8 @@
 
 - Without CUDA, Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1), set here before
   anything imports triton.
-- Fresh floating allocations made with torch.empty / empty_like are poisoned with NaN (as fla's tests do), so a
-  kernel that leaves part of its output unwritten fails loudly.
+- Fresh floating allocations made with torch.empty / empty_like are poisoned with NaN (as fla's tests do), on CPU
+  and CUDA alike, so a kernel that leaves part of its output unwritten fails loudly.
 """
 
 import os
@@ -23,7 +23,7 @@ _empty, _empty_like = torch.empty, torch.empty_like
 def _poisoned(factory):
     def wrapper(*args, **kwargs):
         out = factory(*args, **kwargs)
-        if out.is_floating_point() and out.device.type == "cpu" and not out.requires_grad:
+        if out.is_floating_point() and out.device.type != "meta" and not out.requires_grad:
             out.fill_(float("nan"))
         return out
 
