@@ -266,6 +266,8 @@ class Runner:
         rec = self._base(case, impl_name)
         try:
             p = self._problem(spec, case)
+            # the gradients of the inputs: part of every implementation's peak_mib (an exact loss must return them)
+            rec["grad_mib"] = sum(x.numel() * x.element_size() for x in p.inputs if x.requires_grad) / 2**20
             impl = spec.impls[impl_name](p)
             rec["backend"] = impl.backend
             if impl.note:

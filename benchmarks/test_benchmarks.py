@@ -90,3 +90,26 @@ def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, 
     assert cli.main([*args, "--time-limit", "0", "--fresh"]) == 0
     assert "the time limit" in capsys.readouterr().out
     assert runner.load_records(path) == []
+
+
+def test_target_lines_judge_the_gpu_targets():
+    """The summary's target lines say met / NOT met for the GPU target shape, and give the memory share beyond the
+    input gradients (which every implementation allocates) beside the plain one."""
+    from benchmarks import report
+
+    b, n, d, dtype = report.GPU_TARGET_SHAPE
+    base = {"device": "cuda-test-gpu", "op": "mnrl", "B": b, "N": n, "D": d, "dtype": dtype, "grad_mib": 192.0}
+    flops = 8.0 * b * n * d
+    records = [
+        {**base, "impl": "fastloss", "backend": "triton", "ms": flops / 500e12 * 1e3, "peak_mib": 392.0},
+        {**base, "impl": "sentence_transformers", "ms": flops / 100e12 * 1e3, "peak_mib": 12480.0},
+        {**base, "impl": "gemm_floor", "ms": flops / 600e12 * 1e3, "peak_mib": 4096.0},
+    ]
+    lines = "\n".join(report.targets_report(records))
+    assert "fastloss" in lines and "500 TFLOP/s" in lines and "1.20x the floor" in lines
+    assert "<= 1.5x the floor: met]" in lines
+    assert "= 5.00x (target >= 3.0x: met)" in lines
+    assert "3.1% of its 12480.0 MiB (target <= 1%: NOT met)" in lines
+    assert "beyond the inputs' gradients (192.0 MiB, which both allocate) 1.6%" in lines
+    records[0]["ms"] = flops / 300e12 * 1e3  # 300 TFLOP/s, 2x the floor
+    assert "the floor: NOT met]" in "\n".join(report.targets_report(records))
