@@ -58,13 +58,38 @@ def test_fp32_only_tiles_are_pruned_for_half_dtypes():
     from fastloss.ops import sim_lse, triplet
 
     cases = [
-        (sim_lse._prune_fwd, sim_lse._FWD_CONFIGS, sim_lse._FP32_FWD, "r", {}),
-        (sim_lse._prune_bwd, sim_lse._BWD_CONFIGS, sim_lse._FP32_BWD, "r", {"D": 64}),
-        (triplet._prune, triplet._TILES, triplet._FP32_TILES, "x", {}),
+        (sim_lse._prune_fwd, sim_lse._FWD_CONFIGS, sim_lse._FP32_FWD, sim_lse._WIDE_FWD, "r", {"D": 64}),
+        (sim_lse._prune_bwd, sim_lse._BWD_CONFIGS, sim_lse._FP32_BWD, sim_lse._WIDE_BWD, "r", {"D": 64}),
+        (triplet._prune, triplet._TILES, triplet._FP32_TILES, [], "x", {}),
     ]
-    for prune, configs, fp32_only, name, extra in cases:
+    for prune, configs, fp32_only, wide, name, extra in cases:
         for dtype in (torch.float16, torch.bfloat16):
             half = prune(configs, {name: torch.empty(1, dtype=dtype), **extra})
-            assert len(half) == len(configs) - len(fp32_only) > 0
-            assert not any(cfg is tile for cfg in half for tile in fp32_only)
-        assert prune(configs, {name: torch.empty(1, dtype=torch.float32), **extra}) == configs
+            assert len(half) == len(configs) - len(fp32_only) - len(wide) > 0
+            assert not any(cfg is tile for cfg in half for tile in fp32_only + wide)
+        fp32 = [cfg for cfg in configs if all(cfg is not tile for tile in wide)]
+        assert prune(configs, {name: torch.empty(1, dtype=torch.float32), **extra}) == fp32
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_wide_tiles_only_for_half_dtypes_with_chunked_d(kind):
+    """The wide sim_lse tiles are compiled and timed only where they pay and do not spill: fp16/bf16 operands with
+    D looped in chunks (D > SINGLE_D_MAX)."""
+    import torch
+
+    from fastloss.ops import sim_lse
+
+    prune, configs, wide = {
+        "fwd": (sim_lse._prune_fwd, sim_lse._FWD_CONFIGS, sim_lse._WIDE_FWD),
+        "bwd": (sim_lse._prune_bwd, sim_lse._BWD_CONFIGS, sim_lse._WIDE_BWD),
+    }[kind]
+
+    def kept(dtype, D):
+        out = prune(configs, {"r": torch.empty(1, dtype=dtype), "D": D})
+        return sum(any(cfg is tile for tile in wide) for cfg in out)
+
+    for dtype in (torch.float16, torch.bfloat16):
+        assert kept(dtype, sim_lse.SINGLE_D_MAX + 1) == len(wide) > 0
+        assert kept(dtype, 1024) == len(wide)
+        assert kept(dtype, sim_lse.SINGLE_D_MAX) == 0
+    assert kept(torch.float32, 1024) == 0

@@ -63,7 +63,22 @@ def _config(bm: int, bn: int, warps: int, stages: int = 3) -> triton.Config:
 # costs a compile on the first call for a given D, dot precision and dtypes, when the kernel autotunes).
 _FP32_FWD = [_config(32, 32, 4)]
 _FP32_BWD = [_config(32, 32, 4), _config(32, 64, 8), _config(64, 32, 8)]
-_FWD_CONFIGS = [_config(64, 64, 8), _config(128, 32, 8), _config(64, 32, 4), _config(32, 64, 4), *_FP32_FWD]
+# Wider tiles for fp16/bf16 when D is looped in chunks (D > SINGLE_D_MAX, the GPU targets' D = 768..4096). There each
+# tile of the similarity is a GEMM over D whose operands come from L2: BLOCK_M * BLOCK_N / (BLOCK_M + BLOCK_N) FLOP
+# per byte (32 at 64 x 64, 43 at 128 x 64, 64 at 128 x 128), and the backward's read-modify-write of the fp32 gradient
+# rows costs one pass over them per tile of the other side. With bf16/fp16 at D = 768 and 1024 they compile without a
+# stack on sm_90 (wgmma; Triton 3.6 and 3.8) and sm_80 (at D = 1000, not a multiple of BLOCK_D, some need 24-472 B);
+# at D <= 256 they spill or do not fit in shared memory, so they are dropped there, and for fp32 operands.
+_WIDE_FWD = [_config(128, 128, 8), _config(128, 64, 8), _config(64, 128, 8)]
+_WIDE_BWD = [_config(128, 64, 8), _config(64, 128, 8)]
+_FWD_CONFIGS = [
+    _config(64, 64, 8),
+    _config(128, 32, 8),
+    _config(64, 32, 4),
+    _config(32, 64, 4),
+    *_FP32_FWD,
+    *_WIDE_FWD,
+]
 _BWD_CONFIGS = [
     _config(64, 64, 8),
     _config(128, 32, 8),
@@ -71,6 +86,7 @@ _BWD_CONFIGS = [
     _config(32, 64, 4),
     _config(64, 64, 4),
     *_FP32_BWD,
+    *_WIDE_BWD,
 ]
 
 
@@ -82,8 +98,15 @@ def _configs(kind: str) -> list[triton.Config]:
     return _FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS
 
 
+def _drop_wide_tiles(configs: list[triton.Config], named_args: dict, wide: list[triton.Config]) -> list:
+    """``configs`` without the tiles of ``wide`` unless the operands are fp16/bf16 and D is looped in chunks."""
+    if named_args["r"].dtype in (torch.float16, torch.bfloat16) and named_args["D"] > SINGLE_D_MAX:
+        return configs
+    return [cfg for cfg in configs if all(cfg is not tile for tile in wide)] or configs[:1]
+
+
 def _prune_fwd(configs, named_args, **kwargs):
-    return drop_fp32_tiles(configs, named_args["r"], _FP32_FWD)
+    return _drop_wide_tiles(drop_fp32_tiles(configs, named_args["r"], _FP32_FWD), named_args, _WIDE_FWD)
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -91,7 +114,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     block_d = _block_d(named_args["D"])
     kept = [
         cfg
-        for cfg in drop_fp32_tiles(configs, named_args["r"], _FP32_BWD)
+        for cfg in _drop_wide_tiles(drop_fp32_tiles(configs, named_args["r"], _FP32_BWD), named_args, _WIDE_BWD)
         if max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) * block_d <= 2048 * cfg.num_warps
     ]
     return kept or configs[:1]
