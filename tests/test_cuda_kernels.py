@@ -124,14 +124,15 @@ def test_triplet_normalize_backward_dispatch(stand_in, dtype):
 @pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES, "fp64"])
 def test_mnrl_norm_backward_dispatch(stand_in, dtype):
     """fp16/bf16/fp32 take the kernel with the fp32 gradient as it is; fp64 stays on torch ops (their sums are fp32
-    there, as the forward's inverse norms); dot-product similarity (normalize=False) passes the gradient through."""
+    there, as the forward's inverse norms); dot-product similarity (normalize=False) passes the gradient through; the
+    result is in x's dtype either way."""
     with FakeTensorMode():
         x = _fake((5, 33), dtype)
         dx_hat = _fake((5, 33), torch.float32)
         inv = _fake((5,), torch.float32)
-        dx = mnrl_ops._norm_backward(x, inv, dx_hat, True)
-        assert dx.dtype == (torch.float32 if dtype == torch.float64 else dtype)
-        assert mnrl_ops._norm_backward(x, inv, dx_hat, False) is dx_hat
+        assert mnrl_ops._norm_backward(x, inv, dx_hat, True).dtype == dtype
+        passed = mnrl_ops._norm_backward(x, inv, dx_hat, False)
+        assert passed.dtype == dtype and (passed is dx_hat) == (dtype == torch.float32)
     assert stand_in == ([] if dtype == torch.float64 else [("l2norm_bwd", dtype, torch.float32, 1e-12)])
 
 

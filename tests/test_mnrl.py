@@ -16,7 +16,7 @@ from _helpers import available_backends, leaf, rel_err
 
 import fastloss.functional as FF
 from fastloss import losses
-from fastloss.ops.mnrl import MNRLParams, mnrl
+from fastloss.ops.mnrl import DIRECTION_BITS, MNRLParams, mnrl
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
@@ -311,6 +311,63 @@ def test_gradcheck_fp64(backend_name):
     assert torch.autograd.gradcheck(
         lambda q, d, s: mnrl(q, d, s, params, backend_name), (q, torch.cat([p, n]), scale), eps=1e-6, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("backend_name", _op_backends())
+@pytest.mark.parametrize(
+    "offset,batch,directions,joint",
+    [(0, 7, 15, True), (2, 3, 15, True), (1, 5, 5, False), (3, 4, 3, True), (0, 7, 5, False), (4, 3, 9, True)],
+    ids=["all4", "all4-gathered", "qd+dq-gathered", "qd+qq-gathered", "qd+dq", "qd+dd-gathered"],
+)
+def test_local_rows_and_direction_sums_match_the_reference(backend_name, offset, batch, directions, joint):
+    """The op where the local rows are a slice of a gathered batch (offset > 0, as with gather_across_devices) and
+    where several directions add into one gradient (a direction's rows or candidates), against the fp64 reference;
+    dscale against its central difference (the reference's autograd gives NaN for it where entries are masked)."""
+    from fastloss.reference import mnrl_loss
+
+    q, p, n = _embeddings(7, 20, 3, dtype=torch.float32)
+    params = MNRLParams(offset=offset, batch=batch, directions=directions, joint=joint, hardness=3, alpha=0.4)
+    args = (leaf(q), leaf(torch.cat([p, n])), leaf(torch.tensor(20.0)))
+    mnrl(*args, params, backend_name).backward()
+    ref = [leaf(x.double()) for x in (q, p, n)]
+    opts = dict(
+        offset=offset,
+        batch_size=batch,
+        directions=[name for name, bit in DIRECTION_BITS.items() if directions & bit],
+        partition_mode="joint" if joint else "per_direction",
+        hardness_mode="all_negatives",
+        hardness_strength=0.4,
+    )
+    mnrl_loss(ref[0], ref[1:], 20.0, **opts).backward()
+    with torch.no_grad():
+        dscale = (
+            mnrl_loss(ref[0], ref[1:], 20.0 + 1e-5, **opts) - mnrl_loss(ref[0], ref[1:], 20.0 - 1e-5, **opts)
+        ) / 2e-5
+    want = (ref[0].grad, torch.cat([ref[1].grad, ref[2].grad]), dscale)
+    for got, expected in zip((x.grad for x in args), want):
+        assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+def test_flash_epilogues_give_the_same_bits_in_row_chunks(monkeypatch):
+    """The flash path's O(B*D) epilogues (positive similarities, normalisation backward) run a chunk of rows at a
+    time to bound their fp32 temporaries; the arithmetic per row is the same at any chunk size."""
+    from fastloss.ops import mnrl as mnrl_module
+
+    q, p, n = _embeddings(37, 24, 3, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def run():
+        args = (leaf(q.to(device)), leaf(torch.cat([p, n]).to(device)), leaf(torch.tensor(20.0, device=device)))
+        loss = mnrl(*args, MNRLParams(offset=0, batch=37, directions=15, hardness=3, alpha=0.3), "triton")
+        loss.backward()
+        return [loss.detach(), *(x.grad for x in args)]
+
+    whole = run()
+    monkeypatch.setattr(mnrl_module, "_EPILOGUE_BYTES", 4 * 24 * 5)  # 5 rows per chunk
+    assert len(mnrl_module._row_chunks(q)) == 8
+    for got, want in zip(run(), whole):
+        assert torch.equal(got, want)
 
 
 def test_gradcheck_reference_fp64():

@@ -12,7 +12,8 @@ the per-row LSE. With pos_i = scale * s(q_i, d_i):
 Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
 tiles and returns the gradients w.r.t. the normalised embeddings; the positive term and the normalisation
 backward dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one pass
-by fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise).
+by fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). Beyond the kernels' fp32
+gradients (which become the accumulators) and the returned gradients, the epilogues hold a chunk of rows at a time.
 
 Two implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -68,19 +69,42 @@ def _inv_norms(x: Tensor, normalize: bool) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
 
 
+# Rows per chunk of the O(B*D) epilogues below: about 16 MiB per fp32 temporary, so that at GPU batch sizes (65536 x
+# 1024 docs: 256 MiB in fp32) they add a few chunks to the loss stage's peak instead of several fp32 copies of the
+# embeddings. The arithmetic per row is the same at any chunking.
+_EPILOGUE_BYTES = 16 * 2**20
+
+
+def _row_chunks(x: Tensor) -> list[slice]:
+    rows = max(1, _EPILOGUE_BYTES // (4 * max(1, x.shape[1])))
+    return [slice(s, s + rows) for s in range(0, x.shape[0], rows)]
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i, b_i> in fp32 for each row, a chunk of rows at a time."""
+    out = torch.empty(a.shape[0], device=a.device, dtype=torch.float32)
+    for rows in _row_chunks(a):
+        out[rows] = (a[rows].float() * b[rows].float()).sum(dim=1)
+    return out
+
+
 def _norm_backward(x: Tensor, inv: Tensor, dx_hat: Tensor, normalize: bool) -> Tensor:
-    """The backward of F.normalize(x, eps=1e-12) given the fp32 gradient w.r.t. the normalised rows: fp32 from torch
-    ops; in x's dtype from fastloss._C.l2norm_bwd (CUDA tensors with FASTLOSS_CUDA_KERNELS=1: one pass over x and
-    dx_hat, the same fp32 sums, rounded once as the caller's cast to x's dtype would). fp64 x stays on torch ops,
-    whose sums here are fp32 (as ``inv``)."""
+    """The backward of F.normalize(x, eps=1e-12) given the fp32 gradient w.r.t. the normalised rows, in x's dtype:
+    torch ops in fp32 a chunk of rows at a time, each rounded once to x's dtype; fastloss._C.l2norm_bwd (CUDA tensors
+    with FASTLOSS_CUDA_KERNELS=1: one pass over x and dx_hat, the same fp32 sums). fp64 x stays on torch ops, whose
+    sums here are fp32 (as ``inv``)."""
     if not normalize:
-        return dx_hat
+        return dx_hat.to(x.dtype)
     if x.device.type == "cuda" and x.dtype != torch.float64 and _backend.cuda_kernel_enabled("l2norm_bwd"):
         return _backend.native_module().l2norm_bwd(x.detach(), dx_hat, NORM_EPS)
-    x_hat = x.float() * inv[:, None]
-    projection = (x_hat * dx_hat).sum(dim=1, keepdim=True)
-    projection = torch.where(inv[:, None] < 1.0 / NORM_EPS, projection, torch.zeros_like(projection))
-    return (dx_hat - x_hat * projection) * inv[:, None]
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    for rows in _row_chunks(x):
+        inv_rows = inv[rows, None]
+        x_hat = x[rows].float() * inv_rows
+        projection = (x_hat * dx_hat[rows]).sum(dim=1, keepdim=True)
+        projection = torch.where(inv_rows < 1.0 / NORM_EPS, projection, torch.zeros_like(projection))
+        dx[rows] = (dx_hat[rows] - x_hat * projection) * inv_rows
+    return dx
 
 
 def _direction_problems(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams):
@@ -100,8 +124,7 @@ def _direction_problems(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: M
 
 def _positive_sims(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams) -> Tensor:
     local = slice(p.offset, p.offset + p.batch)
-    raw = (q[local].float() * d[local].float()).sum(dim=1)
-    return raw * q_inv[local] * d_inv[local]
+    return _row_dots(q[local], d[local]) * q_inv[local] * d_inv[local]
 
 
 def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,8 +170,19 @@ def mnrl_bwd(
         weights = h * torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
     else:
         weights = (h / p.n_directions).expand_as(lse)
-    dq_hat = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dd_hat = torch.zeros(d.shape, device=d.device, dtype=torch.float32)
+    # fp32 gradients w.r.t. the normalised q and d: the first part that covers a whole tensor becomes its accumulator
+    # (with one direction and no gathered batch, both are the kernels' own outputs: no further fp32 copy)
+    hats: dict[str, Tensor] = {}
+
+    def accumulate(name: str, x: Tensor, part: Tensor, local_rows: bool) -> None:
+        whole = not local_rows or (p.offset == 0 and p.batch == x.shape[0])
+        if name not in hats:
+            if whole:
+                hats[name] = part
+                return
+            hats[name] = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        (hats[name] if whole else hats[name][local]).add_(part)
+
     dscale = torch.zeros((), device=q.device, dtype=torch.float32)
     problems = _direction_problems(q, d, q_inv, d_inv, p)
     for (bit, rows, cands, r_inv, c_inv, mask_own, hardness), lse_d, g in zip(problems, lse, weights):
@@ -167,17 +201,20 @@ def mnrl_bwd(
             alpha=p.alpha,
             need_dscale=True,
         )
-        (dq_hat if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else dd_hat)[local] += dr
-        (dd_hat if bit in (QUERY_TO_DOC, DOC_TO_DOC) else dq_hat).add_(dc)
+        accumulate(*(("q", q) if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else ("d", d)), dr, local_rows=True)
+        accumulate(*(("d", d) if bit in (QUERY_TO_DOC, DOC_TO_DOC) else ("q", q)), dc, local_rows=False)
         dscale = dscale + ds.sum()
-    scale32 = scale.float()
-    q_hat_local = q[local].float() * q_inv[local, None]
-    d_hat_local = d[local].float() * d_inv[local, None]
-    dq_hat[local] -= (h * scale32) * d_hat_local
-    dd_hat[local] -= (h * scale32) * q_hat_local
-    dscale = dscale - h * (q_hat_local * d_hat_local).sum()
-    dq = _norm_backward(q, q_inv, dq_hat, p.normalize).to(q.dtype)
-    dd = _norm_backward(d, d_inv, dd_hat, p.normalize).to(d.dtype)
+        del dr, dc  # held by ``hats`` only: each is freed as soon as its normalisation backward is done
+    for name, x in (("q", q), ("d", d)):
+        if name not in hats:
+            hats[name] = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+    # the positive logit's term, -h * scale * (d_hat_i into dq_hat_i, q_hat_i into dd_hat_i), without fp32 copies
+    coef = -h * scale.float()
+    hats["q"][local].addcmul_(d[local], (coef * d_inv[local])[:, None])
+    hats["d"][local].addcmul_(q[local], (coef * q_inv[local])[:, None])
+    dscale = dscale - h * _positive_sims(q, d, q_inv, d_inv, p).sum()
+    dq = _norm_backward(q, q_inv, hats.pop("q"), p.normalize)
+    dd = _norm_backward(d, d_inv, hats.pop("d"), p.normalize)
     return dq, dd, dscale.to(scale.dtype).reshape(scale.shape)
 
 
