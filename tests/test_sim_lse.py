@@ -216,6 +216,31 @@ def test_chunked_d(poison, monkeypatch, D, dtype):
     check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=20, offset=3, mask_own=True, pen_mode=2, alpha=0.5)
 
 
+def _gpu_tiles():
+    """The distinct tiles of the GPU autotune lists (the interpreter's own list is one 16 x 32 tile)."""
+    tiles = {}
+    for cfg in [*sim_lse._FWD_CONFIGS, *sim_lse._BWD_CONFIGS]:
+        tiles.setdefault((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps), cfg)
+    return list(tiles.values())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the autotuner runs every tile of its lists itself")
+@pytest.mark.parametrize("cfg", _gpu_tiles(), ids=lambda c: "{}x{}w{}".format(*c.kwargs.values(), c.num_warps))
+@pytest.mark.parametrize("D", [40, 300], ids=["single-D", "chunked-D"])
+def test_every_gpu_tile(poison, monkeypatch, cfg, D):
+    """Each tile the GPU may pick, forced on all three kernels, with rows and candidates that end in a partial tile
+    and D that ends in a partial chunk (fp16, as on the GPU; the interpreter runs the tile's logic, not its speed)."""
+    for name in ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"):
+        kernel = getattr(sim_lse, name)
+        monkeypatch.setattr(kernel, "configs", [cfg])
+        monkeypatch.setattr(kernel, "early_config_prune", None)
+        monkeypatch.setattr(kernel, "cache", {})
+    r, c, r_inv, c_inv, g = make(130, 200, D, torch.float16, seed=17)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[torch.float16], period=100, offset=3, mask_own=True, pen_mode=3, alpha=0.5)
+    for name in ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"):
+        assert getattr(sim_lse, name).best_config is cfg  # the tile really ran
+
+
 def test_large_d(poison):
     r, c, r_inv, c_inv, g = make(5, 9, 300, torch.float32, seed=9)
     check(r, c, r_inv, c_inv, 20.0, g, TOL[torch.float32], period=9, offset=0, mask_own=False, pen_mode=0, alpha=0.0)

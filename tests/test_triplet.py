@@ -30,6 +30,7 @@ from fastloss.reference import triplet as ref  # noqa: E402
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the generic tests run the fused ops
+INTERPRET_TILES = os.environ.get("TRITON_INTERPRET") == "1" and ops.triton is not None
 ST_DIST = st_losses.BatchHardTripletLossDistanceFunction
 
 TOL = {
@@ -243,6 +244,21 @@ def test_dtypes_against_fp32_truth(triton_backend, kind, metric, dtype):
     """fp16 / fp64 inputs (bf16: CUDA only, the interpreter's bf16 tl.dot is wrong)."""
     y = _labels("classes3")
     _check_against_fp32_truth(kind, metric, _x(len(y), 20, dtype=dtype, seed=2), y)
+
+
+@pytest.mark.skipif(not INTERPRET_TILES, reason="needs the Triton interpreter (a GPU autotunes over every tile)")
+@pytest.mark.parametrize("cfg", ops._TILES, ids=lambda c: "{}x{}x{}w{}".format(*c.kwargs.values(), c.num_warps))
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_every_gpu_tile(triton_backend, monkeypatch, cfg, metric):
+    """Each tile the GPU may pick for the batch-hard mining kernel (the interpreter's own list is one 16 x 16 x 32
+    tile), with rows that end in a partial tile and D in a partial chunk; fp16 as on the GPU, fp32 for its tiles."""
+    monkeypatch.setattr(ops.batch_hard_fwd_kernel, "configs", [cfg])
+    monkeypatch.setattr(ops.batch_hard_fwd_kernel, "early_config_prune", None)
+    monkeypatch.setattr(ops.batch_hard_fwd_kernel, "cache", {})
+    dtype = torch.float32 if any(cfg is tile for tile in ops._FP32_TILES) else torch.float16
+    y = torch.arange(130) % 7
+    _check_against_fp32_truth("hard", metric, _x(130, 100, dtype=dtype, seed=4), y)
+    assert ops.batch_hard_fwd_kernel.best_config is cfg  # the tile really ran
 
 
 @pytest.mark.parametrize("kind", ["all", "semi"], ids=["all", "semi"])
