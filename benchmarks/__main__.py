@@ -37,6 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="search the largest MNRL batch that fits (D=1024 bf16; default on with the GPU sweep)",
     )
     ap.add_argument("--max-batch-limit", type=int, default=1 << 20, help="stop the search at this B")
+    ap.add_argument(
+        "--max-batch-start",
+        type=int,
+        default=4096,
+        help="the first B tried; the search doubles from it (set it to the limit to ask in one call whether the "
+        "limit fits, bisecting down only if not)",
+    )
     ap.add_argument("--budget", type=float, help="CPU: seconds of repetitions per timing, min 3 reps (0.5; quick 0.2)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     ap.add_argument(
@@ -131,7 +138,9 @@ def main(argv=None) -> int:
                     continue
                 try:
                     records.append(
-                        runner.max_batch_search("mnrl", impl, 1024, "bf16", opts, limit=args.max_batch_limit)
+                        runner.max_batch_search(
+                            "mnrl", impl, 1024, "bf16", opts, start=args.max_batch_start, limit=args.max_batch_limit
+                        )
                     )
                 except Exception as exc:  # noqa: BLE001 - e.g. a peer that is not importable
                     print(f"max-batch search mnrl/{impl}: skipped ({type(exc).__name__}: {exc})")

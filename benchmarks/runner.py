@@ -469,6 +469,9 @@ def max_batch_search(
     def log(b: int, ok: bool) -> None:
         opts.log(f"max-batch {op}/{impl_name} D={D} {dtype}: B={b} {'fits' if ok else 'OOM'}")
 
+    # one untimed call at a small batch first: the Triton kernels autotune on their first call for a D (their tile
+    # choice does not depend on B), and timing every configuration at a million rows would take minutes
+    fits(min(start, 4096))
     found, hi, stopped = search_largest(
         fits, start=start, limit=limit, resolution=resolution, time_limit_s=time_limit_s, log=log
     )

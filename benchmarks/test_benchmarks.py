@@ -113,3 +113,32 @@ def test_target_lines_judge_the_gpu_targets():
     assert "beyond the inputs' gradients (192.0 MiB, which both allocate) 1.6%" in lines
     records[0]["ms"] = flops / 300e12 * 1e3  # 300 TFLOP/s, 2x the floor
     assert "the floor: NOT met]" in "\n".join(report.targets_report(records))
+
+
+@pytest.mark.parametrize(
+    "start,largest,calls,stopped",
+    [
+        (4096, 300_000, [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288], "bisection"),
+        (4096, 2_000_000, [4096 << k for k in range(9)], "limit"),
+        (1 << 20, 2_000_000, [1 << 20], "limit"),
+        (1 << 20, 300_000, [1 << 20, 1 << 19, 1 << 18], "bisection"),
+    ],
+    ids=["doubling-then-bisection", "doubling-to-the-limit", "limit-first-fits", "limit-first-bisects"],
+)
+def test_max_batch_search(start, largest, calls, stopped):
+    """The search finds the largest fitting B to the resolution, from below (doubling) or from the limit down."""
+    from benchmarks.runner import search_largest
+
+    tried: list[int] = []
+
+    def fits(b: int) -> tuple[bool, int]:
+        tried.append(b)
+        return b <= largest, b
+
+    found, first_oom, why = search_largest(fits, start=start, limit=1 << 20, resolution=1024, time_limit_s=1e9)
+    assert tried[: len(calls)] == calls and why == stopped
+    want = min(largest, 1 << 20)
+    if stopped == "limit":
+        assert found == (want, want) and first_oom is None and len(tried) == len(calls)
+    else:
+        assert want - 1024 < found[0] <= want < first_oom <= found[0] + 1024
