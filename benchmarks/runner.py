@@ -18,6 +18,7 @@ from benchmarks import harness
 from benchmarks.cases import OPS, Impl, OpSpec, Problem, Skip, op_available, preload
 from benchmarks.memory import run_jobs as run_memory_jobs
 from benchmarks.suites import Case
+from fastloss.ops._autotune import TUNE_ROWS_MAX
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -469,9 +470,9 @@ def max_batch_search(
     def log(b: int, ok: bool) -> None:
         opts.log(f"max-batch {op}/{impl_name} D={D} {dtype}: B={b} {'fits' if ok else 'OOM'}")
 
-    # one untimed call at a small batch first: the Triton kernels autotune on their first call for a D (their tile
-    # choice does not depend on B), and timing every configuration at a million rows would take minutes
-    fits(min(start, 4096))
+    # one untimed call first, at the largest size class of the Triton kernels' autotune keys: they tune there once
+    # instead of timing every configuration at a million rows (minutes)
+    fits(min(start, TUNE_ROWS_MAX))
     found, hi, stopped = search_largest(
         fits, start=start, limit=limit, resolution=resolution, time_limit_s=time_limit_s, log=log
     )

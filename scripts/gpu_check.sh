@@ -87,8 +87,9 @@ note "tests, CUDA extension (${select[*]}): rc=$? $(tail -1 "$OUT/tests.log")"
 timeout "$(cap 60)" "${pytest_[@]}" benchmarks/test_benchmarks.py >>"$OUT/tests.log" 2>&1
 note "tests (benchmarks/test_benchmarks.py): rc=$? $(tail -1 "$OUT/tests.log")"
 
-# the issue's largest-batch target asked in one call (MNRL pairs at B = N = 1M, D=1024 bf16: 8BND ~ 9e18 FLOP, about 30 s
-# at 300 TFLOP/s, after an untimed call at B=4096 where the kernels autotune); bisecting down only if it does not fit
+# the issue's largest-batch target asked in one call (MNRL pairs at B = N = 1M, D=1024 bf16: 8BND ~ 9e18 FLOP, about
+# 30 s at 300 TFLOP/s, after an untimed call at B=32768 where the kernels autotune); bisecting down only if it does not
+# fit
 limit=${GPU_CHECK_MAX_BATCH:-1048576}
 t=$(cap 180)
 if [ "$dry" != 1 ] && [ "$t" -gt 100 ]; then

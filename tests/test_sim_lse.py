@@ -241,6 +241,26 @@ def test_every_gpu_tile(poison, monkeypatch, cfg, D):
         assert getattr(sim_lse, name).best_config is cfg  # the tile really ran
 
 
+def test_autotune_key_has_size_classes(monkeypatch):
+    """The tile is chosen again per size class of M and N (fastloss.ops._autotune.tune_bucket): a small first call
+    (a parity check, a test) does not fix the tile of a large batch, and sizes within a class share one tuning."""
+    import triton
+
+    from fastloss.ops._autotune import TUNE_ROWS_MAX, tune_bucket
+
+    assert [tune_bucket(n) for n in (1, 1024, 1025, 4096, TUNE_ROWS_MAX, 10**7)] == [0, 0, 11, 13, 16, 16]
+    kernel = sim_lse.sim_lse_fwd_kernel
+    tunings = []
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": 32}) for bm in (16, 32)])
+    monkeypatch.setattr(kernel, "early_config_prune", None)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", lambda *a, config, **k: tunings.append(config) or config.kwargs["BLOCK_M"])
+    for M, N in [(40, 50), (60, 70), (1100, 50), (1500, 60), (40, 3000)]:
+        r, c, r_inv, c_inv, _ = make(M, N, 16, torch.float32, seed=M)
+        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, period=N, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+    assert len(tunings) == 2 * 3  # two configurations timed for each of the classes (0, 0), (11, 0), (0, 12)
+
+
 def test_large_d(poison):
     r, c, r_inv, c_inv, g = make(5, 9, 300, torch.float32, seed=9)
     check(r, c, r_inv, c_inv, 20.0, g, TOL[torch.float32], period=9, offset=0, mask_own=False, pen_mode=0, alpha=0.0)

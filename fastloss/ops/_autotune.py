@@ -5,6 +5,17 @@ from __future__ import annotations
 
 import torch
 
+# Row counts from which the autotuned kernels keep the tile they chose (the size class of tune_bucket stops growing)
+TUNE_ROWS_MAX = 2**15
+
+
+def tune_bucket(rows: int) -> int:
+    """The size class of a row count in the autotune keys: 0 up to 1024 rows (tests and the benchmarks' parity checks
+    share one tuning), then one class per power of two up to TUNE_ROWS_MAX. Without it the first call for a D (a small
+    check, say) would choose the tile for every later size. Past TUNE_ROWS_MAX (hundreds of row blocks, several waves
+    of programs on any GPU) the choice is taken to hold: a million-row call does not time every tile again."""
+    return 0 if rows <= 1024 else min(rows, TUNE_ROWS_MAX).bit_length()
+
 
 def drop_fp32_tiles(configs: list, operand: torch.Tensor, fp32_tiles: list) -> list:
     """``configs`` without the tiles of ``fp32_tiles`` (matched by identity) unless ``operand`` is fp32: the tiles kept

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastloss import _backend
-from fastloss.ops._autotune import drop_fp32_tiles
+from fastloss.ops._autotune import drop_fp32_tiles, tune_bucket
 
 # D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks.
 SINGLE_D_MAX = 256
@@ -131,9 +131,9 @@ def _autotuned(kind: str):
     prune = {"early_config_prune": _prune_bwd if kind == "bwd" else _prune_fwd}
 
     def wrap(fn):
-        return triton.autotune(configs=_configs(kind), key=["D", "DOT_PRECISION"], prune_configs_by=prune)(
-            triton.heuristics(_HEURISTICS)(fn)
-        )
+        return triton.autotune(
+            configs=_configs(kind), key=["D", "DOT_PRECISION", "TUNE_M", "TUNE_N"], prune_configs_by=prune
+        )(triton.heuristics(_HEURISTICS)(fn))
 
     return wrap
 
@@ -236,7 +236,7 @@ def _load_lse(lse, o_m, M):
 
 
 @_autotuned("fwd")
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_M", "TUNE_N"])
 def sim_lse_fwd_kernel(
     r,
     c,
@@ -252,6 +252,8 @@ def sim_lse_fwd_kernel(
     alpha,
     stride_r,
     stride_c,
+    TUNE_M,  # the autotune key's size classes of M and N (tune_bucket); unused in the body
+    TUNE_N,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -291,7 +293,7 @@ def sim_lse_fwd_kernel(
 
 
 @_autotuned("bwd")
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_M", "TUNE_N"])
 def sim_lse_bwd_dr_kernel(
     r,
     c,
@@ -310,6 +312,8 @@ def sim_lse_bwd_dr_kernel(
     alpha,
     stride_r,
     stride_c,
+    TUNE_M,  # the autotune key's size classes of M and N (tune_bucket); unused in the body
+    TUNE_N,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     NEED_DSCALE: tl.constexpr,
@@ -362,7 +366,7 @@ def sim_lse_bwd_dr_kernel(
 
 
 @_autotuned("bwd")
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_M", "TUNE_N"])
 def sim_lse_bwd_dc_kernel(
     r,
     c,
@@ -381,6 +385,8 @@ def sim_lse_bwd_dc_kernel(
     alpha,
     stride_r,
     stride_c,
+    TUNE_M,  # the autotune key's size classes of M and N (tune_bucket); unused in the body
+    TUNE_N,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -515,6 +521,8 @@ def sim_lse_fwd(
             float(alpha),
             r.stride(0),
             c.stride(0),
+            tune_bucket(M),
+            tune_bucket(N),
             MASK_OWN=bool(mask_own),
             PEN_MODE=pen_mode,
             DOT_PRECISION=precision,
@@ -552,7 +560,7 @@ def sim_lse_bwd(
     dc = torch.empty((N, D), device=r.device, dtype=torch.float32)
     dscale = torch.empty(M, device=r.device, dtype=torch.float32) if need_dscale else None
     scale = _scale(scale, r.device)
-    sizes = (M, N, D, period, offset, float(alpha), r.stride(0), c.stride(0))
+    sizes = (M, N, D, period, offset, float(alpha), r.stride(0), c.stride(0), tune_bucket(M), tune_bucket(N))
     flags = {"MASK_OWN": bool(mask_own), "PEN_MODE": pen_mode, "DOT_PRECISION": precision}
     with _on_device(r):
         sim_lse_bwd_dr_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](

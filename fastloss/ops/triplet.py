@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastloss import _backend
-from fastloss.ops._autotune import drop_fp32_tiles
+from fastloss.ops._autotune import drop_fp32_tiles, tune_bucket
 
 try:
     import triton
@@ -88,8 +88,8 @@ def _autotuned(fn):
     if triton is None:
         return fn
     prune = {"early_config_prune": _prune}
-    return triton.autotune(configs=_configs(), key=["D", "METRIC", "DOT_PRECISION"], prune_configs_by=prune)(
-        triton.jit(fn)
+    return triton.autotune(configs=_configs(), key=["D", "METRIC", "DOT_PRECISION", "TUNE_B"], prune_configs_by=prune)(
+        triton.jit(fn, do_not_specialize=["TUNE_B"])
     )
 
 
@@ -159,6 +159,7 @@ def batch_hard_fwd_kernel(
     D,
     stride_xb,
     stride_xd,
+    TUNE_B,  # the autotune key's size class of B (tune_bucket); unused in the body
     METRIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -433,6 +434,7 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
             D,
             xo.stride(0),
             xo.stride(1),
+            tune_bucket(B),
             METRIC=metric,
             DOT_PRECISION=precision,
         )
