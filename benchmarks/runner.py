@@ -470,9 +470,10 @@ def max_batch_search(
     def log(b: int, ok: bool) -> None:
         opts.log(f"max-batch {op}/{impl_name} D={D} {dtype}: B={b} {'fits' if ok else 'OOM'}")
 
-    # one untimed call first, at the largest size class of the Triton kernels' autotune keys: they tune there once
-    # instead of timing every configuration at a million rows (minutes)
-    fits(min(start, TUNE_ROWS_MAX))
+    # starting above the largest size class of the Triton kernels' autotune keys, one untimed call at its bottom
+    # first: they tune there once instead of timing every configuration at a million rows (minutes)
+    if start > TUNE_ROWS_MAX:
+        fits(TUNE_ROWS_MAX)
     found, hi, stopped = search_largest(
         fits, start=start, limit=limit, resolution=resolution, time_limit_s=time_limit_s, log=log
     )

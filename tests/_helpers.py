@@ -31,6 +31,13 @@ def available_backends() -> list[str]:
     return out
 
 
+def force_configs(monkeypatch, kernel, configs: list) -> None:
+    """An autotuned Triton kernel tunes among exactly ``configs`` (no pruning) from its next call, as if new."""
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "early_config_prune", None)
+    monkeypatch.setattr(kernel, "cache", {})
+
+
 def leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
 

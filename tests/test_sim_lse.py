@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from _helpers import force_configs  # noqa: E402
 
 from fastloss import _backend  # noqa: E402
 from fastloss.ops import sim_lse  # noqa: E402
@@ -231,10 +232,7 @@ def test_every_gpu_tile(poison, monkeypatch, cfg, D):
     """Each tile the GPU may pick, forced on all three kernels, with rows and candidates that end in a partial tile
     and D that ends in a partial chunk (fp16, as on the GPU; the interpreter runs the tile's logic, not its speed)."""
     for name in ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"):
-        kernel = getattr(sim_lse, name)
-        monkeypatch.setattr(kernel, "configs", [cfg])
-        monkeypatch.setattr(kernel, "early_config_prune", None)
-        monkeypatch.setattr(kernel, "cache", {})
+        force_configs(monkeypatch, getattr(sim_lse, name), [cfg])
     r, c, r_inv, c_inv, g = make(130, 200, D, torch.float16, seed=17)
     check(r, c, r_inv, c_inv, 20.0, g, TOL[torch.float16], period=100, offset=3, mask_own=True, pen_mode=3, alpha=0.5)
     for name in ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"):
@@ -251,9 +249,7 @@ def test_autotune_key_has_size_classes(monkeypatch):
     assert [tune_bucket(n) for n in (1, 1024, 1025, 4096, TUNE_ROWS_MAX, 10**7)] == [0, 0, 11, 13, 16, 16]
     kernel = sim_lse.sim_lse_fwd_kernel
     tunings = []
-    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": 32}) for bm in (16, 32)])
-    monkeypatch.setattr(kernel, "early_config_prune", None)
-    monkeypatch.setattr(kernel, "cache", {})
+    force_configs(monkeypatch, kernel, [triton.Config({"BLOCK_M": bm, "BLOCK_N": 32}) for bm in (16, 32)])
     monkeypatch.setattr(kernel, "_bench", lambda *a, config, **k: tunings.append(config) or config.kwargs["BLOCK_M"])
     for M, N in [(40, 50), (60, 70), (1100, 50), (1500, 60), (40, 3000)]:
         r, c, r_inv, c_inv, _ = make(M, N, 16, torch.float32, seed=M)

@@ -18,7 +18,7 @@ import re  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
-from _helpers import ST_EXACT_SEMI_HARD_TIES, leaf  # noqa: E402
+from _helpers import ST_EXACT_SEMI_HARD_TIES, force_configs, leaf  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as hyp  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -252,9 +252,7 @@ def test_dtypes_against_fp32_truth(triton_backend, kind, metric, dtype):
 def test_every_gpu_tile(triton_backend, monkeypatch, cfg, metric):
     """Each tile the GPU may pick for the batch-hard mining kernel (the interpreter's own list is one 16 x 16 x 32
     tile), with rows that end in a partial tile and D in a partial chunk; fp16 as on the GPU, fp32 for its tiles."""
-    monkeypatch.setattr(ops.batch_hard_fwd_kernel, "configs", [cfg])
-    monkeypatch.setattr(ops.batch_hard_fwd_kernel, "early_config_prune", None)
-    monkeypatch.setattr(ops.batch_hard_fwd_kernel, "cache", {})
+    force_configs(monkeypatch, ops.batch_hard_fwd_kernel, [cfg])
     dtype = torch.float32 if any(cfg is tile for tile in ops._FP32_TILES) else torch.float16
     y = torch.arange(130) % 7
     _check_against_fp32_truth("hard", metric, _x(130, 100, dtype=dtype, seed=4), y)

@@ -17,9 +17,12 @@ def tune_bucket(rows: int) -> int:
     return 0 if rows <= 1024 else min(rows, TUNE_ROWS_MAX).bit_length()
 
 
+def without_tiles(configs: list, tiles: list) -> list:
+    """``configs`` without ``tiles`` (matched by identity). Never empty: the first config is left if all would go."""
+    return [cfg for cfg in configs if all(cfg is not tile for tile in tiles)] or configs[:1]
+
+
 def drop_fp32_tiles(configs: list, operand: torch.Tensor, fp32_tiles: list) -> list:
-    """``configs`` without the tiles of ``fp32_tiles`` (matched by identity) unless ``operand`` is fp32: the tiles kept
-    for fp32 operands only are neither compiled nor timed for half dtypes. Never empty."""
-    if operand.dtype == torch.float32:
-        return list(configs)
-    return [cfg for cfg in configs if all(cfg is not tile for tile in fp32_tiles)] or configs[:1]
+    """``configs`` without the tiles of ``fp32_tiles`` unless ``operand`` is fp32: the tiles kept for fp32 operands
+    only are neither compiled nor timed for half dtypes. Never empty."""
+    return list(configs) if operand.dtype == torch.float32 else without_tiles(configs, fp32_tiles)

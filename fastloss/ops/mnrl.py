@@ -174,13 +174,16 @@ def mnrl_bwd(
     # (with one direction and no gathered batch, both are the kernels' own outputs: no further fp32 copy)
     hats: dict[str, Tensor] = {}
 
+    def zeros(x: Tensor) -> Tensor:
+        return torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+
     def accumulate(name: str, x: Tensor, part: Tensor, local_rows: bool) -> None:
         whole = not local_rows or (p.offset == 0 and p.batch == x.shape[0])
         if name not in hats:
             if whole:
                 hats[name] = part
                 return
-            hats[name] = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+            hats[name] = zeros(x)
         (hats[name] if whole else hats[name][local]).add_(part)
 
     dscale = torch.zeros((), device=q.device, dtype=torch.float32)
@@ -207,7 +210,7 @@ def mnrl_bwd(
         del dr, dc  # held by ``hats`` only: each is freed as soon as its normalisation backward is done
     for name, x in (("q", q), ("d", d)):
         if name not in hats:
-            hats[name] = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+            hats[name] = zeros(x)
     # the positive logit's term, -h * scale * (d_hat_i into dq_hat_i, q_hat_i into dd_hat_i), without fp32 copies
     coef = -h * scale.float()
     hats["q"][local].addcmul_(d[local], (coef * d_inv[local])[:, None])

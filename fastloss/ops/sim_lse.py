@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastloss import _backend
-from fastloss.ops._autotune import drop_fp32_tiles, tune_bucket
+from fastloss.ops._autotune import drop_fp32_tiles, tune_bucket, without_tiles
 
 # D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks.
 SINGLE_D_MAX = 256
@@ -102,7 +102,7 @@ def _drop_wide_tiles(configs: list[triton.Config], named_args: dict, wide: list[
     """``configs`` without the tiles of ``wide`` unless the operands are fp16/bf16 and D is looped in chunks."""
     if named_args["r"].dtype in (torch.float16, torch.bfloat16) and named_args["D"] > SINGLE_D_MAX:
         return configs
-    return [cfg for cfg in configs if all(cfg is not tile for tile in wide)] or configs[:1]
+    return without_tiles(configs, wide)
 
 
 def _prune_fwd(configs, named_args, **kwargs):
