@@ -21,7 +21,8 @@ from fastloss.ops.mnrl import DIRECTION_BITS, MNRLParams, mnrl
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
 
-BACKENDS = available_backends()
+# "blocked": the row-block torch op (FASTLOSS_MNRL_ALGO=blocked), which runs on every device
+BACKENDS = available_backends() + ["blocked"]
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 LOSS_TOL = dict(rtol=2e-5, atol=1e-5)  # the loss is a difference of logits of size ~scale: a few fp32 ulps of 20
 LOW_PRECISION_TOL = 3e-3  # relative error of fp16 / bf16 inputs against the fp32 loss on the same rounded values
@@ -69,9 +70,17 @@ def _loss_and_grads(loss_module, embeddings):
     return loss.detach(), [x.grad for x in leaves]
 
 
+def use_backend(monkeypatch, name: str) -> None:
+    if name == "blocked":
+        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+        monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
+    else:
+        monkeypatch.setenv("FASTLOSS_BACKEND", name)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv("FASTLOSS_BACKEND", request.param)
+    use_backend(monkeypatch, request.param)
     return request.param
 
 
@@ -206,7 +215,7 @@ def test_functional_api_forms_agree(backend):
 def test_unsupported_similarity_falls_back_with_one_warning(monkeypatch, backend_name):
     from fastloss import _backend
 
-    monkeypatch.setenv("FASTLOSS_BACKEND", backend_name)
+    use_backend(monkeypatch, backend_name)
     _backend._warn_once.cache_clear()
     q, p = _embeddings(5, 8, 2)
 
@@ -385,8 +394,9 @@ def test_opcheck(backend_name):
     d = torch.cat([p, p.flip(0)])
     scale = torch.tensor(20.0)
     args = (0, 5, 15, True, 3, 0.5, True)
-    if backend_name == "native":
-        torch.library.opcheck(torch.ops.fastloss.mnrl_fused, (q, d, scale, *args, True))
+    if backend_name in ("native", "blocked"):
+        op = torch.ops.fastloss.mnrl_fused if backend_name == "native" else torch.ops.fastloss.mnrl_blocked
+        torch.library.opcheck(op, (q, d, scale, *args, True))
     else:
         q, d, scale = leaf(q), leaf(d), leaf(scale)
         torch.library.opcheck(torch.ops.fastloss.mnrl_fwd, (q, d, scale, *args))
@@ -394,7 +404,7 @@ def test_opcheck(backend_name):
 
 @pytest.mark.parametrize("backend_name", _op_backends())
 def test_torch_compile_fullgraph_matches_eager(backend_name, monkeypatch):
-    monkeypatch.setenv("FASTLOSS_BACKEND", backend_name)
+    use_backend(monkeypatch, backend_name)
     monkeypatch.setenv("FASTLOSS_CHECK_FINITE", "0")  # a data-dependent check is a graph break by design
     import torch._dynamo
 

@@ -55,6 +55,15 @@ def _similarity_kind(similarity: Similarity) -> tuple[str | None, Callable[[Tens
     return kernel_kind(similarity), similarity
 
 
+def mnrl_backend(queries: Tensor) -> str:
+    """Where the fused MNRL runs for ``queries``' device: ``triton`` (the flash kernels), ``native`` (fastloss._C),
+    ``blocked`` (the row-block torch op: FASTLOSS_MNRL_ALGO=blocked, or CPU tensors without fastloss._C) or ``torch``
+    (see fastloss._backend)."""
+    algorithm = _backend.mnrl_algorithm()
+    backend = _backend.select(queries, "mnrl_fused", cpu_impl="blocked")
+    return "blocked" if algorithm == "blocked" and backend in ("triton", "native") else backend
+
+
 def mnrl_loss(
     queries: Tensor,
     docs: Tensor | Sequence[Tensor],
@@ -95,7 +104,7 @@ def mnrl_loss(
         docs = [distributed.all_gather_with_grad(column) for column in docs]
         offset = distributed.get_rank() * batch if distributed.is_initialized() else 0
 
-    backend = _backend.select(queries, "mnrl_fused")
+    backend = mnrl_backend(queries)
     if kind is None and backend != "torch":
         _backend.warn_once(
             f"fastloss: similarity_fct {getattr(similarity_fct, '__name__', similarity_fct)!r} has no fused kernel; "

@@ -15,9 +15,10 @@ backward dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilog
 by fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). Beyond the kernels' fp32
 gradients (which become the accumulators) and the returned gradients, the epilogues hold a chunk of rows at a time.
 
-Two implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
+Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
-  fastloss::mnrl_fused                      row blocks with the gradient computed in the forward (fastloss._C)
+  fastloss::mnrl_fused                      row blocks with the gradient computed in the forward (fastloss._C, CPU)
+  fastloss::mnrl_blocked                    the same algorithm in torch ops, any device (fastloss.ops.mnrl_blocked)
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ class MNRLParams:
         return (self.offset, self.batch, self.directions, self.joint, self.hardness, self.alpha, self.normalize)
 
 
-def _inv_norms(x: Tensor, normalize: bool) -> Tensor:
-    """1 / max(|x_i|, eps) in fp32 (ones for dot-product similarity)."""
+def _inv_norms(x: Tensor, normalize: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    """1 / max(|x_i|, eps) in ``dtype`` (ones for dot-product similarity)."""
     if not normalize:
-        return torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
+        return torch.ones(x.shape[0], device=x.device, dtype=dtype)
+    return torch.linalg.vector_norm(x, dim=1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
 
 
 # Rows per chunk of the O(B*D) epilogues below: about 16 MiB per fp32 temporary, so that at GPU batch sizes (65536 x
@@ -80,31 +81,51 @@ def _row_chunks(x: Tensor) -> list[slice]:
     return [slice(s, s + rows) for s in range(0, x.shape[0], rows)]
 
 
-def _row_dots(a: Tensor, b: Tensor) -> Tensor:
-    """<a_i, b_i> in fp32 for each row, a chunk of rows at a time."""
-    out = torch.empty(a.shape[0], device=a.device, dtype=torch.float32)
+def _row_dots(a: Tensor, b: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """<a_i, b_i> in ``dtype`` for each row, a chunk of rows at a time."""
+    out = torch.empty(a.shape[0], device=a.device, dtype=dtype)
     for rows in _row_chunks(a):
-        out[rows] = (a[rows].float() * b[rows].float()).sum(dim=1)
+        out[rows] = (a[rows].to(dtype) * b[rows].to(dtype)).sum(dim=1)
     return out
 
 
-def _norm_backward(x: Tensor, inv: Tensor, dx_hat: Tensor, normalize: bool) -> Tensor:
-    """The backward of F.normalize(x, eps=1e-12) given the fp32 gradient w.r.t. the normalised rows, in x's dtype:
-    torch ops in fp32 a chunk of rows at a time, each rounded once to x's dtype; fastloss._C.l2norm_bwd (CUDA tensors
-    with FASTLOSS_CUDA_KERNELS=1: one pass over x and dx_hat, the same fp32 sums). fp64 x stays on torch ops, whose
-    sums here are fp32 (as ``inv``)."""
+def _norm_backward(x: Tensor, inv: Tensor, grad: Tensor, normalize: bool, scaled: bool = False) -> Tensor:
+    """The backward of F.normalize(x, eps=1e-12) in x's dtype, given ``grad`` = the gradient w.r.t. the normalised
+    rows dx_hat (fp32 or fp64), or with ``scaled`` a = inv * dx_hat (the row-block op's accumulators):
+    dx = (dx_hat - x_hat <x_hat, dx_hat>) * inv = a - x_hat <x_hat, a>, with no projection where |x| < eps (the
+    clamp passes no gradient to the norm there). Torch ops in grad's dtype a chunk of rows at a time, each rounded
+    once to x's dtype; fastloss._C.l2norm_bwd for unscaled fp32 grads of CUDA tensors with FASTLOSS_CUDA_KERNELS=1
+    (one pass over x and dx_hat, the same fp32 sums)."""
     if not normalize:
-        return dx_hat.to(x.dtype)
-    if x.device.type == "cuda" and x.dtype != torch.float64 and _backend.cuda_kernel_enabled("l2norm_bwd"):
-        return _backend.native_module().l2norm_bwd(x.detach(), dx_hat, NORM_EPS)
+        return grad.to(x.dtype)
+    if (
+        not scaled
+        and x.device.type == "cuda"
+        and x.dtype != torch.float64
+        and grad.dtype == torch.float32
+        and _backend.cuda_kernel_enabled("l2norm_bwd")
+    ):
+        return _backend.native_module().l2norm_bwd(x.detach(), grad, NORM_EPS)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     for rows in _row_chunks(x):
         inv_rows = inv[rows, None]
-        x_hat = x[rows].float() * inv_rows
-        projection = (x_hat * dx_hat[rows]).sum(dim=1, keepdim=True)
+        x_hat = x[rows].to(grad.dtype) * inv_rows
+        projection = (x_hat * grad[rows]).sum(dim=1, keepdim=True)
         projection = torch.where(inv_rows < 1.0 / NORM_EPS, projection, torch.zeros_like(projection))
-        dx[rows] = (dx_hat[rows] - x_hat * projection) * inv_rows
+        out = grad[rows] - x_hat * projection
+        dx[rows] = out if scaled else out * inv_rows
     return dx
+
+
+def _add_positive_term(grads: tuple[Tensor, Tensor], q, d, q_inv, d_inv, coef: Tensor, p, scaled: bool) -> None:
+    """Add the positive logit's term coef * (d_hat_i into dq_hat_i, q_hat_i into dd_hat_i) over the local rows to
+    the accumulators ``grads`` (dq, dd) in place, without copies of q or d; ``scaled``: they hold inv * dx_hat."""
+    local = slice(p.offset, p.offset + p.batch)
+    to_q, to_d = coef * d_inv[local], coef * q_inv[local]
+    if scaled:
+        to_q, to_d = to_q * q_inv[local], to_d * d_inv[local]
+    grads[0][local].addcmul_(d[local], to_q[:, None])
+    grads[1][local].addcmul_(q[local], to_d[:, None])
 
 
 def _direction_problems(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams):
@@ -123,8 +144,9 @@ def _direction_problems(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: M
 
 
 def _positive_sims(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams) -> Tensor:
+    """s(q_i, d_i) of the local rows, in the dtype of the inverse norms."""
     local = slice(p.offset, p.offset + p.batch)
-    return _row_dots(q[local], d[local]) * q_inv[local] * d_inv[local]
+    return _row_dots(q[local], d[local], q_inv.dtype) * q_inv[local] * d_inv[local]
 
 
 def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor, Tensor]:
@@ -211,10 +233,7 @@ def mnrl_bwd(
     for name, x in (("q", q), ("d", d)):
         if name not in hats:
             hats[name] = zeros(x)
-    # the positive logit's term, -h * scale * (d_hat_i into dq_hat_i, q_hat_i into dd_hat_i), without fp32 copies
-    coef = -h * scale.float()
-    hats["q"][local].addcmul_(d[local], (coef * d_inv[local])[:, None])
-    hats["d"][local].addcmul_(q[local], (coef * q_inv[local])[:, None])
+    _add_positive_term((hats["q"], hats["d"]), q, d, q_inv, d_inv, -h * scale.float(), p, scaled=False)
     dscale = dscale - h * _positive_sims(q, d, q_inv, d_inv, p).sum()
     dq = _norm_backward(q, q_inv, hats.pop("q"), p.normalize)
     dd = _norm_backward(d, d_inv, hats.pop("d"), p.normalize)
@@ -334,10 +353,12 @@ def _mnrl_fused_op(
     return loss, dq.to(q.dtype), dd.to(d.dtype), dscale.to(scale.dtype).reshape(scale.shape)
 
 
-@_mnrl_fused_op.register_fake
-def _(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad):
+def _fused_fake(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad):
     loss = q.new_empty((), dtype=_accumulation_dtype(q))
     return loss, torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
+
+
+_mnrl_fused_op.register_fake(_fused_fake)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -355,11 +376,38 @@ def _fused_backward(ctx, grad_loss, *_unused):
 torch.library.register_autograd("fastloss::mnrl_fused", _fused_backward, setup_context=_fused_setup_context)
 
 
+@torch.library.custom_op("fastloss::mnrl_blocked", mutates_args=())
+def _mnrl_blocked_op(
+    q: Tensor,
+    d: Tensor,
+    scale: Tensor,
+    offset: int,
+    batch: int,
+    directions: int,
+    joint: bool,
+    hardness: int,
+    alpha: float,
+    normalize: bool,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastloss.ops.mnrl_blocked import mnrl_blocked
+
+    p = _params(offset, batch, directions, joint, hardness, alpha, normalize)
+    loss, dq, dd, dscale = mnrl_blocked(q, d, scale, p, need_grad)
+    return loss, dq, dd, dscale.to(device=scale.device, dtype=scale.dtype).reshape(scale.shape)
+
+
+_mnrl_blocked_op.register_fake(_fused_fake)
+torch.library.register_autograd("fastloss::mnrl_blocked", _fused_backward, setup_context=_fused_setup_context)
+
+
 def mnrl(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, backend: str) -> Tensor:
-    """The MNRL loss (fp32 scalar) of gathered queries ``q`` [W, D] and docs ``d`` [kW, D] on a fused backend."""
-    if backend == "native":
+    """The MNRL loss (fp32 scalar; fp64 from the row-block ops for fp64 inputs) of gathered queries ``q`` [W, D] and
+    docs ``d`` [kW, D] on a fused backend: ``triton`` (flash), ``native`` (fastloss._C) or ``blocked`` (torch ops)."""
+    if backend in ("native", "blocked"):
         need_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad or scale.requires_grad)
-        return _mnrl_fused_op(q, d, scale, *p.as_args(), need_grad)[0]
+        op = _mnrl_fused_op if backend == "native" else _mnrl_blocked_op
+        return op(q, d, scale, *p.as_args(), need_grad)[0]
     if backend == "triton":
         return _mnrl_fwd_op(q, d, scale, *p.as_args())[0]
     raise ValueError(f"mnrl: no fused implementation for backend {backend!r}")

@@ -1,0 +1,195 @@
+"""The row-block MNRL op in torch ops: the gradient computed inside the forward, no recompute (DESIGN.md's second
+design), on any device. On CUDA its products are cuBLAS GEMMs; on CPU it is the memory-bounded fallback where
+fastloss._C is not built (the native op is the same algorithm in C++).
+
+For a block of m local rows and each selected direction (rows R, candidates C, as in fastloss.ops.mnrl):
+    S = R_blk C^T                                     one GEMM, fp32 results (cuBLAS out_dtype for fp16/bf16)
+    t = r_inv S c_inv; logit = factor * t (+ the hardness penalty, or -inf where masked), in place
+    E = exp(logit - rowmax), in place; LSE = rowmax + log sum E
+Once every direction's LSE of the block is known, softmax_k = c_k E_k (c_k = exp(rowmax_k - log_z) in the joint
+partition, 1 / (n_dir sum E_k) per direction), and with G = E c_inv (in place) and h = 1 / B:
+    inv_r * dL/dr_hat += scale h c_k r_inv  (G C)                 one GEMM, [m, D]
+    inv_c * dL/dc_hat += scale h  G^T (c_k r_inv R_blk)           one GEMM, [N, D]
+    dL/dscale         += h c_k r_inv <r_i, (G C)_i>               from the first product: no pass over the logits
+so three GEMM-equivalents in all, against four or five for the flash path (which recomputes S in its backward).
+The gradients are accumulated as inv * dL/dx_hat (as the native op does), which makes the normalisation backward
+dx = a - x_hat <x_hat, a>. The hardness penalty is a stop-gradient term, as in the other paths.
+
+Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for the tensor-core GEMMs, the weights
+of the rows divided by their maximum so that they stay in fp16's range, and the folded inverse norm capped at 65504
+in fp16 (only vectors of norm < 1.5e-5 are affected; zero vectors, whose term is 0, are exact), as in the Triton
+kernels. Elsewhere the products run in the accumulation dtype (fp32; fp64 for fp64 inputs, for gradcheck).
+
+Memory beyond the inputs and outputs: the fp32 gradient accumulators (O(W*D)), one product of the candidate side
+([N, D] fp32) and one block of logits: m rows of every direction's candidates in the accumulation dtype, plus one
+direction's G in the input dtype on CUDA. m follows FASTLOSS_MNRL_BLOCK_MIB (default 1024 MiB on CUDA, where a
+block should hold ~1000+ rows for the GEMMs to run near peak, 64 MiB elsewhere; at least one row).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from fastloss.ops.mnrl import (
+    DIRECTION_ORDER,
+    DOC_TO_DOC,
+    QUERY_TO_DOC,
+    QUERY_TO_QUERY,
+    MNRLParams,
+    _add_positive_term,
+    _inv_norms,
+    _norm_backward,
+    _positive_sims,
+)
+
+BLOCK_MIB_DEFAULT = {"cuda": 1024.0, "other": 64.0}
+_FP16_MAX = 65504.0
+
+
+def block_bytes(device: torch.device) -> int:
+    """The logits block budget in bytes: FASTLOSS_MNRL_BLOCK_MIB, or the default for ``device``."""
+    value = os.environ.get("FASTLOSS_MNRL_BLOCK_MIB", "").strip()
+    if not value:
+        return int(BLOCK_MIB_DEFAULT["cuda" if device.type == "cuda" else "other"] * 2**20)
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = float("nan")
+    if not mib > 0.0 or mib == float("inf"):
+        raise ValueError(f"FASTLOSS_MNRL_BLOCK_MIB must be a positive number of MiB, got {value!r}")
+    return max(1, int(mib * 2**20))
+
+
+def half_gemms(x: Tensor) -> bool:
+    """Whether the products take fp16/bf16 operands with fp32 results (CUDA tensors of those dtypes)."""
+    return x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _mm(a: Tensor, b: Tensor, half: bool, acc: torch.dtype) -> Tensor:
+    """a @ b in ``acc``: cuBLAS with fp32 results for half CUDA operands; otherwise in ``acc`` itself (CPU tensors
+    with ``half`` set, which only the tests do, emulate the rounded operands this way)."""
+    if half and a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.to(acc), b.to(acc))
+
+
+def _rules(p: MNRLParams, columns: int, scale: Tensor):
+    """Per selected direction: (bit, rows are queries, candidates are docs, factor, except factor or None for a
+    mask, t_begin, t_end): the logit of column j is factor * t_j, except at the columns own + t * W for t in
+    [t_begin, t_end), which use the except factor or are masked (the native op's column rules)."""
+    penalised = scale + p.alpha
+    penalty = p.hardness != 0 and p.alpha > 0.0
+    out = []
+    for bit in DIRECTION_ORDER:
+        if not p.directions & bit:
+            continue
+        rule = (scale, scale, 0, 0)
+        if bit == QUERY_TO_DOC and penalty:
+            rule = {
+                1: (penalised, scale, 0, columns),  # in_batch_negatives: all but the own query's docs
+                2: (scale, penalised, 1, columns),  # hard_negatives: the own query's hard negatives
+                3: (penalised, scale, 0, 1),  # all_negatives: all but the positive
+            }[p.hardness]
+        elif bit == QUERY_TO_QUERY:
+            rule = (scale, None, 0, 1)
+        elif bit == DOC_TO_DOC:
+            rule = (scale, None, 0, columns)
+        out.append((bit, bit in (QUERY_TO_DOC, QUERY_TO_QUERY), bit in (QUERY_TO_DOC, DOC_TO_DOC), *rule))
+    return out
+
+
+def block_rows(p: MNRLParams, world: int, columns: int, esize: int, half_size: int, budget: int) -> int:
+    """Rows per block: every direction's logits of a row in the accumulation dtype (``esize`` bytes), plus the widest
+    direction's G in the input dtype when the GEMMs take half operands (``half_size``, else 0), within ``budget``."""
+    widths = [world * (columns if to_docs else 1) for _, _, to_docs, *_ in _rules(p, columns, torch.zeros(()))]
+    row = sum(widths) * esize + max(widths) * half_size
+    return max(1, min(p.batch, budget // row))
+
+
+def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
+    """(loss, dq, dd, dscale) of MNRL over gathered queries q [W, D] and docs d [kW, D] with the gradients computed
+    in the same pass (zeros without ``need_grad``); loss and dscale in the accumulation dtype."""
+    world, columns = q.shape[0], d.shape[0] // q.shape[0]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    half = half_gemms(q)
+    fp16 = half and q.dtype == torch.float16  # operands whose folded inverse norms are capped
+    x_q, x_d = (q, d) if half else (q.to(acc), d.to(acc))  # the GEMM operands
+    scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
+    q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(d, p.normalize, acc)
+    rules = _rules(p, columns, scale)
+    rows_per_block = block_rows(
+        p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device)
+    )
+    h = 1.0 / p.batch
+    log_z = torch.empty(p.batch, device=q.device, dtype=acc)
+    dscale = torch.zeros((), device=q.device, dtype=acc)
+    grads = None
+    if need_grad:
+        grads = (torch.zeros(q.shape, device=q.device, dtype=acc), torch.zeros(d.shape, device=q.device, dtype=acc))
+
+    for start in range(0, p.batch, rows_per_block):
+        m = min(rows_per_block, p.batch - start)
+        g0 = p.offset + start
+        own = torch.arange(g0, g0 + m, device=q.device)
+        exps, row_max, sums = [], [], []
+        for _, rows_q, cands_d, factor, except_factor, t_begin, t_end in rules:
+            rows, r_inv = (x_q, q_inv) if rows_q else (x_d, d_inv)
+            cands, c_inv = (x_d, d_inv) if cands_d else (x_q, q_inv)
+            s = _mm(rows[g0 : g0 + m], cands.t(), half, acc)
+            s.mul_(r_inv[g0 : g0 + m, None]).mul_(c_inv[None, :])  # the similarities t
+            if t_end > t_begin:
+                cols = own[:, None] + world * torch.arange(t_begin, t_end, device=q.device)[None, :]
+                held = s.gather(1, cols)
+                s.mul_(factor)
+                s.scatter_(1, cols, held * except_factor if except_factor is not None else held.fill_(-torch.inf))
+            else:
+                s.mul_(factor)
+            top = s.amax(dim=1)
+            top = torch.where(top == -torch.inf, torch.zeros_like(top), top)  # a fully masked row: E = 0, not NaN
+            s.sub_(top[:, None]).exp_()
+            exps.append(s)
+            row_max.append(top)
+            sums.append(s.sum(dim=1))
+        row_max, sums = torch.stack(row_max), torch.stack(sums)  # [n_dir, m]
+        lse = row_max + sums.log()  # -inf for a fully masked row
+        if p.joint:
+            log_z[start : start + m] = torch.logsumexp(lse, dim=0)
+            weights = torch.exp(row_max - log_z[None, start : start + m])
+        else:
+            log_z[start : start + m] = lse.mean(dim=0)
+            weights = torch.where(sums > 0, 1.0 / (len(rules) * sums), torch.zeros_like(sums))
+        if grads is None:
+            continue
+        for (_, rows_q, cands_d, *_), e, c in zip(rules, exps, weights):
+            rows, r_inv, rows_grad = (x_q, q_inv, grads[0]) if rows_q else (x_d, d_inv, grads[1])
+            cands, c_inv, cands_grad = (x_d, d_inv, grads[1]) if cands_d else (x_q, q_inv, grads[0])
+            r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
+            g = e.mul_(_cap(c_inv, fp16)[None, :]).to(q.dtype if half else acc)
+            product = _mm(g, cands, half, acc)  # (E c_inv) C: [m, D]
+            dscale += h * (c * r_inv_blk * (r_blk.to(acc) * product).sum(dim=1)).sum()
+            rows_grad[g0 : g0 + m].addcmul_(product, (scale * h * c * r_inv_blk)[:, None])
+            del product
+            w = c * _cap(r_inv_blk, fp16)
+            w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
+            weighted = (r_blk * (w / w_max)[:, None]).to(q.dtype if half else acc)
+            cands_grad.addcmul_(_mm(g.t(), weighted, half, acc), scale * h * w_max)
+            del g, weighted
+        del exps
+
+    positive = _positive_sims(q, d, q_inv, d_inv, p)
+    loss = (log_z - scale * positive).mean()
+    if grads is None:
+        return loss, torch.zeros_like(q), torch.zeros_like(d), torch.zeros((), device=q.device, dtype=acc)
+    _add_positive_term(grads, q, d, q_inv, d_inv, -h * scale, p, scaled=True)
+    dscale = dscale - h * positive.sum()
+    dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True)
+    dd = _norm_backward(d, d_inv, grads[1], p.normalize, scaled=True)
+    return loss, dq, dd, dscale
+
+
+def _cap(inv: Tensor, fp16: bool) -> Tensor:
+    """Inverse norms to fold into GEMM operands: capped at the fp16 maximum when those are fp16."""
+    return inv.clamp_max(_FP16_MAX) if fp16 else inv

@@ -1,0 +1,188 @@
+"""The row-block MNRL op in torch ops (fastloss.ops.mnrl_blocked): its blocks, its half-dtype GEMM operands, its
+memory bound and when it is chosen. Its values and gradients on the whole configuration grid are tested with the
+other backends in test_mnrl.py (backend "blocked")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import leaf, rel_err
+
+import fastloss.functional as FF
+from fastloss import _backend
+from fastloss.functional.mnrl import mnrl_backend
+from fastloss.ops import mnrl_blocked
+from fastloss.ops.mnrl import MNRLParams, mnrl
+
+CONFIGS = [
+    pytest.param(MNRLParams(offset=0, batch=13, directions=15, hardness=3, alpha=0.3), id="all4-all_negatives"),
+    pytest.param(MNRLParams(offset=4, batch=6, directions=9, hardness=2, alpha=0.5), id="qd+dd-hard-gathered"),
+    pytest.param(MNRLParams(offset=2, batch=9, directions=5, joint=False), id="qd+dq-per_direction-gathered"),
+    pytest.param(MNRLParams(offset=0, batch=13, directions=3, hardness=1, alpha=0.2, normalize=False), id="dot"),
+]
+
+
+def _inputs(world=13, dim=24, columns=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(world, dim, generator=g).to(dtype), torch.randn(columns * world, dim, generator=g).to(dtype)
+
+
+def _run(q, d, p, scale=20.0):
+    args = (leaf(q), leaf(d), leaf(torch.tensor(scale, device=q.device)))
+    loss = mnrl(*args, p, "blocked")
+    loss.backward()
+    return [loss.detach(), *(x.grad for x in args)]
+
+
+@pytest.mark.parametrize("p", CONFIGS)
+def test_any_block_size_gives_the_same_result(monkeypatch, p):
+    """One block of all rows, blocks of 4 rows (the last shorter) and of one row: the same loss and gradients
+    (up to the summation order of the accumulated candidate gradients); no product has more rows than a block."""
+    q, d = _inputs()
+    whole = _run(q, d, p)
+    sizes = []
+    mm = mnrl_blocked._mm
+    monkeypatch.setattr(mnrl_blocked, "_mm", lambda a, b, *rest: sizes.append(tuple(a.shape)) or mm(a, b, *rest))
+    widths = sum((3 if bit in (1, 8) else 1) * 13 for bit in (1, 2, 4, 8) if p.directions & bit)
+    for rows in (4, 1):
+        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", str(rows * widths * 4 / 2**20))
+        sizes.clear()
+        got = _run(q, d, p)
+        # the logits products [m, D] x [D, N] and the gradient products [m, N] x [N, D], [N, m] x [m, D]: a block of
+        # m rows (the last shorter), never more
+        logits = [m for m, inner in sizes if inner == q.shape[1]]
+        assert max(logits) == min(rows, p.batch) and sum(logits) == p.batch * bin(p.directions).count("1")
+        assert max(min(shape) for shape in sizes) <= rows
+        for a, b in zip(got, whole):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_block_rows_follow_the_budget(monkeypatch):
+    p = MNRLParams(offset=0, batch=4096, directions=15)  # four directions: 2 x 8192 + 2 x 4096 columns per row
+    monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", "16")
+    budget = mnrl_blocked.block_bytes(torch.device("cpu"))
+    assert budget == 16 * 2**20
+    row = (2 * 8192 + 2 * 4096) * 4 + 8192 * 2  # fp32 logits of every direction, bf16 G of the widest
+    assert mnrl_blocked.block_rows(p, 4096, 2, 4, 2, budget) == budget // row
+    assert mnrl_blocked.block_rows(p, 4096, 2, 4, 2, 1) == 1  # at least one row
+    assert mnrl_blocked.block_rows(p, 4096, 2, 4, 0, 2**40) == 4096  # at most the batch
+    monkeypatch.delenv("FASTLOSS_MNRL_BLOCK_MIB")
+    assert mnrl_blocked.block_bytes(torch.device("cpu")) == 64 * 2**20
+    assert mnrl_blocked.block_bytes(torch.device("cuda")) == 1024 * 2**20
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots", "inf", "nan"])
+def test_bad_block_budget_raises(monkeypatch, value):
+    monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", value)
+    monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
+    q, d = _inputs(4, 8, 1)
+    with pytest.raises(ValueError, match="^FASTLOSS_MNRL_BLOCK_MIB must be a positive number of MiB"):
+        FF.mnrl_loss(q, d)
+
+
+def test_bad_algorithm_raises(monkeypatch):
+    monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "flashy")
+    q, d = _inputs(4, 8, 1)
+    with pytest.raises(ValueError, match="^FASTLOSS_MNRL_ALGO must be one of"):
+        FF.mnrl_loss(q, d)
+
+
+def test_which_backend_runs(monkeypatch):
+    q = torch.zeros(2, 3)
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
+    assert mnrl_backend(q) == "blocked"
+    monkeypatch.setenv("FASTLOSS_BACKEND", "torch")
+    assert mnrl_backend(q) == "torch"  # the reference stays forceable
+    if _backend.triton_available() and _backend.triton_interpret():
+        monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+        assert mnrl_backend(q) == "blocked"  # where the flash kernels would run
+        monkeypatch.delenv("FASTLOSS_MNRL_ALGO")
+        assert mnrl_backend(q) == "triton"
+    # CPU tensors without fastloss._C take the row-block torch op, not the B x N reference
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    monkeypatch.delenv("FASTLOSS_MNRL_ALGO", raising=False)
+    monkeypatch.setattr(_backend, "native_has", lambda op: False)
+    assert mnrl_backend(q) == "blocked"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("p", CONFIGS)
+def test_half_gemm_operands(monkeypatch, dtype, p):
+    """The CUDA path's rounding of G and of the weighted rows to the input dtype (emulated here with fp32 products
+    of the rounded operands), with a zero vector among the rows and the candidates, against the same op in fp32 on
+    the rounded inputs: within the half dtype's rounding, and finite."""
+    q, d = _inputs(dtype=dtype)
+    q[5], d[20] = 0.0, 0.0
+    want = _run(q.float(), d.float(), p)
+    monkeypatch.setattr(mnrl_blocked, "half_gemms", lambda x: True)
+    got = _run(q, d, p)
+    assert got[1].dtype == got[2].dtype == dtype and got[0].dtype == torch.float32
+    bound = 4e-3 if dtype == torch.float16 else 2e-2  # 2**-11, 2**-8 relative rounding of the operands
+    assert rel_err(got[0], want[0]) < 1e-6  # the logits are products of the inputs themselves, in fp32
+    for a, b in zip(got[1:3], want[1:3]):
+        keep = torch.isfinite(b.to(dtype)).all(dim=1)  # a zero vector's true gradient (1e12 x) overflows fp16
+        assert torch.isfinite(a[keep]).all() and rel_err(a[keep], b[keep]) < bound
+    assert rel_err(got[3], want[3]) < bound
+
+
+def test_without_grad_it_computes_only_the_loss(monkeypatch):
+    q, d = _inputs()
+    p = CONFIGS[0].values[0]
+    calls = []
+    mm = mnrl_blocked._mm
+    monkeypatch.setattr(mnrl_blocked, "_mm", lambda a, b, *rest: calls.append(1) or mm(a, b, *rest))
+    with torch.no_grad():
+        loss = mnrl(q, d, torch.tensor(20.0), p, "blocked")
+    assert len(calls) == 4  # one logits product per direction, no gradient products
+    torch.testing.assert_close(loss, _run(q, d, p)[0])
+
+
+@pytest.mark.gpu
+class TestCUDA:
+    """The row-block op on CUDA (cuBLAS with fp32 results for half operands) against the flash kernels and the
+    fp32 reference of the same rounded inputs."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    @pytest.mark.parametrize("p", CONFIGS)
+    def test_matches_the_flash_path_and_the_reference(self, dtype, p):
+        from fastloss.reference import mnrl_loss
+
+        q, d = (x.cuda() for x in _inputs(world=300, dim=768, dtype=dtype))
+        got = _run(q, d, p)
+        flash = [leaf(q), leaf(d), leaf(torch.tensor(20.0, device="cuda"))]
+        mnrl(*flash, p, "triton").backward()
+        bound = 1e-4 if dtype == torch.float32 else 1e-2
+        for a, b in zip(got[1:3], flash[:2]):
+            assert a.dtype == dtype and rel_err(a, b.grad) < bound
+        ref = [leaf(x.float()) for x in (q, d)]
+        names = {1: "query_to_doc", 2: "query_to_query", 4: "doc_to_query", 8: "doc_to_doc"}
+        ref_loss = mnrl_loss(
+            ref[0],
+            list(ref[1].split(q.shape[0])),
+            20.0,
+            similarity_fct=_sim(p.normalize),
+            offset=p.offset,
+            batch_size=p.batch,
+            directions=[n for bit, n in names.items() if p.directions & bit],
+            partition_mode="joint" if p.joint else "per_direction",
+            hardness_mode=[None, "in_batch_negatives", "hard_negatives", "all_negatives"][p.hardness],
+            hardness_strength=p.alpha,
+        )
+        assert rel_err(got[0], ref_loss) < (1e-5 if dtype == torch.float32 else 1e-3)
+
+    def test_large_batch_in_several_blocks(self, monkeypatch):
+        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", "64")  # 4096 x 8192 fp32 logits: 128 MiB, so 3 blocks
+        q, d = (x.cuda() for x in _inputs(world=4096, dim=1024, columns=2, dtype=torch.bfloat16))
+        p = MNRLParams(offset=0, batch=4096)
+        got = _run(q, d, p)
+        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", "1024")
+        whole = _run(q, d, p)
+        for a, b in zip(got, whole):
+            assert rel_err(a, b) < 1e-3
+
+
+def _sim(normalize: bool):
+    from fastloss.similarity import cos_sim, dot_score
+
+    return cos_sim if normalize else dot_score
