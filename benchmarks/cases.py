@@ -9,8 +9,10 @@ differentiable embeddings plus labels), and ``impls`` maps an implementation nam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from torch import Tensor
 
 IMPLS = (
     "fastloss",
+    "fastloss_blocked",
     "sentence_transformers",
     "torch_compile",
     "gemm_floor",
@@ -103,6 +106,10 @@ def _backend_of(x: Tensor, native_op: str, cpu_impl: str | None = None) -> str:
     return _backend.select(x, native_op, cpu_impl=cpu_impl)
 
 
+def _mnrl_backend(x: Tensor) -> str:
+    return _import("fastloss.functional.mnrl", "mnrl_backend")(x)
+
+
 @functools.cache
 def _st_losses():
     return _import("sentence_transformers.sentence_transformer.losses")
@@ -166,13 +173,35 @@ def _docs(p: Problem) -> Tensor:
     return torch.cat([x.detach() for x in p.inputs[1:]], dim=0)
 
 
-def _mnrl_fastloss(symmetric: bool) -> Builder:
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _mnrl_fastloss(symmetric: bool, algorithm: str = "auto") -> Builder:
+    """fastloss's MNRL as dispatched under FASTLOSS_MNRL_ALGO=``algorithm`` (``blocked``: the row-block torch op on
+    every device, which CUDA tensors take only when asked)."""
+
     def build(p: Problem) -> Impl:
-        fl = _import("fastloss.functional")
+        fl = _import("fastloss.functional.mnrl")
         q, docs = p.inputs[0], p.inputs[1:]
-        if symmetric:
-            return Impl(lambda: fl.mnsrl_loss(q, docs, SCALE), backend=_backend_of(q, "mnrl_fused"))
-        return Impl(lambda: fl.mnrl_loss(q, docs, SCALE), backend=_backend_of(q, "mnrl_fused"))
+        loss = fl.mnsrl_loss if symmetric else fl.mnrl_loss
+
+        def fn() -> Tensor:
+            with _env("FASTLOSS_MNRL_ALGO", algorithm):
+                return loss(q, docs, SCALE)
+
+        with _env("FASTLOSS_MNRL_ALGO", algorithm):
+            backend = _mnrl_backend(q)
+        return Impl(fn, backend=backend)
 
     return build
 
@@ -279,6 +308,7 @@ MNRL = OpSpec(
     _make_mnrl,
     {
         "fastloss": _mnrl_fastloss(False),
+        "fastloss_blocked": _mnrl_fastloss(False, "blocked"),
         "sentence_transformers": _mnrl_st(False),
         "torch_compile": _mnrl_compile(False),
         "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
@@ -294,6 +324,7 @@ MNSRL = OpSpec(
     _make_mnrl,
     {
         "fastloss": _mnrl_fastloss(True),
+        "fastloss_blocked": _mnrl_fastloss(True, "blocked"),
         "sentence_transformers": _mnrl_st(True),
         "torch_compile": _mnrl_compile(True),
         "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
@@ -638,7 +669,7 @@ def _gradcache_fastloss(p: Problem) -> Impl:
     def fn() -> Tensor:
         return _Done.apply(step(encoder, cols, loss_fn, mini_batch_size=_MINI), p.inputs[0])
 
-    return Impl(fn, backend=_backend_of(p.inputs[0], "mnrl_fused"), note="gradcache_step with fastloss MNRL")
+    return Impl(fn, backend=_mnrl_backend(p.inputs[0]), note="gradcache_step with fastloss MNRL")
 
 
 def _gradcache_uncached(p: Problem) -> Impl:
@@ -651,7 +682,7 @@ def _gradcache_uncached(p: Problem) -> Impl:
         embs = [encoder(c)["sentence_embedding"] for c in cols]
         return fl.mnrl_loss(embs[0], embs[1:], SCALE)
 
-    return Impl(fn, backend=_backend_of(p.inputs[0], "mnrl_fused"), note="uncached step with fastloss MNRL")
+    return Impl(fn, backend=_mnrl_backend(p.inputs[0]), note="uncached step with fastloss MNRL")
 
 
 def _gradcache_st(p: Problem) -> Impl:

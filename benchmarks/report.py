@@ -147,7 +147,7 @@ def targets_report(records: list[dict]) -> list[str]:
             text = f"{name} {r['ms']:.2f} ms = {tflops:.0f} TFLOP/s"
             if floor and name != "gemm_floor":
                 text += f" ({r['ms'] / floor:.2f}x the floor)"
-            if name == "fastloss" and (b, n, d, dtype) == GPU_TARGET_SHAPE:
+            if name in ("fastloss", "fastloss_blocked") and (b, n, d, dtype) == GPU_TARGET_SHAPE:
                 if tflops < GPU_MIN_TFLOPS or (floor and r["ms"] / floor > GPU_MAX_FLOOR_RATIO):
                     verdict = "NOT met"
                 else:

@@ -19,7 +19,7 @@ PARAMS = [
     pytest.param(op, impl, id=f"{op}-{impl}")
     for op, spec in OPS.items()
     for impl in spec.impls
-    if impl in ("fastloss", ORACLE, "gemm_floor", "inf_cl", "cce_exact")
+    if impl in ("fastloss", "fastloss_blocked", ORACLE, "gemm_floor", "inf_cl", "cce_exact")
 ]
 
 
