@@ -2,10 +2,11 @@
 
 The interpreter (TRITON_INTERPRET=1), which the test suite uses, never lowers a kernel to PTX, so it accepts kernels
 that fail to compile for a GPU, or that compile but do not fit one: a tile whose shared memory exceeds the SM's, or
-registers that spill. This script drives the real host wrappers (sim_lse_fwd/bwd, cosent_fwd/bwd, batch_hard_fwd)
-with a stand-in for each kernel that records its launch instead of running it, then compiles each recorded launch
-for the target with every configuration its autotuner may pick (heuristics applied, early pruning included), the
-constants and argument types the launch would have on a GPU, and reads the resources from the cubin.
+registers that spill. This script drives the real host wrappers (sim_lse_fwd/bwd, cosent_fwd/bwd, batch_hard_fwd,
+block_softmax.row_stats/row_grad) with a stand-in for each kernel that records its launch instead of running it, then
+compiles each recorded launch for the target with every configuration its autotuner may pick (heuristics applied,
+early pruning included), the constants and argument types the launch would have on a GPU, and reads the resources
+from the cubin.
 
     python3 scripts/triton_aot.py                 # sm_90 (H100/H200) and sm_80 (A100), the full matrix
     python3 scripts/triton_aot.py --arch 90 --quick
@@ -42,7 +43,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastloss.ops import cosent, sim_lse, triplet  # noqa: E402
+from fastloss.ops import block_softmax, cosent, sim_lse, triplet  # noqa: E402
 
 # Most dynamic shared memory one thread block may use (bytes), per compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -103,6 +104,7 @@ KERNELS = {
     sim_lse: ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"),
     cosent: ("cosent_sim_fwd_kernel", "cosent_rank_kernel", "cosent_sim_bwd_kernel"),
     triplet: ("batch_hard_fwd_kernel",),
+    block_softmax: ("row_stats_kernel", "row_grad_kernel"),
 }
 
 
@@ -145,6 +147,14 @@ def record_launches(quick: bool) -> list[Launch]:
             x = torch.empty(64, dim, dtype=dtype, device="meta")
             for metric in (triplet.EUCLIDEAN,) if quick else (triplet.EUCLIDEAN, triplet.COSINE):
                 triplet.batch_hard_fwd(x, torch.zeros(64, dtype=torch.int64, device="meta"), metric)
+        for name in dtypes:  # the row passes of the row-block MNRL op: G in the input dtype (fp32: in place)
+            label[0] = f"block_softmax {name}"
+            s, inv_r, inv_c, scale = torch.zeros(48, 96), torch.ones(48), torch.ones(96), torch.tensor(20.0)
+            for mask_own, pen_mode in ((False, 3), (True, 0)):
+                opts = dict(period=48, offset=0, mask_own=mask_own, pen_mode=pen_mode, alpha=0.1)
+                top, _ = block_softmax.row_stats(s, inv_r, inv_c, scale, **opts)
+                out = torch.zeros(48, 96, dtype=DTYPES[name])
+                block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, **opts)
         if not quick:  # the ranking kernel's block grows with the number of pairs, up to 4096 with 16 warps
             for n_pairs in (600, 5000):
                 label[0] = f"cosent rank N={n_pairs}"

@@ -186,3 +186,56 @@ def _sim(normalize: bool):
     from fastloss.similarity import cos_sim, dot_score
 
     return cos_sim if normalize else dot_score
+
+
+needs_triton = pytest.mark.skipif(
+    not (_backend.triton_available() and (_backend.triton_interpret() or torch.cuda.is_available())),
+    reason="the Triton row passes need Triton (and TRITON_INTERPRET=1 for CPU tensors)",
+)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "world,columns,p",
+    [
+        *[pytest.param(13, 3, c.values[0], id=c.id) for c in CONFIGS],
+        # N = 1040 > one 1024-column step of a row; 5 local rows at offset 300 in blocks of 2
+        pytest.param(520, 2, MNRLParams(offset=300, batch=5, directions=15, hardness=1, alpha=0.4), id="wide"),
+        # W = 1: the query_to_query row has no candidate left (fully masked)
+        pytest.param(1, 2, MNRLParams(offset=0, batch=1, directions=15), id="masked-row"),
+    ],
+)
+def test_triton_row_passes_match_the_torch_ones(monkeypatch, world, columns, p):
+    """The CUDA path's row passes (Triton: statistics of the raw block, then G) against the torch ones, in blocks."""
+    q, d = _inputs(world, 8, columns)
+    monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", str(2 * world * (2 * columns + 2) * 4 / 2**20))  # ~2 rows
+    want = _run(q, d, p)
+    monkeypatch.setattr(mnrl_blocked, "triton_rows", lambda x: True)
+    got = _run(q, d, p)
+    assert all(torch.isfinite(x).all() for x in got)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_row_passes_write_half_g(monkeypatch, dtype):
+    """G written by the Triton kernel in the input dtype (fp16: the folded inverse norm capped) is as accurate as the
+    torch path's rounding of the same values (the interpreter's bf16 conversion need not round the same way), both
+    against the products in fp32; zero vectors give the same non-finite pattern (fp16: their 1e12 x gradient)."""
+    q, d = _inputs(dtype=dtype)
+    q[5], d[20] = 0.0, 0.0
+    p = CONFIGS[0].values[0]
+    exact = _run(q, d, p)
+    monkeypatch.setattr(mnrl_blocked, "half_gemms", lambda x: True)
+    torch_rows = _run(q, d, p)
+    monkeypatch.setattr(mnrl_blocked, "triton_rows", lambda x: True)
+    triton_rows = _run(q, d, p)
+    # Triton's interpreter converts fp32 to bf16 by truncation (a bias of -2.8e-3 on average, measured on uniform
+    # values; CUDA rounds to nearest), so there bf16 G only gets the bound of its rounding
+    truncating = dtype == torch.bfloat16 and q.device.type == "cpu"
+    for a, b, truth in zip(triton_rows, torch_rows, exact):
+        keep = torch.isfinite(truth)
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        bound = 2**-7 if truncating else 2 * rel_err(b[keep], truth[keep]) + 1e-6
+        assert rel_err(a[keep], truth[keep]) <= bound

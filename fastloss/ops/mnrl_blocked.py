@@ -29,10 +29,12 @@ block should hold ~1000+ rows for the GEMMs to run near peak, 64 MiB elsewhere; 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from fastloss import _backend
 from fastloss.ops.mnrl import (
     DIRECTION_ORDER,
     DOC_TO_DOC,
@@ -76,37 +78,105 @@ def _mm(a: Tensor, b: Tensor, half: bool, acc: torch.dtype) -> Tensor:
     return torch.mm(a.to(acc), b.to(acc))
 
 
-def _rules(p: MNRLParams, columns: int, scale: Tensor):
-    """Per selected direction: (bit, rows are queries, candidates are docs, factor, except factor or None for a
-    mask, t_begin, t_end): the logit of column j is factor * t_j, except at the columns own + t * W for t in
-    [t_begin, t_end), which use the except factor or are masked (the native op's column rules)."""
-    penalised = scale + p.alpha
-    penalty = p.hardness != 0 and p.alpha > 0.0
+@dataclass(frozen=True)
+class _Direction:
+    """One selected direction: its rows (local queries or local positives), its candidates, and which logits are
+    masked (the own column(s)) or carry the hardness penalty, as sim_lse's (mask_own, pen_mode)."""
+
+    bit: int
+    rows_are_queries: bool
+    candidates_are_docs: bool
+    mask_own: bool
+    pen_mode: int
+
+
+def _directions(p: MNRLParams) -> list[_Direction]:
     out = []
     for bit in DIRECTION_ORDER:
-        if not p.directions & bit:
-            continue
-        rule = (scale, scale, 0, 0)
-        if bit == QUERY_TO_DOC and penalty:
-            rule = {
-                1: (penalised, scale, 0, columns),  # in_batch_negatives: all but the own query's docs
-                2: (scale, penalised, 1, columns),  # hard_negatives: the own query's hard negatives
-                3: (penalised, scale, 0, 1),  # all_negatives: all but the positive
-            }[p.hardness]
-        elif bit == QUERY_TO_QUERY:
-            rule = (scale, None, 0, 1)
-        elif bit == DOC_TO_DOC:
-            rule = (scale, None, 0, columns)
-        out.append((bit, bit in (QUERY_TO_DOC, QUERY_TO_QUERY), bit in (QUERY_TO_DOC, DOC_TO_DOC), *rule))
+        if p.directions & bit:
+            pen_mode = p.hardness if bit == QUERY_TO_DOC and p.alpha > 0.0 else 0
+            mask_own = bit in (QUERY_TO_QUERY, DOC_TO_DOC)
+            out.append(
+                _Direction(
+                    bit, bit in (QUERY_TO_DOC, QUERY_TO_QUERY), bit in (QUERY_TO_DOC, DOC_TO_DOC), mask_own, pen_mode
+                )
+            )
     return out
 
 
 def block_rows(p: MNRLParams, world: int, columns: int, esize: int, half_size: int, budget: int) -> int:
     """Rows per block: every direction's logits of a row in the accumulation dtype (``esize`` bytes), plus the widest
     direction's G in the input dtype when the GEMMs take half operands (``half_size``, else 0), within ``budget``."""
-    widths = [world * (columns if to_docs else 1) for _, _, to_docs, *_ in _rules(p, columns, torch.zeros(()))]
+    widths = [world * (columns if dir_.candidates_are_docs else 1) for dir_ in _directions(p)]
     row = sum(widths) * esize + max(widths) * half_size
     return max(1, min(p.batch, budget // row))
+
+
+def triton_rows(x: Tensor) -> bool:
+    """Whether the row passes over a block run as Triton kernels (fastloss.ops.block_softmax): fp16/bf16/fp32 CUDA
+    tensors where Triton is installed; torch ops otherwise."""
+    return x.device.type == "cuda" and x.dtype != torch.float64 and _backend.triton_available()
+
+
+class _TorchRows:
+    """The row passes in torch ops: the block S becomes E = exp(logit - top) in place, then G = E c_inv."""
+
+    def __init__(self, p: MNRLParams, world: int, columns: int, scale: Tensor):
+        self.p, self.world, self.columns, self.scale = p, world, columns, scale
+
+    def _rule(self, dir_: _Direction):
+        """(factor, except factor or None for a mask, t_begin, t_end): the logit of column j is factor * t_j, except
+        at the columns own + t * W for t in [t_begin, t_end) (the native op's column rules)."""
+        scale, penalised, columns = self.scale, self.scale + self.p.alpha, self.columns
+        if dir_.mask_own:
+            return scale, None, 0, columns if dir_.candidates_are_docs else 1
+        return {
+            0: (scale, scale, 0, 0),
+            1: (penalised, scale, 0, columns),  # in_batch_negatives: all but the own query's docs
+            2: (scale, penalised, 1, columns),  # hard_negatives: the own query's hard negatives
+            3: (penalised, scale, 0, 1),  # all_negatives: all but the positive
+        }[dir_.pen_mode]
+
+    def stats(self, s: Tensor, dir_: _Direction, r_inv: Tensor, c_inv: Tensor, g0: int) -> tuple[Tensor, Tensor]:
+        factor, except_factor, t_begin, t_end = self._rule(dir_)
+        s.mul_(r_inv[:, None]).mul_(c_inv[None, :])  # the similarities t
+        if t_end > t_begin:
+            own = torch.arange(g0, g0 + s.shape[0], device=s.device)
+            cols = own[:, None] + self.world * torch.arange(t_begin, t_end, device=s.device)[None, :]
+            held = s.gather(1, cols)
+            s.mul_(factor)
+            s.scatter_(1, cols, held * except_factor if except_factor is not None else held.fill_(-torch.inf))
+        else:
+            s.mul_(factor)
+        top = s.amax(dim=1)
+        top = torch.where(top == -torch.inf, torch.zeros_like(top), top)  # a fully masked row: E = 0, not NaN
+        s.sub_(top[:, None]).exp_()
+        return top, s.sum(dim=1)
+
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
+        return s.mul_(_cap(c_inv, fp16)[None, :]).to(dtype)
+
+
+class _TritonRows:
+    """The row passes as Triton kernels: S stays the raw products until G is written (in place for fp32)."""
+
+    def __init__(self, p: MNRLParams, world: int, columns: int, scale: Tensor):
+        self.p, self.world, self.scale = p, world, scale
+
+    def _opts(self, dir_: _Direction, g0: int) -> dict:
+        return dict(period=self.world, offset=g0, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=self.p.alpha)
+
+    def stats(self, s, dir_, r_inv, c_inv, g0) -> tuple[Tensor, Tensor]:
+        from fastloss.ops.block_softmax import row_stats
+
+        top, total = row_stats(s, r_inv, c_inv, self.scale, **self._opts(dir_, g0))
+        return torch.where(top == -torch.inf, torch.zeros_like(top), top), total
+
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
+        from fastloss.ops.block_softmax import row_grad
+
+        out = s if dtype == s.dtype else torch.empty(s.shape, device=s.device, dtype=dtype)
+        return row_grad(s, r_inv, c_inv, self.scale, top, out, **self._opts(dir_, g0))
 
 
 def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
@@ -116,10 +186,12 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     half = half_gemms(q)
     fp16 = half and q.dtype == torch.float16  # operands whose folded inverse norms are capped
-    x_q, x_d = (q, d) if half else (q.to(acc), d.to(acc))  # the GEMM operands
+    gemm_dtype = q.dtype if half else acc
+    x_q, x_d = q.to(gemm_dtype), d.to(gemm_dtype)  # the GEMM operands (no copy where they already are)
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
     q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(d, p.normalize, acc)
-    rules = _rules(p, columns, scale)
+    directions = _directions(p)
+    rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
     rows_per_block = block_rows(
         p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device)
     )
@@ -133,26 +205,15 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     for start in range(0, p.batch, rows_per_block):
         m = min(rows_per_block, p.batch - start)
         g0 = p.offset + start
-        own = torch.arange(g0, g0 + m, device=q.device)
-        exps, row_max, sums = [], [], []
-        for _, rows_q, cands_d, factor, except_factor, t_begin, t_end in rules:
-            rows, r_inv = (x_q, q_inv) if rows_q else (x_d, d_inv)
-            cands, c_inv = (x_d, d_inv) if cands_d else (x_q, q_inv)
+        blocks, row_max, sums = [], [], []
+        for dir_ in directions:
+            rows, r_inv = (x_q, q_inv) if dir_.rows_are_queries else (x_d, d_inv)
+            cands, c_inv = (x_d, d_inv) if dir_.candidates_are_docs else (x_q, q_inv)
             s = _mm(rows[g0 : g0 + m], cands.t(), half, acc)
-            s.mul_(r_inv[g0 : g0 + m, None]).mul_(c_inv[None, :])  # the similarities t
-            if t_end > t_begin:
-                cols = own[:, None] + world * torch.arange(t_begin, t_end, device=q.device)[None, :]
-                held = s.gather(1, cols)
-                s.mul_(factor)
-                s.scatter_(1, cols, held * except_factor if except_factor is not None else held.fill_(-torch.inf))
-            else:
-                s.mul_(factor)
-            top = s.amax(dim=1)
-            top = torch.where(top == -torch.inf, torch.zeros_like(top), top)  # a fully masked row: E = 0, not NaN
-            s.sub_(top[:, None]).exp_()
-            exps.append(s)
+            top, total = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
+            blocks.append(s)
             row_max.append(top)
-            sums.append(s.sum(dim=1))
+            sums.append(total)
         row_max, sums = torch.stack(row_max), torch.stack(sums)  # [n_dir, m]
         lse = row_max + sums.log()  # -inf for a fully masked row
         if p.joint:
@@ -160,24 +221,24 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             weights = torch.exp(row_max - log_z[None, start : start + m])
         else:
             log_z[start : start + m] = lse.mean(dim=0)
-            weights = torch.where(sums > 0, 1.0 / (len(rules) * sums), torch.zeros_like(sums))
+            weights = torch.where(sums > 0, 1.0 / (len(directions) * sums), torch.zeros_like(sums))
         if grads is None:
             continue
-        for (_, rows_q, cands_d, *_), e, c in zip(rules, exps, weights):
-            rows, r_inv, rows_grad = (x_q, q_inv, grads[0]) if rows_q else (x_d, d_inv, grads[1])
-            cands, c_inv, cands_grad = (x_d, d_inv, grads[1]) if cands_d else (x_q, q_inv, grads[0])
+        for dir_, s, top, c in zip(directions, blocks, row_max, weights):
+            rows, r_inv, rows_grad = (x_q, q_inv, grads[0]) if dir_.rows_are_queries else (x_d, d_inv, grads[1])
+            cands, c_inv, cands_grad = (x_d, d_inv, grads[1]) if dir_.candidates_are_docs else (x_q, q_inv, grads[0])
             r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
-            g = e.mul_(_cap(c_inv, fp16)[None, :]).to(q.dtype if half else acc)
+            g = rows_pass.grad(s, dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16)  # E c_inv
             product = _mm(g, cands, half, acc)  # (E c_inv) C: [m, D]
             dscale += h * (c * r_inv_blk * (r_blk.to(acc) * product).sum(dim=1)).sum()
             rows_grad[g0 : g0 + m].addcmul_(product, (scale * h * c * r_inv_blk)[:, None])
             del product
             w = c * _cap(r_inv_blk, fp16)
             w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
-            weighted = (r_blk * (w / w_max)[:, None]).to(q.dtype if half else acc)
+            weighted = (r_blk * (w / w_max)[:, None]).to(gemm_dtype)
             cands_grad.addcmul_(_mm(g.t(), weighted, half, acc), scale * h * w_max)
             del g, weighted
-        del exps
+        del blocks
 
     positive = _positive_sims(q, d, q_inv, d_inv, p)
     loss = (log_z - scale * positive).mean()

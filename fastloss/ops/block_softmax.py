@@ -1,0 +1,145 @@
+"""The row passes of the row-block MNRL op (fastloss.ops.mnrl_blocked) over a block of raw products S [m, N] as two
+Triton kernels, so that the block's logits cross memory three times (written by the GEMM, read for the row
+statistics, read again to write G in the input dtype) instead of the eight or so passes of the same maths in torch
+ops. The logits are sim_lse's (``_logits``: scale, hardness penalty, own-column mask), of the similarities
+t_ij = r_inv_i S_ij c_inv_j, for the block's rows i (global row ``offset + i``):
+    row_stats:  top_i = max_j logit_ij (-inf for a fully masked row), sum_i = sum_j exp(logit_ij - top_i)
+    row_grad:   G_ij = exp(logit_ij - top_i) c_inv_j (c_inv capped at 65504 for fp16), in G's dtype
+S may be G's storage (fp32 G in place: each element is read before it is written, by the same program).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastloss.ops.sim_lse import _fold, _logits
+
+BLOCK_N = 1024  # columns per step of a row: 4 KiB of fp32 per load, a warp-friendly size for a streaming pass
+
+
+@triton.jit
+def _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE):
+    m_n = o_n < N
+    b_s = tl.load(s + row * stride_s + o_n, mask=m_n, other=0.0)
+    b_t = b_s * tl.load(r_inv + row) * tl.load(c_inv + o_n, mask=m_n, other=0.0)
+    return _logits(b_t, row, o_n, N, period, offset, tl.load(scale), alpha, MASK_OWN, PEN_MODE)
+
+
+@triton.jit
+def row_stats_kernel(
+    s,
+    r_inv,
+    c_inv,
+    scale,
+    top,
+    total,
+    N,
+    period,
+    offset,
+    alpha,
+    stride_s,
+    MASK_OWN: tl.constexpr,
+    PEN_MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        o_n = start + tl.arange(0, BLOCK).to(tl.int64)
+        b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
+        b_new = tl.maximum(b_max, b_logit)  # a running max and sum per lane, combined at the end
+        b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
+        b_sum = b_sum * tl.exp(b_max - b_ref) + tl.exp(b_logit - b_ref)
+        b_max = b_new
+    b_top = tl.max(b_max, axis=0)
+    b_top_ref = tl.where(b_top == float("-inf"), 0.0, b_top)
+    b_lane = tl.where(b_max == float("-inf"), 0.0, b_sum * tl.exp(b_max - b_top_ref))
+    tl.store(top + row, b_top)
+    tl.store(total + row, tl.sum(b_lane, axis=0))
+
+
+@triton.jit
+def row_grad_kernel(
+    s,
+    r_inv,
+    c_inv,
+    scale,
+    top,
+    g,
+    N,
+    period,
+    offset,
+    alpha,
+    stride_s,
+    stride_g,
+    MASK_OWN: tl.constexpr,
+    PEN_MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    o_n = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
+    b_top = tl.load(top + row)
+    b_top = tl.where(b_top == float("-inf"), 0.0, b_top)
+    b_cinv = _fold(tl.load(c_inv + o_n, mask=o_n < N, other=0.0), g.dtype.element_ty)
+    b_g = tl.exp(b_logit - b_top) * b_cinv
+    tl.store(g + row * stride_g + o_n, b_g.to(g.dtype.element_ty), mask=o_n < N)
+
+
+def _on_device(x: Tensor):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def row_stats(s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha) -> tuple[Tensor, Tensor]:
+    """(top [m], sum [m]) in fp32 of the logits of the block S [m, N] (fp32, rows contiguous)."""
+    m, n = s.shape
+    top = torch.empty(m, device=s.device, dtype=torch.float32)
+    total = torch.empty(m, device=s.device, dtype=torch.float32)
+    with _on_device(s):
+        row_stats_kernel[(m,)](
+            s,
+            r_inv,
+            c_inv,
+            scale,
+            top,
+            total,
+            n,
+            period,
+            offset,
+            float(alpha),
+            s.stride(0),
+            MASK_OWN=bool(mask_own),
+            PEN_MODE=pen_mode,
+            BLOCK=BLOCK_N,
+        )
+    return top, total
+
+
+def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha) -> Tensor:
+    """``out`` [m, N] (fp32, which may be S itself, or fp16/bf16) = exp(logit - top) c_inv."""
+    m, n = s.shape
+    with _on_device(s):
+        row_grad_kernel[(m, triton.cdiv(n, BLOCK_N))](
+            s,
+            r_inv,
+            c_inv,
+            scale,
+            top,
+            out,
+            n,
+            period,
+            offset,
+            float(alpha),
+            s.stride(0),
+            out.stride(0),
+            MASK_OWN=bool(mask_own),
+            PEN_MODE=pen_mode,
+            BLOCK=BLOCK_N,
+        )
+    return out
