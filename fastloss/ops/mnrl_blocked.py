@@ -1,24 +1,28 @@
-"""The row-block MNRL op in torch ops: the gradient computed inside the forward, no recompute (DESIGN.md's second
-design), on any device. On CUDA its products are cuBLAS GEMMs; on CPU it is the memory-bounded fallback where
-fastloss._C is not built (the native op is the same algorithm in C++).
+"""The row-block MNRL op: the gradient computed inside the forward, no recompute (DESIGN.md's second design), on any
+device. On CUDA its products are cuBLAS GEMMs and its row passes over a block of logits two Triton kernels
+(fastloss.ops.block_softmax); elsewhere all of it is torch ops, the memory-bounded fallback where fastloss._C is not
+built (the native op is the same algorithm in C++).
 
 For a block of m local rows and each selected direction (rows R, candidates C, as in fastloss.ops.mnrl):
     S = R_blk C^T                                     one GEMM, fp32 results (cuBLAS out_dtype for fp16/bf16)
-    t = r_inv S c_inv; logit = factor * t (+ the hardness penalty, or -inf where masked), in place
-    E = exp(logit - rowmax), in place; LSE = rowmax + log sum E
-Once every direction's LSE of the block is known, softmax_k = c_k E_k (c_k = exp(rowmax_k - log_z) in the joint
-partition, 1 / (n_dir sum E_k) per direction), and with G = E c_inv (in place) and h = 1 / B:
+    t = r_inv S c_inv; logit = factor * t (+ the hardness penalty, or -inf where masked)
+    top = rowmax logit, sum E with E = exp(logit - top); LSE = top + log sum E
+Once every direction's LSE of the block is known, softmax_k = c_k E_k (c_k = exp(top_k - log_z) in the joint
+partition, 1 / (n_dir sum E_k) per direction), and with G = E c_inv and h = 1 / B:
     inv_r * dL/dr_hat += scale h c_k r_inv  (G C)                 one GEMM, [m, D]
     inv_c * dL/dc_hat += scale h  G^T (c_k r_inv R_blk)           one GEMM, [N, D]
     dL/dscale         += h c_k r_inv <r_i, (G C)_i>               from the first product: no pass over the logits
-so three GEMM-equivalents in all, against four or five for the flash path (which recomputes S in its backward).
-The gradients are accumulated as inv * dL/dx_hat (as the native op does), which makes the normalisation backward
-dx = a - x_hat <x_hat, a>. The hardness penalty is a stop-gradient term, as in the other paths.
+so three GEMM-equivalents in all, against five for the flash path (which recomputes S twice in its backward).
+The row passes in torch ops turn S into E and then G in place (about nine passes over the block); the Triton ones
+read S for the statistics and once more to write G (in place for fp32). The gradients are accumulated as
+inv * dL/dx_hat (as the native op does), which makes the normalisation backward dx = a - x_hat <x_hat, a>. The
+hardness penalty is a stop-gradient term, as in the other paths.
 
 Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for the tensor-core GEMMs, the weights
 of the rows divided by their maximum so that they stay in fp16's range, and the folded inverse norm capped at 65504
-in fp16 (only vectors of norm < 1.5e-5 are affected; zero vectors, whose term is 0, are exact), as in the Triton
-kernels. Elsewhere the products run in the accumulation dtype (fp32; fp64 for fp64 inputs, for gradcheck).
+in fp16 (only the terms of vectors of norm < 1.5e-5 are affected, in every gradient row they enter; zero vectors,
+whose term is 0, are exact), as in the flash kernels. Elsewhere the products run in the accumulation dtype (fp32;
+fp64 for fp64 inputs, for gradcheck).
 
 Memory beyond the inputs and outputs: the fp32 gradient accumulators (O(W*D)), one product of the candidate side
 ([N, D] fp32) and one block of logits: m rows of every direction's candidates in the accumulation dtype, plus one

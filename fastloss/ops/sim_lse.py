@@ -20,7 +20,8 @@ Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 inputs "ie
 FASTLOSS_FP32_DOT); logits, LSE and accumulators in fp32. The backward products take the raw tiles of r and c
 with the inverse norms folded into P before its cast to the input dtype: P_ij c_inv_j in dr, P_ij r_inv_i g_i / max|g|
 in dc (g_i and scale are applied in fp32 afterwards), so that fp16 stays in range; in fp16 the folded inverse norm is
-capped at 65504, which only affects vectors of norm < 1.5e-5 (zero vectors, whose gradient term is 0, are exact).
+capped at 65504, which only affects the terms of vectors of norm < 1.5e-5 (in every gradient row they enter; zero
+vectors, whose term is 0, are exact).
 fp64 inputs are computed in fp32; under TRITON_INTERPRET=1 so are bf16 inputs (the interpreter's bf16 tl.dot is
 wrong). Operands need contiguous rows (a row stride is fine); others are made contiguous.
 """
