@@ -321,44 +321,28 @@ def _accumulation_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastloss::mnrl_fused", mutates_args=())
-def _mnrl_fused_op(
-    q: Tensor,
-    d: Tensor,
-    scale: Tensor,
-    offset: int,
-    batch: int,
-    directions: int,
-    joint: bool,
-    hardness: int,
-    alpha: float,
-    normalize: bool,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _run_native(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
     from fastloss._backend import native_module
 
     loss, dq, dd, dscale = native_module().mnrl_fused(
         q.contiguous(),
         d.contiguous(),
         scale.detach().to(_accumulation_dtype(q)).cpu().reshape(()),
-        offset,
-        batch,
-        directions,
-        joint,
-        hardness,
-        alpha,
-        normalize,
+        *p.as_args(),
         need_grad,
     )
-    return loss, dq.to(q.dtype), dd.to(d.dtype), dscale.to(scale.dtype).reshape(scale.shape)
+    return loss, dq.to(q.dtype), dd.to(d.dtype), dscale
+
+
+def _run_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
+    from fastloss.ops.mnrl_blocked import mnrl_blocked
+
+    return mnrl_blocked(q, d, scale, p, need_grad)
 
 
 def _fused_fake(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad):
     loss = q.new_empty((), dtype=_accumulation_dtype(q))
     return loss, torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
-
-
-_mnrl_fused_op.register_fake(_fused_fake)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -373,32 +357,36 @@ def _fused_backward(ctx, grad_loss, *_unused):
     return (dq * g.to(dq.dtype), dd * g.to(dd.dtype), dscale * g.to(dscale.dtype)) + (None,) * ctx.n_args
 
 
-torch.library.register_autograd("fastloss::mnrl_fused", _fused_backward, setup_context=_fused_setup_context)
+def _gradient_in_forward_op(name: str, run):
+    """A ``fastloss::<name>`` op (loss, dq, dd, dscale) = run(q, d, scale, params, need_grad) of the row-block
+    algorithm: the gradients come out of the forward, and its backward only scales them by the incoming gradient."""
+
+    def op(
+        q: Tensor,
+        d: Tensor,
+        scale: Tensor,
+        offset: int,
+        batch: int,
+        directions: int,
+        joint: bool,
+        hardness: int,
+        alpha: float,
+        normalize: bool,
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        p = _params(offset, batch, directions, joint, hardness, alpha, normalize)
+        loss, dq, dd, dscale = run(q, d, scale, p, need_grad)
+        return loss, dq, dd, dscale.to(device=scale.device, dtype=scale.dtype).reshape(scale.shape)
+
+    op.__name__ = op.__qualname__ = name
+    op = torch.library.custom_op(f"fastloss::{name}", mutates_args=())(op)
+    op.register_fake(_fused_fake)
+    torch.library.register_autograd(f"fastloss::{name}", _fused_backward, setup_context=_fused_setup_context)
+    return op
 
 
-@torch.library.custom_op("fastloss::mnrl_blocked", mutates_args=())
-def _mnrl_blocked_op(
-    q: Tensor,
-    d: Tensor,
-    scale: Tensor,
-    offset: int,
-    batch: int,
-    directions: int,
-    joint: bool,
-    hardness: int,
-    alpha: float,
-    normalize: bool,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from fastloss.ops.mnrl_blocked import mnrl_blocked
-
-    p = _params(offset, batch, directions, joint, hardness, alpha, normalize)
-    loss, dq, dd, dscale = mnrl_blocked(q, d, scale, p, need_grad)
-    return loss, dq, dd, dscale.to(device=scale.device, dtype=scale.dtype).reshape(scale.shape)
-
-
-_mnrl_blocked_op.register_fake(_fused_fake)
-torch.library.register_autograd("fastloss::mnrl_blocked", _fused_backward, setup_context=_fused_setup_context)
+_mnrl_fused_op = _gradient_in_forward_op("mnrl_fused", _run_native)  # fastloss._C, CPU tensors
+_mnrl_blocked_op = _gradient_in_forward_op("mnrl_blocked", _run_blocked)  # torch ops (+ Triton row passes on CUDA)
 
 
 def mnrl(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, backend: str) -> Tensor:
