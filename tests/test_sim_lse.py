@@ -212,6 +212,7 @@ def test_extreme_scale(poison, dtype):
 def test_chunked_d(poison, monkeypatch, D, dtype):
     """D looped in 16-wide chunks, the gradients accumulated in the output (the path of D > 256)."""
     monkeypatch.setattr(sim_lse, "SINGLE_D_MAX", 16)
+    monkeypatch.setattr(sim_lse, "SINGLE_D_MAX_FP32", 16)
     monkeypatch.setattr(sim_lse, "CHUNK_D", 16)
     r, c, r_inv, c_inv, g = make(21, 40, D, dtype, seed=8)
     check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=20, offset=3, mask_own=True, pen_mode=2, alpha=0.5)

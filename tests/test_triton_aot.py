@@ -95,3 +95,17 @@ def test_wide_tiles_only_for_half_dtypes_with_chunked_d(kind):
         assert kept(dtype, 1024) == len(wide)
         assert kept(dtype, sim_lse.SINGLE_D_MAX) == 0
     assert kept(torch.float32, 1024) == 0
+
+
+def test_fp32_operands_chunk_d_above_128():
+    """fp32 operands loop D in chunks above D = 128 (single tiles up to 256 spilled kilobytes per thread on sm_90);
+    fp16/bf16 keep one tile up to SINGLE_D_MAX."""
+    import torch
+
+    from fastloss.ops import sim_lse
+
+    single, block_d = sim_lse._HEURISTICS["SINGLE_D"], sim_lse._HEURISTICS["BLOCK_D"]
+    for dtype, largest in ((torch.float32, 128), (torch.float16, 256), (torch.bfloat16, 256)):
+        args = {"r": torch.empty(1, dtype=dtype)}
+        assert single({**args, "D": largest}) and block_d({**args, "D": largest}) == largest
+        assert not single({**args, "D": largest + 1}) and block_d({**args, "D": largest + 1}) == sim_lse.CHUNK_D

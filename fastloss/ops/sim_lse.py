@@ -40,8 +40,12 @@ from torch import Tensor
 from fastloss import _backend
 from fastloss.ops._autotune import drop_fp32_tiles, tune_bucket, without_tiles
 
-# D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks.
+# D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks. fp32
+# operands hold twice the bytes per element (and tf32x3 dots split each tile in three): with one tile up to D = 256
+# the sm_90 kernels needed 0.4-7 KB of stack per thread in some configurations (Triton 3.8 and the GPU image's 3.6,
+# scripts/triton_aot.py), in chunks above D = 128 at most 16 B (ieee) / 136 B (tf32x3), so fp32 chunks above 128.
 SINGLE_D_MAX = 256
+SINGLE_D_MAX_FP32 = 128
 CHUNK_D = 64
 
 
@@ -49,8 +53,12 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D)) if D <= SINGLE_D_MAX else CHUNK_D
+def _single_d(D: int, dtype: torch.dtype) -> bool:
+    return D <= (SINGLE_D_MAX_FP32 if dtype == torch.float32 else SINGLE_D_MAX)
+
+
+def _block_d(D: int, dtype: torch.dtype) -> int:
+    return max(16, triton.next_power_of_2(D)) if _single_d(D, dtype) else CHUNK_D
 
 
 def _config(bm: int, bn: int, warps: int, stages: int = 3) -> triton.Config:
@@ -59,8 +67,9 @@ def _config(bm: int, bn: int, warps: int, stages: int = 3) -> triton.Config:
 
 # Tile shapes picked from the resources ptxas reports for sm_90 (scripts/triton_aot.py, triton 3.8): for each kernel,
 # dtype and D regime some of them need no stack (no spilled registers). fp32 operands get more: with ieee dots (FMA,
-# operands held per thread) all five shared backward tiles spill at D in (64, 256], and with tf32x3 dots at D = 256
-# only the 32 x 32 forward tile fits in shared memory. Half dtypes do not compile or time the fp32 tiles (every tile
+# operands held per thread) all five shared backward tiles spilled at D in (64, 256] in one tile, and with tf32x3 dots
+# at D = 256 only the 32 x 32 forward tile fitted in shared memory (before fp32 chunked D above 128, which spills
+# less still). Half dtypes do not compile or time the fp32 tiles (every tile
 # costs a compile on the first call for a given D, dot precision and dtypes, when the kernel autotunes).
 _FP32_FWD = [_config(32, 32, 4)]
 _FP32_BWD = [_config(32, 32, 4), _config(32, 64, 8), _config(64, 32, 8)]
@@ -112,7 +121,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 def _prune_bwd(configs, named_args, **kwargs):
     """Also drop tiles whose [BLOCK, BLOCK_D] fp32 gradient accumulator would spill (2048 elements per warp)."""
-    block_d = _block_d(named_args["D"])
+    block_d = _block_d(named_args["D"], named_args["r"].dtype)
     kept = [
         cfg
         for cfg in _drop_wide_tiles(drop_fp32_tiles(configs, named_args["r"], _FP32_BWD), named_args, _WIDE_BWD)
@@ -122,9 +131,9 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 
 _HEURISTICS = {
-    "BLOCK_D": lambda args: _block_d(args["D"]),
-    "SINGLE_D": lambda args: args["D"] <= SINGLE_D_MAX,
-    "EVEN_D": lambda args: args["D"] % _block_d(args["D"]) == 0,
+    "BLOCK_D": lambda args: _block_d(args["D"], args["r"].dtype),
+    "SINGLE_D": lambda args: _single_d(args["D"], args["r"].dtype),
+    "EVEN_D": lambda args: args["D"] % _block_d(args["D"], args["r"].dtype) == 0,
 }
 
 
