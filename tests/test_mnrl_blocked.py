@@ -4,6 +4,8 @@ other backends in test_mnrl.py (backend "blocked")."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from _helpers import leaf, rel_err
@@ -99,11 +101,16 @@ def test_which_backend_runs(monkeypatch):
         assert mnrl_backend(q) == "blocked"  # where the flash kernels would run
         monkeypatch.delenv("FASTLOSS_MNRL_ALGO")
         assert mnrl_backend(q) == "triton"
-    # CPU tensors without fastloss._C take the row-block torch op, not the B x N reference
+    # CPU tensors without fastloss._C, and CUDA tensors without Triton, take the row-block op, not the B x N reference
     monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
     monkeypatch.delenv("FASTLOSS_MNRL_ALGO", raising=False)
     monkeypatch.setattr(_backend, "native_has", lambda op: False)
     assert mnrl_backend(q) == "blocked"
+    cuda = SimpleNamespace(device=torch.device("cuda"))  # only the device is read
+    monkeypatch.setattr(_backend, "triton_available", lambda: False)
+    assert mnrl_backend(cuda) == "blocked"
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+    assert mnrl_backend(cuda) == "triton"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -57,9 +57,11 @@ def _similarity_kind(similarity: Similarity) -> tuple[str | None, Callable[[Tens
 
 def mnrl_backend(queries: Tensor) -> str:
     """Where the fused MNRL runs for ``queries``' device: ``triton`` (the flash kernels), ``native`` (fastloss._C),
-    ``blocked`` (the row-block torch op: FASTLOSS_MNRL_ALGO=blocked, or CPU tensors without fastloss._C) or ``torch``
-    (see fastloss._backend)."""
+    ``blocked`` (the row-block op: FASTLOSS_MNRL_ALGO=blocked, CPU tensors without fastloss._C, CUDA tensors without
+    Triton) or ``torch`` (see fastloss._backend)."""
     algorithm = _backend.mnrl_algorithm()
+    if queries.device.type == "cuda" and _backend.forced_backend() is None and not _backend.triton_available():
+        return "blocked"  # cuBLAS and torch ops: O(B*D + block), not the reference's B x N
     backend = _backend.select(queries, "mnrl_fused", cpu_impl="blocked")
     return "blocked" if algorithm == "blocked" and backend in ("triton", "native") else backend
 
