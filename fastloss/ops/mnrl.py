@@ -128,18 +128,41 @@ def _add_positive_term(grads: tuple[Tensor, Tensor], q, d, q_inv, d_inv, coef: T
     grads[1][local].addcmul_(q[local], to_d[:, None])
 
 
+@dataclass(frozen=True)
+class Direction:
+    """One selected direction: whether its rows are the local queries (else the local positives) and its candidates
+    the docs (else the queries), whether each row's own column(s) are masked, and sim_lse's hardness pen_mode."""
+
+    bit: int
+    rows_are_queries: bool
+    candidates_are_docs: bool
+    mask_own: bool
+    pen_mode: int
+
+
+def directions(p: MNRLParams) -> list[Direction]:
+    """The selected directions in sentence-transformers' order."""
+    return [
+        Direction(
+            bit,
+            rows_are_queries=bit in (QUERY_TO_DOC, QUERY_TO_QUERY),
+            candidates_are_docs=bit in (QUERY_TO_DOC, DOC_TO_DOC),
+            mask_own=bit in (QUERY_TO_QUERY, DOC_TO_DOC),
+            pen_mode=p.hardness if bit == QUERY_TO_DOC and p.alpha > 0.0 else 0,
+        )
+        for bit in DIRECTION_ORDER
+        if p.directions & bit
+    ]
+
+
 def _direction_problems(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams):
-    """(bit, rows, candidates, row inv norms, candidate inv norms, mask_own, hardness) per selected direction."""
+    """(bit, rows, candidates, row inv norms, candidate inv norms, mask_own, pen_mode) per selected direction."""
     local = slice(p.offset, p.offset + p.batch)
     out = []
-    for bit in DIRECTION_ORDER:
-        if not p.directions & bit:
-            continue
-        rows, rows_inv = (q[local], q_inv[local]) if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else (d[local], d_inv[local])
-        cands, cands_inv = (d, d_inv) if bit in (QUERY_TO_DOC, DOC_TO_DOC) else (q, q_inv)
-        mask_own = bit in (QUERY_TO_QUERY, DOC_TO_DOC)
-        hardness = p.hardness if (bit == QUERY_TO_DOC and p.alpha > 0.0) else 0
-        out.append((bit, rows, cands, rows_inv, cands_inv, mask_own, hardness))
+    for dir_ in directions(p):
+        rows, rows_inv = (q[local], q_inv[local]) if dir_.rows_are_queries else (d[local], d_inv[local])
+        cands, cands_inv = (d, d_inv) if dir_.candidates_are_docs else (q, q_inv)
+        out.append((dir_.bit, rows, cands, rows_inv, cands_inv, dir_.mask_own, dir_.pen_mode))
     return out
 
 

@@ -33,22 +33,19 @@ block should hold ~1000+ rows for the GEMMs to run near peak, 64 MiB elsewhere; 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fastloss import _backend
 from fastloss.ops.mnrl import (
-    DIRECTION_ORDER,
-    DOC_TO_DOC,
-    QUERY_TO_DOC,
-    QUERY_TO_QUERY,
+    Direction,
     MNRLParams,
     _add_positive_term,
     _inv_norms,
     _norm_backward,
     _positive_sims,
+    directions,
 )
 
 BLOCK_MIB_DEFAULT = {"cuda": 1024.0, "other": 64.0}
@@ -82,36 +79,10 @@ def _mm(a: Tensor, b: Tensor, half: bool, acc: torch.dtype) -> Tensor:
     return torch.mm(a.to(acc), b.to(acc))
 
 
-@dataclass(frozen=True)
-class _Direction:
-    """One selected direction: its rows (local queries or local positives), its candidates, and which logits are
-    masked (the own column(s)) or carry the hardness penalty, as sim_lse's (mask_own, pen_mode)."""
-
-    bit: int
-    rows_are_queries: bool
-    candidates_are_docs: bool
-    mask_own: bool
-    pen_mode: int
-
-
-def _directions(p: MNRLParams) -> list[_Direction]:
-    out = []
-    for bit in DIRECTION_ORDER:
-        if p.directions & bit:
-            pen_mode = p.hardness if bit == QUERY_TO_DOC and p.alpha > 0.0 else 0
-            mask_own = bit in (QUERY_TO_QUERY, DOC_TO_DOC)
-            out.append(
-                _Direction(
-                    bit, bit in (QUERY_TO_DOC, QUERY_TO_QUERY), bit in (QUERY_TO_DOC, DOC_TO_DOC), mask_own, pen_mode
-                )
-            )
-    return out
-
-
 def block_rows(p: MNRLParams, world: int, columns: int, esize: int, half_size: int, budget: int) -> int:
     """Rows per block: every direction's logits of a row in the accumulation dtype (``esize`` bytes), plus the widest
     direction's G in the input dtype when the GEMMs take half operands (``half_size``, else 0), within ``budget``."""
-    widths = [world * (columns if dir_.candidates_are_docs else 1) for dir_ in _directions(p)]
+    widths = [world * (columns if dir_.candidates_are_docs else 1) for dir_ in directions(p)]
     row = sum(widths) * esize + max(widths) * half_size
     return max(1, min(p.batch, budget // row))
 
@@ -128,7 +99,7 @@ class _TorchRows:
     def __init__(self, p: MNRLParams, world: int, columns: int, scale: Tensor):
         self.p, self.world, self.columns, self.scale = p, world, columns, scale
 
-    def _rule(self, dir_: _Direction):
+    def _rule(self, dir_: Direction):
         """(factor, except factor or None for a mask, t_begin, t_end): the logit of column j is factor * t_j, except
         at the columns own + t * W for t in [t_begin, t_end) (the native op's column rules)."""
         scale, penalised, columns = self.scale, self.scale + self.p.alpha, self.columns
@@ -141,7 +112,7 @@ class _TorchRows:
             3: (penalised, scale, 0, 1),  # all_negatives: all but the positive
         }[dir_.pen_mode]
 
-    def stats(self, s: Tensor, dir_: _Direction, r_inv: Tensor, c_inv: Tensor, g0: int) -> tuple[Tensor, Tensor]:
+    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int) -> tuple[Tensor, Tensor]:
         factor, except_factor, t_begin, t_end = self._rule(dir_)
         s.mul_(r_inv[:, None]).mul_(c_inv[None, :])  # the similarities t
         if t_end > t_begin:
@@ -167,7 +138,7 @@ class _TritonRows:
     def __init__(self, p: MNRLParams, world: int, columns: int, scale: Tensor):
         self.p, self.world, self.scale = p, world, scale
 
-    def _opts(self, dir_: _Direction, g0: int) -> dict:
+    def _opts(self, dir_: Direction, g0: int) -> dict:
         return dict(period=self.world, offset=g0, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=self.p.alpha)
 
     def stats(self, s, dir_, r_inv, c_inv, g0) -> tuple[Tensor, Tensor]:
@@ -194,7 +165,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     x_q, x_d = q.to(gemm_dtype), d.to(gemm_dtype)  # the GEMM operands (no copy where they already are)
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
     q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(d, p.normalize, acc)
-    directions = _directions(p)
+    selected = directions(p)
     rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
     rows_per_block = block_rows(
         p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device)
@@ -210,7 +181,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         m = min(rows_per_block, p.batch - start)
         g0 = p.offset + start
         blocks, row_max, sums = [], [], []
-        for dir_ in directions:
+        for dir_ in selected:
             rows, r_inv = (x_q, q_inv) if dir_.rows_are_queries else (x_d, d_inv)
             cands, c_inv = (x_d, d_inv) if dir_.candidates_are_docs else (x_q, q_inv)
             s = _mm(rows[g0 : g0 + m], cands.t(), half, acc)
@@ -225,10 +196,10 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             weights = torch.exp(row_max - log_z[None, start : start + m])
         else:
             log_z[start : start + m] = lse.mean(dim=0)
-            weights = torch.where(sums > 0, 1.0 / (len(directions) * sums), torch.zeros_like(sums))
+            weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
         if grads is None:
             continue
-        for dir_, s, top, c in zip(directions, blocks, row_max, weights):
+        for dir_, s, top, c in zip(selected, blocks, row_max, weights):
             rows, r_inv, rows_grad = (x_q, q_inv, grads[0]) if dir_.rows_are_queries else (x_d, d_inv, grads[1])
             cands, c_inv, cands_grad = (x_d, d_inv, grads[1]) if dir_.candidates_are_docs else (x_q, q_inv, grads[0])
             r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
