@@ -3,7 +3,7 @@ Triton kernels, so that the block's logits cross memory three times (written by 
 statistics, read again to write G in the input dtype) instead of the eight or so passes of the same maths in torch
 ops. The logits are sim_lse's (``_logits``: scale, hardness penalty, own-column mask), of the similarities
 t_ij = r_inv_i S_ij c_inv_j, for the block's rows i (global row ``offset + i``):
-    row_stats:  top_i = max_j logit_ij (-inf for a fully masked row), sum_i = sum_j exp(logit_ij - top_i)
+    row_stats:  top_i = max_j logit_ij (0 for a fully masked row, whose sum is 0), sum_i = sum_j exp(logit_ij - top_i)
     row_grad:   G_ij = exp(logit_ij - top_i) c_inv_j (c_inv capped at 65504 for fp16), in G's dtype
 S may be G's storage (fp32 G in place: each element is read before it is written, by the same program).
 """
@@ -60,7 +60,7 @@ def row_stats_kernel(
     b_top = tl.max(b_max, axis=0)
     b_top_ref = tl.where(b_top == float("-inf"), 0.0, b_top)
     b_lane = tl.where(b_max == float("-inf"), 0.0, b_sum * tl.exp(b_max - b_top_ref))
-    tl.store(top + row, b_top)
+    tl.store(top + row, b_top_ref)
     tl.store(total + row, tl.sum(b_lane, axis=0))
 
 
@@ -86,7 +86,6 @@ def row_grad_kernel(
     o_n = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
     b_top = tl.load(top + row)
-    b_top = tl.where(b_top == float("-inf"), 0.0, b_top)
     b_cinv = _fold(tl.load(c_inv + o_n, mask=o_n < N, other=0.0), g.dtype.element_ty)
     b_g = tl.exp(b_logit - b_top) * b_cinv
     tl.store(g + row * stride_g + o_n, b_g.to(g.dtype.element_ty), mask=o_n < N)
@@ -97,7 +96,8 @@ def _on_device(x: Tensor):
 
 
 def row_stats(s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha) -> tuple[Tensor, Tensor]:
-    """(top [m], sum [m]) in fp32 of the logits of the block S [m, N] (fp32, rows contiguous)."""
+    """(top [m], sum [m]) in fp32 of the logits of the block S [m, N] (fp32, rows contiguous); top is 0 for a fully
+    masked row."""
     m, n = s.shape
     top = torch.empty(m, device=s.device, dtype=torch.float32)
     total = torch.empty(m, device=s.device, dtype=torch.float32)
@@ -122,7 +122,8 @@ def row_stats(s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alp
 
 
 def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha) -> Tensor:
-    """``out`` [m, N] (fp32, which may be S itself, or fp16/bf16) = exp(logit - top) c_inv."""
+    """``out`` [m, N] (fp32, which may be S itself, or fp16/bf16) = exp(logit - top) c_inv, for ``top`` from
+    row_stats."""
     m, n = s.shape
     with _on_device(s):
         row_grad_kernel[(m, triton.cdiv(n, BLOCK_N))](

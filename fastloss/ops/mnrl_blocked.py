@@ -144,8 +144,7 @@ class _TritonRows:
     def stats(self, s, dir_, r_inv, c_inv, g0) -> tuple[Tensor, Tensor]:
         from fastloss.ops.block_softmax import row_stats
 
-        top, total = row_stats(s, r_inv, c_inv, self.scale, **self._opts(dir_, g0))
-        return torch.where(top == -torch.inf, torch.zeros_like(top), top), total
+        return row_stats(s, r_inv, c_inv, self.scale, **self._opts(dir_, g0))  # top: 0 for a fully masked row
 
     def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
         from fastloss.ops.block_softmax import row_grad
