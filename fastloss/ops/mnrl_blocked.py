@@ -165,6 +165,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
     q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(d, p.normalize, acc)
     selected = directions(p)
+    side = {True: (x_q, q_inv, 0), False: (x_d, d_inv, 1)}  # queries or docs: GEMM operand, inverse norms, grads[i]
     rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
     rows_per_block = block_rows(
         p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device)
@@ -181,8 +182,8 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         g0 = p.offset + start
         blocks, row_max, sums = [], [], []
         for dir_ in selected:
-            rows, r_inv = (x_q, q_inv) if dir_.rows_are_queries else (x_d, d_inv)
-            cands, c_inv = (x_d, d_inv) if dir_.candidates_are_docs else (x_q, q_inv)
+            rows, r_inv, _ = side[dir_.rows_are_queries]
+            cands, c_inv, _ = side[not dir_.candidates_are_docs]
             s = _mm(rows[g0 : g0 + m], cands.t(), half, acc)
             top, total = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
             blocks.append(s)
@@ -199,18 +200,18 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         if grads is None:
             continue
         for dir_, s, top, c in zip(selected, blocks, row_max, weights):
-            rows, r_inv, rows_grad = (x_q, q_inv, grads[0]) if dir_.rows_are_queries else (x_d, d_inv, grads[1])
-            cands, c_inv, cands_grad = (x_d, d_inv, grads[1]) if dir_.candidates_are_docs else (x_q, q_inv, grads[0])
+            rows, r_inv, i_rows = side[dir_.rows_are_queries]
+            cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
             r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
             g = rows_pass.grad(s, dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16)  # E c_inv
             product = _mm(g, cands, half, acc)  # (E c_inv) C: [m, D]
             dscale += h * (c * r_inv_blk * (r_blk.to(acc) * product).sum(dim=1)).sum()
-            rows_grad[g0 : g0 + m].addcmul_(product, (scale * h * c * r_inv_blk)[:, None])
+            grads[i_rows][g0 : g0 + m].addcmul_(product, (scale * h * c * r_inv_blk)[:, None])
             del product
             w = c * _cap(r_inv_blk, fp16)
             w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
             weighted = (r_blk * (w / w_max)[:, None]).to(gemm_dtype)
-            cands_grad.addcmul_(_mm(g.t(), weighted, half, acc), scale * h * w_max)
+            grads[i_cands].addcmul_(_mm(g.t(), weighted, half, acc), scale * h * w_max)
             del g, weighted
         del blocks
 
