@@ -110,7 +110,8 @@ def _configs(kind: str) -> list[triton.Config]:
 
 def _drop_wide_tiles(configs: list[triton.Config], named_args: dict, wide: list[triton.Config]) -> list:
     """``configs`` without the tiles of ``wide`` unless the operands are fp16/bf16 and D is looped in chunks."""
-    if named_args["r"].dtype in (torch.float16, torch.bfloat16) and named_args["D"] > SINGLE_D_MAX:
+    dtype = named_args["r"].dtype
+    if dtype in (torch.float16, torch.bfloat16) and not _single_d(named_args["D"], dtype):
         return configs
     return without_tiles(configs, wide)
 
