@@ -2,9 +2,9 @@
 // and the backward through the selected pairs (batch_hard_triplet_bwd, below the mining).
 //
 // Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer), then one parallel pass over the block's
-// rows turns each row of G into distances in place (fp64 for fp64 inputs, then rounded to fp32 in a per-thread row,
-// as the torch path does) and keeps the row's hardest positive, smallest negative, smallest same-label distance and
-// maximum, each with its first index (torch's max / min tie rule). Memory beyond the inputs: the operand rows
+// rows turns each row of G into distances in place (fp64 for fp64 inputs, as the torch path; fp32 otherwise) and
+// keeps the row's hardest positive, smallest negative, smallest same-label distance and maximum, each with its
+// first index (torch's max / min tie rule). Memory beyond the inputs: the operand rows
 // (O(B*D): x_hat for cosine, fp32 for half inputs) and one m x B block.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,25 +29,28 @@ FASTLOSS_SIMD_CLONES void distance_row_f32(float* g, const float* sq, int64_t ow
 
 namespace {
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
 
+template <typename T>
 struct RowExtremes {
-  float pos;       // max over positives (same label, not self), -inf without one
-  float top;       // max over the row
-  float neg;       // min over negatives, inf without one
-  float same_min;  // min over the same label (self included)
+  T pos;       // max over positives (same label, not self), -inf without one
+  T top;       // max over the row
+  T neg;       // min over negatives, inf without one
+  T same_min;  // min over the same label (self included)
 };
 
-FASTLOSS_SIMD_CLONES RowExtremes row_extremes(const float* d, const int64_t* labels, int64_t own, int64_t n) {
+template <typename T>
+[[gnu::always_inline]] inline RowExtremes<T> row_extremes(const T* d, const int64_t* labels, int64_t own, int64_t n) {
   const int64_t label = labels[own];
-  float pos = -kInf, top = -kInf, neg = kInf, same_min = kInf;
+  T pos = -kInf<T>, top = -kInf<T>, neg = kInf<T>, same_min = kInf<T>;
 #pragma omp simd reduction(max : pos, top) reduction(min : neg, same_min)
   for (int64_t j = 0; j < n; ++j) {
-    const float v = d[j];
+    const T v = d[j];
     const bool same = labels[j] == label;
-    const float p = (same && j != own) ? v : -kInf;
-    const float q = same ? kInf : v;
-    const float s = same ? v : kInf;
+    const T p = (same && j != own) ? v : -kInf<T>;
+    const T q = same ? kInf<T> : v;
+    const T s = same ? v : kInf<T>;
     pos = p > pos ? p : pos;
     top = v > top ? v : top;
     neg = q < neg ? q : neg;
@@ -56,62 +59,78 @@ FASTLOSS_SIMD_CLONES RowExtremes row_extremes(const float* d, const int64_t* lab
   return {pos, top, neg, same_min};
 }
 
+FASTLOSS_SIMD_CLONES RowExtremes<float> row_extremes_f32(const float* d, const int64_t* labels, int64_t own,
+                                                         int64_t n) {
+  return row_extremes<float>(d, labels, own, n);
+}
+
+inline RowExtremes<float> extremes(const float* d, const int64_t* labels, int64_t own, int64_t n) {
+  return row_extremes_f32(d, labels, own, n);
+}
+
+inline RowExtremes<double> extremes(const double* d, const int64_t* labels, int64_t own, int64_t n) {
+  return row_extremes<double>(d, labels, own, n);
+}
+
 // The first j whose masked value (d_j where keep(j), else fill) equals best: torch's index of a max / min. A row
 // whose every masked value is the fill (e.g. no negative) gets 0, as torch's argmin of an all-inf row.
-template <typename Keep>
-int64_t first_index(const float* d, int64_t n, float best, float fill, Keep keep) {
+template <typename T, typename Keep>
+int64_t first_index(const T* d, int64_t n, T best, T fill, Keep keep) {
   for (int64_t j = 0; j < n; ++j)
     if ((keep(j) ? d[j] : fill) == best) return j;
   return 0;  // only a NaN best gets here; torch would return the NaN's index
 }
 
+template <typename T>
 struct Outputs {
-  float* hp;
-  float* hn;
+  T* hp;
+  T* hn;
   int64_t* sel_idx;  // [3, B]
-  float* sel_d;      // [3, B]
+  T* sel_d;          // [3, B]
 };
 
 // The selections of row i from its distances d (see fastloss.ops.triplet._batch_hard_fwd_blocked).
-void select_row(const float* d, const int64_t* labels, int64_t i, int64_t n, const Outputs& o) {
-  const RowExtremes e = row_extremes(d, labels, i, n);
+template <typename T>
+void select_row(const T* d, const int64_t* labels, int64_t i, int64_t n, const Outputs<T>& o) {
+  const RowExtremes<T> e = extremes(d, labels, i, n);
   const int64_t label = labels[i];
   auto is_same = [&](int64_t j) { return labels[j] == label; };
   auto is_negative = [&](int64_t j) { return labels[j] != label; };
-  const float shifted = e.same_min + e.top;
+  const T shifted = e.same_min + e.top;
   bool use_neg = e.neg < shifted;
   int64_t neg_i = -1, same_i = -1;
   if (e.neg == shifted) {  // a tie: the earlier index wins, as sentence-transformers' min over d + rowmax * same
-    neg_i = first_index(d, n, e.neg, kInf, is_negative);
-    same_i = first_index(d, n, e.same_min, kInf, is_same);
+    neg_i = first_index(d, n, e.neg, kInf<T>, is_negative);
+    same_i = first_index(d, n, e.same_min, kInf<T>, is_same);
     use_neg = neg_i < same_i;
   }
-  const float hp = e.pos < 0.0f ? 0.0f : e.pos;  // clamp_min(0): -inf (no positive) -> 0
+  const T hp = e.pos < T(0) ? T(0) : e.pos;  // clamp_min(0): -inf (no positive) -> 0
   int64_t pos_i = -1;
-  if (e.pos > 0.0f) pos_i = first_index(d, n, e.pos, -kInf, [&](int64_t j) { return j != i && labels[j] == label; });
+  if (e.pos > T(0)) pos_i = first_index(d, n, e.pos, -kInf<T>, [&](int64_t j) { return j != i && labels[j] == label; });
   o.hp[i] = hp;
   o.sel_idx[i] = pos_i;
   o.sel_d[i] = hp;
   if (use_neg) {
-    if (neg_i < 0) neg_i = first_index(d, n, e.neg, kInf, is_negative);
+    if (neg_i < 0) neg_i = first_index(d, n, e.neg, kInf<T>, is_negative);
     o.hn[i] = e.neg;
     o.sel_idx[n + i] = neg_i;
     o.sel_idx[2 * n + i] = -1;
     o.sel_d[n + i] = e.neg;
-    o.sel_d[2 * n + i] = 0.0f;
+    o.sel_d[2 * n + i] = T(0);
   } else {
-    if (same_i < 0) same_i = first_index(d, n, e.same_min, kInf, is_same);
+    if (same_i < 0) same_i = first_index(d, n, e.same_min, kInf<T>, is_same);
     o.hn[i] = shifted;
     o.sel_idx[n + i] = same_i;
-    o.sel_idx[2 * n + i] = first_index(d, n, e.top, -kInf, [](int64_t) { return true; });
+    o.sel_idx[2 * n + i] = first_index(d, n, e.top, -kInf<T>, [](int64_t) { return true; });
     o.sel_d[n + i] = e.same_min;
     o.sel_d[2 * n + i] = e.top;
   }
 }
 
+// T: the operand's and the distances' type (fp64 for fp64 inputs, else fp32), which the outputs keep.
 template <typename T>
 void mine_impl(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& labels_t, int64_t metric,
-               const Outputs& o) {
+               const Outputs<T>& o) {
   const int64_t batch = xo.size(0);
   const int64_t rows_per_block =
       std::clamp<int64_t>(block_bytes() / (batch * static_cast<int64_t>(sizeof(T))), 1, batch);
@@ -125,22 +144,20 @@ void mine_impl(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& l
     at::mm_out(block, xo.narrow(0, i0, m), xt);  // [m, B]
     T* g = block.mutable_data_ptr<T>();
     at::parallel_for(0, m, std::max<int64_t>(1, 16384 / batch), [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(std::is_same_v<T, float> ? 0 : batch);
       for (int64_t r = begin; r < end; ++r) {
         T* row = g + r * batch;  // distances overwrite the Gram row
         dist_row(row, sq, i0 + r, batch, metric);
         if (metric == kEuclidean) at::from_blob(row, {batch}, xo.options()).sqrt_();
-        const float* d;
-        if constexpr (std::is_same_v<T, float>) {
-          d = row;
-        } else {  // fp64 distances rounded to fp32, as the torch path's .float()
-          for (int64_t j = 0; j < batch; ++j) scratch[j] = static_cast<float>(row[j]);
-          d = scratch.data();
-        }
-        select_row(d, labels, i0 + r, batch, o);
+        select_row<T>(row, labels, i0 + r, batch, o);
       }
     });
   }
+}
+
+template <typename T>
+Outputs<T> outputs(at::Tensor& hp, at::Tensor& hn, at::Tensor& sel_idx, at::Tensor& sel_d) {
+  return {hp.mutable_data_ptr<T>(), hn.mutable_data_ptr<T>(), sel_idx.mutable_data_ptr<int64_t>(),
+          sel_d.mutable_data_ptr<T>()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mine(const at::Tensor& x,
@@ -162,11 +179,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
               "batch_hard_triplet_mine: labels must be an integer or bool tensor, got ", labels.scalar_type());
 
   at::NoGradGuard no_grad;
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor hp = at::empty({batch}, f32);
-  at::Tensor hn = at::empty({batch}, f32);
+  const auto acc = x.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);  // the distances' type
+  at::Tensor hp = at::empty({batch}, acc);
+  at::Tensor hn = at::empty({batch}, acc);
   at::Tensor sel_idx = at::empty({3, batch}, x.options().dtype(at::kLong));
-  at::Tensor sel_d = at::empty({3, batch}, f32);
+  at::Tensor sel_d = at::empty({3, batch}, acc);
   if (batch == 0) return {hp, hn, sel_idx, sel_d};
 
   // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs.
@@ -176,12 +193,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
 
-  const Outputs o{hp.mutable_data_ptr<float>(), hn.mutable_data_ptr<float>(), sel_idx.mutable_data_ptr<int64_t>(),
-                  sel_d.mutable_data_ptr<float>()};
   if (xo.scalar_type() == at::kDouble) {
-    mine_impl<double>(xo, sq, labels64, metric, o);
+    mine_impl<double>(xo, sq, labels64, metric, outputs<double>(hp, hn, sel_idx, sel_d));
   } else {
-    mine_impl<float>(xo, sq, labels64, metric, o);
+    mine_impl<float>(xo, sq, labels64, metric, outputs<float>(hp, hn, sel_idx, sel_d));
   }
   return {hp, hn, sel_idx, sel_d};
 }
@@ -391,12 +406,13 @@ void register_triplet(pybind11::module_& m) {
         R"doc(batch_hard_triplet_mine(x, labels, metric) -> (hp, hn, sel_idx, sel_d)
 
 Batch-hard mining of embeddings x [B, D] with class labels [B]; metric 0 euclidean | 1 squared euclidean |
-2 cosine. Returns what fastloss.ops.triplet.batch_hard_fwd returns: fp32 hp [B] (hardest positive distance, 0
-without one), fp32 hn [B] (smallest negative distance, or sentence-transformers' smallest same-label distance plus
+2 cosine. Returns what fastloss.ops.triplet.batch_hard_fwd returns: hp [B] (hardest positive distance, 0
+without one), hn [B] (smallest negative distance, or sentence-transformers' smallest same-label distance plus
 the row maximum where that is smaller or no negative exists), int64 sel_idx [3, B] (hardest positive or -1,
-the negative or smallest same-label index, the row argmax or -1) and their fp32 distances sel_d [3, B].
-Distances in fp64 for fp64 x, else fp32; ties go to the first index. Memory beyond the inputs: O(B*D) plus one
-block of Gram rows of at most FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row).)doc",
+the negative or smallest same-label index, the row argmax or -1) and their distances sel_d [3, B].
+Distances, selections and hp, hn, sel_d in fp64 for fp64 x, else fp32; ties go to the first index. Memory
+beyond the inputs: O(B*D) plus one block of Gram rows of at most FASTLOSS_NATIVE_BLOCK_BYTES bytes (default
+16 MiB; at least one row).)doc",
         pybind11::arg("x"), pybind11::arg("labels"), pybind11::arg("metric"));
   m.def("batch_hard_triplet_bwd", &batch_hard_triplet_bwd, pybind11::call_guard<pybind11::gil_scoped_release>(),
         R"doc(batch_hard_triplet_bwd(grad_hp, grad_hn, x, sel_idx, sel_d, metric) -> dx

@@ -73,6 +73,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 for fp64 tensors, else fp32: what the fused ops accumulate in and the losses are returned in (fp64 losses
+    for fp64 embeddings, as sentence-transformers returns them, and exact enough for gradcheck; fp32 for fp32 and
+    the half dtypes)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 FP32_DOTS = ("ieee", "tf32x3", "tf32")
 
 

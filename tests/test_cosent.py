@@ -16,6 +16,7 @@ from hypothesis import strategies as st_hyp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fastloss import _backend  # noqa: E402
+from fastloss.functional import cosent as FC  # noqa: E402
 from fastloss.functional.cosent import angle_loss, cosent_loss  # noqa: E402
 from fastloss.losses.cosent import AnglELoss, CoSENTLoss  # noqa: E402
 from fastloss.ops import cosent as cosent_op  # noqa: E402
@@ -209,6 +210,21 @@ class TestFused:
         assert_close(got[0], want[0].float(), LOSS_TOL[dtype], "loss")
         for name, g, w in zip("ab", got[1], want[1]):
             assert_close(g, w, TOL[dtype], f"d{name}")
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_fp64_is_computed_in_fp64(self, fused_backend, kind):
+        """fp64 embeddings give an fp64 loss (as sentence-transformers) computed in fp64 on every backend: gradcheck
+        of the public loss at its own step and tolerances. Where the Triton kernels (fp32 inside) would run, the
+        closed-form op runs instead."""
+        a, b = make_columns(2, 6, 5, torch.float64, kind=kind)
+        y = make_labels("float-ties", 6)
+        scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        loss = lambda x1, x2, s: cosent_loss(x1, x2, y, s, similarity=kind)
+        assert loss(a, b, scale).dtype == torch.float64
+        assert torch.autograd.gradcheck(loss, (a, b, scale))
+        assert FC._backend_for(b) == "closed_form"
 
     @pytest.mark.parametrize("labels_kind", LABEL_KINDS)
     @pytest.mark.parametrize("kind", KINDS)

@@ -16,6 +16,7 @@ from _helpers import available_backends, leaf, rel_err
 
 import fastloss.functional as FF
 from fastloss import losses
+from fastloss.functional.mnrl import mnrl_backend
 from fastloss.ops.mnrl import DIRECTION_BITS, MNRLParams, mnrl
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
@@ -109,6 +110,25 @@ def test_odd_shapes(backend, batch, dim):
     for g, ref in zip(grads, ref_grads):
         # D=1: the exact gradient through the normalisation is 0; fp32 leaves a few ulps of scale * 1/|x|
         torch.testing.assert_close(g, ref, rtol=TOL[torch.float32]["rtol"], atol=1e-5)
+
+
+def test_fp64_embeddings_give_an_fp64_loss(backend):
+    """As sentence-transformers: fp64 embeddings give an fp64 loss, on every backend (the reference path too), and a
+    learnable fp64 scale an fp64 gradient, all to fp64 rounding: fp64 tensors that would take the flash kernels
+    (which take fp32 and the half dtypes) run the row-block op, which computes fp64 in fp64. No masked direction:
+    sentence-transformers' dscale is NaN there (test_learnable_scale_with_masked_directions_is_finite)."""
+    ours, theirs = _pair(dict(directions=DIRECTION_SETS["q2d+d2q"]))
+    ours.scale = torch.nn.Parameter(torch.tensor(20.0, dtype=torch.float64))
+    theirs.scale = torch.nn.Parameter(torch.tensor(20.0, dtype=torch.float64))
+    embeddings = _embeddings(6, 9, 3, dtype=torch.float64, seed=3)
+    loss, grads = _loss_and_grads(ours, embeddings)
+    ref_loss, ref_grads = _loss_and_grads(theirs, embeddings)
+    assert loss.dtype == ref_loss.dtype == torch.float64
+    assert ours.scale.grad.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float64])
+    for g, ref in zip(grads + [ours.scale.grad], ref_grads + [theirs.scale.grad]):
+        torch.testing.assert_close(g, ref, **TOL[torch.float64])
+    assert mnrl_backend(embeddings[0]) == {"triton": "blocked"}.get(backend, backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

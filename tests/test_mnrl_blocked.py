@@ -106,11 +106,13 @@ def test_which_backend_runs(monkeypatch):
     monkeypatch.delenv("FASTLOSS_MNRL_ALGO", raising=False)
     monkeypatch.setattr(_backend, "native_has", lambda op: False)
     assert mnrl_backend(q) == "blocked"
-    cuda = SimpleNamespace(device=torch.device("cuda"))  # only the device is read
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # only the device and dtype are read
     monkeypatch.setattr(_backend, "triton_available", lambda: False)
     assert mnrl_backend(cuda) == "blocked"
     monkeypatch.setattr(_backend, "triton_available", lambda: True)
     assert mnrl_backend(cuda) == "triton"
+    # fp64, which the flash kernels do not take, runs the row-block op in fp64
+    assert mnrl_backend(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) == "blocked"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

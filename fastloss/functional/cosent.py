@@ -72,7 +72,7 @@ def check_labels(labels: object, n_pairs: int, like: Tensor, name: str = "labels
 
 def _scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
     """The scale as a 0-d tensor: fp64 for fp64 embeddings (so gradcheck sees an fp64 scale), else fp32."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = _backend.accumulation_dtype(like)
     if isinstance(scale, Tensor):
         return scale.reshape(()).to(device=like.device, dtype=dtype)
     return torch.tensor(float(scale), dtype=dtype, device=like.device)
@@ -80,8 +80,10 @@ def _scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
 
 def _backend_for(b: Tensor) -> str:
     """triton | native (fastloss._C.cosent_fwd, the CPU default once built) | closed_form (the op in closed form
-    with torch ops: the CPU fallback without fastloss._C, O(B log B)) | torch (the reference)."""
-    return _backend.select(b, "cosent_fwd", cpu_impl="closed_form")
+    with torch ops: the CPU fallback without fastloss._C, O(B log B); also fp64 tensors where the Triton kernels,
+    which compute in fp32, would run: it computes fp64 in fp64) | torch (the reference)."""
+    backend = _backend.select(b, "cosent_fwd", cpu_impl="closed_form")
+    return "closed_form" if backend == "triton" and b.dtype == torch.float64 else backend
 
 
 def _run(a: Tensor, b: Tensor, labels: Tensor, scale: float | Tensor, kind: str | None, fn: Callable) -> Tensor:
@@ -97,7 +99,7 @@ def _run(a: Tensor, b: Tensor, labels: Tensor, scale: float | Tensor, kind: str 
         if a.shape[0] != b.shape[0]:
             a = a.repeat(b.shape[0] // a.shape[0], 1)
         loss = reference_cosent_loss(a, b, labels, scale, similarity_fct=fn)
-        return loss.double() if a.dtype == torch.float64 else loss.float()
+        return loss.to(_backend.accumulation_dtype(a))
     if backend not in IMPLS:
         raise ValueError(f"cosent: no fused implementation for backend {backend!r}")
     return cosent(a, b, labels, _scale_tensor(scale, b), KINDS[kind], impl=backend)

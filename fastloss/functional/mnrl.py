@@ -56,13 +56,16 @@ def _similarity_kind(similarity: Similarity) -> tuple[str | None, Callable[[Tens
 
 
 def mnrl_backend(queries: Tensor) -> str:
-    """Where the fused MNRL runs for ``queries``' device: ``triton`` (the flash kernels), ``native`` (fastloss._C),
-    ``blocked`` (the row-block op: FASTLOSS_MNRL_ALGO=blocked, CPU tensors without fastloss._C, CUDA tensors without
-    Triton) or ``torch`` (see fastloss._backend)."""
+    """Where the fused MNRL runs for ``queries``' device and dtype: ``triton`` (the flash kernels), ``native``
+    (fastloss._C), ``blocked`` (the row-block op: FASTLOSS_MNRL_ALGO=blocked, CPU tensors without fastloss._C, CUDA
+    tensors without Triton, and fp64 tensors where the flash kernels would run: they take fp32 and the half dtypes,
+    the row-block op computes fp64 in fp64) or ``torch`` (see fastloss._backend)."""
     algorithm = _backend.mnrl_algorithm()
     if queries.device.type == "cuda" and _backend.forced_backend() is None and not _backend.triton_available():
         return "blocked"  # cuBLAS and torch ops: O(B*D + block), not the reference's B x N
     backend = _backend.select(queries, "mnrl_fused", cpu_impl="blocked")
+    if backend == "triton" and queries.dtype == torch.float64:
+        return "blocked"
     return "blocked" if algorithm == "blocked" and backend in ("triton", "native") else backend
 
 
@@ -84,7 +87,8 @@ def mnrl_loss(
     ``similarity``: "cos", "dot", or a callable (sentence-transformers' cos_sim / dot_score or a model's
     ``similarity`` are fused; any other callable runs the plain-PyTorch reference). ``scale`` is a float or a
     1-element tensor (a learnable inverse temperature gets its gradient). The options are those of
-    sentence-transformers' MultipleNegativesRankingLoss; the result equals it to fp32 rounding and is fp32.
+    sentence-transformers' MultipleNegativesRankingLoss; the result equals it to fp32 rounding and is fp32 (fp64 for
+    fp64 embeddings).
     """
     docs = [docs] if isinstance(docs, Tensor) else list(docs)
     check_embeddings("queries", queries)
@@ -125,7 +129,7 @@ def mnrl_loss(
             partition_mode=partition_mode,
             hardness_mode=hardness_mode,
             hardness_strength=hardness_strength,
-        ).float()
+        ).to(_backend.accumulation_dtype(queries))
 
     bits = sum(DIRECTION_BITS[name] for name in set(directions))
     alpha = float(hardness_strength) if hardness_mode is not None else 0.0
@@ -138,10 +142,11 @@ def mnrl_loss(
         alpha=alpha,
         normalize=kind == "cos",
     )
+    acc = _backend.accumulation_dtype(queries)  # the loss comes back in it: fp32, fp64 for fp64 embeddings
     if isinstance(scale, Tensor):
-        scale_t = scale.reshape(()).to(device=queries.device, dtype=torch.float32)
+        scale_t = scale.reshape(()).to(device=queries.device, dtype=acc)
     else:
-        scale_t = torch.tensor(float(scale), dtype=torch.float32, device=queries.device)
+        scale_t = torch.tensor(float(scale), dtype=acc, device=queries.device)
     return mnrl(queries, torch.cat(docs, dim=0), scale_t, params, backend)
 
 

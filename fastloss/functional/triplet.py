@@ -1,8 +1,8 @@
 """The batch triplet family: batch-hard, batch-hard soft-margin, batch-all and batch-semi-hard triplet losses.
 
 Each takes embeddings [B, D] with integer class labels [B] and equals sentence-transformers 6.x's loss of the same
-name (fp32 result). ``distance_metric`` is "euclidean", "squared_euclidean", "cosine" or a callable
-``embeddings [B, D] -> distances [B, B]``: fastloss's / sentence-transformers'
+name (an fp32 result, fp64 for fp64 embeddings). ``distance_metric`` is "euclidean", "squared_euclidean", "cosine"
+or a callable ``embeddings [B, D] -> distances [B, B]``: fastloss's / sentence-transformers'
 ``BatchHardTripletLossDistanceFunction.euclidean_distance`` / ``cosine_distance`` (also as
 ``functools.partial(euclidean_distance, squared=True|False)``) are fused; any other callable runs the
 plain-PyTorch reference with a one-time warning.
@@ -123,6 +123,11 @@ def _prepare(
     return labels, margin, ops.METRIC_NAMES[kind], fn
 
 
+def _result(loss: Tensor, embeddings: Tensor) -> Tensor:
+    """The loss in fp32, fp64 for fp64 embeddings (as sentence-transformers returns it), whichever path ran."""
+    return loss.to(_backend.accumulation_dtype(embeddings))
+
+
 def batch_hard_triplet_loss(
     embeddings: Tensor, labels: Tensor, margin: float = 5.0, *, distance_metric: DistanceMetric = "euclidean"
 ) -> Tensor:
@@ -134,8 +139,8 @@ def batch_hard_triplet_loss(
         "batch_hard_triplet", embeddings, labels, margin, distance_metric, native_op="batch_hard_triplet_mine"
     )
     if metric is None:
-        return reference.batch_hard_triplet_loss(embeddings, labels, margin, fn).float()
-    return ops.batch_hard_triplet(embeddings, labels, margin, metric)
+        return _result(reference.batch_hard_triplet_loss(embeddings, labels, margin, fn), embeddings)
+    return _result(ops.batch_hard_triplet(embeddings, labels, margin, metric), embeddings)
 
 
 def batch_hard_soft_margin_triplet_loss(
@@ -146,8 +151,8 @@ def batch_hard_soft_margin_triplet_loss(
         "batch_hard_soft_margin_triplet", embeddings, labels, 0.0, distance_metric, native_op="batch_hard_triplet_mine"
     )
     if metric is None:
-        return reference.batch_hard_soft_margin_triplet_loss(embeddings, labels, fn).float()
-    return ops.batch_hard_triplet(embeddings, labels, 0.0, metric, soft_margin=True)
+        return _result(reference.batch_hard_soft_margin_triplet_loss(embeddings, labels, fn), embeddings)
+    return _result(ops.batch_hard_triplet(embeddings, labels, 0.0, metric, soft_margin=True), embeddings)
 
 
 def batch_all_triplet_loss(
@@ -161,8 +166,8 @@ def batch_all_triplet_loss(
         "batch_all_triplet", embeddings, labels, margin, distance_metric, native_op=ops.NATIVE_BATCH_ALL
     )
     if metric is None:
-        return reference.batch_all_triplet_loss(embeddings, labels, margin, fn).float()
-    return ops.batch_all_triplet(embeddings, labels, margin, metric).float()
+        return _result(reference.batch_all_triplet_loss(embeddings, labels, margin, fn), embeddings)
+    return _result(ops.batch_all_triplet(embeddings, labels, margin, metric), embeddings)
 
 
 def batch_semi_hard_triplet_loss(
@@ -175,5 +180,5 @@ def batch_semi_hard_triplet_loss(
         "batch_semi_hard_triplet", embeddings, labels, margin, distance_metric, native_op=ops.NATIVE_SEMI_HARD
     )
     if metric is None:
-        return reference.batch_semi_hard_triplet_loss(embeddings, labels, margin, fn).float()
-    return ops.batch_semi_hard_triplet(embeddings, labels, margin, metric).float()
+        return _result(reference.batch_semi_hard_triplet_loss(embeddings, labels, margin, fn), embeddings)
+    return _result(ops.batch_semi_hard_triplet(embeddings, labels, margin, metric), embeddings)

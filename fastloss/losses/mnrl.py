@@ -42,7 +42,7 @@ _CITATION_GTE = """
 
 class MultipleNegativesRankingLoss(nn.Module):
     """sentence-transformers' MultipleNegativesRankingLoss on fastloss's fused kernels: the same constructor,
-    validation and results (fp32 loss), without the B x N similarity matrices.
+    validation and results (fp32 loss; fp64 for fp64 embeddings), without the B x N similarity matrices.
 
     Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples; labels are unused.
     ``scale`` may be a float or a 1-element tensor (e.g. an ``nn.Parameter``: a learnable inverse temperature).

@@ -1,5 +1,6 @@
 """Drop-in BatchHardTripletLoss, BatchHardSoftMarginTripletLoss, BatchAllTripletLoss and BatchSemiHardTripletLoss
-(sentence-transformers 6.x): the same constructors, attributes and results (fp32 loss), on fastloss's fused ops.
+(sentence-transformers 6.x): the same constructors, attributes and results (fp32 loss; fp64 for fp64 embeddings), on
+fastloss's fused ops.
 
 Inputs: single texts with integer class labels. ``distance_metric`` is a function embeddings [B, D] -> [B, B];
 ``BatchHardTripletLossDistanceFunction.euclidean_distance`` / ``cosine_distance`` (fastloss's or

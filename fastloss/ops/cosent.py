@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastloss import _backend
 from fastloss.similarity import NORM_EPS
 
 try:
@@ -49,11 +50,6 @@ def _jit(fn):
 
 KIND_DOT, KIND_COS, KIND_ANGLE = 0, 1, 2  # the kernels' KIND constexpr
 KINDS = {"dot": KIND_DOT, "cos": KIND_COS, "angle": KIND_ANGLE}
-
-
-def _accumulation_dtype(x: Tensor) -> torch.dtype:
-    """fp64 inputs are computed (and the loss, aux, gsim returned) in fp64, for gradcheck; the rest in fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _sim_config(half: int) -> tuple[int, int, int]:
@@ -327,7 +323,7 @@ def cosent_fwd(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int) -
         BLOCK=block,
         num_warps=warps,
     )
-    acc = _accumulation_dtype(b)
+    acc = _backend.accumulation_dtype(b)
     return loss.to(acc), aux.to(acc), gsim.to(acc)
 
 
@@ -373,7 +369,7 @@ def cosent_bwd(
 
 def _pair_stats_torch(a: Tensor, b: Tensor, kind: int) -> tuple[Tensor, Tensor, Tensor]:
     """z, |a|, |b| per pair ([N], fp32 or fp64) from row dots and norms: no normalised copies of the embeddings."""
-    a32, b32 = a.to(_accumulation_dtype(a)), b.to(_accumulation_dtype(b))
+    a32, b32 = a.to(_backend.accumulation_dtype(a)), b.to(_backend.accumulation_dtype(b))
     n_pairs, dim = b.shape
     n_rep = n_pairs // a.shape[0]
     b3 = b32.reshape(n_rep, a.shape[0], dim)
@@ -425,7 +421,7 @@ def cosent_bwd_torch(
     grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, aux: Tensor, gsim: Tensor, kind: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``cosent_bwd`` in closed form with torch ops: da = sum_r c_ab * u(b) - c_aa * a, db = c_ba * v(a) - c_bb * b."""
-    acc = _accumulation_dtype(a)
+    acc = _backend.accumulation_dtype(a)
     a32, b32 = a.to(acc), b.to(acc)
     n_anchor, dim = a.shape
     n_rep = b.shape[0] // n_anchor
@@ -504,7 +500,7 @@ def _cosent_fwd_op(
 
 @_cosent_fwd_op.register_fake
 def _(a, b, labels, scale, kind, impl):
-    acc = _accumulation_dtype(b)
+    acc = _backend.accumulation_dtype(b)
     return b.new_empty((), dtype=acc), b.new_empty((4, b.shape[0]), dtype=acc), b.new_empty((), dtype=acc)
 
 

@@ -339,18 +339,13 @@ def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z):
 torch.library.register_autograd("fastloss::mnrl_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
-def _accumulation_dtype(x: Tensor) -> torch.dtype:
-    """The native op computes fp64 inputs in fp64 (for gradcheck) and everything else in fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _run_native(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
     from fastloss._backend import native_module
 
     loss, dq, dd, dscale = native_module().mnrl_fused(
         q.contiguous(),
         d.contiguous(),
-        scale.detach().to(_accumulation_dtype(q)).cpu().reshape(()),
+        scale.detach().to(_backend.accumulation_dtype(q)).cpu().reshape(()),
         *p.as_args(),
         need_grad,
     )
@@ -364,7 +359,7 @@ def _run_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
 
 
 def _fused_fake(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad):
-    loss = q.new_empty((), dtype=_accumulation_dtype(q))
+    loss = q.new_empty((), dtype=_backend.accumulation_dtype(q))
     return loss, torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
 
 

@@ -157,7 +157,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     """(loss, dq, dd, dscale) of MNRL over gathered queries q [W, D] and docs d [kW, D] with the gradients computed
     in the same pass (zeros without ``need_grad``); loss and dscale in the accumulation dtype."""
     world, columns = q.shape[0], d.shape[0] // q.shape[0]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _backend.accumulation_dtype(q)
     half = half_gemms(q)
     fp16 = half and q.dtype == torch.float16  # operands whose folded inverse norms are capped
     gemm_dtype = q.dtype if half else acc

@@ -45,8 +45,9 @@ over blocks of anchor rows. Both O(rows * B) memory, O(B^2 log B) time at most):
   Neither keeps more than a block of rows: at B = 16384 the B^2 sort and prefix sums would need gigabytes.
 
 Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 "ieee", or "tf32x3" / "tf32" with
-FASTLOSS_FP32_DOT); distances, selections and the loss in fp32. fp64 inputs run the Triton kernel in fp32 (the
-streamed ops keep fp64); under TRITON_INTERPRET=1 bf16 runs in fp32 (the interpreter's bf16 tl.dot is wrong).
+FASTLOSS_FP32_DOT); distances, selections and the loss in fp32. fp64 inputs keep fp64 everywhere except in the
+Triton kernel, which selects in fp32 (the selected pairs' distances, hence the loss and its gradient, are then
+recomputed in fp64); under TRITON_INTERPRET=1 bf16 runs in fp32 (the interpreter's bf16 tl.dot is wrong).
 Limits: as in sentence-transformers, euclidean needs |x|^2 to fit in fp32 (|x| < ~1e19).
 """
 
@@ -246,14 +247,14 @@ def _normalize_backward(x: Tensor, dx_hat: Tensor) -> Tensor:
     for fp64): fp32 (fp64) from torch ops; in x's dtype from fastloss._C.l2norm_bwd (CUDA tensors with
     FASTLOSS_CUDA_KERNELS=1, one pass, rounded once as the callers' cast to x's dtype would)."""
     if x.device.type == "cuda" and x.ndim == 2 and _backend.cuda_kernel_enabled("l2norm_bwd"):
-        dx_hat = dx_hat.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        dx_hat = dx_hat.to(_backend.accumulation_dtype(x))
         return _backend.native_module().l2norm_bwd(x.detach(), dx_hat, NORM_EPS)
     return _normalize_backward_torch(x, dx_hat)
 
 
 def _normalize_backward_torch(x: Tensor, dx_hat: Tensor) -> Tensor:
     """:func:`_normalize_backward` in torch ops on any device (fp32, fp64 for fp64)."""
-    xf = x.double() if x.dtype == torch.float64 else x.float()
+    xf = x.to(_backend.accumulation_dtype(x))
     dx_hat = dx_hat.to(xf.dtype)
     norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
     denom = norm.clamp_min(NORM_EPS)
@@ -277,10 +278,6 @@ def _stream_operand(x: Tensor, metric: int) -> Tensor:
     if metric == COSINE:
         x = _normalize(x)
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _loss_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _block_rows(B: int) -> int:
@@ -357,15 +354,15 @@ def _kernel_operand(x: Tensor, metric: int) -> Tensor:
 
 def _batch_hard_fwd_blocked(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """batch_hard_fwd in plain torch over blocks of rows (O(rows * B) memory): CPU tensors without the interpreter."""
-    xo, sq, labels = _prepare_stream(x, labels, metric)
+    xo, sq, labels = _prepare_stream(x, labels, metric)  # xo: fp32, fp64 for fp64 x
     B = x.shape[0]
-    hp, hn = (torch.empty(B, device=x.device, dtype=torch.float32) for _ in range(2))
+    hp, hn = (torch.empty(B, device=x.device, dtype=xo.dtype) for _ in range(2))
     sel_idx = torch.empty((3, B), device=x.device, dtype=torch.int64)
-    sel_d = torch.empty((3, B), device=x.device, dtype=torch.float32)
+    sel_d = torch.empty((3, B), device=x.device, dtype=xo.dtype)
     step = _block_rows(B)
     for start in range(0, B, step):
         stop = min(start + step, B)
-        dist = _distance_rows(xo, sq, start, stop, metric).float()
+        dist = _distance_rows(xo, sq, start, stop, metric)
         same, positive = _masks(labels, start, stop)
         pos, pos_i = dist.masked_fill(~positive, float("-inf")).max(dim=1)
         row_max, row_max_i = dist.max(dim=1)
@@ -398,11 +395,12 @@ def _batch_hard_fwd_native(x: Tensor, labels: Tensor, metric: int) -> tuple[Tens
 
 
 def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mine the hardest pairs without a B x B matrix. Returns fp32 hp [B], fp32 hn [B], and the selected pairs:
-    int64 sel_idx [3, B] (hardest positive, hardest negative or smallest same-label, row argmax when that was used;
-    -1 for none) with their fp32 distances sel_d [3, B]. See the module docstring. The Triton kernel runs on CUDA
-    (and on CPU under TRITON_INTERPRET=1); other CPU tensors take fastloss._C.batch_hard_triplet_mine, or the same
-    selections in blocks of rows in torch where the extension lacks it."""
+    """Mine the hardest pairs without a B x B matrix. Returns hp [B], hn [B], and the selected pairs: int64 sel_idx
+    [3, B] (hardest positive, hardest negative or smallest same-label, row argmax when that was used; -1 for none)
+    with their distances sel_d [3, B]; hp, hn and sel_d are fp32, fp64 for fp64 x. See the module docstring. The
+    Triton kernel runs on CUDA (and on CPU under TRITON_INTERPRET=1); other CPU tensors take
+    fastloss._C.batch_hard_triplet_mine, or the same selections in blocks of rows in torch where the extension lacks
+    it."""
     _check_metric(metric)
     if x.ndim != 2:
         raise ValueError(f"triplet: x must be 2-D [B, D], got shape {tuple(x.shape)}")
@@ -438,7 +436,30 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
             METRIC=metric,
             DOT_PRECISION=precision,
         )
+    if x.dtype == torch.float64:
+        return _selected_distances(x, sel_idx, metric)
     return hp, hn, sel_idx, sel_d
+
+
+def _selected_distances(x: Tensor, sel_idx: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """batch_hard_fwd's outputs for fp64 x after the Triton kernel, which selects in fp32: the selected pairs'
+    distances recomputed in fp64 (the formulas of :func:`_distance_rows`, O(B*D)), hp = sel_d[0] and
+    hn = sel_d[1] + sel_d[2] (sel_d[2] is 0 where the negative was used)."""
+    xo = _stream_operand(x.detach(), metric)
+    B = x.shape[0]
+    rows = torch.arange(B, device=x.device).repeat(3)
+    cols = sel_idx.reshape(-1)
+    valid = cols >= 0
+    cols = torch.where(valid, cols, rows)
+    gram = (xo[rows] * xo[cols]).sum(dim=1)
+    if metric == COSINE:
+        d = 1 - gram
+    else:
+        sq = xo.square().sum(dim=1)
+        d = ((sq[cols] - 2.0 * gram) + sq[rows]).clamp_min(0.0).masked_fill(rows == cols, 0.0)
+        d = d.sqrt() if metric == EUCLIDEAN else d
+    sel_d = torch.where(valid, d, 0.0).view(3, B)
+    return sel_d[0].clone(), sel_d[1] + sel_d[2], sel_idx, sel_d
 
 
 def _native_bwd() -> bool:
@@ -487,23 +508,24 @@ def _batch_hard_bwd_torch(
     """batch_hard_bwd in torch ops on any device: a gather over the 3B pairs and an index_add_ for the scatter."""
     _check_metric(metric)
     B = x.shape[0]
+    acc = _backend.accumulation_dtype(x)
     rows = torch.arange(B, device=x.device).repeat(3)
     cols = sel_idx.reshape(-1)
     valid = cols >= 0
     cols = torch.where(valid, cols, rows)
-    coef = torch.cat([grad_hp.float(), grad_hn.float(), grad_hn.float()])
+    coef = torch.cat([grad_hp, grad_hn, grad_hn]).to(acc)
     coef = torch.where(valid, coef, 0.0)
     if metric == COSINE:
-        x_hat = _normalize(x).float()
+        x_hat = _normalize(x).to(acc)
         dx_hat = (-coef[:, None] * x_hat[cols]).view(3, B, -1).sum(dim=0)
         dx_hat.index_add_(0, cols, -coef[:, None] * x_hat[rows])
         return _normalize_backward(x, dx_hat).to(x.dtype)
-    d = sel_d.reshape(-1)
+    d = sel_d.reshape(-1).to(acc)
     if metric == EUCLIDEAN:
         coef = torch.where(d > 0.0, coef / torch.where(d > 0.0, d, 1.0), 0.0)
     else:
         coef = torch.where(d > 0.0, 2.0 * coef, 0.0)
-    xf = x.float()
+    xf = x.to(acc)
     g = coef[:, None] * (xf[rows] - xf[cols])  # [3B, D]
     dx = g.view(3, B, -1).sum(dim=0)
     dx.index_add_(0, cols, -g)
@@ -517,9 +539,9 @@ def _mine_op(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Te
 
 @_mine_op.register_fake
 def _(x, labels, metric):
-    B = x.shape[0]
-    hp = x.new_empty((B,), dtype=torch.float32)
-    return hp, torch.empty_like(hp), x.new_empty((3, B), dtype=torch.int64), x.new_empty((3, B), dtype=torch.float32)
+    B, acc = x.shape[0], _backend.accumulation_dtype(x)
+    hp = x.new_empty((B,), dtype=acc)
+    return hp, torch.empty_like(hp), x.new_empty((3, B), dtype=torch.int64), x.new_empty((3, B), dtype=acc)
 
 
 @torch.library.custom_op("fastloss::batch_hard_triplet_bwd", mutates_args=())
@@ -542,7 +564,7 @@ def _mine_setup_context(ctx, inputs, output):
 
 def _mine_backward(ctx, grad_hp, grad_hn, _grad_idx, _grad_d):
     x, sel_idx, sel_d = ctx.saved_tensors
-    zeros = x.new_zeros((x.shape[0],), dtype=torch.float32)
+    zeros = x.new_zeros((x.shape[0],), dtype=_backend.accumulation_dtype(x))
     grad_hp = zeros if grad_hp is None else grad_hp
     grad_hn = zeros if grad_hn is None else grad_hn
     return _mine_bwd_op(grad_hp, grad_hn, x, sel_idx, sel_d, ctx.metric), None, None
@@ -552,7 +574,8 @@ torch.library.register_autograd("fastloss::batch_hard_triplet_mine", _mine_backw
 
 
 def batch_hard_triplet(x: Tensor, labels: Tensor, margin: float, metric: int, soft_margin: bool = False) -> Tensor:
-    """Batch-hard triplet loss (fp32 scalar): mean max(hp - hn + margin, 0), or mean softplus(hp - hn)."""
+    """Batch-hard triplet loss (fp32 scalar, fp64 for fp64 x): mean max(hp - hn + margin, 0), or mean
+    softplus(hp - hn)."""
     hp, hn, _, _ = _mine_op(x, labels, metric)
     if soft_margin:
         return F.softplus(hp - hn).mean()
@@ -609,7 +632,7 @@ def batch_all_fwd(x: Tensor, labels: Tensor, margin: float, metric: int) -> tupl
         counted = _prefix_count(sorted_neg, dist, lambda d, v: _hinge(d, v, margin) > 1e-16)
         count += counted.masked_fill(~positive, 0).sum()
     norm = count + 1e-16
-    return (total / norm).to(_loss_dtype(x)), norm
+    return (total / norm).to(_backend.accumulation_dtype(x)), norm
 
 
 def batch_all_bwd(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
@@ -662,7 +685,7 @@ def batch_semi_hard_fwd(x: Tensor, labels: Tensor, margin: float, metric: int) -
         total += hinge.clamp_min(0.0).sum()
         n_pos += positive.sum()
     norm = n_pos.clamp_min(1e-16)
-    return (total / norm).to(_loss_dtype(x)), norm
+    return (total / norm).to(_backend.accumulation_dtype(x)), norm
 
 
 def batch_semi_hard_bwd(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
@@ -709,7 +732,7 @@ def _semi_hard_bwd_op(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, mar
 
 
 def _streamed_fake(x, labels, margin, metric):
-    return x.new_empty((), dtype=_loss_dtype(x)), x.new_empty((), dtype=torch.float64)
+    return x.new_empty((), dtype=_backend.accumulation_dtype(x)), x.new_empty((), dtype=torch.float64)
 
 
 def _streamed_bwd_fake(grad, x, labels, norm, margin, metric):
@@ -774,7 +797,7 @@ def _semi_hard_fused_op(
 
 
 def _fused_fake(x, labels, margin, metric, need_grad):
-    dtype = _loss_dtype(x)
+    dtype = _backend.accumulation_dtype(x)
     return x.new_empty((), dtype=dtype), x.new_empty((), dtype=torch.float64), x.new_empty(x.shape, dtype=dtype)
 
 
