@@ -613,6 +613,17 @@ class TestCUDA:
             theirs_err = (w.double() - t).abs().max().item()
             assert ours_err <= 2 * theirs_err + TOL[dtype] * max(t.abs().max().item(), 1.0)
 
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_fp64_gradcheck(self, kind):
+        """fp64 CUDA tensors run the closed-form op in fp64 (the Triton kernels compute in fp32)."""
+        a, b = make_columns(2, 6, 5, torch.float64, kind=kind, device="cuda")
+        y = make_labels("float-ties", 6, device="cuda")
+        scale = torch.tensor(3.0, dtype=torch.float64, device="cuda", requires_grad=True)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        assert FC._backend_for(b) == "closed_form"
+        assert torch.autograd.gradcheck(lambda x1, x2, s: cosent_loss(x1, x2, y, s, similarity=kind), (a, b, scale))
+
     def test_angle_tuples(self):
         cols = make_columns(4, 1000, 256, torch.float32, device="cuda")
         got = run(lambda *xs: AnglELoss(None).compute_loss_from_embeddings(list(xs), None), cols)

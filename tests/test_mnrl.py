@@ -473,6 +473,18 @@ class TestCUDA:
         for g, ref in zip(grads, ref_grads):
             assert g.dtype == dtype and rel_err(g, ref) < 4 * bound
 
+    def test_fp64_runs_the_row_block_op_in_fp64(self):
+        """fp64 CUDA tensors, which the flash kernels do not take, give sentence-transformers' fp64 results."""
+        ours, theirs = _pair(dict(directions=DIRECTION_SETS["all4"]))
+        cols = [e.cuda() for e in _embeddings(300, 96, 3, dtype=torch.float64, seed=5)]
+        assert mnrl_backend(cols[0]) == "blocked"
+        loss, grads = _loss_and_grads(ours, cols)
+        ref_loss, ref_grads = _loss_and_grads(theirs, cols)
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, ref_loss, **TOL[torch.float64])
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, **TOL[torch.float64])
+
     def test_deterministic(self):
         cols = [e.cuda().requires_grad_(True) for e in _embeddings(512, 256, 3)]
         runs = []

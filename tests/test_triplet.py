@@ -541,7 +541,9 @@ def test_real_encoder_drop_in(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 class TestCuda:
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    @pytest.mark.parametrize(
+        "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=["fp32", "fp16", "bf16", "fp64"]
+    )
     @pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
     @pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
     def test_cuda_against_fp32_truth(self, kind, metric, dtype):
