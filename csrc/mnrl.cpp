@@ -291,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
   for (const auto& dir : dirs)
     logits.push_back(at::empty({rows_per_block, dir.candidates_are_docs ? columns * world : world}, q.x.options()));
   at::Tensor coef = at::empty({n_dir, rows_per_block}, q.x.options());
-  std::vector<T> row_loss(batch), row_dscale(batch);
+  std::vector<T> row_loss(batch), row_dscale(batch), separate_share(batch, T(0));
 
   at::Tensor dq, dd;  // inv_i * dL/dx_hat_i until normalize_backward
   if (o.need_grad) {
@@ -316,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
     T* coef_ptr = coef.mutable_data_ptr<T>();
 
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      T row_max_of[4], sum_of[4], dot_of[4], row_inv[4], c[4];
+      T row_max_of[4], sum_of[4], dot_of[4], row_inv[4], c[4], pos_logit[4], share[4];
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = i0 + r;
         const int64_t own = o.offset + i;
@@ -330,12 +330,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
           T* row = rows_ptr[k] + r * widths[k];
           row_max_of[k] = row_max(row, inv, widths[k], own, world, rule);
           if (dir.bit == kQueryToDoc) positive_sim = row[own] * d_inv[own] * row_inv[k];
+          // the positive's logit exactly as the row pass computes it (its factor is scale * row_inv in every rule)
+          pos_logit[k] = row[own] * inv[own] * (scale * row_inv[k]);
           const ExpSums<T> sums = row_exp(row, inv, widths[k], own, world, rule, row_max_of[k]);
           sum_of[k] = sums.sum;
           dot_of[k] = sums.dot * row_inv[k];
         }
-        // softmax_k(row) = c_k * E_k, from each direction's max, sum and the row's log-partition.
-        T log_z = 0;
+        // softmax_k(row) = c_k * E_k, from each direction's max, sum and the row's log-partition. The loss
+        // log_z - positive is summed as (max - positive) + log(sum), both from the same logits (as log_softmax
+        // does): where the positive is the maximum the first term is exactly 0 and no rounding of log_z to the
+        // logits' ulp enters. share[k]: the positive's weight in direction k (joint: query_to_doc's only).
+        T log_z = 0, loss = 0;
         if (o.joint) {
           T top = -std::numeric_limits<T>::infinity();
           for (int k = 0; k < n_dir; ++k)
@@ -344,20 +349,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
           for (int k = 0; k < n_dir; ++k)
             if (sum_of[k] > 0) total += sum_of[k] * std::exp(row_max_of[k] - top);
           log_z = top + std::log(total);
-          for (int k = 0; k < n_dir; ++k) c[k] = sum_of[k] > 0 ? std::exp(row_max_of[k] - log_z) : T(0);
-        } else {
           for (int k = 0; k < n_dir; ++k) {
-            log_z += row_max_of[k] + std::log(sum_of[k]);
-            c[k] = sum_of[k] > 0 ? T(1) / (static_cast<T>(n_dir) * sum_of[k]) : T(0);
+            c[k] = sum_of[k] > 0 ? std::exp(row_max_of[k] - log_z) : T(0);
+            share[k] = dirs[k].bit == kQueryToDoc ? T(1) : T(0);
+            if (dirs[k].bit == kQueryToDoc) loss = (top - pos_logit[k]) + std::log(total);
           }
-          log_z /= static_cast<T>(n_dir);
+        } else {  // every direction holds the positive (query_to_doc, doc_to_query)
+          for (int k = 0; k < n_dir; ++k) {
+            loss += (row_max_of[k] - pos_logit[k]) + std::log(sum_of[k]);
+            c[k] = sum_of[k] > 0 ? T(1) / (static_cast<T>(n_dir) * sum_of[k]) : T(0);
+            share[k] = T(1) / static_cast<T>(n_dir);
+          }
+          loss /= static_cast<T>(n_dir);
         }
         T weighted = 0;
         for (int k = 0; k < n_dir; ++k) {
           weighted += c[k] * dot_of[k];
           coef_ptr[k * rows_per_block + r] = c[k] * scale * inv_batch * row_inv[k];
+          // The positive's -share / B joins its softmax entry: G = c E - share, written as E' = inv (E - share / c)
+          // (the gradient GEMMs multiply E' by coef = c scale / B inv_r), so p - 1 is formed before any sum (as
+          // sentence-transformers' cross-entropy does) instead of cancelling inside the GEMMs. That matters only
+          // where p = c E can be near 1, so only where c >= 1/2 (no overflow of share / c); elsewhere the term is
+          // added after the GEMMs (separate_share), where p <= c < 1/2 leaves nothing to cancel.
+          if (share[k] == 0) continue;
+          if (c[k] >= T(0.5)) {
+            const T* inv = dirs[k].candidates_are_docs ? d_inv : q_inv;
+            const T e_own = exp_nonpositive(pos_logit[k] - row_max_of[k]);
+            rows_ptr[k][r * widths[k] + own] = inv[own] * (e_own - share[k] / c[k]);
+          } else {
+            separate_share[i] += share[k];
+          }
         }
-        row_loss[i] = log_z - scale * positive_sim;
+        row_loss[i] = loss;
         row_dscale[i] = (weighted - positive_sim) * inv_batch;
       }
     });
@@ -386,9 +409,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(batch), acc_options);
   if (!o.need_grad) return {loss, at::zeros_like(q_in), at::zeros_like(d_in), at::zeros({}, acc_options)};
 
-  // The positive logit scale * <q_hat_i, d_hat_i> enters with weight -1/B: with w_i = scale / B * inv_q_i * inv_d_i,
-  // inv_q * dL/dq_hat -= w d and inv_d * dL/dd_hat -= w q over the local rows.
+  // The positive terms not folded into E': the positive logit scale * <q_hat_i, d_hat_i> with weight
+  // -separate_share_i / B, i.e. with w_i = -separate_share_i * scale / B * inv_q_i * inv_d_i,
+  // inv_q * dL/dq_hat += w d and inv_d * dL/dd_hat += w q over the local rows.
   const at::Tensor w = (q.inv.narrow(0, o.offset, batch) * d.inv.narrow(0, o.offset, batch))
+                           .mul_(at::from_blob(separate_share.data(), {batch}, q.inv.options()))
                            .mul_(-scale_value * inv_batch)
                            .unsqueeze(1);
   dq.narrow(0, o.offset, batch).addcmul_(d.x.narrow(0, o.offset, batch), w);
