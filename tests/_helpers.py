@@ -45,3 +45,38 @@ def leaf(x: torch.Tensor) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# A trained model's batch: each positive far above its negatives (noise added to the positives, scale), so the loss
+# is tiny and every softmax row nearly one-hot: losses ~2e-5, ~5e-6 and ~7e-16 at B = 256, D = 128.
+CONFIDENT = {"loss2e-5": (0.6, 20.0), "loss5e-6": (0.4, 20.0), "loss7e-16": (0.5, 50.0)}
+CONFIDENT_LAYOUTS = {  # partition, directions
+    "qd": ("joint", ("query_to_doc",)),
+    "qd+dq-per": ("per_direction", ("query_to_doc", "doc_to_query")),
+    "all4": ("joint", ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
+}
+
+
+def confident_errors(noise: float, scale: float, partition: str, directions: tuple, seed: int = 1):
+    """(errors of fastloss's drop-in MNRL in fp32, errors of sentence-transformers' in fp32) against the fp64 truth
+    (sentence-transformers' in fp64) on a confident batch: loss, dq, dd, each relative to the size of its truth."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Theirs
+
+    from fastloss.losses import MultipleNegativesRankingLoss as Ours
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(256, 128, generator=g, dtype=torch.float64)
+    d = q + noise * torch.randn(256, 128, generator=g, dtype=torch.float64)
+    config = dict(scale=scale, directions=directions, partition_mode=partition)
+
+    def run(loss_module, dtype):
+        leaves = [x.to(dtype).requires_grad_(True) for x in (q, d)]
+        loss = loss_module.compute_loss_from_embeddings(leaves, None)
+        return [loss.detach().double(), *(x.double() for x in torch.autograd.grad(loss, leaves))]
+
+    truth = run(Theirs(None, **config), torch.float64)
+
+    def errors(result):
+        return [float((a - t).abs().max() / t.abs().max()) for a, t in zip(result, truth)]
+
+    return errors(run(Ours(None, **config), torch.float32)), errors(run(Theirs(None, **config), torch.float32))

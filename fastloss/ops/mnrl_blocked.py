@@ -13,6 +13,10 @@ partition, 1 / (n_dir sum E_k) per direction), and with G = E c_inv and h = 1 / 
     inv_c * dL/dc_hat += scale h  G^T (c_k r_inv R_blk)           one GEMM, [N, D]
     dL/dscale         += h c_k r_inv <r_i, (G C)_i>               from the first product: no pass over the logits
 so three GEMM-equivalents in all, against five for the flash path (which recomputes S twice in its backward).
+The positive enters as cross-entropy does: the loss of a row is (top - positive) + log sum E from the same rounded
+logits (exact where the positive is the maximum: no rounding of log_z to the logits' ulp), and its -1 is written
+into its entry of G (G_own = c_inv (E_own - share / c)) before the GEMMs wherever c >= 1/2, so p - 1 is formed
+before any sum; elsewhere (p <= c < 1/2: nothing cancels) it stays a separate rank-1 term after them.
 The row passes in torch ops turn S into E and then G in place (about nine passes over the block); the Triton ones
 read S for the statistics and once more to write G (in place for fp32). The gradients are accumulated as
 inv * dL/dx_hat (as the native op does), which makes the normalisation backward dx = a - x_hat <x_hat, a>. The
@@ -39,6 +43,7 @@ from torch import Tensor
 
 from fastloss import _backend
 from fastloss.ops.mnrl import (
+    QUERY_TO_DOC,
     Direction,
     MNRLParams,
     _add_positive_term,
@@ -112,7 +117,7 @@ class _TorchRows:
             3: (penalised, scale, 0, 1),  # all_negatives: all but the positive
         }[dir_.pen_mode]
 
-    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int) -> tuple[Tensor, Tensor]:
+    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int) -> tuple[Tensor, Tensor, Tensor]:
         factor, except_factor, t_begin, t_end = self._rule(dir_)
         s.mul_(r_inv[:, None]).mul_(c_inv[None, :])  # the similarities t
         if t_end > t_begin:
@@ -123,10 +128,11 @@ class _TorchRows:
             s.scatter_(1, cols, held * except_factor if except_factor is not None else held.fill_(-torch.inf))
         else:
             s.mul_(factor)
+        positive = s.diagonal(offset=g0).clone()  # column g0 + i of row i: the logits as they are rounded here
         top = s.amax(dim=1)
         top = torch.where(top == -torch.inf, torch.zeros_like(top), top)  # a fully masked row: E = 0, not NaN
         s.sub_(top[:, None]).exp_()
-        return top, s.sum(dim=1)
+        return top, s.sum(dim=1), positive
 
     def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
         return s.mul_(_cap(c_inv, fp16)[None, :]).to(dtype)
@@ -141,10 +147,14 @@ class _TritonRows:
     def _opts(self, dir_: Direction, g0: int) -> dict:
         return dict(period=self.world, offset=g0, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=self.p.alpha)
 
-    def stats(self, s, dir_, r_inv, c_inv, g0) -> tuple[Tensor, Tensor]:
+    def stats(self, s, dir_, r_inv, c_inv, g0) -> tuple[Tensor, Tensor, Tensor]:
         from fastloss.ops.block_softmax import row_stats
 
-        return row_stats(s, r_inv, c_inv, self.scale, **self._opts(dir_, g0))  # top: 0 for a fully masked row
+        top, total = row_stats(s, r_inv, c_inv, self.scale, **self._opts(dir_, g0))  # top: 0 for a fully masked row
+        # the positive's logit in the kernels' order of operations (_row_logits, _logits: never penalised)
+        rows = s.shape[0]
+        positive = self.scale * ((s.diagonal(offset=g0) * r_inv) * c_inv[g0 : g0 + rows])
+        return top, total, positive
 
     def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
         from fastloss.ops.block_softmax import row_grad
@@ -165,13 +175,17 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
     q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(d, p.normalize, acc)
     selected = directions(p)
+    # the positive's share of each direction's gradient: joint, query_to_doc's only; per direction, every one (which
+    # then holds the positive: query_to_doc, doc_to_query)
+    shares = [(1.0 if d.bit == QUERY_TO_DOC else 0.0) if p.joint else 1.0 / len(selected) for d in selected]
     side = {True: (x_q, q_inv, 0), False: (x_d, d_inv, 1)}  # queries or docs: GEMM operand, inverse norms, grads[i]
     rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
     rows_per_block = block_rows(
         p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device)
     )
     h = 1.0 / p.batch
-    log_z = torch.empty(p.batch, device=q.device, dtype=acc)
+    row_loss = torch.empty(p.batch, device=q.device, dtype=acc)
+    separate_share = torch.zeros(p.batch, device=q.device, dtype=acc)
     dscale = torch.zeros((), device=q.device, dtype=acc)
     grads = None
     if need_grad:
@@ -180,30 +194,38 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     for start in range(0, p.batch, rows_per_block):
         m = min(rows_per_block, p.batch - start)
         g0 = p.offset + start
-        blocks, row_max, sums = [], [], []
+        blocks, row_max, sums, positives = [], [], [], []
         for dir_ in selected:
             rows, r_inv, _ = side[dir_.rows_are_queries]
             cands, c_inv, _ = side[not dir_.candidates_are_docs]
             s = _mm(rows[g0 : g0 + m], cands.t(), half, acc)
-            top, total = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
+            top, total, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
             blocks.append(s)
             row_max.append(top)
             sums.append(total)
+            positives.append(positive)
         row_max, sums = torch.stack(row_max), torch.stack(sums)  # [n_dir, m]
-        lse = row_max + sums.log()  # -inf for a fully masked row
+        # The loss log_z - positive summed as (max - positive) + log(sum), both from the same logits (as
+        # log_softmax does): exact where the positive is the maximum, with no rounding of log_z to the logits' ulp.
         if p.joint:
-            log_z[start : start + m] = torch.logsumexp(lse, dim=0)
-            weights = torch.exp(row_max - log_z[None, start : start + m])
-        else:
-            log_z[start : start + m] = lse.mean(dim=0)
+            top = torch.where(sums > 0, row_max, -torch.inf).amax(dim=0)
+            total = (sums * torch.exp(row_max - top)).sum(dim=0)
+            weights = torch.exp(row_max - (top + total.log()))
+            first = [d.bit for d in selected].index(QUERY_TO_DOC)
+            row_loss[start : start + m] = (top - positives[first]) + total.log()
+        else:  # every direction holds the positive
             weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
+            terms = (row_max - torch.stack(positives)) + sums.log()
+            row_loss[start : start + m] = terms.mean(dim=0)
         if grads is None:
             continue
-        for dir_, s, top, c in zip(selected, blocks, row_max, weights):
+        for dir_, s, top, c, positive, share in zip(selected, blocks, row_max, weights, positives, shares):
             rows, r_inv, i_rows = side[dir_.rows_are_queries]
             cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
             r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
             g = rows_pass.grad(s, dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16)  # E c_inv
+            if share:
+                separate_share[start : start + m] += _fold_positive(g, g0, positive, top, c, c_inv, share, fp16)
             product = _mm(g, cands, half, acc)  # (E c_inv) C: [m, D]
             dscale += h * (c * r_inv_blk * (r_blk.to(acc) * product).sum(dim=1)).sum()
             grads[i_rows][g0 : g0 + m].addcmul_(product, (scale * h * c * r_inv_blk)[:, None])
@@ -215,15 +237,30 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             del g, weighted
         del blocks
 
-    positive = _positive_sims(q, d, q_inv, d_inv, p)
-    loss = (log_z - scale * positive).mean()
+    loss = row_loss.mean()
     if grads is None:
         return loss, torch.zeros_like(q), torch.zeros_like(d), torch.zeros((), device=q.device, dtype=acc)
-    _add_positive_term(grads, q, d, q_inv, d_inv, -h * scale, p, scaled=True)
-    dscale = dscale - h * positive.sum()
+    _add_positive_term(grads, q, d, q_inv, d_inv, -h * scale * separate_share, p, scaled=True)
+    dscale = dscale - h * (separate_share * _positive_sims(q, d, q_inv, d_inv, p)).sum()
     dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True)
     dd = _norm_backward(d, d_inv, grads[1], p.normalize, scaled=True)
     return loss, dq, dd, dscale
+
+
+def _fold_positive(
+    g: Tensor, g0: int, positive: Tensor, top: Tensor, c: Tensor, c_inv: Tensor, share: float, fp16: bool
+) -> Tensor:
+    """Write the positive's -share into its entry of G = E c_inv (the GEMMs multiply G by c): G_own = c_inv_own
+    (E_own - share / c), so p - 1 is formed before any sum, as sentence-transformers' cross-entropy does, instead of
+    cancelling between two O(scale) products. Only rows with c >= 1/2 (p = c E <= c is near 1 only there; no
+    overflow of share / c); returns the share each row leaves to the separate positive term (share elsewhere)."""
+    rows = torch.arange(g.shape[0], device=g.device)
+    fold = c >= 0.5
+    e_own = torch.exp(positive - top)
+    own = g0 + rows
+    value = _cap(c_inv, fp16)[own] * (e_own - share / torch.where(fold, c, 1.0))
+    g[rows, own] = torch.where(fold, value, g[rows, own].to(value.dtype)).to(g.dtype)
+    return torch.where(fold, 0.0, share)
 
 
 def _cap(inv: Tensor, fp16: bool) -> Tensor:
