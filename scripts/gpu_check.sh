@@ -8,7 +8,8 @@
 # losses are Triton kernels and need none), the extension's CPU+CUDA build started in the background, the target
 # MNRL case, the Triton GPU tests (pytest-xdist workers when it is installed: they are compile-bound), then, once the
 # build is done, the tests of the hand-written CUDA kernels, whether MNRL at B=1M fits (the issue's largest-batch
-# target), the rest of the sweep and fp32 MNRL with tf32x3 dots. Every step's time goes into summary.txt.
+# target), the rest of the sweep, a minute of scripts/compare_backends.py on CUDA tensors and fp32 MNRL with tf32x3
+# dots. Every step's time goes into summary.txt.
 #
 # Budget: GPU_CHECK_BUDGET_S (default 540 s) for the whole script; the build gets at most GPU_CHECK_BUILD_S (300) and
 # runs while the GPU steps run; the Triton tests at most GPU_CHECK_TESTS_S (150). Wheels of optional peers (inf-cl,
@@ -106,6 +107,14 @@ else
   timeout "$rest" "${bench[@]}" --groups batch,dim,dtype,flat --modes fwd+bwd --no-max-batch \
     --time-limit "$((rest - 60))" >>"$OUT/bench.log" 2>&1
   note "bench --groups batch,dim,dtype,flat: rc=$?"
+fi
+
+# the randomised comparison of the CUDA backends with the fp64 reference (scripts/compare_backends.py), a minute
+t=$(cap 60)
+if [ "$t" -gt 20 ]; then
+  if [ "$dry" = 1 ]; then cmp_args=(--cases 3); else cmp_args=(--cases 200 --device cuda --backends triton,blocked); fi
+  timeout "$t" python3 scripts/compare_backends.py "${cmp_args[@]}" >"$OUT/compare.log" 2>&1
+  note "compare_backends: rc=$? $(tail -1 "$OUT/compare.log")"
 fi
 
 # fp32 MNRL with tf32x3 tensor-core dots (FASTLOSS_FP32_DOT), to weigh against the default ieee records above; its

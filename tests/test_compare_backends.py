@@ -1,0 +1,42 @@
+"""scripts/compare_backends.py, the randomised developer check of every backend against the fp64 reference: it runs,
+reports, restores the environment, and no backend raises on the configurations it draws."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_backends.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("compare_backends", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runs_every_cpu_backend_without_errors(capsys, monkeypatch):
+    monkeypatch.setenv("FASTLOSS_BACKEND", "torch")  # must come back as it was
+    module = _load()
+    assert module.main(["--cases", "8", "--seed", "3", "--dtypes", "fp64,fp32"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("8 cases, seed 3, backends ['native', 'blocked']") and summary.endswith(" 0 errors")
+    assert os.environ["FASTLOSS_BACKEND"] == "torch" and "FASTLOSS_MNRL_ALGO" not in os.environ
+
+
+def test_a_raising_backend_is_an_error(capsys, monkeypatch):
+    module = _load()
+    run = module.run
+
+    def failing(case, inputs, backend, *rest):
+        if backend == "native":
+            raise RuntimeError("boom")
+        return run(case, inputs, backend, *rest)
+
+    monkeypatch.setattr(module, "run", failing)
+    assert module.main(["--cases", "3", "--seed", "1", "--dtypes", "fp32"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR native torch.float32" in out and "RuntimeError: boom" in out
+    assert out.rstrip().endswith(" 3 errors")  # one per case: every case runs the native backend
