@@ -253,13 +253,17 @@ def _fold_positive(
     """Write the positive's -share into its entry of G = E c_inv (the GEMMs multiply G by c): G_own = c_inv_own
     (E_own - share / c), so p - 1 is formed before any sum, as sentence-transformers' cross-entropy does, instead of
     cancelling between two O(scale) products. Only rows with c >= 1/2 (p = c E <= c is near 1 only there; no
-    overflow of share / c); returns the share each row leaves to the separate positive term (share elsewhere)."""
+    overflow of share / c) whose entry G's dtype holds (fp16: not a positive whose inverse norm is capped, nor a
+    value beyond 65504); returns the share each row leaves to the separate positive term (share elsewhere)."""
     rows = torch.arange(g.shape[0], device=g.device)
-    fold = c >= 0.5
-    e_own = torch.exp(positive - top)
     own = g0 + rows
-    value = _cap(c_inv, fp16)[own] * (e_own - share / torch.where(fold, c, 1.0))
-    g[rows, own] = torch.where(fold, value, g[rows, own].to(value.dtype)).to(g.dtype)
+    inv = c_inv[own]
+    fold = c >= 0.5
+    if fp16:
+        fold &= inv <= _FP16_MAX
+    value = (inv * (torch.exp(positive - top) - share / torch.where(fold, c, 1.0))).to(g.dtype)
+    fold &= torch.isfinite(value)
+    g[rows, own] = torch.where(fold, value, g[rows, own])
     return torch.where(fold, 0.0, share)
 
 
