@@ -317,6 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
 
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
       T row_max_of[4], sum_of[4], dot_of[4], row_inv[4], c[4], pos_logit[4], share[4];
+      const T* cand_inv[4];  // each direction's candidates' inverse norms
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = i0 + r;
         const int64_t own = o.offset + i;
@@ -326,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
           row_inv[k] = dir.rows_are_queries ? q_inv[own] : d_inv[own];
           const ColumnRule<T> rule{dir.rule.factor * row_inv[k], dir.rule.except_factor * row_inv[k],
                                    dir.rule.except_masked, dir.rule.t_begin, dir.rule.t_end};
-          const T* inv = dir.candidates_are_docs ? d_inv : q_inv;
+          const T* inv = cand_inv[k] = dir.candidates_are_docs ? d_inv : q_inv;
           T* row = rows_ptr[k] + r * widths[k];
           row_max_of[k] = row_max(row, inv, widths[k], own, world, rule);
           if (dir.bit == kQueryToDoc) positive_sim = row[own] * d_inv[own] * row_inv[k];
@@ -373,9 +374,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
           // added after the GEMMs (separate_share), where p <= c < 1/2 leaves nothing to cancel.
           if (share[k] == 0) continue;
           if (c[k] >= T(0.5)) {
-            const T* inv = dirs[k].candidates_are_docs ? d_inv : q_inv;
             const T e_own = exp_nonpositive(pos_logit[k] - row_max_of[k]);
-            rows_ptr[k][r * widths[k] + own] = inv[own] * (e_own - share[k] / c[k]);
+            rows_ptr[k][r * widths[k] + own] = cand_inv[k][own] * (e_own - share[k] / c[k]);
           } else {
             separate_share[i] += share[k];
           }

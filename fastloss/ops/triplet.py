@@ -441,16 +441,23 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
     return hp, hn, sel_idx, sel_d
 
 
+def _selected_pairs(sel_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The 3B selected pairs of sel_idx [3, B] as (row, column, valid) vectors, pair e = k * B + r; a missing pair
+    (-1) gets its own row as column, so that it can be gathered, and valid False."""
+    B = sel_idx.shape[1]
+    rows = torch.arange(B, device=sel_idx.device).repeat(3)
+    cols = sel_idx.reshape(-1)
+    valid = cols >= 0
+    return rows, torch.where(valid, cols, rows), valid
+
+
 def _selected_distances(x: Tensor, sel_idx: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """batch_hard_fwd's outputs for fp64 x after the Triton kernel, which selects in fp32: the selected pairs'
     distances recomputed in fp64 (the formulas of :func:`_distance_rows`, O(B*D)), hp = sel_d[0] and
     hn = sel_d[1] + sel_d[2] (sel_d[2] is 0 where the negative was used)."""
     xo = _stream_operand(x.detach(), metric)
     B = x.shape[0]
-    rows = torch.arange(B, device=x.device).repeat(3)
-    cols = sel_idx.reshape(-1)
-    valid = cols >= 0
-    cols = torch.where(valid, cols, rows)
+    rows, cols, valid = _selected_pairs(sel_idx)
     gram = (xo[rows] * xo[cols]).sum(dim=1)
     if metric == COSINE:
         d = 1 - gram
@@ -509,10 +516,7 @@ def _batch_hard_bwd_torch(
     _check_metric(metric)
     B = x.shape[0]
     acc = _backend.accumulation_dtype(x)
-    rows = torch.arange(B, device=x.device).repeat(3)
-    cols = sel_idx.reshape(-1)
-    valid = cols >= 0
-    cols = torch.where(valid, cols, rows)
+    rows, cols, valid = _selected_pairs(sel_idx)
     coef = torch.cat([grad_hp, grad_hn, grad_hn]).to(acc)
     coef = torch.where(valid, coef, 0.0)
     if metric == COSINE:
