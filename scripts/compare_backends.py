@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     backends = args.backends.split(",")
+    if unknown := sorted(set(backends) - {"native", "blocked", "triton"}):
+        parser.error(f"--backends: expected native, blocked or triton, got {unknown}")
+    if unknown := sorted(set(args.dtypes.split(",")) - set(DTYPES)):
+        parser.error(f"--dtypes: expected some of {', '.join(DTYPES)}, got {unknown}")
     dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)

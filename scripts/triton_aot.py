@@ -134,9 +134,11 @@ def record_launches(quick: bool) -> list[Launch]:
             flags = dict(period=48, offset=0, mask_own=False, pen_mode=3, alpha=0.1)
             ones_r, ones_c, lse = torch.ones(48), torch.ones(96), torch.zeros(48)
             os.environ["FASTLOSS_FP32_DOT"] = name.split("/")[1] if "/" in name else "ieee"
-            label[0] = f"sim_lse {name} D={dim}"
-            sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, **flags)
-            sim_lse.sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, lse, need_dscale=True, **flags)
+            for positive in (False, True):  # MNRL's directions without / with the positive pair
+                label[0] = f"sim_lse {name} D={dim}" + (" positive" if positive else "")
+                sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, positive_col=positive, **flags)
+                pos_val = lse if positive else None
+                sim_lse.sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, lse, need_dscale=True, pos_val=pos_val, **flags)
             label[0] = f"cosent {name} D={dim}"
             a, b, scale = torch.zeros(16, dim, dtype=dtype), torch.zeros(32, dim, dtype=dtype), torch.tensor(20.0)
             for kind in (cosent.KIND_COS,) if quick else (cosent.KIND_COS, cosent.KIND_ANGLE):

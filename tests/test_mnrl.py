@@ -162,15 +162,11 @@ def test_symmetric_loss_matches(backend):
 @pytest.mark.parametrize("layout", list(CONFIDENT_LAYOUTS))
 def test_confident_rows_as_precise_as_sentence_transformers(backend, layout, regime):
     """fp32 against the fp64 truth: the loss and both gradients at most twice the error of sentence-transformers'
-    own fp32 plus 1e-6. The fused CPU ops take the loss as (max - positive) + log(sum) from the same logits and form
-    p - 1 at the positive before their GEMMs, as log_softmax / cross-entropy do; before, the loss carried the
-    logits' ulp (1e-8 absolute) and the gradient a difference of two O(scale) sums: up to 1e8 times the truth's
-    size at loss 7e-16."""
-    if backend == "triton":
-        pytest.skip(
-            "the flash kernels still take the loss as LSE - positive and add the positive's -1 after their tile "
-            "sums (in confident rows: the error of the native op before this test; not yet changed)"
-        )
+    own fp32 plus 1e-6. The row-block ops take the loss as (max - positive) + log(sum) from the same logits and form
+    p - 1 at the positive before their GEMMs, as log_softmax / cross-entropy do; the flash kernels take both from
+    the row's mass without the positive (softplus / sigmoid of its log-ratio: fastloss.ops.mnrl). Before, the loss
+    carried the logits' ulp (1e-8 absolute) and the gradient a difference of two O(scale) sums: up to 1e8 times the
+    truth's size at loss 7e-16."""
     ours, theirs = confident_errors(*CONFIDENT[regime], *CONFIDENT_LAYOUTS[layout])
     for a, b in zip(ours, theirs):
         assert a <= 2 * b + 1e-6

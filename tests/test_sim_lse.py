@@ -26,8 +26,9 @@ DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 PEN_IDS = ["none", "in_batch_negatives", "hard_negatives", "all_negatives"]
 
 
-def oracle(r, c, r_inv, c_inv, scale, g, *, period, offset, mask_own, pen_mode, alpha):
-    """The contract, densely in fp64: (lse [M], dr_hat [M, D], dc_hat [N, D], dscale [M])."""
+def oracle(r, c, r_inv, c_inv, scale, g, *, period, offset, mask_own, pen_mode, alpha, pos_val=None):
+    """The contract, densely in fp64: (lse [M], dr_hat [M, D], dc_hat [N, D], dscale [M], nlse [M]), with P at
+    column i + offset replaced by pos_val_i where that is not +inf."""
     r, c, r_inv, c_inv, g = (x.double() for x in (r, c, r_inv, c_inv, g))
     M, N = r.shape[0], c.shape[0]
     s = (r @ c.T) * r_inv[:, None] * c_inv[None, :]
@@ -40,11 +41,16 @@ def oracle(r, c, r_inv, c_inv, scale, g, *, period, offset, mask_own, pen_mode, 
     if mask_own:
         logit = logit.masked_fill(own, float("-inf"))
     lse = torch.logsumexp(logit, dim=1)
+    positive = j == i + offset
+    nlse = torch.logsumexp(logit.masked_fill(positive, float("-inf")), dim=1)
     p = torch.where(torch.isfinite(lse)[:, None], torch.exp(logit - lse[:, None]), torch.zeros_like(logit))
+    if pos_val is not None:
+        pos_val = pos_val.double()[:, None]
+        p = torch.where(positive & (pos_val != float("inf")), pos_val, p)
     grad = g[:, None] * p * scale
     dr = (grad * c_inv[None, :]) @ c
     dc = (grad * r_inv[:, None]).T @ r
-    return lse, dr, dc, g * (p * s).sum(dim=1)
+    return lse, dr, dc, g * (p * s).sum(dim=1), nlse
 
 
 def make(M, N, D, dtype, *, normalize=True, seed=0):
@@ -83,16 +89,30 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-def check(r, c, r_inv, c_inv, scale, g, tol, **opts):
-    expected = oracle(r, c, r_inv, c_inv, float(scale), g, **opts)
+def positive_values(M: int, seed: int = 0) -> torch.Tensor:
+    """pos_val for the fold: values in [-2, 1] (MNRL passes [-1, 0]), every third row +inf (P kept there)."""
+    vals = torch.rand(M, generator=torch.Generator().manual_seed(seed)) * 3 - 2
+    vals[::3] = float("inf")
+    return vals.to(DEVICE)
+
+
+def check(r, c, r_inv, c_inv, scale, g, tol, positive=False, **opts):
+    """The kernels against the oracle; with ``positive`` also nlse and the backward with a pos_val fold."""
+    pos_val = positive_values(r.shape[0]) if positive else None
+    expected = oracle(r, c, r_inv, c_inv, float(scale), g, pos_val=pos_val, **opts)
     scale_t = torch.tensor(float(scale), device=r.device)
-    lse = sim_lse_fwd(r, c, r_inv, c_inv, scale_t, **opts)
+    lse, nlse = sim_lse_fwd(r, c, r_inv, c_inv, scale_t, positive_col=positive, **opts)
     assert lse.dtype == torch.float32 and lse.shape == (r.shape[0],)
     assert_close(lse, expected[0], tol, "lse")
-    dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, scale_t, lse, g, need_dscale=True, **opts)
+    if positive:
+        assert nlse.dtype == torch.float32 and nlse.shape == (r.shape[0],)
+        assert_close(nlse, expected[4], tol, "nlse")
+    else:
+        assert nlse is None
+    dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, scale_t, lse, g, need_dscale=True, pos_val=pos_val, **opts)
     assert dr.shape == r.shape and dc.shape == c.shape and dscale.shape == (r.shape[0],)
     assert dr.dtype == dc.dtype == dscale.dtype == torch.float32
-    for name, actual, want in zip(("dr_hat", "dc_hat", "dscale"), (dr, dc, dscale), expected[1:]):
+    for name, actual, want in zip(("dr_hat", "dc_hat", "dscale"), (dr, dc, dscale), expected[1:4]):
         assert_close(actual, want, tol, name)
     return lse, dr, dc, dscale
 
@@ -120,6 +140,7 @@ def test_oracle_matches_autograd():
     lse = torch.logsumexp(logit, dim=1)
     (lse * g.double()).sum().backward()
     want = oracle(r, c, r_inv, c_inv, scale, g, period=period, offset=offset, mask_own=True, pen_mode=2, alpha=alpha)
+    assert want[4].isfinite().all()  # every row has candidates besides column i + offset
     torch.testing.assert_close(lse.detach(), want[0])
     torch.testing.assert_close(r_hat.grad, want[1])
     torch.testing.assert_close(c_hat.grad, want[2])
@@ -155,6 +176,7 @@ def test_masks_and_penalties(poison, pen_mode, mask_own, offset, dtype):
         mask_own=mask_own,
         pen_mode=pen_mode,
         alpha=0.7,
+        positive=True,
     )
 
 
@@ -189,7 +211,7 @@ def test_zero_and_tiny_vectors(poison, dtype):
     c[5] *= 1e-3
     r_inv, c_inv = inv_norms(r), inv_norms(c)
     assert r_inv[2] == 1e12 and c_inv[9] == 1e12 and r_inv[4] > 100 and c_inv[5] > 100
-    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=13, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], True, period=13, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
@@ -204,7 +226,7 @@ def test_duplicate_rows(poison, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
 def test_extreme_scale(poison, dtype):
     r, c, r_inv, c_inv, g = make(16, 48, 64, dtype, seed=7)
-    check(r, c, r_inv, c_inv, 1e3, g, TOL[dtype], period=16, offset=0, mask_own=True, pen_mode=3, alpha=2.0)
+    check(r, c, r_inv, c_inv, 1e3, g, TOL[dtype], True, period=16, offset=0, mask_own=True, pen_mode=3, alpha=2.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
@@ -215,7 +237,7 @@ def test_chunked_d(poison, monkeypatch, D, dtype):
     monkeypatch.setattr(sim_lse, "SINGLE_D_MAX_FP32", 16)
     monkeypatch.setattr(sim_lse, "CHUNK_D", 16)
     r, c, r_inv, c_inv, g = make(21, 40, D, dtype, seed=8)
-    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=20, offset=3, mask_own=True, pen_mode=2, alpha=0.5)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], True, period=20, offset=3, mask_own=True, pen_mode=2, alpha=0.5)
 
 
 def _gpu_tiles():
@@ -235,7 +257,8 @@ def test_every_gpu_tile(poison, monkeypatch, cfg, D):
     for name in ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"):
         force_configs(monkeypatch, getattr(sim_lse, name), [cfg])
     r, c, r_inv, c_inv, g = make(130, 200, D, torch.float16, seed=17)
-    check(r, c, r_inv, c_inv, 20.0, g, TOL[torch.float16], period=100, offset=3, mask_own=True, pen_mode=3, alpha=0.5)
+    opts = dict(period=100, offset=3, mask_own=True, pen_mode=3, alpha=0.5)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[torch.float16], positive=True, **opts)
     for name in ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"):
         assert getattr(sim_lse, name).best_config is cfg  # the tile really ran
 
@@ -295,16 +318,16 @@ def test_strided_inputs(poison):
 def test_scale_forms(scale):
     r, c, r_inv, c_inv, g = make(7, 13, 33, torch.float32, seed=11)
     opts = dict(period=13, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
-    want = sim_lse_fwd(r, c, r_inv, c_inv, torch.tensor(20.0, device=DEVICE), **opts)
+    want, _ = sim_lse_fwd(r, c, r_inv, c_inv, torch.tensor(20.0, device=DEVICE), **opts)
     scale = scale.to(DEVICE) if isinstance(scale, torch.Tensor) else scale
-    torch.testing.assert_close(sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts), want)
+    torch.testing.assert_close(sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts)[0], want)
 
 
 def test_without_dscale():
     r, c, r_inv, c_inv, g = make(7, 13, 33, torch.float32, seed=12)
     opts = dict(period=13, offset=0, mask_own=True, pen_mode=1, alpha=0.4)
     scale = torch.tensor(20.0, device=DEVICE)
-    lse = sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts)
+    lse, _ = sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts)
     dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=False, **opts)
     dr_ref, dc_ref, _ = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=True, **opts)
     assert dscale is None
@@ -316,7 +339,7 @@ def test_without_dscale():
 def test_other_dtypes(poison, dtype):
     """fp64 is computed in fp32; bf16 runs the kernels in bf16 on a GPU (upcast under the interpreter)."""
     r, c, r_inv, c_inv, g = make(7, 13, 33, dtype, seed=13)
-    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], period=13, offset=0, mask_own=True, pen_mode=0, alpha=0.0)
+    check(r, c, r_inv, c_inv, 20.0, g, TOL[dtype], True, period=13, offset=0, mask_own=True, pen_mode=0, alpha=0.0)
 
 
 @pytest.mark.parametrize("M, N", [(0, 5), (4, 0)], ids=["no_rows", "no_candidates"])
@@ -324,8 +347,9 @@ def test_empty(M, N):
     """No candidates: lse = -inf and zero gradients; no rows: empty outputs and zero candidate gradients."""
     r, c, r_inv, c_inv, g = make(M, N, 8, torch.float32)
     opts = dict(period=max(N, 1), offset=0, mask_own=False, pen_mode=0, alpha=0.0)
-    lse = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
-    dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, 20.0, lse, g, need_dscale=True, **opts)
+    lse, nlse = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, positive_col=True, **opts)
+    dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, 20.0, lse, g, need_dscale=True, pos_val=g, **opts)
+    assert (nlse == float("-inf")).all()
     assert lse.shape == (M,) and (lse == float("-inf")).all()
     assert dr.shape == (M, 8) and dc.shape == (N, 8) and dscale.shape == (M,)
     assert (dr == 0).all() and (dc == 0).all() and (dscale == 0).all()
@@ -423,6 +447,7 @@ class TestGPU:
             mask_own=True,
             pen_mode=3,
             alpha=0.5,
+            positive=True,
         )
 
     @pytest.mark.parametrize("D", [100, 384], ids=lambda d: f"D{d}")
@@ -438,17 +463,17 @@ class TestGPU:
         """tf32 / tf32x3 against the oracle, and not the ieee result (the setting reaches the kernels)."""
         r, c, r_inv, c_inv, g = make(100, 300, D, torch.float32, seed=16)
         opts = dict(period=100, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
-        ieee = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
+        ieee, _ = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
         monkeypatch.setenv(*env.split("="))
         check(r, c, r_inv, c_inv, 20.0, g, tol, **opts)
-        assert not torch.equal(sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts), ieee)
+        assert not torch.equal(sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)[0], ieee)
 
     @pytest.mark.parametrize("D", [64, 1024], ids=lambda d: f"D{d}")
     def test_deterministic(self, D):
         r, c, r_inv, c_inv, g = make(200, 513, D, torch.float16, seed=15)
         opts = dict(period=513, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
         scale = torch.tensor(20.0, device=DEVICE)
-        lse = sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts)
+        lse, _ = sim_lse_fwd(r, c, r_inv, c_inv, scale, **opts)
         first = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=True, **opts)
         second = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=True, **opts)
         for a, b in zip(first, second):

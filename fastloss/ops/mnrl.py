@@ -10,9 +10,18 @@ the per-row LSE. With pos_i = scale * s(q_i, d_i):
   joint:          loss = mean_i(logaddexp_d(LSE_d,i) - pos_i)
   per_direction:  loss = mean_i(mean_d(LSE_d,i) - pos_i)
 Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
-tiles and returns the gradients w.r.t. the normalised embeddings; the positive term and the normalisation
-backward dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one pass
-by fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). Beyond the kernels' fp32
+tiles and returns the gradients w.r.t. the normalised embeddings.
+The positive pair sits in column i of query_to_doc (and, per_direction, of doc_to_query). In a trained model's
+batch its probability is near 1, so LSE - pos and p - 1 would each cancel (to the logits' ulp, and inside the
+kernels' sums). The kernels also return NLSE, the LSE without that column, and with x_i = log(negatives' mass /
+positive's mass) = logaddexp(NLSE_qd,i, LSE of the other directions) - pos_i (joint) or NLSE_d,i - pos_i (each
+direction, per_direction):  row loss = softplus(x_i), and the positive's coefficient p - 1 = -sigmoid(x_i), both
+without cancellation. The backward kernels take that coefficient (divided by the direction's weight) in place of
+P at the positive's entry, as cross-entropy forms p - 1 before its GEMMs; in joint rows where query_to_doc holds
+less than half the mass (p <= 1/2: nothing to cancel, and the division could overflow fp16) P stays and the
+positive's -1 is added after the kernels. That term and the normalisation backward
+dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one pass by
+fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). Beyond the kernels' fp32
 gradients (which become the accumulators) and the returned gradients, the epilogues hold a chunk of rows at a time.
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
@@ -23,9 +32,11 @@ Three implementations sit behind ``torch.library`` ops so that torch.compile see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastloss import _backend
@@ -172,37 +183,66 @@ def _positive_sims(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLPa
     return _row_dots(q[local], d[local], q_inv.dtype) * q_inv[local] * d_inv[local]
 
 
-def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor, Tensor]:
-    """Flash-style forward: (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B])."""
+def _holds_positive(bit: int) -> bool:
+    """Whether the direction holds the positive pair (q_i, d_i) as a column: query_to_doc and doc_to_query."""
+    return bit in (QUERY_TO_DOC, DOC_TO_QUERY)
+
+
+def _positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor]:
+    """(row losses [B], pos_val [n_dir, B]) from the kernels' LSE, NLSE (rows of directions without the positive
+    unused) and the positive logits: pos_val is the positive entry's coefficient divided by its direction's weight
+    (what the backward kernels put in place of P there), +inf where the -1 stays a separate term. Module docstring."""
+    if not p.joint:  # every direction holds the positive, each with weight 1 / n_dir and its own -1 / n_dir
+        x = nlse - positive
+        return F.softplus(x).mean(dim=0), -torch.sigmoid(x)
+    # joint: k directions hold a copy of the positive logit, so Z = k e^pos + N, the loss is log Z - pos =
+    # log k + softplus(x - log k) and each copy takes -1 / k: e^pos / Z - 1 / k = -sigmoid(x - log k) / k
+    pair = [_holds_positive(dir_.bit) for dir_ in directions(p)]
+    log_k = math.log(sum(pair))
+    x = torch.logsumexp(torch.stack([n if holds else a for n, a, holds in zip(nlse, lse, pair)]), dim=0) - positive
+    weight = torch.exp(lse - torch.logsumexp(lse, dim=0))  # each direction's share of the row's mass
+    coefficient = -torch.sigmoid(x - log_k) / sum(pair)
+    # folded where the copies hold at least half the mass (x <= log k): there every copy's weight is >= 1 / (2k),
+    # so |pos_val| <= 1; elsewhere the -1 stays separate (p - 1 <= -1/2: nothing cancels)
+    folded = torch.where(x <= log_k, coefficient, float("inf"))
+    return log_k + F.softplus(x - log_k), torch.stack(
+        [folded / w if holds else torch.full_like(w, float("inf")) for w, holds in zip(weight, pair)]
+    )
+
+
+def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flash-style forward: (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B], the
+    backward's pos_val fp32 [n_dir, B])."""
     from fastloss.ops.sim_lse import sim_lse_fwd
 
     world = q.shape[0]
     q_inv, d_inv = _inv_norms(q, p.normalize), _inv_norms(d, p.normalize)
-    lse = torch.stack(
-        [
-            sim_lse_fwd(
-                rows,
-                cands,
-                r_inv,
-                c_inv,
-                scale,
-                period=world,
-                offset=p.offset,
-                mask_own=mask_own,
-                pen_mode=hardness,
-                alpha=p.alpha,
-            )
-            for _, rows, cands, r_inv, c_inv, mask_own, hardness in _direction_problems(q, d, q_inv, d_inv, p)
-        ]
-    )
+    stats = [
+        sim_lse_fwd(
+            rows,
+            cands,
+            r_inv,
+            c_inv,
+            scale,
+            period=world,
+            offset=p.offset,
+            mask_own=mask_own,
+            pen_mode=hardness,
+            alpha=p.alpha,
+            positive_col=_holds_positive(bit),
+        )
+        for bit, rows, cands, r_inv, c_inv, mask_own, hardness in _direction_problems(q, d, q_inv, d_inv, p)
+    ]
+    lse = torch.stack([lse_d for lse_d, _ in stats])
+    nlse = torch.stack([lse_d if nlse_d is None else nlse_d for lse_d, nlse_d in stats])
     log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
     positive = scale.float() * _positive_sims(q, d, q_inv, d_inv, p)
-    loss = (log_z - positive).mean()
-    return loss, lse, log_z
+    row_loss, pos_val = _positive_terms(lse, nlse, positive, p)
+    return row_loss.mean(), lse, log_z, pos_val
 
 
 def mnrl_bwd(
-    grad: Tensor, q: Tensor, d: Tensor, scale: Tensor, lse: Tensor, log_z: Tensor, p: MNRLParams
+    grad: Tensor, q: Tensor, d: Tensor, scale: Tensor, lse: Tensor, log_z: Tensor, pos_val: Tensor, p: MNRLParams
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Flash-style backward: (dq, dd, dscale) for the incoming scalar ``grad``."""
     from fastloss.ops.sim_lse import sim_lse_bwd
@@ -233,7 +273,9 @@ def mnrl_bwd(
 
     dscale = torch.zeros((), device=q.device, dtype=torch.float32)
     problems = _direction_problems(q, d, q_inv, d_inv, p)
-    for (bit, rows, cands, r_inv, c_inv, mask_own, hardness), lse_d, g in zip(problems, lse, weights):
+    for (bit, rows, cands, r_inv, c_inv, mask_own, hardness), lse_d, g, pos_val_d in zip(
+        problems, lse, weights, pos_val
+    ):
         dr, dc, ds = sim_lse_bwd(
             rows,
             cands,
@@ -248,6 +290,7 @@ def mnrl_bwd(
             pen_mode=hardness,
             alpha=p.alpha,
             need_dscale=True,
+            pos_val=pos_val_d.contiguous() if _holds_positive(bit) else None,
         )
         accumulate(*(("q", q) if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else ("d", d)), dr, local_rows=True)
         accumulate(*(("d", d) if bit in (QUERY_TO_DOC, DOC_TO_DOC) else ("q", q)), dc, local_rows=False)
@@ -256,8 +299,10 @@ def mnrl_bwd(
     for name, x in (("q", q), ("d", d)):
         if name not in hats:
             hats[name] = zeros(x)
-    _add_positive_term((hats["q"], hats["d"]), q, d, q_inv, d_inv, -h * scale.float(), p, scaled=False)
-    dscale = dscale - h * _positive_sims(q, d, q_inv, d_inv, p).sum()
+    # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2)
+    separate = (pos_val[0] == float("inf")).to(torch.float32)
+    _add_positive_term((hats["q"], hats["d"]), q, d, q_inv, d_inv, -h * scale.float() * separate, p, scaled=False)
+    dscale = dscale - h * (separate * _positive_sims(q, d, q_inv, d_inv, p)).sum()
     dq = _norm_backward(q, q_inv, hats.pop("q"), p.normalize)
     dd = _norm_backward(d, d_inv, hats.pop("d"), p.normalize)
     return dq, dd, dscale.to(scale.dtype).reshape(scale.shape)
@@ -283,7 +328,7 @@ def _mnrl_fwd_op(
     hardness: int,
     alpha: float,
     normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return mnrl_fwd(q, d, scale, _params(offset, batch, directions, joint, hardness, alpha, normalize))
 
 
@@ -294,6 +339,7 @@ def _(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize)
         q.new_empty((), dtype=torch.float32),
         q.new_empty((n_dir, batch), dtype=torch.float32),
         q.new_empty((batch,), dtype=torch.float32),
+        q.new_empty((n_dir, batch), dtype=torch.float32),
     )
 
 
@@ -305,6 +351,7 @@ def _mnrl_bwd_op(
     scale: Tensor,
     lse: Tensor,
     log_z: Tensor,
+    pos_val: Tensor,
     offset: int,
     batch: int,
     directions: int,
@@ -314,25 +361,25 @@ def _mnrl_bwd_op(
     normalize: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return mnrl_bwd(
-        grad, q, d, scale, lse, log_z, _params(offset, batch, directions, joint, hardness, alpha, normalize)
+        grad, q, d, scale, lse, log_z, pos_val, _params(offset, batch, directions, joint, hardness, alpha, normalize)
     )
 
 
 @_mnrl_bwd_op.register_fake
-def _(grad, q, d, scale, lse, log_z, offset, batch, directions, joint, hardness, alpha, normalize):
+def _(grad, q, d, scale, lse, log_z, pos_val, offset, batch, directions, joint, hardness, alpha, normalize):
     return torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, d, scale, *args = inputs
-    _, lse, log_z = output
-    ctx.save_for_backward(q, d, scale, lse, log_z)
+    _, lse, log_z, pos_val = output
+    ctx.save_for_backward(q, d, scale, lse, log_z, pos_val)
     ctx.args = tuple(args)
 
 
-def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z):
-    q, d, scale, lse, log_z = ctx.saved_tensors
-    dq, dd, dscale = _mnrl_bwd_op(grad_loss, q, d, scale, lse, log_z, *ctx.args)
+def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z, _grad_pos_val):
+    q, d, scale, lse, log_z, pos_val = ctx.saved_tensors
+    dq, dd, dscale = _mnrl_bwd_op(grad_loss, q, d, scale, lse, log_z, pos_val, *ctx.args)
     return (dq, dd, dscale) + (None,) * len(ctx.args)
 
 

@@ -6,11 +6,15 @@ Rows r [M, D], candidates c [N, D], inverse norms r_inv [M], c_inv [N] (ones for
     pen_ij   = 0 | !own | own & !first | !(own & first)              (pen_mode 0 | 1 | 2 | 3)
     logit_ij = scale * s_ij + alpha * pen_ij * s_ij,  -inf where mask_own and own_ij
     lse_i    = log sum_j exp(logit_ij)                                (-inf when the whole row is masked)
+    nlse_i   = log sum_{j != i + offset} exp(logit_ij)                 (positive_col: the row without its own first
+                                                                        column, the positive pair of MNRL)
 Backward for g_i = dL/dlse_i, the penalty a stop-gradient term, P_ij = exp(logit_ij - lse_i) (0 where masked),
 x_hat = x * x_inv:
     dr_hat_i = scale * g_i * sum_j P_ij c_hat_j
     dc_hat_j = scale * sum_i g_i P_ij r_hat_i
     dscale_i = g_i * sum_j P_ij s_ij
+With pos_val (one value per row, +inf for none), P at column i + offset is replaced by pos_val_i in all three sums:
+the caller folds its positive's -1 into that entry, formed from nlse without cancellation (fastloss.ops.mnrl).
 The forward keeps a running max and sum per row over candidate tiles (no M x N matrix); the backward recomputes
 the logits tile by tile, once over row blocks (dr_hat, dscale) and once over candidate blocks (dc_hat), without
 atomics. When D fits one BLOCK_D the gradient accumulator stays in registers; otherwise it lives in the fp32
@@ -240,6 +244,18 @@ def _fold(b_inv, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _log_sum(b_max, b_sum):
+    """max + log(sum) of a row's running max and sum of exp(logit - max): -inf where the sum is 0."""
+    return tl.where(b_sum > 0.0, b_max + tl.log(tl.where(b_sum > 0.0, b_sum, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _fold_positive(b_p, m_pos, b_pv):
+    """P with pos_val at each row's positive entry ``m_pos`` (rows whose pos_val is +inf keep P)."""
+    return tl.where(m_pos & (b_pv != float("inf")), b_pv, b_p)
+
+
+@triton.jit
 def _load_lse(lse, o_m, M):
     """LSE of rows o_m with rows that carry no probability (fully masked, or past M) as +inf, so P = 0 there."""
     b_lse = tl.load(lse + o_m, mask=o_m < M, other=float("-inf"))
@@ -255,6 +271,7 @@ def sim_lse_fwd_kernel(
     c_inv,
     scale,
     lse,
+    nlse,
     M,
     N,
     D,
@@ -267,6 +284,7 @@ def sim_lse_fwd_kernel(
     TUNE_N,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
+    POS_COL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -283,6 +301,7 @@ def sim_lse_fwd_kernel(
         b_r = _load_rows(r, start_m, M, 0, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)  # [BM, BD]
     b_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_nsum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POS_COL: the sum without column i + offset
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         b_cinv = tl.load(c_inv + o_n, mask=o_n < N, other=0.0)
@@ -297,10 +316,16 @@ def sim_lse_fwd_kernel(
         b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_new = tl.maximum(b_max, tl.max(b_logit, axis=1))
         b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)  # all masked so far: exp(-inf - 0) = 0, not NaN
-        b_sum = b_sum * tl.exp(b_max - b_ref) + tl.sum(tl.exp(b_logit - b_ref[:, None]), axis=1)
+        b_rescale = tl.exp(b_max - b_ref)
+        b_e = tl.exp(b_logit - b_ref[:, None])
+        b_sum = b_sum * b_rescale + tl.sum(b_e, axis=1)
+        if POS_COL:
+            m_pos = o_n[None, :] == o_m[:, None] + offset
+            b_nsum = b_nsum * b_rescale + tl.sum(tl.where(m_pos, 0.0, b_e), axis=1)
         b_max = b_new
-    b_lse = tl.where(b_sum > 0.0, b_max + tl.log(tl.where(b_sum > 0.0, b_sum, 1.0)), float("-inf"))
-    tl.store(lse + o_m, b_lse, mask=m_m)
+    tl.store(lse + o_m, _log_sum(b_max, b_sum), mask=m_m)
+    if POS_COL:
+        tl.store(nlse + o_m, _log_sum(b_max, b_nsum), mask=m_m)
 
 
 @_autotuned("bwd")
@@ -313,6 +338,7 @@ def sim_lse_bwd_dr_kernel(
     scale,
     lse,
     g,
+    pos_val,
     dr,
     dscale,
     M,
@@ -327,6 +353,7 @@ def sim_lse_bwd_dr_kernel(
     TUNE_N,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
+    FOLD_POS: tl.constexpr,
     NEED_DSCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -343,6 +370,8 @@ def sim_lse_bwd_dr_kernel(
     b_lse = _load_lse(lse, o_m, M)
     b_g = tl.load(g + o_m, mask=m_m, other=0.0)
     b_coef = b_g * b_scale  # [BM]: dr_hat = coef * P c_hat
+    if FOLD_POS:
+        b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
     b_ps = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if SINGLE_D:
         b_r = _load_rows(r, start_m, M, 0, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)  # [BM, BD]
@@ -360,6 +389,8 @@ def sim_lse_bwd_dr_kernel(
         b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
         b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_p = tl.exp(b_logit - b_lse[:, None])  # [BM, BN]
+        if FOLD_POS:
+            b_p = _fold_positive(b_p, o_n[None, :] == o_m[:, None] + offset, b_pv[:, None])
         if NEED_DSCALE:
             b_ps += tl.sum(b_p * b_s, axis=1)
         b_p = (b_p * _fold(b_cinv, r.dtype.element_ty)[None, :]).to(r.dtype.element_ty)  # P_ij c_inv_j
@@ -387,6 +418,7 @@ def sim_lse_bwd_dc_kernel(
     lse,
     g,
     g_max,
+    pos_val,
     dc,
     M,
     N,
@@ -400,6 +432,7 @@ def sim_lse_bwd_dc_kernel(
     TUNE_N,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
+    FOLD_POS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -432,7 +465,11 @@ def sim_lse_bwd_dc_kernel(
         b_s = b_dot * b_cinv[:, None] * b_rinv[None, :]  # [BN, BM]: the transposed tile
         b_logit = _logits(b_s, o_m[None, :], o_n[:, None], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_w = b_g / b_gmax * _fold(b_rinv, r.dtype.element_ty)  # |g / max|g|| <= 1: w * P stays in fp16 range
-        b_a = (tl.exp(b_logit - b_lse[None, :]) * b_w[None, :]).to(r.dtype.element_ty)  # [BN, BM]
+        b_p = tl.exp(b_logit - b_lse[None, :])  # [BN, BM]
+        if FOLD_POS:
+            b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
+            b_p = _fold_positive(b_p, o_n[:, None] == o_m[None, :] + offset, b_pv[None, :])
+        b_a = (b_p * b_w[None, :]).to(r.dtype.element_ty)
         if SINGLE_D:
             b_dc = tl.dot(b_a, b_r, b_dc, input_precision=DOT_PRECISION)  # [BN, BD]
         else:
@@ -506,15 +543,18 @@ def sim_lse_fwd(
     mask_own: bool,
     pen_mode: int,
     alpha: float,
-) -> Tensor:
-    """lse_i = logsumexp_j logit_ij (fp32 [M]; -inf for a fully masked row). See the module docstring."""
+    positive_col: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(lse, nlse): lse_i = logsumexp_j logit_ij (fp32 [M]; -inf for a fully masked row) and with
+    ``positive_col`` the same without column i + offset (else None). See the module docstring."""
     r, c = _operands(r, c)
     (M, D), N = r.shape, c.shape[0]
     r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
     pen_mode, precision = _options(period, pen_mode, alpha, r.dtype)
     lse = torch.empty(M, device=r.device, dtype=torch.float32)
+    nlse = torch.empty(M, device=r.device, dtype=torch.float32) if positive_col else None
     if M == 0 or N == 0:
-        return lse.fill_(float("-inf"))
+        return lse.fill_(float("-inf")), (None if nlse is None else nlse.fill_(float("-inf")))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     with _on_device(r):
         sim_lse_fwd_kernel[grid](
@@ -524,6 +564,7 @@ def sim_lse_fwd(
             c_inv,
             _scale(scale, r.device),
             lse,
+            lse if nlse is None else nlse,
             M,
             N,
             D,
@@ -536,9 +577,10 @@ def sim_lse_fwd(
             tune_bucket(N),
             MASK_OWN=bool(mask_own),
             PEN_MODE=pen_mode,
+            POS_COL=nlse is not None,
             DOT_PRECISION=precision,
         )
-    return lse
+    return lse, nlse
 
 
 def sim_lse_bwd(
@@ -556,12 +598,16 @@ def sim_lse_bwd(
     pen_mode: int,
     alpha: float,
     need_dscale: bool,
+    pos_val: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(dr_hat fp32 [M, D], dc_hat fp32 [N, D], dscale fp32 [M] or None) for dL/dlse = ``g``."""
+    """(dr_hat fp32 [M, D], dc_hat fp32 [N, D], dscale fp32 [M] or None) for dL/dlse = ``g``; ``pos_val`` [M]
+    replaces P at each row's column i + offset (+inf: that row keeps P)."""
     r, c = _operands(r, c)
     (M, D), N = r.shape, c.shape[0]
     r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
     lse, g = _vector(lse, M, "lse"), _vector(g, M, "g")
+    fold = pos_val is not None
+    pos_val = _vector(pos_val, M, "pos_val") if fold else g
     pen_mode, precision = _options(period, pen_mode, alpha, r.dtype)
     if M == 0 or N == 0:
         dr = torch.zeros((M, D), device=r.device, dtype=torch.float32)
@@ -572,7 +618,7 @@ def sim_lse_bwd(
     dscale = torch.empty(M, device=r.device, dtype=torch.float32) if need_dscale else None
     scale = _scale(scale, r.device)
     sizes = (M, N, D, period, offset, float(alpha), r.stride(0), c.stride(0), tune_bucket(M), tune_bucket(N))
-    flags = {"MASK_OWN": bool(mask_own), "PEN_MODE": pen_mode, "DOT_PRECISION": precision}
+    flags = {"MASK_OWN": bool(mask_own), "PEN_MODE": pen_mode, "FOLD_POS": fold, "DOT_PRECISION": precision}
     with _on_device(r):
         sim_lse_bwd_dr_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
             r,
@@ -582,6 +628,7 @@ def sim_lse_bwd(
             scale,
             lse,
             g,
+            pos_val,
             dr,
             dr if dscale is None else dscale,
             *sizes,
@@ -597,6 +644,7 @@ def sim_lse_bwd(
             lse,
             g,
             g.abs().amax(),
+            pos_val,
             dc,
             *sizes,
             **flags,
