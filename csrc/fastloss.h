@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "normalize_rows.h"  // kNormEps, normalize_rows
+
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)  // target_clones resolves through ifunc
 #define FASTLOSS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -21,7 +23,6 @@ void register_cosent(pybind11::module_& m);
 void register_cuda(pybind11::module_& m);
 #endif
 
-constexpr double kNormEps = 1e-12;                         // F.normalize's default
 constexpr int64_t kDefaultBlockBytes = int64_t{16} << 20;  // MNRL: m = 512 rows at N = 8192, GEMMs still efficient
 
 // The CPU ops' row-block budget in bytes: FASTLOSS_NATIVE_BLOCK_BYTES, else kDefaultBlockBytes.

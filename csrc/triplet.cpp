@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
 
   // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs.
   at::Tensor xo = x.detach();
-  if (metric == kCosine) xo = xo / xo.norm(2, {1}, true).clamp_min(kNormEps);
+  if (metric == kCosine) xo = normalize_rows(xo);
   if (dtype == at::kHalf || dtype == at::kBFloat16) xo = xo.to(at::kFloat);
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
@@ -379,7 +379,7 @@ at::Tensor batch_hard_triplet_bwd(const at::Tensor& grad_hp, const at::Tensor& g
 
   // The operand rows in the accumulation type, as the torch path: x^ = F.normalize(x) in x's dtype for cosine.
   at::Tensor xo = x;
-  if (metric == kCosine) xo = xo / xo.norm(2, {1}, true).clamp_min(kNormEps);
+  if (metric == kCosine) xo = normalize_rows(xo);
   xo = xo.to(acc_type).contiguous();
 
   // w [3, B]: the pair weights of the header comment (0 for no pair).

@@ -430,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed(const char* name, bool s
   const auto acc = x.options().dtype(acc_type);
   // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs.
   at::Tensor xo = x.detach();
-  if (metric == kCosine) xo = xo / xo.norm(2, {1}, true).clamp_min(kNormEps);
+  if (metric == kCosine) xo = normalize_rows(xo);
   xo = xo.to(acc_type).contiguous();
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();

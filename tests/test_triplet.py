@@ -239,6 +239,47 @@ def _check_against_fp32_truth(kind, metric, x, y):
     torch.testing.assert_close(xo.grad.to(truth_dtype), xr.grad, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0))
 
 
+@pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_fp16_cosine_zero_rows(monkeypatch, kind, path):
+    """fp16 rounds F.normalize's eps = 1e-12 to 0, so sentence-transformers normalises a zero row to 0 / 0 and its
+    fp16 loss is NaN. Ours gives the zero row 0, as every other dtype does: the loss and the other rows' gradients
+    equal the fp32 reference's on that operand; the zero rows' gradients, 1e12 times their dx_hat (F.normalize's
+    backward at |x| < eps), overflow fp16 to +-inf as the fp32 values cast to fp16 do, never NaN."""
+    if path == "native" and not ops._backend.native_has(NATIVE_OP):
+        pytest.skip("fastloss._C lacks the triplet ops (not built)")
+    if path != "triton":
+        monkeypatch.setattr(ops, "_interpret", lambda: False)
+    if path == "native":
+        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+    y = _labels("classes3")
+    x = _x(len(y), 20, dtype=torch.float16, seed=2)
+    zero = torch.zeros(len(y), dtype=torch.bool)
+    zero[[2, 7]] = True
+    x[zero] = 0.0
+    margin_args = () if kind == "soft" else (1.5,)
+    fn = METRICS["cosine"][1]
+    xo = leaf(x)
+    ours = LOSSES[kind][2](xo, y, *margin_args, distance_metric=fn)
+    ours.backward()
+    xr = leaf(x.float())
+    # the operand ours multiplies: F.normalize in fp16 on nonzero rows (ones stand in for the zero rows there, whose
+    # fp16 backward would be 0 * inf), F.normalize in fp32 on the zero rows (0, and the backward 1 / eps)
+    unit16 = torch.nn.functional.normalize(torch.where(zero[:, None], 1.0, xr).half(), dim=-1).float()
+    operand = torch.where(zero[:, None], torch.nn.functional.normalize(xr, dim=-1), unit16)
+    truth = getattr(ref, LOSSES[kind][2].__name__)(operand, y, *margin_args, fn)
+    truth.backward()
+    assert torch.isfinite(ours) and not xo.grad.isnan().any()
+    tol = TOL[torch.float16]
+    torch.testing.assert_close(ours, truth, **tol)
+    atol = tol["atol"] * float(xr.grad[~zero].abs().max())
+    torch.testing.assert_close(xo.grad[~zero].float(), xr.grad[~zero], rtol=tol["rtol"], atol=atol)
+    torch.testing.assert_close(xo.grad[zero].float(), xr.grad[zero].half().float(), rtol=tol["rtol"], atol=atol)
+    assert xo.grad[zero].isinf().any()  # the overflow the docstring describes happens in this batch
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
 @pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
 @pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))

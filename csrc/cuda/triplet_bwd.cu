@@ -24,6 +24,7 @@
 #include <algorithm>
 
 #include "cuda/kernels.h"
+#include "normalize_rows.h"
 #include "cuda/reduce.cuh"
 
 namespace fastloss {
@@ -35,7 +36,7 @@ constexpr int kMaxThreads = 256;
 constexpr int64_t kCacheBytes = 32 * 1024;
 constexpr int kEuclidean = 0;
 constexpr int kCosine = 2;
-constexpr double kEps = 1e-12;  // F.normalize's default, as kNormEps in fastloss.h
+constexpr double kEps = kNormEps;  // F.normalize's default (normalize_rows.h)
 
 template <typename acc_t>
 struct Pairs {
@@ -186,8 +187,8 @@ at::Tensor batch_hard_triplet_bwd_cuda(const at::Tensor& grad_hp, const at::Tens
   const auto sorted = at::sort(sel, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor order = std::get<1>(sorted).contiguous();
   const at::Tensor offsets = at::searchsorted(std::get<0>(sorted), at::arange(batch + 1, sel.options())).contiguous();
-  // The operand, as the torch path: x^ = F.normalize(x) in x's dtype for cosine.
-  const at::Tensor xo = metric == kCosine ? (x / x.norm(2, {1}, true).clamp_min(kEps)).contiguous() : x;
+  // The operand, as the torch path: x^ = F.normalize(x) in x's dtype for cosine (zero fp16 rows: 0).
+  const at::Tensor xo = metric == kCosine ? normalize_rows(x).contiguous() : x;
   const at::Tensor ghp = grad_hp.reshape(-1).to(acc_type).contiguous();
   const at::Tensor ghn = grad_hn.reshape(-1).to(acc_type).contiguous();
   const at::Tensor d = sel_d.reshape(-1).to(acc_type).contiguous();

@@ -230,7 +230,13 @@ def _check_metric(metric: int) -> None:
 def _normalize(x: Tensor) -> Tensor:
     """sentence-transformers' normalisation (F.normalize in the input dtype). fp32/fp64 CUDA tensors outside autograd
     take fastloss._C.l2norm_fwd with FASTLOSS_CUDA_KERNELS=1: the same maths in x's dtype. Half dtypes keep
-    F.normalize, which rounds the norm to x's dtype before dividing (and turns fp16 zero rows into NaN)."""
+    F.normalize, which rounds the norm to x's dtype before dividing. Except zero rows of fp16 x: eps = 1e-12 rounds
+    to 0 in fp16, so F.normalize gives 0 / 0 there and every distance and the loss turn NaN (sentence-transformers'
+    fp16 loss does); they give 0, as in every other dtype (fastloss._C's triplet ops: normalize_rows, the same rule).
+    Every nonzero fp16 row has a norm >= 6e-8, which fp16 holds."""
+    if x.dtype == torch.float16:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return torch.where(norm == 0, 0.0, F.normalize(x, p=2, dim=-1, eps=NORM_EPS))
     if (
         x.device.type == "cuda"
         and x.ndim == 2
