@@ -18,7 +18,11 @@ or CPU tensors under TRITON_INTERPRET=1).
 Known benign flags (stop 12 went through ~3,000 cases): a result whose exact value is ~0 (D = 1, a single class, a
 row with a single candidate) carries rounding noise, which a zero vector's 1/eps = 1e12 multiplies; they are counted
 apart as "exact ~0". A learnable scale with masked directions (query_to_query, doc_to_doc) gets a NaN gradient from
-the reference (sentence-transformers' -inf * 0), a finite one from the fused ops: not compared.
+the reference (sentence-transformers' -inf * 0), a finite one from the fused ops: not compared. Batch-hard with cosine
+distance and exactly duplicated rows: where a row's hardest negative is also its farthest point, it ties with the
+row's own entry plus the row maximum (sentence-transformers' "no negative" term), whose self-distance 1 - <x^, x^> is
++-1 ulp depending on the GEMM's summation order; when the maximum is tied between the duplicates, the pick moves the
+gradient between them (same loss, same sum over the duplicates: stop 13, seed 21).
 Prints one line per flag and a summary; exits 1 when a backend raised, else 0.
 """
 

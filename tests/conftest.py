@@ -4,9 +4,14 @@
   anything imports triton.
 - Fresh floating allocations made with torch.empty / empty_like are poisoned with NaN (as fla's tests do), on CPU
   and CUDA alike, so a kernel that leaves part of its output unwritten fails loudly.
+- torch.compile's on-disk caches do not notice a changed custom op (pytorch/pytorch#144344, #160472): a graph
+  compiled by an earlier checkout, with an op's old schema, would be reused. Each session compiles into its own
+  directory (unless TORCHINDUCTOR_CACHE_DIR is set), removed at the end.
 """
 
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -14,6 +19,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _COMPILE_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastloss-tests-inductor-")
+else:
+    _COMPILE_CACHE = None
 
 import pytest  # noqa: E402
 
@@ -44,3 +53,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _COMPILE_CACHE is not None:
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
