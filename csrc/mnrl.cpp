@@ -136,32 +136,61 @@ T row_max(const T* s, const T* inv, int64_t n, int64_t own, int64_t period, cons
   return m;
 }
 
-// Overwrites the row with E_j * inv_j, E_j = exp(logit_j - row_max) (0 where masked); returns sum(E), sum(E * t).
+// A row's sums over every column but one (``apart``: the positive's column, or none) and over that one, kept apart
+// so that the negatives' mass carries no cancellation.
 template <typename T>
-ExpSums<T> row_exp(T* s, const T* inv, int64_t n, int64_t own, int64_t period, const ColumnRule<T>& rule,
-                   T row_max) {
-  ExpSums<T> acc;
+struct RowSums {
+  ExpSums<T> rest;
+  ExpSums<T> apart;
+  T sum() const { return rest.sum + apart.sum; }
+  T dot() const { return rest.dot + apart.dot; }
+};
+
+// Overwrites the row with E_j * inv_j, E_j = exp(logit_j - row_max) (0 where masked); returns sum(E), sum(E * t)
+// over the columns but ``apart`` (-1: none) and over that column.
+template <typename T>
+RowSums<T> row_exp(T* s, const T* inv, int64_t n, int64_t own, int64_t period, const ColumnRule<T>& rule,
+                   T row_max, int64_t apart) {
+  RowSums<T> acc;
   if (row_max == -std::numeric_limits<T>::infinity()) {  // every column masked
     std::fill(s, s + n, T(0));
     return acc;
   }
-  auto add = [&acc](ExpSums<T> part) {
-    acc.sum += part.sum;
-    acc.dot += part.dot;
+  auto add = [](ExpSums<T>& to, ExpSums<T> part) {
+    to.sum += part.sum;
+    to.dot += part.dot;
+  };
+  auto run = [&](int64_t a, int64_t b, T factor) {  // columns [a, b), which share one factor
+    if (apart >= a && apart < b) {
+      if (apart > a) add(acc.rest, seg_exp(s + a, inv + a, apart - a, factor, row_max));
+      add(acc.apart, seg_exp(s + apart, inv + apart, 1, factor, row_max));
+      a = apart + 1;
+    }
+    if (b > a) add(acc.rest, seg_exp(s + a, inv + a, b - a, factor, row_max));
   };
   int64_t start = 0;
   for (int64_t t = rule.t_begin; t < rule.t_end; ++t) {
     const int64_t j = own + t * period;
-    if (j > start) add(seg_exp(s + start, inv + start, j - start, rule.factor, row_max));
+    run(start, j, rule.factor);
     if (rule.except_masked) {
       s[j] = 0;
     } else {
-      add(seg_exp(s + j, inv + j, 1, rule.except_factor, row_max));
+      run(j, j + 1, rule.except_factor);
     }
     start = j + 1;
   }
-  if (n > start) add(seg_exp(s + start, inv + start, n - start, rule.factor, row_max));
+  run(start, n, rule.factor);
   return acc;
+}
+
+// log(1 + e^x) and 1 / (1 + e^-x), exact at both ends (x = -inf gives 0).
+template <typename T>
+T softplus(T x) {
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+template <typename T>
+T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
 }
 
 struct Options {
@@ -316,12 +345,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
     T* coef_ptr = coef.mutable_data_ptr<T>();
 
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      T row_max_of[4], sum_of[4], dot_of[4], row_inv[4], c[4], pos_logit[4], share[4];
+      T row_max_of[4], sum_of[4], neg_of[4], dot_of[4], neg_dot_of[4], row_inv[4], c[4], pos_logit[4], pos_sim[4];
+      T entry[4];
+      bool holds[4];
       const T* cand_inv[4];  // each direction's candidates' inverse norms
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = i0 + r;
         const int64_t own = o.offset + i;
-        T positive_sim = 0;
+        int k_first = 0;  // query_to_doc
         for (int k = 0; k < n_dir; ++k) {
           const Direction<T>& dir = dirs[k];
           row_inv[k] = dir.rows_are_queries ? q_inv[own] : d_inv[own];
@@ -329,59 +360,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
                                    dir.rule.except_masked, dir.rule.t_begin, dir.rule.t_end};
           const T* inv = cand_inv[k] = dir.candidates_are_docs ? d_inv : q_inv;
           T* row = rows_ptr[k] + r * widths[k];
+          holds[k] = dir.bit == kQueryToDoc || dir.bit == kDocToQuery;  // column own is the positive pair
+          if (dir.bit == kQueryToDoc) k_first = k;
           row_max_of[k] = row_max(row, inv, widths[k], own, world, rule);
-          if (dir.bit == kQueryToDoc) positive_sim = row[own] * d_inv[own] * row_inv[k];
-          // the positive's logit exactly as the row pass computes it (its factor is scale * row_inv in every rule)
+          // the positive's similarity and logit exactly as the row pass computes them (its factor is
+          // scale * row_inv in every rule)
+          pos_sim[k] = row[own] * inv[own] * row_inv[k];
           pos_logit[k] = row[own] * inv[own] * (scale * row_inv[k]);
-          const ExpSums<T> sums = row_exp(row, inv, widths[k], own, world, rule, row_max_of[k]);
-          sum_of[k] = sums.sum;
-          dot_of[k] = sums.dot * row_inv[k];
+          const RowSums<T> sums = row_exp(row, inv, widths[k], own, world, rule, row_max_of[k], holds[k] ? own : -1);
+          sum_of[k] = sums.sum();
+          neg_of[k] = sums.rest.sum;
+          dot_of[k] = sums.dot() * row_inv[k];
+          neg_dot_of[k] = sums.rest.dot * row_inv[k];
         }
-        // softmax_k(row) = c_k * E_k, from each direction's max, sum and the row's log-partition. The loss
-        // log_z - positive is summed as (max - positive) + log(sum), both from the same logits (as log_softmax
-        // does): where the positive is the maximum the first term is exactly 0 and no rounding of log_z to the
-        // logits' ulp enters. share[k]: the positive's weight in direction k (joint: query_to_doc's only).
-        T log_z = 0, loss = 0;
-        if (o.joint) {
+        // softmax_k(row) = c_k * E_k. The positive enters as in fastloss.ops.mnrl.positive_terms: with x = log of
+        // the negatives' mass over the positive's (the sums without its column, kept apart by row_exp), the row
+        // loss is softplus and the positive's coefficient p - share a sigmoid of it, neither with cancellation.
+        T loss = 0;
+        bool fold = true;
+        int holders = 0;
+        for (int k = 0; k < n_dir; ++k) holders += holds[k];
+        if (o.joint) {  // the holders' copies of the positive share its -1 equally
           T top = -std::numeric_limits<T>::infinity();
           for (int k = 0; k < n_dir; ++k)
             if (sum_of[k] > 0) top = std::max(top, row_max_of[k]);
-          T total = 0;
-          for (int k = 0; k < n_dir; ++k)
-            if (sum_of[k] > 0) total += sum_of[k] * std::exp(row_max_of[k] - top);
-          log_z = top + std::log(total);
+          T total = 0, negatives = 0;
+          for (int k = 0; k < n_dir; ++k) {
+            if (sum_of[k] <= 0) continue;
+            const T rescale = std::exp(row_max_of[k] - top);
+            total += sum_of[k] * rescale;
+            negatives += (holds[k] ? neg_of[k] : sum_of[k]) * rescale;
+          }
+          const T log_z = top + std::log(total);
+          const T log_k = std::log(static_cast<T>(holders));
+          const T x = std::log(negatives) + top - pos_logit[k_first] - log_k;
+          loss = log_k + softplus(x);
+          // folded where the copies hold at least half the row's mass (x <= 0): each copy's weight c E_own is then
+          // >= 1 / (2 holders); elsewhere p - 1 <= -1/2 and the -1 stays a separate term
+          fold = x <= 0;
           for (int k = 0; k < n_dir; ++k) {
             c[k] = sum_of[k] > 0 ? std::exp(row_max_of[k] - log_z) : T(0);
-            share[k] = dirs[k].bit == kQueryToDoc ? T(1) : T(0);
-            if (dirs[k].bit == kQueryToDoc) loss = (top - pos_logit[k]) + std::log(total);
+            entry[k] = -sigmoid(x) / static_cast<T>(holders);
           }
-        } else {  // every direction holds the positive (query_to_doc, doc_to_query)
+        } else {  // every direction holds the positive, with weight 1 / n_dir and its own -1 / n_dir
           for (int k = 0; k < n_dir; ++k) {
-            loss += (row_max_of[k] - pos_logit[k]) + std::log(sum_of[k]);
-            c[k] = sum_of[k] > 0 ? T(1) / (static_cast<T>(n_dir) * sum_of[k]) : T(0);
-            share[k] = T(1) / static_cast<T>(n_dir);
+            const T x = std::log(neg_of[k]) + row_max_of[k] - pos_logit[k];
+            loss += softplus(x);
+            c[k] = T(1) / (static_cast<T>(n_dir) * sum_of[k]);
+            entry[k] = -sigmoid(x) / static_cast<T>(n_dir);
           }
           loss /= static_cast<T>(n_dir);
         }
-        T weighted = 0;
+        // dL/dscale of the row: sum over the entries of softmax * sim, minus the positive's sim
+        T dscale_row = 0;
         for (int k = 0; k < n_dir; ++k) {
-          weighted += c[k] * dot_of[k];
           coef_ptr[k * rows_per_block + r] = c[k] * scale * inv_batch * row_inv[k];
-          // The positive's -share / B joins its softmax entry: G = c E - share, written as E' = inv (E - share / c)
-          // (the gradient GEMMs multiply E' by coef = c scale / B inv_r), so p - 1 is formed before any sum (as
-          // sentence-transformers' cross-entropy does) instead of cancelling inside the GEMMs. That matters only
-          // where p = c E can be near 1, so only where c >= 1/2 (no overflow of share / c); elsewhere the term is
-          // added after the GEMMs (separate_share), where p <= c < 1/2 leaves nothing to cancel.
-          if (share[k] == 0) continue;
-          if (c[k] >= T(0.5)) {
-            const T e_own = exp_nonpositive(pos_logit[k] - row_max_of[k]);
-            rows_ptr[k][r * widths[k] + own] = cand_inv[k][own] * (e_own - share[k] / c[k]);
+          if (holds[k] && fold) {
+            // the positive's coefficient joins its softmax entry: G = c E', E' = inv entry / c, so p - 1 is formed
+            // before any sum (as cross-entropy does) instead of cancelling inside the GEMMs
+            rows_ptr[k][r * widths[k] + own] = cand_inv[k][own] * entry[k] / c[k];
+            dscale_row += c[k] * neg_dot_of[k] + entry[k] * pos_sim[k];
           } else {
-            separate_share[i] += share[k];
+            dscale_row += c[k] * dot_of[k];
           }
         }
+        if (!fold) {
+          separate_share[i] = T(1);
+          dscale_row -= pos_sim[k_first];
+        }
         row_loss[i] = loss;
-        row_dscale[i] = (weighted - positive_sim) * inv_batch;
+        row_dscale[i] = dscale_row * inv_batch;
       }
     });
 

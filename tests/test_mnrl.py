@@ -160,16 +160,19 @@ def test_symmetric_loss_matches(backend):
 
 @pytest.mark.parametrize("regime", list(CONFIDENT))
 @pytest.mark.parametrize("layout", list(CONFIDENT_LAYOUTS))
-def test_confident_rows_as_precise_as_sentence_transformers(backend, layout, regime):
-    """fp32 against the fp64 truth: the loss and both gradients at most twice the error of sentence-transformers'
-    own fp32 plus 1e-6. The row-block ops take the loss as (max - positive) + log(sum) from the same logits and form
-    p - 1 at the positive before their GEMMs, as log_softmax / cross-entropy do; the flash kernels take both from
-    the row's mass without the positive (softplus / sigmoid of its log-ratio: fastloss.ops.mnrl). Before, the loss
-    carried the logits' ulp (1e-8 absolute) and the gradient a difference of two O(scale) sums: up to 1e8 times the
-    truth's size at loss 7e-16."""
+def test_confident_rows_precise(backend, layout, regime):
+    """fp32 against the fp64 truth where every row is nearly one-hot (a trained model's batch): the loss and both
+    gradients at most twice the error of sentence-transformers' own fp32 plus 1e-6, and on the fused backends at
+    most 2e-2 of the truth's size, where sentence-transformers' errors reach 8e4 (the positive's -1 cancelling
+    between its copies in doc_to_query and query_to_doc). The fused ops take the row loss and the positive's
+    p - 1 from the row's mass without the positive (softplus / sigmoid of its log-ratio: fastloss.ops.mnrl), so
+    neither cancels; before, the loss carried the logits' ulp (1e-8 absolute) and the gradient a difference of two
+    O(scale) sums: up to 5e6 times the truth's size at loss 7e-16."""
     ours, theirs = confident_errors(*CONFIDENT[regime], *CONFIDENT_LAYOUTS[layout])
     for a, b in zip(ours, theirs):
         assert a <= 2 * b + 1e-6
+        if backend != "torch":  # the reference mirrors sentence-transformers
+            assert a <= 2e-2
 
 
 @pytest.mark.parametrize("case", ["zero_vectors", "duplicates", "scale_1e4", "scale_1e-4"])

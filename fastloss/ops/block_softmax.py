@@ -3,7 +3,8 @@ Triton kernels, so that the block's logits cross memory three times (written by 
 statistics, read again to write G in the input dtype) instead of the eight or so passes of the same maths in torch
 ops. The logits are sim_lse's (``_logits``: scale, hardness penalty, own-column mask), of the similarities
 t_ij = r_inv_i S_ij c_inv_j, for the block's rows i (global row ``offset + i``):
-    row_stats:  top_i = max_j logit_ij (0 for a fully masked row, whose sum is 0), sum_i = sum_j exp(logit_ij - top_i)
+    row_stats:  top_i = max_j logit_ij (0 for a fully masked row, whose sum is 0), sum_i = sum_j exp(logit_ij - top_i),
+                with positive_col also neg_i, the same sum without column offset + i (the positive's)
     row_grad:   G_ij = exp(logit_ij - top_i) c_inv_j (c_inv capped at 65504 for fp16), in G's dtype
 S may be G's storage (fp32 G in place: each element is read before it is written, by the same program).
 """
@@ -38,6 +39,7 @@ def row_stats_kernel(
     scale,
     top,
     total,
+    neg,
     N,
     period,
     offset,
@@ -45,23 +47,31 @@ def row_stats_kernel(
     stride_s,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
+    POS_COL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    b_nsum = tl.zeros((BLOCK,), dtype=tl.float32)  # POS_COL: without column offset + row
     for start in range(0, N, BLOCK):
         o_n = start + tl.arange(0, BLOCK).to(tl.int64)
         b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
         b_new = tl.maximum(b_max, b_logit)  # a running max and sum per lane, combined at the end
         b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
-        b_sum = b_sum * tl.exp(b_max - b_ref) + tl.exp(b_logit - b_ref)
+        b_rescale = tl.exp(b_max - b_ref)
+        b_e = tl.exp(b_logit - b_ref)
+        b_sum = b_sum * b_rescale + b_e
+        if POS_COL:
+            b_nsum = b_nsum * b_rescale + tl.where(o_n == offset + row, 0.0, b_e)
         b_max = b_new
     b_top = tl.max(b_max, axis=0)
     b_top_ref = tl.where(b_top == float("-inf"), 0.0, b_top)
-    b_lane = tl.where(b_max == float("-inf"), 0.0, b_sum * tl.exp(b_max - b_top_ref))
+    b_lane = tl.where(b_max == float("-inf"), 0.0, tl.exp(b_max - b_top_ref))
     tl.store(top + row, b_top_ref)
-    tl.store(total + row, tl.sum(b_lane, axis=0))
+    tl.store(total + row, tl.sum(b_sum * b_lane, axis=0))
+    if POS_COL:
+        tl.store(neg + row, tl.sum(b_nsum * b_lane, axis=0))
 
 
 @triton.jit
@@ -95,12 +105,15 @@ def _on_device(x: Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def row_stats(s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha) -> tuple[Tensor, Tensor]:
-    """(top [m], sum [m]) in fp32 of the logits of the block S [m, N] (fp32, rows contiguous); top is 0 for a fully
-    masked row."""
+def row_stats(
+    s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha, positive_col=False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(top [m], sum [m], neg [m] or None) in fp32 of the logits of the block S [m, N] (fp32, rows contiguous); top is
+    0 for a fully masked row; neg (with ``positive_col``) the sum without each row's column offset + i."""
     m, n = s.shape
     top = torch.empty(m, device=s.device, dtype=torch.float32)
     total = torch.empty(m, device=s.device, dtype=torch.float32)
+    neg = torch.empty(m, device=s.device, dtype=torch.float32) if positive_col else None
     with _on_device(s):
         row_stats_kernel[(m,)](
             s,
@@ -109,6 +122,7 @@ def row_stats(s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alp
             scale,
             top,
             total,
+            total if neg is None else neg,
             n,
             period,
             offset,
@@ -116,9 +130,10 @@ def row_stats(s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alp
             s.stride(0),
             MASK_OWN=bool(mask_own),
             PEN_MODE=pen_mode,
+            POS_COL=bool(positive_col),
             BLOCK=BLOCK_N,
         )
-    return top, total
+    return top, total, neg
 
 
 def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha) -> Tensor:

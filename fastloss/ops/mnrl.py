@@ -36,7 +36,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastloss import _backend
@@ -188,13 +187,21 @@ def _holds_positive(bit: int) -> bool:
     return bit in (QUERY_TO_DOC, DOC_TO_QUERY)
 
 
-def _positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor]:
-    """(row losses [B], pos_val [n_dir, B]) from the kernels' LSE, NLSE (rows of directions without the positive
-    unused) and the positive logits: pos_val is the positive entry's coefficient divided by its direction's weight
-    (what the backward kernels put in place of P there), +inf where the -1 stays a separate term. Module docstring."""
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + e^x) without F.softplus's threshold (which returns x above 20: off by e^-20, beyond fp64's ulp)."""
+    return x.clamp_min(0.0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor]:
+    """(row losses [B], pos_val [n_dir, B]) from each direction's LSE [n_dir, B], its NLSE (the LSE without the
+    positive's column; rows of directions without the positive unused) and the positive logits (joint: [B], from
+    query_to_doc; per direction: [B] or each direction's own [n_dir, B]): pos_val is the positive entry's coefficient
+    p - share divided by its direction's weight, i.e. what replaces the entry's softmax value P, and +inf where the
+    -1 stays a separate term (shares: 1 / k for each of the k directions that hold the positive). Module docstring.
+    The flash kernels take pos_val as it is; the row-block ops scale it to their units."""
     if not p.joint:  # every direction holds the positive, each with weight 1 / n_dir and its own -1 / n_dir
         x = nlse - positive
-        return F.softplus(x).mean(dim=0), -torch.sigmoid(x)
+        return _softplus(x).mean(dim=0), -torch.sigmoid(x)
     # joint: k directions hold a copy of the positive logit, so Z = k e^pos + N, the loss is log Z - pos =
     # log k + softplus(x - log k) and each copy takes -1 / k: e^pos / Z - 1 / k = -sigmoid(x - log k) / k
     pair = [_holds_positive(dir_.bit) for dir_ in directions(p)]
@@ -205,7 +212,7 @@ def _positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) 
     # folded where the copies hold at least half the mass (x <= log k): there every copy's weight is >= 1 / (2k),
     # so |pos_val| <= 1; elsewhere the -1 stays separate (p - 1 <= -1/2: nothing cancels)
     folded = torch.where(x <= log_k, coefficient, float("inf"))
-    return log_k + F.softplus(x - log_k), torch.stack(
+    return log_k + _softplus(x - log_k), torch.stack(
         [folded / w if holds else torch.full_like(w, float("inf")) for w, holds in zip(weight, pair)]
     )
 
@@ -237,7 +244,7 @@ def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor
     nlse = torch.stack([lse_d if nlse_d is None else nlse_d for lse_d, nlse_d in stats])
     log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
     positive = scale.float() * _positive_sims(q, d, q_inv, d_inv, p)
-    row_loss, pos_val = _positive_terms(lse, nlse, positive, p)
+    row_loss, pos_val = positive_terms(lse, nlse, positive, p)
     return row_loss.mean(), lse, log_z, pos_val
 
 

@@ -13,10 +13,11 @@ partition, 1 / (n_dir sum E_k) per direction), and with G = E c_inv and h = 1 / 
     inv_c * dL/dc_hat += scale h  G^T (c_k r_inv R_blk)           one GEMM, [N, D]
     dL/dscale         += h c_k r_inv <r_i, (G C)_i>               from the first product: no pass over the logits
 so three GEMM-equivalents in all, against five for the flash path (which recomputes S twice in its backward).
-The positive enters as cross-entropy does: the loss of a row is (top - positive) + log sum E from the same rounded
-logits (exact where the positive is the maximum: no rounding of log_z to the logits' ulp), and its -1 is written
-into its entry of G (G_own = c_inv (E_own - share / c)) before the GEMMs wherever c >= 1/2, so p - 1 is formed
-before any sum; elsewhere (p <= c < 1/2: nothing cancels) it stays a separate rank-1 term after them.
+The positive enters as in the flash op (fastloss.ops.mnrl.positive_terms): the row passes also sum E without the
+positive's column (in query_to_doc and doc_to_query), so the row loss is softplus of log(negatives' mass /
+positive's) and the positive's coefficient p - share is -sigmoid of it, both without cancellation; that coefficient
+is written into the positive's entry of G before the GEMMs (where the positive holds at least half the row's mass,
+and G's dtype holds the value); elsewhere (p - 1 <= -1/2: nothing cancels) the -1 stays a separate rank-1 term.
 The row passes in torch ops turn S into E and then G in place (about nine passes over the block); the Triton ones
 read S for the statistics and once more to write G (in place for fp32). The gradients are accumulated as
 inv * dL/dx_hat (as the native op does), which makes the normalisation backward dx = a - x_hat <x_hat, a>. The
@@ -47,10 +48,12 @@ from fastloss.ops.mnrl import (
     Direction,
     MNRLParams,
     _add_positive_term,
+    _holds_positive,
     _inv_norms,
     _norm_backward,
     _positive_sims,
     directions,
+    positive_terms,
 )
 
 BLOCK_MIB_DEFAULT = {"cuda": 1024.0, "other": 64.0}
@@ -117,7 +120,9 @@ class _TorchRows:
             3: (penalised, scale, 0, 1),  # all_negatives: all but the positive
         }[dir_.pen_mode]
 
-    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int) -> tuple[Tensor, Tensor, Tensor]:
+    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int):
+        """(top, sum E, sum E without column g0 + i (directions holding the positive, else None), the positive's
+        logit) of each row; S becomes E in place."""
         factor, except_factor, t_begin, t_end = self._rule(dir_)
         s.mul_(r_inv[:, None]).mul_(c_inv[None, :])  # the similarities t
         if t_end > t_begin:
@@ -132,7 +137,14 @@ class _TorchRows:
         top = s.amax(dim=1)
         top = torch.where(top == -torch.inf, torch.zeros_like(top), top)  # a fully masked row: E = 0, not NaN
         s.sub_(top[:, None]).exp_()
-        return top, s.sum(dim=1), positive
+        if not _holds_positive(dir_.bit):
+            return top, s.sum(dim=1), None, positive
+        own = s.diagonal(offset=g0)
+        e_own = own.clone()
+        own.zero_()
+        neg = s.sum(dim=1)
+        own.copy_(e_own)
+        return top, neg + e_own, neg, positive
 
     def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
         return s.mul_(_cap(c_inv, fp16)[None, :]).to(dtype)
@@ -147,14 +159,17 @@ class _TritonRows:
     def _opts(self, dir_: Direction, g0: int) -> dict:
         return dict(period=self.world, offset=g0, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=self.p.alpha)
 
-    def stats(self, s, dir_, r_inv, c_inv, g0) -> tuple[Tensor, Tensor, Tensor]:
+    def stats(self, s, dir_, r_inv, c_inv, g0):
         from fastloss.ops.block_softmax import row_stats
 
-        top, total = row_stats(s, r_inv, c_inv, self.scale, **self._opts(dir_, g0))  # top: 0 for a fully masked row
+        # top: 0 for a fully masked row; neg: the sum without column g0 + i
+        top, total, neg = row_stats(
+            s, r_inv, c_inv, self.scale, positive_col=_holds_positive(dir_.bit), **self._opts(dir_, g0)
+        )
         # the positive's logit in the kernels' order of operations (_row_logits, _logits: never penalised)
         rows = s.shape[0]
         positive = self.scale * ((s.diagonal(offset=g0) * r_inv) * c_inv[g0 : g0 + rows])
-        return top, total, positive
+        return top, total, neg, positive
 
     def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
         from fastloss.ops.block_softmax import row_grad
@@ -175,9 +190,9 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
     q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(d, p.normalize, acc)
     selected = directions(p)
-    # the positive's share of each direction's gradient: joint, query_to_doc's only; per direction, every one (which
-    # then holds the positive: query_to_doc, doc_to_query)
-    shares = [(1.0 if d.bit == QUERY_TO_DOC else 0.0) if p.joint else 1.0 / len(selected) for d in selected]
+    # the positive's -1 is shared equally by the directions that hold it (query_to_doc, doc_to_query)
+    holders = sum(_holds_positive(dir_.bit) for dir_ in selected)
+    shares = [1.0 / holders if _holds_positive(dir_.bit) else 0.0 for dir_ in selected]
     side = {True: (x_q, q_inv, 0), False: (x_d, d_inv, 1)}  # queries or docs: GEMM operand, inverse norms, grads[i]
     rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
     rows_per_block = block_rows(
@@ -194,38 +209,36 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     for start in range(0, p.batch, rows_per_block):
         m = min(rows_per_block, p.batch - start)
         g0 = p.offset + start
-        blocks, row_max, sums, positives = [], [], [], []
+        blocks, row_max, sums, negs, positives = [], [], [], [], []
         for dir_ in selected:
             rows, r_inv, _ = side[dir_.rows_are_queries]
             cands, c_inv, _ = side[not dir_.candidates_are_docs]
             s = _mm(rows[g0 : g0 + m], cands.t(), half, acc)
-            top, total, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
+            top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
             blocks.append(s)
             row_max.append(top)
             sums.append(total)
+            negs.append(total if neg is None else neg)
             positives.append(positive)
-        row_max, sums = torch.stack(row_max), torch.stack(sums)  # [n_dir, m]
-        # The loss log_z - positive summed as (max - positive) + log(sum), both from the same logits (as
-        # log_softmax does): exact where the positive is the maximum, with no rounding of log_z to the logits' ulp.
-        if p.joint:
+        row_max, sums, negs = torch.stack(row_max), torch.stack(sums), torch.stack(negs)  # [n_dir, m]
+        lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
+        first = [d.bit for d in selected].index(QUERY_TO_DOC)
+        positive = positives[first] if p.joint else torch.stack(positives)  # each direction's own, per direction
+        row_loss[start : start + m], pos_val = positive_terms(lse, row_max + negs.log(), positive, p)
+        if p.joint:  # softmax = c E with c = exp(top - log_z)
             top = torch.where(sums > 0, row_max, -torch.inf).amax(dim=0)
-            total = (sums * torch.exp(row_max - top)).sum(dim=0)
-            weights = torch.exp(row_max - (top + total.log()))
-            first = [d.bit for d in selected].index(QUERY_TO_DOC)
-            row_loss[start : start + m] = (top - positives[first]) + total.log()
-        else:  # every direction holds the positive
+            weights = torch.exp(row_max - (top + (sums * torch.exp(row_max - top)).sum(dim=0).log()))
+        else:
             weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
-            terms = (row_max - torch.stack(positives)) + sums.log()
-            row_loss[start : start + m] = terms.mean(dim=0)
         if grads is None:
             continue
-        for dir_, s, top, c, positive, share in zip(selected, blocks, row_max, weights, positives, shares):
+        for dir_, s, top, c, total, pv, share in zip(selected, blocks, row_max, weights, sums, pos_val, shares):
             rows, r_inv, i_rows = side[dir_.rows_are_queries]
             cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
             r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
             g = rows_pass.grad(s, dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16)  # E c_inv
             if share:
-                separate_share[start : start + m] += _fold_positive(g, g0, positive, top, c, c_inv, share, fp16)
+                separate_share[start : start + m] += _fold_positive(g, g0, pv * total, c_inv, share, fp16)
             product = _mm(g, cands, half, acc)  # (E c_inv) C: [m, D]
             dscale += h * (c * r_inv_blk * (r_blk.to(acc) * product).sum(dim=1)).sum()
             grads[i_rows][g0 : g0 + m].addcmul_(product, (scale * h * c * r_inv_blk)[:, None])
@@ -247,23 +260,20 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     return loss, dq, dd, dscale
 
 
-def _fold_positive(
-    g: Tensor, g0: int, positive: Tensor, top: Tensor, c: Tensor, c_inv: Tensor, share: float, fp16: bool
-) -> Tensor:
-    """Write the positive's -share into its entry of G = E c_inv (the GEMMs multiply G by c): G_own = c_inv_own
-    (E_own - share / c), so p - 1 is formed before any sum, as sentence-transformers' cross-entropy does, instead of
-    cancelling between two O(scale) products. Only rows with c >= 1/2 (p = c E <= c is near 1 only there; no
-    overflow of share / c) whose entry G's dtype holds (fp16: not a positive whose inverse norm is capped, nor a
-    value beyond 65504); returns the share each row leaves to the separate positive term (share elsewhere)."""
+def _fold_positive(g: Tensor, g0: int, value: Tensor, c_inv: Tensor, share: float, fp16: bool) -> Tensor:
+    """Write the positive's coefficient p - share, in E units (``value``: pos_val * sum E, +inf for none), into
+    its entry of G = E c_inv (the GEMMs multiply G by the row's weight c = softmax / E), so p - 1 is formed before any
+    sum, as cross-entropy does, instead of cancelling between two O(scale) products; only where G's dtype holds the
+    entry (fp16: not a positive whose inverse norm is capped, nor a value beyond 65504). Returns the share each row
+    leaves to the separate positive term (``share`` where nothing was folded, else 0)."""
     rows = torch.arange(g.shape[0], device=g.device)
     own = g0 + rows
     inv = c_inv[own]
-    fold = c >= 0.5
+    entry = (inv * value).to(g.dtype)
+    fold = torch.isfinite(entry)
     if fp16:
         fold &= inv <= _FP16_MAX
-    value = (inv * (torch.exp(positive - top) - share / torch.where(fold, c, 1.0))).to(g.dtype)
-    fold &= torch.isfinite(value)
-    g[rows, own] = torch.where(fold, value, g[rows, own])
+    g[rows, own] = torch.where(fold, entry, g[rows, own])
     return torch.where(fold, 0.0, share)
 
 
