@@ -11,14 +11,15 @@ the per-row LSE. With pos_i = scale * s(q_i, d_i):
   per_direction:  loss = mean_i(mean_d(LSE_d,i) - pos_i)
 Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
 tiles and returns the gradients w.r.t. the normalised embeddings.
-The positive pair sits in column i of query_to_doc (and, per_direction, of doc_to_query). In a trained model's
-batch its probability is near 1, so LSE - pos and p - 1 would each cancel (to the logits' ulp, and inside the
-kernels' sums). The kernels also return NLSE, the LSE without that column, and with x_i = log(negatives' mass /
-positive's mass) = logaddexp(NLSE_qd,i, LSE of the other directions) - pos_i (joint) or NLSE_d,i - pos_i (each
-direction, per_direction):  row loss = softplus(x_i), and the positive's coefficient p - 1 = -sigmoid(x_i), both
-without cancellation. The backward kernels take that coefficient (divided by the direction's weight) in place of
-P at the positive's entry, as cross-entropy forms p - 1 before its GEMMs; in joint rows where query_to_doc holds
-less than half the mass (p <= 1/2: nothing to cancel, and the division could overflow fp16) P stays and the
+The positive pair sits in column offset + i of query_to_doc and of doc_to_query (the same logit twice). In a
+trained model's batch its probability is near 1, so LSE - pos and p - 1 would each cancel (to the logits' ulp, and
+inside the kernels' sums, or across the two copies). The kernels also return NLSE, the LSE without that column, for
+the k directions that hold it (positive_terms): with x_i = log(negatives' mass / one copy's mass) = logsumexp of the
+holders' NLSE and the other directions' LSE, minus pos_i, the row loss is log k + softplus(x_i - log k) (joint; per
+direction: softplus of each direction's own x), and each copy's coefficient p - 1/k = -sigmoid(x_i - log k) / k, both
+without cancellation. The backward kernels take that coefficient (divided by the direction's weight) in place of P
+at the positive's entries, as cross-entropy forms p - 1 before its GEMMs; in joint rows where the copies hold less
+than half the mass (p - 1 <= -1/2: nothing cancels, and the division could grow large) P stays and the
 positive's -1 is added after the kernels. That term and the normalisation backward
 dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one pass by
 fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). Beyond the kernels' fp32
