@@ -310,6 +310,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
   const T* d_inv = d.inv.const_data_ptr<T>();
   const std::vector<Direction<T>> dirs = select_directions<T>(o, columns, scale);
   const int n_dir = static_cast<int>(dirs.size());
+  // The directions whose column own is the positive pair (query_to_doc, doc_to_query): they share its -1 equally.
+  bool holds[4];
+  int holders = 0, k_first = 0;  // k_first: query_to_doc, whose positive logit the joint loss takes
+  for (int k = 0; k < n_dir; ++k) {
+    holds[k] = dirs[k].bit == kQueryToDoc || dirs[k].bit == kDocToQuery;
+    holders += holds[k];
+    if (dirs[k].bit == kQueryToDoc) k_first = k;
+  }
 
   int64_t total_columns = 0;
   for (const auto& dir : dirs) total_columns += dir.candidates_are_docs ? columns * world : world;
@@ -347,12 +355,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
       T row_max_of[4], sum_of[4], neg_of[4], dot_of[4], neg_dot_of[4], row_inv[4], c[4], pos_logit[4], pos_sim[4];
       T entry[4];
-      bool holds[4];
       const T* cand_inv[4];  // each direction's candidates' inverse norms
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = i0 + r;
         const int64_t own = o.offset + i;
-        int k_first = 0;  // query_to_doc
         for (int k = 0; k < n_dir; ++k) {
           const Direction<T>& dir = dirs[k];
           row_inv[k] = dir.rows_are_queries ? q_inv[own] : d_inv[own];
@@ -360,8 +366,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
                                    dir.rule.except_masked, dir.rule.t_begin, dir.rule.t_end};
           const T* inv = cand_inv[k] = dir.candidates_are_docs ? d_inv : q_inv;
           T* row = rows_ptr[k] + r * widths[k];
-          holds[k] = dir.bit == kQueryToDoc || dir.bit == kDocToQuery;  // column own is the positive pair
-          if (dir.bit == kQueryToDoc) k_first = k;
           row_max_of[k] = row_max(row, inv, widths[k], own, world, rule);
           // the positive's similarity and logit exactly as the row pass computes them (its factor is
           // scale * row_inv in every rule)
@@ -378,8 +382,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
         // loss is softplus and the positive's coefficient p - share a sigmoid of it, neither with cancellation.
         T loss = 0;
         bool fold = true;
-        int holders = 0;
-        for (int k = 0; k < n_dir; ++k) holders += holds[k];
         if (o.joint) {  // the holders' copies of the positive share its -1 equally
           T top = -std::numeric_limits<T>::infinity();
           for (int k = 0; k < n_dir; ++k)
@@ -398,9 +400,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
           // folded where the copies hold at least half the row's mass (x <= 0): each copy's weight c E_own is then
           // >= 1 / (2 holders); elsewhere p - 1 <= -1/2 and the -1 stays a separate term
           fold = x <= 0;
+          const T coefficient = -sigmoid(x) / static_cast<T>(holders);
           for (int k = 0; k < n_dir; ++k) {
             c[k] = sum_of[k] > 0 ? std::exp(row_max_of[k] - log_z) : T(0);
-            entry[k] = -sigmoid(x) / static_cast<T>(holders);
+            entry[k] = coefficient;
           }
         } else {  // every direction holds the positive, with weight 1 / n_dir and its own -1 / n_dir
           for (int k = 0; k < n_dir; ++k) {

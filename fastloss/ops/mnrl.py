@@ -188,6 +188,13 @@ def _holds_positive(bit: int) -> bool:
     return bit in (QUERY_TO_DOC, DOC_TO_QUERY)
 
 
+def positive_shares(p: MNRLParams) -> list[float]:
+    """Each selected direction's share of the positive's -1: 1 / k for the k directions that hold the positive
+    (query_to_doc, and doc_to_query when selected: per direction they are all of them), 0 for the others."""
+    holds = [_holds_positive(dir_.bit) for dir_ in directions(p)]
+    return [1.0 / sum(holds) if h else 0.0 for h in holds]
+
+
 def _softplus(x: Tensor) -> Tensor:
     """log(1 + e^x) without F.softplus's threshold (which returns x above 20: off by e^-20, beyond fp64's ulp)."""
     return x.clamp_min(0.0) + torch.log1p(torch.exp(-x.abs()))
@@ -205,16 +212,17 @@ def positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -
         return _softplus(x).mean(dim=0), -torch.sigmoid(x)
     # joint: k directions hold a copy of the positive logit, so Z = k e^pos + N, the loss is log Z - pos =
     # log k + softplus(x - log k) and each copy takes -1 / k: e^pos / Z - 1 / k = -sigmoid(x - log k) / k
-    pair = [_holds_positive(dir_.bit) for dir_ in directions(p)]
-    log_k = math.log(sum(pair))
-    x = torch.logsumexp(torch.stack([n if holds else a for n, a, holds in zip(nlse, lse, pair)]), dim=0) - positive
+    shares = positive_shares(p)
+    share = max(shares)  # 1 / k
+    log_k = -math.log(share)
+    x = torch.logsumexp(torch.stack([n if s else a for n, a, s in zip(nlse, lse, shares)]), dim=0) - positive
     weight = torch.exp(lse - torch.logsumexp(lse, dim=0))  # each direction's share of the row's mass
-    coefficient = -torch.sigmoid(x - log_k) / sum(pair)
+    coefficient = -torch.sigmoid(x - log_k) * share
     # folded where the copies hold at least half the mass (x <= log k): there every copy's weight is >= 1 / (2k),
     # so |pos_val| <= 1; elsewhere the -1 stays separate (p - 1 <= -1/2: nothing cancels)
     folded = torch.where(x <= log_k, coefficient, float("inf"))
     return log_k + _softplus(x - log_k), torch.stack(
-        [folded / w if holds else torch.full_like(w, float("inf")) for w, holds in zip(weight, pair)]
+        [folded / w if s else torch.full_like(w, float("inf")) for w, s in zip(weight, shares)]
     )
 
 

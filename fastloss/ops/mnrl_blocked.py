@@ -53,6 +53,7 @@ from fastloss.ops.mnrl import (
     _norm_backward,
     _positive_sims,
     directions,
+    positive_shares,
     positive_terms,
 )
 
@@ -190,9 +191,8 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
     q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(d, p.normalize, acc)
     selected = directions(p)
-    # the positive's -1 is shared equally by the directions that hold it (query_to_doc, doc_to_query)
-    holders = sum(_holds_positive(dir_.bit) for dir_ in selected)
-    shares = [1.0 / holders if _holds_positive(dir_.bit) else 0.0 for dir_ in selected]
+    shares = positive_shares(p)  # of the positive's -1: equal among query_to_doc and doc_to_query
+    first = [dir_.bit for dir_ in selected].index(QUERY_TO_DOC)  # whose positive logit the joint loss takes
     side = {True: (x_q, q_inv, 0), False: (x_d, d_inv, 1)}  # queries or docs: GEMM operand, inverse norms, grads[i]
     rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
     rows_per_block = block_rows(
@@ -222,7 +222,6 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             positives.append(positive)
         row_max, sums, negs = torch.stack(row_max), torch.stack(sums), torch.stack(negs)  # [n_dir, m]
         lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
-        first = [d.bit for d in selected].index(QUERY_TO_DOC)
         positive = positives[first] if p.joint else torch.stack(positives)  # each direction's own, per direction
         row_loss[start : start + m], pos_val = positive_terms(lse, row_max + negs.log(), positive, p)
         if p.joint:  # softmax = c E with c = exp(top - log_z)

@@ -235,8 +235,8 @@ def _normalize(x: Tensor) -> Tensor:
     fp16 loss does); they give 0, as in every other dtype (fastloss._C's triplet ops: normalize_rows, the same rule).
     Every nonzero fp16 row has a norm >= 6e-8, which fp16 holds."""
     if x.dtype == torch.float16:
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        return torch.where(norm == 0, 0.0, F.normalize(x, p=2, dim=-1, eps=NORM_EPS))
+        norm = x.norm(p=2, dim=-1, keepdim=True)  # F.normalize's own steps, with its norm kept
+        return torch.where(norm == 0, 0.0, x / norm.clamp_min(NORM_EPS))
     if (
         x.device.type == "cuda"
         and x.ndim == 2
