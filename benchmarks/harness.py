@@ -25,10 +25,13 @@ import re
 import statistics
 import subprocess
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 MMAP_THRESHOLD = 256 * 1024
 _M_MMAP_THRESHOLD = -3
@@ -186,6 +189,43 @@ def peak_cuda_mib(fn: Callable[[], object], device: torch.device) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # environment
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The bytes of tensor storages that torch ops create under the mode and that are still alive, and their peak:
+    the accounting of torch.cuda.max_memory_allocated (without the allocator's rounding) on any device. A storage
+    counts from the op that creates it until the last tensor of it dies; results that share an argument's storage
+    (views, in-place ops) add nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # storage -> [tensors alive, bytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        known = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage()._cdata
+            if key not in self._storages:
+                if key in known:
+                    continue
+                self._storages[key] = [0, t.untyped_storage().nbytes()]
+                self.live += self._storages[key][1]
+                self.peak = max(self.peak, self.live)
+            self._storages[key][0] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        entry = self._storages.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.live -= entry[1]
+                del self._storages[key]
 
 
 def _slug(text: str) -> str:

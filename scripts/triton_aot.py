@@ -2,10 +2,11 @@
 
 The interpreter (TRITON_INTERPRET=1), which the test suite uses, never lowers a kernel to PTX, so it accepts kernels
 that fail to compile for a GPU, or that compile but do not fit one: a tile whose shared memory exceeds the SM's, or
-registers that spill. This script drives the real host wrappers (sim_lse_fwd/bwd, cosent_fwd/bwd, batch_hard_fwd,
-block_softmax.row_stats/row_grad) with a stand-in for each kernel that records its launch instead of running it, then
-compiles each recorded launch for the target with every configuration its autotuner may pick (heuristics applied,
-early pruning included), the constants and argument types the launch would have on a GPU, and reads the resources
+registers that spill. This script drives the real host wrappers (sim_lse_fwd/bwd and SimLseBackward's windows,
+cosent_fwd/bwd, batch_hard_fwd, block_softmax.row_stats/row_grad) with a stand-in for each kernel that records its
+launch instead of running it, then compiles each recorded launch for the target with every configuration its
+autotuner may pick (heuristics applied, early pruning included), the constants and argument types the launch would
+have on a GPU, and reads the resources
 from the cubin.
 
     python3 scripts/triton_aot.py                 # sm_90 (H100/H200) and sm_80 (A100), the full matrix
@@ -139,6 +140,11 @@ def record_launches(quick: bool) -> list[Launch]:
                 sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, positive_col=positive, **flags)
                 pos_val = lse if positive else None
                 sim_lse.sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, lse, need_dscale=True, pos_val=pos_val, **flags)
+                if positive:  # a window of MNRL's backward that a second direction adds into (ACCUMULATE)
+                    label[0] += " accumulate"
+                    bwd = sim_lse.SimLseBackward(r, c, ones_r, ones_c, 20.0, lse, lse, pos_val=pos_val, **flags)
+                    bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
+                    bwd.candidates(torch.zeros(96, dim), 0, 96, accumulate=True)
             label[0] = f"cosent {name} D={dim}"
             a, b, scale = torch.zeros(16, dim, dtype=dtype), torch.zeros(32, dim, dtype=dtype), torch.tensor(20.0)
             for kind in (cosent.KIND_COS,) if quick else (cosent.KIND_COS, cosent.KIND_ANGLE):

@@ -421,6 +421,69 @@ def test_local_rows_and_direction_sums_match_the_reference(backend_name, offset,
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("dim", [20, 136], ids=["one-D-tile", "D-chunks"])
+@pytest.mark.parametrize(
+    "offset,batch,directions,joint",
+    [(0, 9, 15, True), (2, 5, 15, True), (3, 4, 5, False), (0, 9, 1, True)],
+    ids=["all4", "all4-gathered", "qd+dq-gathered", "q2d"],
+)
+@pytest.mark.parametrize("rows", ["4", "5", "16"])
+def test_flash_backward_in_windows_of_rows(monkeypatch, rows, offset, batch, directions, joint, dim):
+    """The flash backward holds a window of fp32 gradient rows at a time (FASTLOSS_FLASH_WINDOW_ROWS; 0: whole):
+    windows that split the local rows, the candidates and D chunks, with several directions adding into one window
+    (launches with ACCUMULATE, and a zeroed window where no launch covers it), give the whole backward's values."""
+    q, p, n = _embeddings(9, dim, 3, dtype=torch.float32, seed=3)
+    params = MNRLParams(offset=offset, batch=batch, directions=directions, joint=joint, hardness=3, alpha=0.4)
+
+    def run():
+        args = (leaf(q), leaf(torch.cat([p, n])), leaf(torch.tensor(20.0)))
+        mnrl(*args, params, "triton").backward()
+        return [x.grad for x in args]
+
+    monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", "0")
+    whole = run()
+    monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", rows)
+    for got, want in zip(run(), whole):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("directions", [1, 15], ids=["q2d", "all4"])
+def test_flash_backward_memory_is_one_window(monkeypatch, directions):
+    """Beyond the returned gradients, the flash backward allocates one window of fp32 rows, the epilogues' chunks and
+    O(B) vectors (counted per torch op: the op's Python body, run under a dispatch mode), not fp32 copies of q and d
+    (whole windows exceed the bound about 3 times over)."""
+    from benchmarks.harness import LiveTensorBytes
+    from fastloss.ops import mnrl as mnrl_module
+
+    world, n_docs, dim, window = 128, 384, 64, 8
+    q, d = _embeddings(world, dim, 1, seed=1)[0], torch.cat(_embeddings(world, dim, 3, seed=2))
+    params = MNRLParams(offset=0, batch=world, directions=directions)
+    scale = torch.tensor(20.0)
+    _, lse, log_z, pos_val = mnrl_module.mnrl_fwd(q, d, scale, params)
+    monkeypatch.setattr(mnrl_module, "_EPILOGUE_BYTES", window * dim * 4)
+    monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", str(window))
+    with LiveTensorBytes() as memory:
+        mnrl_module.mnrl_bwd(torch.tensor(1.0), q, d, scale, lse, log_z, pos_val, params)
+    grads = (world + n_docs) * dim * 4
+    assert memory.peak - grads <= 3 * window * dim * 4 + 16 * (world + n_docs) * 4
+
+
+def test_flash_window_rows_setting(monkeypatch):
+    from fastloss.ops import mnrl as mnrl_module
+
+    x = torch.empty(100_000, 1024)
+    monkeypatch.delenv("FASTLOSS_FLASH_WINDOW_ROWS", raising=False)
+    assert mnrl_module.window_rows(x) == 16384  # 64 MiB of fp32 rows, at least WINDOW_ROWS_MIN
+    assert mnrl_module.window_rows(torch.empty(10, 64)) == 262144
+    monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", "0")
+    assert mnrl_module.window_rows(x) == 100_000
+    monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", "-3")
+    with pytest.raises(ValueError, match="FASTLOSS_FLASH_WINDOW_ROWS must be a whole number"):
+        mnrl_module.window_rows(x)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
 def test_flash_epilogues_give_the_same_bits_in_row_chunks(monkeypatch):
     """The flash path's O(B*D) epilogues (positive similarities, normalisation backward) run a chunk of rows at a
     time to bound their fp32 temporaries; the arithmetic per row is the same at any chunk size."""

@@ -22,8 +22,10 @@ at the positive's entries, as cross-entropy forms p - 1 before its GEMMs; in joi
 than half the mass (p - 1 <= -1/2: nothing cancels, and the division could grow large) P stays and the
 positive's -1 is added after the kernels. That term and the normalisation backward
 dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one pass by
-fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). Beyond the kernels' fp32
-gradients (which become the accumulators) and the returned gradients, the epilogues hold a chunk of rows at a time.
+fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). The backward runs per window of
+rows of q and of d (window_rows): the kernels write or add that window's fp32 dx_hat into one buffer, the epilogues
+turn it into those rows of dx. Beyond the returned gradients it holds that buffer, a chunk of rows of the epilogues'
+temporaries and O(B) vectors.
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -34,6 +36,7 @@ Three implementations sit behind ``torch.library`` ops so that torch.compile see
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -100,15 +103,19 @@ def _row_dots(a: Tensor, b: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
     return out
 
 
-def _norm_backward(x: Tensor, inv: Tensor, grad: Tensor, normalize: bool, scaled: bool = False) -> Tensor:
+def _norm_backward(
+    x: Tensor, inv: Tensor, grad: Tensor, normalize: bool, scaled: bool = False, out: Tensor | None = None
+) -> Tensor:
     """The backward of F.normalize(x, eps=1e-12) in x's dtype, given ``grad`` = the gradient w.r.t. the normalised
     rows dx_hat (fp32 or fp64), or with ``scaled`` a = inv * dx_hat (the row-block op's accumulators):
     dx = (dx_hat - x_hat <x_hat, dx_hat>) * inv = a - x_hat <x_hat, a>, with no projection where |x| < eps (the
-    clamp passes no gradient to the norm there). Torch ops in grad's dtype a chunk of rows at a time, each rounded
-    once to x's dtype; fastloss._C.l2norm_bwd for unscaled fp32 grads of CUDA tensors with FASTLOSS_CUDA_KERNELS=1
-    (one pass over x and dx_hat, the same fp32 sums)."""
+    clamp passes no gradient to the norm there). Written into ``out`` when given (x's shape and dtype). Torch ops in
+    grad's dtype a chunk of rows at a time (two chunk-sized temporaries), each rounded once to x's dtype;
+    fastloss._C.l2norm_bwd for unscaled fp32 grads of CUDA tensors with FASTLOSS_CUDA_KERNELS=1 (one pass over x and
+    dx_hat, the same fp32 sums)."""
     if not normalize:
-        return grad.to(x.dtype)
+        return grad.to(x.dtype) if out is None else out.copy_(grad)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if out is None else out
     if (
         not scaled
         and x.device.type == "cuda"
@@ -116,27 +123,34 @@ def _norm_backward(x: Tensor, inv: Tensor, grad: Tensor, normalize: bool, scaled
         and grad.dtype == torch.float32
         and _backend.cuda_kernel_enabled("l2norm_bwd")
     ):
-        return _backend.native_module().l2norm_bwd(x.detach(), grad, NORM_EPS)
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        return dx.copy_(_backend.native_module().l2norm_bwd(x.detach(), grad, NORM_EPS))
     for rows in _row_chunks(x):
         inv_rows = inv[rows, None]
-        x_hat = x[rows].to(grad.dtype) * inv_rows
+        x_hat = x[rows].to(grad.dtype, copy=True).mul_(inv_rows)
         projection = (x_hat * grad[rows]).sum(dim=1, keepdim=True)
         projection = torch.where(inv_rows < 1.0 / NORM_EPS, projection, torch.zeros_like(projection))
-        out = grad[rows] - x_hat * projection
-        dx[rows] = out if scaled else out * inv_rows
+        part = x_hat.mul_(projection.neg_()).add_(grad[rows])  # grad - x_hat * projection, rounded the same way
+        dx[rows] = part if scaled else part.mul_(inv_rows)
     return dx
 
 
-def _add_positive_term(grads: tuple[Tensor, Tensor], q, d, q_inv, d_inv, coef: Tensor, p, scaled: bool) -> None:
-    """Add the positive logit's term coef * (d_hat_i into dq_hat_i, q_hat_i into dd_hat_i) over the local rows to
-    the accumulators ``grads`` (dq, dd) in place, without copies of q or d; ``scaled``: they hold inv * dx_hat."""
-    local = slice(p.offset, p.offset + p.batch)
-    to_q, to_d = coef * d_inv[local], coef * q_inv[local]
+def _add_positive_rows(acc: Tensor, first: int, other: Tensor, other_inv: Tensor, own_inv: Tensor, coef, p, scaled):
+    """Add the positive logit's term coef_i * other_hat_i to the rows of the fp32 accumulator ``acc`` that hold rows
+    first .. first + len(acc) - 1 of a tensor (q or d; ``other`` is d or q), for its local rows among them, in place
+    and without copies of the operands; ``scaled``: acc holds inv * dx_hat."""
+    a, b = max(first, p.offset), min(first + acc.shape[0], p.offset + p.batch)
+    if a >= b:
+        return
+    weight = coef[a - p.offset : b - p.offset] * other_inv[a:b]
     if scaled:
-        to_q, to_d = to_q * q_inv[local], to_d * d_inv[local]
-    grads[0][local].addcmul_(d[local], to_q[:, None])
-    grads[1][local].addcmul_(q[local], to_d[:, None])
+        weight = weight * own_inv[a:b]
+    acc[a - first : b - first].addcmul_(other[a:b], weight[:, None])
+
+
+def _add_positive_term(grads: tuple[Tensor, Tensor], q, d, q_inv, d_inv, coef: Tensor, p, scaled: bool) -> None:
+    """_add_positive_rows for whole accumulators ``grads`` (dq, dd)."""
+    _add_positive_rows(grads[0], 0, d, d_inv, q_inv, coef, p, scaled)
+    _add_positive_rows(grads[1], 0, q, q_inv, d_inv, coef, p, scaled)
 
 
 @dataclass(frozen=True)
@@ -257,42 +271,56 @@ def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor
     return row_loss.mean(), lse, log_z, pos_val
 
 
+# The flash backward holds the fp32 gradients of a window of rows at a time (one buffer for q's and d's windows):
+# at the GPU target (32768 queries, 65536 docs, D = 1024) whole fp32 dq_hat and dd_hat would take 384 MiB, 1.5% of
+# sentence-transformers' 25 GiB there. A window holds about WINDOW_BYTES but at least WINDOW_ROWS_PER_SM rows per SM
+# on CUDA (two waves of 128-row programs, each of which loops over every candidate: a smaller grid would leave SMs
+# idle), WINDOW_ROWS_MIN elsewhere (the Triton interpreter).
+WINDOW_BYTES = 64 * 2**20
+WINDOW_ROWS_PER_SM = 256
+WINDOW_ROWS_MIN = 16384
+
+
+def default_window_rows(dim: int, sms: int | None) -> int:
+    """The default window for rows of ``dim`` on a GPU with ``sms`` SMs (None: not CUDA)."""
+    least = WINDOW_ROWS_PER_SM * sms if sms else WINDOW_ROWS_MIN
+    return max(least, WINDOW_BYTES // (4 * max(1, dim)) // 128 * 128)
+
+
+def window_rows(x: Tensor) -> int:
+    """Rows of fp32 gradient the flash backward holds per window of ``x`` [rows, D]: FASTLOSS_FLASH_WINDOW_ROWS
+    (0: the whole tensor), or the default above."""
+    value = os.environ.get("FASTLOSS_FLASH_WINDOW_ROWS", "").strip()
+    if value:
+        if not value.isdigit():
+            raise ValueError(f"FASTLOSS_FLASH_WINDOW_ROWS must be a whole number of rows (0: whole), got {value!r}")
+        return int(value) or max(1, x.shape[0])
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else None
+    return default_window_rows(x.shape[1], sms)
+
+
 def mnrl_bwd(
     grad: Tensor, q: Tensor, d: Tensor, scale: Tensor, lse: Tensor, log_z: Tensor, pos_val: Tensor, p: MNRLParams
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Flash-style backward: (dq, dd, dscale) for the incoming scalar ``grad``."""
-    from fastloss.ops.sim_lse import sim_lse_bwd
+    """Flash-style backward: (dq, dd, dscale) for the incoming scalar ``grad``. Per window of rows of q, then of d,
+    each launch whose rows or candidates are those rows adds its part of dx_hat to one fp32 buffer, the positive's
+    separate term joins, and the normalisation backward writes those rows of dx."""
+    from fastloss.ops.sim_lse import SimLseBackward
 
     world = q.shape[0]
-    local = slice(p.offset, p.offset + p.batch)
     q_inv, d_inv = _inv_norms(q, p.normalize), _inv_norms(d, p.normalize)
     h = grad.float() / p.batch
     if p.joint:
         weights = h * torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
     else:
         weights = (h / p.n_directions).expand_as(lse)
-    # fp32 gradients w.r.t. the normalised q and d: the first part that covers a whole tensor becomes its accumulator
-    # (with one direction and no gathered batch, both are the kernels' own outputs: no further fp32 copy)
-    hats: dict[str, Tensor] = {}
-
-    def zeros(x: Tensor) -> Tensor:
-        return torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-
-    def accumulate(name: str, x: Tensor, part: Tensor, local_rows: bool) -> None:
-        whole = not local_rows or (p.offset == 0 and p.batch == x.shape[0])
-        if name not in hats:
-            if whole:
-                hats[name] = part
-                return
-            hats[name] = zeros(x)
-        (hats[name] if whole else hats[name][local]).add_(part)
-
-    dscale = torch.zeros((), device=q.device, dtype=torch.float32)
-    problems = _direction_problems(q, d, q_inv, d_inv, p)
+    # each tensor's parts: (problem, its dscale for a rows part else None, first row of the tensor it covers, rows)
+    parts: dict[str, list] = {"q": [], "d": []}
+    dscales = []
     for (bit, rows, cands, r_inv, c_inv, mask_own, hardness), lse_d, g, pos_val_d in zip(
-        problems, lse, weights, pos_val
+        _direction_problems(q, d, q_inv, d_inv, p), lse, weights, pos_val
     ):
-        dr, dc, ds = sim_lse_bwd(
+        bwd = SimLseBackward(
             rows,
             cands,
             r_inv,
@@ -305,22 +333,42 @@ def mnrl_bwd(
             mask_own=mask_own,
             pen_mode=hardness,
             alpha=p.alpha,
-            need_dscale=True,
             pos_val=pos_val_d.contiguous() if _holds_positive(bit) else None,
         )
-        accumulate(*(("q", q) if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else ("d", d)), dr, local_rows=True)
-        accumulate(*(("d", d) if bit in (QUERY_TO_DOC, DOC_TO_DOC) else ("q", q)), dc, local_rows=False)
-        dscale = dscale + ds.sum()
-        del dr, dc  # held by ``hats`` only: each is freed as soon as its normalisation backward is done
-    for name, x in (("q", q), ("d", d)):
-        if name not in hats:
-            hats[name] = zeros(x)
+        dscales.append(torch.empty(p.batch, device=q.device, dtype=torch.float32))
+        parts["q" if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else "d"].append((bwd, dscales[-1], p.offset, p.batch))
+        parts["d" if bit in (QUERY_TO_DOC, DOC_TO_DOC) else "q"].append((bwd, None, 0, cands.shape[0]))
     # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2)
     separate = (pos_val[0] == float("inf")).to(torch.float32)
-    _add_positive_term((hats["q"], hats["d"]), q, d, q_inv, d_inv, -h * scale.float() * separate, p, scaled=False)
-    dscale = dscale - h * (separate * _positive_sims(q, d, q_inv, d_inv, p)).sum()
-    dq = _norm_backward(q, q_inv, hats.pop("q"), p.normalize)
-    dd = _norm_backward(d, d_inv, hats.pop("d"), p.normalize)
+    coef = -h * scale.float() * separate
+    dq, dd = torch.empty_like(q), torch.empty_like(d)
+    size = max(min(window_rows(x), x.shape[0]) for x in (q, d))
+    buffer = torch.empty((size, q.shape[1]), device=q.device, dtype=torch.float32)
+    for name, x, x_inv, other, other_inv, dx in (("q", q, q_inv, d, d_inv, dq), ("d", d, d_inv, q, q_inv, dd)):
+        step = min(window_rows(x), x.shape[0])
+        for first in range(0, x.shape[0], step):
+            last = min(first + step, x.shape[0])
+            acc = buffer[: last - first]
+            # launches covering the whole window first: the first of them writes the buffer, the others add to it
+            spans = [(bwd, ds, max(first, lo), min(last, lo + n), lo) for bwd, ds, lo, n in parts[name]]
+            spans.sort(key=lambda span: (span[2], span[3]) != (first, last))
+            written = False
+            for bwd, ds, a, b, lo in spans:
+                if a >= b:
+                    continue
+                if not written and (a, b) != (first, last):
+                    acc.zero_()
+                    written = True
+                if ds is None:
+                    bwd.candidates(acc[a - first : b - first], a - lo, b - lo, accumulate=written)
+                else:
+                    bwd.rows(acc[a - first : b - first], a - lo, b - lo, accumulate=written, dscale=ds)
+                written = True
+            if not written:
+                acc.zero_()
+            _add_positive_rows(acc, first, other, other_inv, x_inv, coef, p, scaled=False)
+            _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last])
+    dscale = sum(ds.sum() for ds in dscales) - h * (separate * _positive_sims(q, d, q_inv, d_inv, p)).sum()
     return dq, dd, dscale.to(scale.dtype).reshape(scale.shape)
 
 

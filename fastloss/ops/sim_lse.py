@@ -18,7 +18,8 @@ the caller folds its positive's -1 into that entry, formed from nlse without can
 The forward keeps a running max and sum per row over candidate tiles (no M x N matrix); the backward recomputes
 the logits tile by tile, once over row blocks (dr_hat, dscale) and once over candidate blocks (dc_hat), without
 atomics. When D fits one BLOCK_D the gradient accumulator stays in registers; otherwise it lives in the fp32
-output, updated per D chunk by the program that owns those rows.
+output, updated per D chunk by the program that owns those rows. Each backward launch covers a window of rows or of
+candidates (SimLseBackward) and writes, or adds to, an fp32 output that holds that window only.
 
 Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 inputs "ieee", or "tf32x3" / "tf32" with
 FASTLOSS_FP32_DOT); logits, LSE and accumulators in fp32. The backward products take the raw tiles of r and c
@@ -142,12 +143,16 @@ _HEURISTICS = {
 }
 
 
-def _autotuned(kind: str):
+def _autotuned(kind: str, restore: str | None = None):
+    """``restore``: the output an ACCUMULATE launch adds into, restored after each timed tile while tuning."""
     prune = {"early_config_prune": _prune_bwd if kind == "bwd" else _prune_fwd}
 
     def wrap(fn):
         return triton.autotune(
-            configs=_configs(kind), key=["D", "DOT_PRECISION", "TUNE_M", "TUNE_N"], prune_configs_by=prune
+            configs=_configs(kind),
+            key=["D", "DOT_PRECISION", "TUNE_M", "TUNE_N"],
+            prune_configs_by=prune,
+            restore_value=[restore] if restore else None,
         )(triton.heuristics(_HEURISTICS)(fn))
 
     return wrap
@@ -186,6 +191,15 @@ def _add_rows(p, b_x, accumulate, start, n_rows, start_d, D, BLOCK: tl.constexpr
     b_prev = tl.load(p_x, mask=m_x & accumulate, other=0.0)
     tl.store(p_x, b_prev + b_x, mask=m_x)
     tl.debug_barrier()  # the next update of this tile may read it from other threads
+
+
+@triton.jit
+def _write_rows(p, b_x, ACCUMULATE: tl.constexpr, start, n_rows, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A one-tile-D program's result: out[start : start + BLOCK] = b_x, or += b_x with ACCUMULATE."""
+    if ACCUMULATE:
+        _add_rows(p, b_x, True, start, n_rows, 0, D, BLOCK, BLOCK_D)
+    else:
+        _store_rows(p, b_x, start, n_rows, 0, D, BLOCK, BLOCK_D)
 
 
 @triton.jit
@@ -328,8 +342,8 @@ def sim_lse_fwd_kernel(
         tl.store(nlse + o_m, _log_sum(b_max, b_nsum), mask=m_m)
 
 
-@_autotuned("bwd")
-@triton.jit(do_not_specialize=["TUNE_M", "TUNE_N"])
+@_autotuned("bwd", restore="dr")
+@triton.jit(do_not_specialize=["first", "TUNE_M", "TUNE_N"])
 def sim_lse_bwd_dr_kernel(
     r,
     c,
@@ -341,6 +355,7 @@ def sim_lse_bwd_dr_kernel(
     pos_val,
     dr,
     dscale,
+    first,  # the rows first .. M - 1: dr holds them from its row 0 (dscale, like the inputs, from row first)
     M,
     N,
     D,
@@ -355,6 +370,7 @@ def sim_lse_bwd_dr_kernel(
     PEN_MODE: tl.constexpr,
     FOLD_POS: tl.constexpr,
     NEED_DSCALE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # add into dr instead of writing it
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -362,7 +378,7 @@ def sim_lse_bwd_dr_kernel(
     SINGLE_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    start_m = first + tl.program_id(0).to(tl.int64) * BLOCK_M
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     b_scale = tl.load(scale).to(tl.float32)
@@ -400,15 +416,17 @@ def sim_lse_bwd_dr_kernel(
             for start_d in range(0, D, BLOCK_D):
                 b_c = _load_rows(c, start_n, N, start_d, D, stride_c, BLOCK_N, BLOCK_D, EVEN_D)
                 b_part = tl.dot(b_p, b_c, input_precision=DOT_PRECISION) * b_coef[:, None]  # [BM, BD]
-                _add_rows(dr, b_part, start_n > 0, start_m, M, start_d, D, BLOCK_M, BLOCK_D)
+                _add_rows(
+                    dr, b_part, (start_n > 0) | ACCUMULATE, start_m - first, M - first, start_d, D, BLOCK_M, BLOCK_D
+                )
     if SINGLE_D:
-        _store_rows(dr, b_dr * b_coef[:, None], start_m, M, 0, D, BLOCK_M, BLOCK_D)
+        _write_rows(dr, b_dr * b_coef[:, None], ACCUMULATE, start_m - first, M - first, D, BLOCK_M, BLOCK_D)
     if NEED_DSCALE:
         tl.store(dscale + o_m, b_ps * b_g, mask=m_m)
 
 
-@_autotuned("bwd")
-@triton.jit(do_not_specialize=["TUNE_M", "TUNE_N"])
+@_autotuned("bwd", restore="dc")
+@triton.jit(do_not_specialize=["first", "TUNE_M", "TUNE_N"])
 def sim_lse_bwd_dc_kernel(
     r,
     c,
@@ -420,6 +438,7 @@ def sim_lse_bwd_dc_kernel(
     g_max,
     pos_val,
     dc,
+    first,  # the candidates first .. N - 1: dc holds them from its row 0
     M,
     N,
     D,
@@ -433,6 +452,7 @@ def sim_lse_bwd_dc_kernel(
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     FOLD_POS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # add into dc instead of writing it
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -440,7 +460,7 @@ def sim_lse_bwd_dc_kernel(
     SINGLE_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    start_n = tl.program_id(0).to(tl.int64) * BLOCK_N
+    start_n = first + tl.program_id(0).to(tl.int64) * BLOCK_N
     o_n = start_n + tl.arange(0, BLOCK_N)
     b_scale = tl.load(scale).to(tl.float32)
     b_gmax = tl.load(g_max)
@@ -476,9 +496,11 @@ def sim_lse_bwd_dc_kernel(
             for start_d in range(0, D, BLOCK_D):
                 b_r = _load_rows(r, start_m, M, start_d, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)
                 b_part = tl.dot(b_a, b_r, input_precision=DOT_PRECISION) * (b_scale * b_gmax)  # [BN, BD]
-                _add_rows(dc, b_part, start_m > 0, start_n, N, start_d, D, BLOCK_N, BLOCK_D)
+                _add_rows(
+                    dc, b_part, (start_m > 0) | ACCUMULATE, start_n - first, N - first, start_d, D, BLOCK_N, BLOCK_D
+                )
     if SINGLE_D:
-        _store_rows(dc, b_dc * (b_scale * b_gmax), start_n, N, 0, D, BLOCK_N, BLOCK_D)
+        _write_rows(dc, b_dc * (b_scale * b_gmax), ACCUMULATE, start_n - first, N - first, D, BLOCK_N, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,6 +605,128 @@ def sim_lse_fwd(
     return lse, nlse
 
 
+class SimLseBackward:
+    """The backward for dL/dlse = ``g`` as launches over windows, its operands checked and converted once:
+    ``rows(out, first, last, ...)`` computes dr_hat of rows first .. last - 1 and ``candidates(out, first, last, ...)``
+    dc_hat of those candidates, each into (or with ``accumulate`` added to) an fp32 ``out`` whose row 0 is ``first``,
+    so that a caller can hold a window of the fp32 gradients at a time. ``pos_val`` [M] replaces P at each row's
+    column i + offset (+inf: that row keeps P)."""
+
+    def __init__(
+        self,
+        r: Tensor,
+        c: Tensor,
+        r_inv: Tensor,
+        c_inv: Tensor,
+        scale: Tensor | float,
+        lse: Tensor,
+        g: Tensor,
+        *,
+        period: int,
+        offset: int,
+        mask_own: bool,
+        pen_mode: int,
+        alpha: float,
+        pos_val: Tensor | None = None,
+    ):
+        self.r, self.c = _operands(r, c)
+        (self.M, self.D), self.N = self.r.shape, self.c.shape[0]
+        self.r_inv, self.c_inv = _vector(r_inv, self.M, "r_inv"), _vector(c_inv, self.N, "c_inv")
+        self.lse, self.g = _vector(lse, self.M, "lse"), _vector(g, self.M, "g")
+        self.fold = pos_val is not None
+        self.pos_val = _vector(pos_val, self.M, "pos_val") if self.fold else self.g
+        pen_mode, precision = _options(period, pen_mode, alpha, self.r.dtype)
+        self.scale = _scale(scale, self.r.device)
+        self.g_max = None
+        self.sizes = (period, offset, float(alpha), self.r.stride(0), self.c.stride(0))
+        self.flags = {
+            "MASK_OWN": bool(mask_own),
+            "PEN_MODE": pen_mode,
+            "FOLD_POS": self.fold,
+            "DOT_PRECISION": precision,
+        }
+
+    def _window(self, out: Tensor, first: int, last: int, total: int, name: str) -> None:
+        if not 0 <= first <= last <= total:
+            raise ValueError(f"sim_lse: {name} window [{first}, {last}) must lie in [0, {total}]")
+        if out.dtype != torch.float32 or out.ndim != 2 or out.shape[0] < last - first or out.shape[1] != self.D:
+            raise ValueError(
+                f"sim_lse: the output must be fp32 [>= {last - first}, {self.D}], got {out.dtype} {tuple(out.shape)}"
+            )
+        if not out.is_contiguous():
+            raise ValueError("sim_lse: the output must be contiguous")
+
+    def rows(self, out: Tensor, first: int, last: int, *, accumulate: bool, dscale: Tensor | None = None) -> None:
+        """dr_hat of rows first .. last - 1 into out[0 : last - first] (added to it with ``accumulate``); their
+        dscale into dscale[first : last] when given (fp32 [M])."""
+        self._window(out, first, last, self.M, "row")
+        if last == first:
+            return
+        if self.N == 0:
+            if not accumulate:
+                out[: last - first].zero_()
+            if dscale is not None:
+                dscale[first:last] = 0.0
+            return
+        with _on_device(self.r):
+            sim_lse_bwd_dr_kernel[lambda meta: (triton.cdiv(last - first, meta["BLOCK_M"]),)](
+                self.r,
+                self.c,
+                self.r_inv,
+                self.c_inv,
+                self.scale,
+                self.lse,
+                self.g,
+                self.pos_val,
+                out,
+                out if dscale is None else dscale,
+                first,
+                last,
+                self.N,
+                self.D,
+                *self.sizes,
+                tune_bucket(last - first),
+                tune_bucket(self.N),
+                NEED_DSCALE=dscale is not None,
+                ACCUMULATE=bool(accumulate),
+                **self.flags,
+            )
+
+    def candidates(self, out: Tensor, first: int, last: int, *, accumulate: bool) -> None:
+        """dc_hat of candidates first .. last - 1 into out[0 : last - first] (added to it with ``accumulate``)."""
+        self._window(out, first, last, self.N, "candidate")
+        if last == first:
+            return
+        if self.M == 0:
+            if not accumulate:
+                out[: last - first].zero_()
+            return
+        if self.g_max is None:
+            self.g_max = self.g.abs().amax()
+        with _on_device(self.r):
+            sim_lse_bwd_dc_kernel[lambda meta: (triton.cdiv(last - first, meta["BLOCK_N"]),)](
+                self.r,
+                self.c,
+                self.r_inv,
+                self.c_inv,
+                self.scale,
+                self.lse,
+                self.g,
+                self.g_max,
+                self.pos_val,
+                out,
+                first,
+                self.M,
+                last,
+                self.D,
+                *self.sizes,
+                tune_bucket(self.M),
+                tune_bucket(last - first),
+                ACCUMULATE=bool(accumulate),
+                **self.flags,
+            )
+
+
 def sim_lse_bwd(
     r: Tensor,
     c: Tensor,
@@ -600,53 +744,26 @@ def sim_lse_bwd(
     need_dscale: bool,
     pos_val: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(dr_hat fp32 [M, D], dc_hat fp32 [N, D], dscale fp32 [M] or None) for dL/dlse = ``g``; ``pos_val`` [M]
+    """(dr_hat fp32 [M, D], dc_hat fp32 [N, D], dscale fp32 [M] or None) for dL/dlse = ``g``, whole; ``pos_val`` [M]
     replaces P at each row's column i + offset (+inf: that row keeps P)."""
-    r, c = _operands(r, c)
-    (M, D), N = r.shape, c.shape[0]
-    r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
-    lse, g = _vector(lse, M, "lse"), _vector(g, M, "g")
-    fold = pos_val is not None
-    pos_val = _vector(pos_val, M, "pos_val") if fold else g
-    pen_mode, precision = _options(period, pen_mode, alpha, r.dtype)
-    if M == 0 or N == 0:
-        dr = torch.zeros((M, D), device=r.device, dtype=torch.float32)
-        dc = torch.zeros((N, D), device=r.device, dtype=torch.float32)
-        return dr, dc, (torch.zeros(M, device=r.device, dtype=torch.float32) if need_dscale else None)
-    dr = torch.empty((M, D), device=r.device, dtype=torch.float32)
-    dc = torch.empty((N, D), device=r.device, dtype=torch.float32)
-    dscale = torch.empty(M, device=r.device, dtype=torch.float32) if need_dscale else None
-    scale = _scale(scale, r.device)
-    sizes = (M, N, D, period, offset, float(alpha), r.stride(0), c.stride(0), tune_bucket(M), tune_bucket(N))
-    flags = {"MASK_OWN": bool(mask_own), "PEN_MODE": pen_mode, "FOLD_POS": fold, "DOT_PRECISION": precision}
-    with _on_device(r):
-        sim_lse_bwd_dr_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            r,
-            c,
-            r_inv,
-            c_inv,
-            scale,
-            lse,
-            g,
-            pos_val,
-            dr,
-            dr if dscale is None else dscale,
-            *sizes,
-            NEED_DSCALE=bool(need_dscale),
-            **flags,
-        )
-        sim_lse_bwd_dc_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-            r,
-            c,
-            r_inv,
-            c_inv,
-            scale,
-            lse,
-            g,
-            g.abs().amax(),
-            pos_val,
-            dc,
-            *sizes,
-            **flags,
-        )
+    bwd = SimLseBackward(
+        r,
+        c,
+        r_inv,
+        c_inv,
+        scale,
+        lse,
+        g,
+        period=period,
+        offset=offset,
+        mask_own=mask_own,
+        pen_mode=pen_mode,
+        alpha=alpha,
+        pos_val=pos_val,
+    )
+    dr = torch.empty((bwd.M, bwd.D), device=bwd.r.device, dtype=torch.float32)
+    dc = torch.empty((bwd.N, bwd.D), device=bwd.r.device, dtype=torch.float32)
+    dscale = torch.empty(bwd.M, device=bwd.r.device, dtype=torch.float32) if need_dscale else None
+    bwd.rows(dr, 0, bwd.M, accumulate=False, dscale=dscale)
+    bwd.candidates(dc, 0, bwd.N, accumulate=False)
     return dr, dc, dscale
