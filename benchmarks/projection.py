@@ -1,0 +1,133 @@
+"""Projected peak memory of the MNRL loss stage at GPU shapes, on a machine without a GPU.
+
+``python3 -m benchmarks.projection [--shape B,N,D] [--sms 132]`` runs each implementation's host code on meta tensors
+(no data, any size) under a dispatch mode that counts the tensor storages alive (harness.LiveTensorBytes:
+torch.cuda.max_memory_allocated's accounting, without the caching allocator's rounding or cuBLAS workspaces), and
+prints the loss stage's peak beyond its inputs, as the suite's peak_mib counts it, against sentence-transformers':
+- sentence-transformers: its MultipleNegativesRankingLoss.compute_loss_from_embeddings and backward, as they are.
+- fastloss: the flash path's host code as fastloss.functional.mnrl_loss runs it on CUDA (the docs' cat, then
+  fastloss.ops.mnrl.mnrl_fwd / mnrl_bwd, called directly: to a dispatch mode a torch.library op is one opaque call),
+  with the Triton launches replaced by no-ops. The kernels allocate nothing themselves, so every allocation of the
+  op is in that host code. The window is the CUDA default for ``--sms`` SMs, and whole tensors for comparison.
+Then the largest batch (N = 2B) whose inputs and loss stage fit ``--gib``. A projection, not a measurement: the GPU
+sweep's records (benchmarks/results/) are the numbers of record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+import torch
+
+from benchmarks.harness import LiveTensorBytes
+from fastloss.ops import mnrl as mnrl_ops
+from fastloss.ops import sim_lse
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KERNELS = ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel")
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _flash_host_code(window: int):
+    """The Triton launches as no-ops and FASTLOSS_FLASH_WINDOW_ROWS = ``window``, restored on exit."""
+    saved = {name: getattr(sim_lse, name) for name in KERNELS}
+    saved_window = os.environ.get("FASTLOSS_FLASH_WINDOW_ROWS")
+    try:
+        for name in KERNELS:
+            setattr(sim_lse, name, _NoLaunch())
+        os.environ["FASTLOSS_FLASH_WINDOW_ROWS"] = str(window)
+        yield
+    finally:
+        for name, kernel in saved.items():
+            setattr(sim_lse, name, kernel)
+        if saved_window is None:
+            os.environ.pop("FASTLOSS_FLASH_WINDOW_ROWS", None)
+        else:
+            os.environ["FASTLOSS_FLASH_WINDOW_ROWS"] = saved_window
+
+
+def _inputs(batch: int, n_docs: int, dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Queries and the doc columns (positives, then hard negatives) as meta leaves."""
+    if n_docs % batch:
+        raise ValueError(f"N must be a multiple of B (columns of B docs), got B={batch}, N={n_docs}")
+    return [torch.empty(batch, dim, dtype=dtype, device="meta", requires_grad=True) for _ in range(1 + n_docs // batch)]
+
+
+def sentence_transformers_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype) -> float:
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    loss_fn = MultipleNegativesRankingLoss(None)
+    leaves = _inputs(batch, n_docs, dim, dtype)
+    with LiveTensorBytes() as memory:
+        loss_fn.compute_loss_from_embeddings(leaves, None).backward()
+    return memory.peak / 2**20
+
+
+def fastloss_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype, window: int) -> float:
+    leaves = _inputs(batch, n_docs, dim, dtype)
+    params = mnrl_ops.MNRLParams(offset=0, batch=batch)
+    scale = torch.tensor(20.0, device="meta")
+    with _flash_host_code(window), LiveTensorBytes() as memory:
+        q, docs = leaves[0].detach(), torch.cat([x.detach() for x in leaves[1:]])  # saved for the backward
+        _, lse, log_z, pos_val = mnrl_ops.mnrl_fwd(q, docs, scale, params)
+        # dq and dd (the columns' gradients are views of dd) are alive at the end, so counted in the peak
+        mnrl_ops.mnrl_bwd(torch.tensor(1.0, device="meta"), q, docs, scale, lse, log_z, pos_val, params)
+    return memory.peak / 2**20
+
+
+def _max_batch(fits, limit: int) -> int:
+    """The largest B (a multiple of 1024) up to ``limit`` for which ``fits(B)`` holds (0 when none)."""
+    lo, hi = 0, limit // 1024
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * 1024) else (lo, mid - 1)
+    return lo * 1024
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.projection", description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", action="append", help="B,N,D (repeatable; default: the GPU sweep's MNRL target)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU the default window is for (H100/H200: 132)")
+    ap.add_argument("--gib", type=float, default=80.0, help="memory for the largest-batch search (H100: 80)")
+    ap.add_argument("--max-batch-limit", type=int, default=1 << 24, help="stop the largest-batch search at this B")
+    args = ap.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    size = torch.finfo(dtype).bits // 8
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape or ["32768,65536,1024"]]
+    print(f"projected loss-stage peak beyond the inputs (MiB), {args.dtype}, default window for {args.sms} SMs:")
+    for batch, n_docs, dim in shapes:
+        window = mnrl_ops.default_window_rows(dim, args.sms)
+        st = sentence_transformers_mib(batch, n_docs, dim, dtype)
+        grads = (batch + n_docs) * dim * size / 2**20
+        print(f"  B={batch} N={n_docs} D={dim}: sentence-transformers {st:.1f}; the inputs' gradients {grads:.1f}")
+        for label, rows in ((f"window {window} rows", window), ("whole tensors", 0)):
+            mib = fastloss_mib(batch, n_docs, dim, dtype, rows)
+            print(
+                f"    fastloss, {label}: {mib:.1f} = {mib / st:.2%} of sentence-transformers'; beyond the gradients "
+                f"{mib - grads:.1f} = {(mib - grads) / (st - grads):.2%} of its {st - grads:.1f}"
+            )
+    dim = shapes[0][2]
+
+    def fits(measure):
+        return lambda batch: 3 * batch * dim * size + measure(batch) * 2**20 <= args.gib * 2**30
+
+    window = mnrl_ops.default_window_rows(dim, args.sms)
+    for name, measure in (
+        ("sentence-transformers", lambda b: sentence_transformers_mib(b, 2 * b, dim, dtype)),
+        ("fastloss", lambda b: fastloss_mib(b, 2 * b, dim, dtype, window)),
+    ):
+        best = _max_batch(fits(measure), args.max_batch_limit)
+        print(f"largest B (N = 2B, D={dim}) whose inputs and loss stage fit {args.gib:g} GiB: {name} {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
