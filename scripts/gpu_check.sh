@@ -5,11 +5,12 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh        # from the repository root; prints a short summary last
 #
 # Order, chosen for a device lease that may end early: fastloss installed without its extension (seconds: the GPU
-# losses are Triton kernels and need none), the extension's CPU+CUDA build started in the background, the target
-# MNRL case, the Triton GPU tests (pytest-xdist workers when it is installed: they are compile-bound), then, once the
-# build is done, the tests of the hand-written CUDA kernels, whether MNRL at B=1M fits (the largest-batch
-# target), the rest of the sweep, a minute of scripts/compare_backends.py on CUDA tensors and fp32 MNRL with tf32x3
-# dots. Every step's time goes into summary.txt.
+# losses are Triton kernels and need none), the extension's CPU+CUDA build started in the background, the target MNRL
+# case (and MNRL's target once more with whole fp32 gradients in the flash backward), the Triton GPU tests
+# (pytest-xdist workers when it is installed: they are compile-bound), then, once the build is done, the tests of the
+# hand-written CUDA kernels, whether MNRL at B=1M fits (the largest-batch target), the rest of the sweep, a
+# minute of scripts/compare_backends.py on CUDA tensors and fp32 MNRL with tf32x3 dots. Every step's time goes into
+# summary.txt.
 #
 # Budget: GPU_CHECK_BUDGET_S (default 540 s) for the whole script; the build gets at most GPU_CHECK_BUILD_S (300) and
 # runs while the GPU steps run; the Triton tests at most GPU_CHECK_TESTS_S (150). Wheels of optional peers (inf-cl,
@@ -69,6 +70,15 @@ bench=(python3 -m benchmarks "${where[@]}" --no-plot --out "$OUT")
 rest=$(($(left) - 20))
 timeout "$rest" "${bench[@]}" --groups target --no-max-batch --time-limit "$((rest - 60))" >>"$OUT/bench.log" 2>&1
 note "bench --groups target: rc=$?"
+
+# the target MNRL case again with whole fp32 gradients in the flash backward (FASTLOSS_FLASH_WINDOW_ROWS=0) instead
+# of the default window: what the window costs in time and saves in memory; its own folder
+t=$(cap 60)
+if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
+  FASTLOSS_FLASH_WINDOW_ROWS=0 timeout "$t" "${bench[@]}" --ops mnrl --impls fastloss --groups target \
+    --modes fwd+bwd --no-max-batch --out "$OUT/window0" >>"$OUT/bench.log" 2>&1
+  note "bench mnrl target FASTLOSS_FLASH_WINDOW_ROWS=0: rc=$?"
+fi
 
 # the gpu-marked tests of the Triton path (the extension's own CUDA tests come after its build)
 native_tests=(tests/test_cuda_kernels.py tests/test_native.py tests/test_triplet_bwd_native.py)
