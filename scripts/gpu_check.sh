@@ -40,11 +40,12 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
   note "wheels: $(ls .whl | tr '\n' ' ')"
 fi
 
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || true
+# the machine, into summary.txt (files back from $OUT: at most 8, so no file of its own)
+note "machine: $({
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 || true
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
-  nproc
-} | tee "$OUT/machine.txt"
+  echo "$(nproc) CPUs"
+} | tr '\n' ';')"
 
 # pytest-xdist where installed (the GPU image has it): the tests spend their time compiling kernels, on the CPU
 xdist=()
