@@ -271,11 +271,11 @@ def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor
     return row_loss.mean(), lse, log_z, pos_val
 
 
-# The flash backward holds the fp32 gradients of a window of rows at a time (one buffer for q's and d's windows):
-# at the GPU target (32768 queries, 65536 docs, D = 1024) whole fp32 dq_hat and dd_hat would take 384 MiB, 1.5% of
-# sentence-transformers' 25 GiB there. A window holds about WINDOW_BYTES but at least WINDOW_ROWS_PER_SM rows per SM
-# on CUDA (two waves of 128-row programs, each of which loops over every candidate: a smaller grid would leave SMs
-# idle), WINDOW_ROWS_MIN elsewhere (the Triton interpreter).
+# The flash backward holds the fp32 gradients of a window of rows at a time (one buffer for q's and d's windows): at
+# the GPU target (32768 queries, 65536 docs, D = 1024) whole fp32 dq_hat and dd_hat would take 384 MiB, against the 1%
+# target of sentence-transformers' 33 GiB there (projected: python -m benchmarks.projection). A window holds about
+# WINDOW_BYTES but at least WINDOW_ROWS_PER_SM rows per SM on CUDA (two waves of 128-row programs, each of which loops
+# over every candidate: a smaller grid would leave SMs idle), WINDOW_ROWS_MIN elsewhere (the Triton interpreter).
 WINDOW_BYTES = 64 * 2**20
 WINDOW_ROWS_PER_SM = 256
 WINDOW_ROWS_MIN = 16384
@@ -345,7 +345,7 @@ def mnrl_bwd(
     size = max(min(window_rows(x), x.shape[0]) for x in (q, d))
     buffer = torch.empty((size, q.shape[1]), device=q.device, dtype=torch.float32)
     for name, x, x_inv, other, other_inv, dx in (("q", q, q_inv, d, d_inv, dq), ("d", d, d_inv, q, q_inv, dd)):
-        step = min(window_rows(x), x.shape[0])
+        step = max(1, min(window_rows(x), x.shape[0]))
         for first in range(0, x.shape[0], step):
             last = min(first + step, x.shape[0])
             acc = buffer[: last - first]
