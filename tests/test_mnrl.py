@@ -15,6 +15,8 @@ import torch
 from _helpers import CONFIDENT, CONFIDENT_LAYOUTS, available_backends, confident_errors, leaf, rel_err
 
 import fastloss.functional as FF
+import fastloss.functional.mnrl as mnrl_functional
+from benchmarks.harness import LiveTensorBytes
 from fastloss import losses
 from fastloss.functional.mnrl import mnrl_backend
 from fastloss.ops.mnrl import DIRECTION_BITS, MNRLParams, mnrl
@@ -110,6 +112,31 @@ def test_odd_shapes(backend, batch, dim):
     for g, ref in zip(grads, ref_grads):
         # D=1: the exact gradient through the normalisation is 0; fp32 leaves a few ulps of scale * 1/|x|
         torch.testing.assert_close(g, ref, rtol=TOL[torch.float32]["rtol"], atol=1e-5)
+
+
+@pytest.mark.parametrize("n_cols", [2, 3], ids=["pairs", "hard-negative"])
+@pytest.mark.parametrize("layout", ["row-strided", "transposed"])
+def test_strided_embeddings(monkeypatch, backend, n_cols, layout):
+    """Non-contiguous columns (a slice of wider rows; a transposed buffer) give the contiguous columns' loss and
+    gradients; with pairs the positives go into the op uncopied."""
+    cols = _embeddings(13, 10, n_cols, seed=5)
+    if layout == "row-strided":
+        strided = [torch.cat([c, torch.randn(13, 6)], dim=1)[:, :10] for c in cols]
+    else:
+        strided = [c.t().contiguous().t() for c in cols]
+    assert not any(x.is_contiguous() for x in strided)
+    ours, _ = _pair({"directions": ("query_to_doc", "doc_to_query")})
+    want_loss, want_grads = _loss_and_grads(ours, cols)
+    leaves = [x.detach().requires_grad_(True) for x in strided]
+    seen = []
+    monkeypatch.setattr(mnrl_functional, "mnrl", lambda q, d, *args: seen.append(d) or mnrl(q, d, *args))
+    loss = ours.compute_loss_from_embeddings(leaves, None)
+    if backend != "torch" and n_cols == 2:
+        assert seen[0].data_ptr() == leaves[1].data_ptr()  # the positives, not a copy
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), want_loss, **LOSS_TOL)
+    for leaf_, want in zip(leaves, want_grads):
+        torch.testing.assert_close(leaf_.grad, want, **TOL[torch.float32])
 
 
 def test_fp64_embeddings_give_an_fp64_loss(backend):
@@ -453,7 +480,6 @@ def test_flash_backward_memory_is_one_window(monkeypatch, directions):
     """Beyond the returned gradients, the flash backward allocates one window of fp32 rows, the epilogues' chunks and
     O(B) vectors (counted per torch op: the op's Python body, run under a dispatch mode), not fp32 copies of q and d
     (whole windows exceed the bound about 3 times over)."""
-    from benchmarks.harness import LiveTensorBytes
     from fastloss.ops import mnrl as mnrl_module
 
     world, n_docs, dim, window = 128, 384, 64, 8
