@@ -638,6 +638,8 @@ class SimLseBackward:
         pen_mode, precision = _options(period, pen_mode, alpha, self.r.dtype)
         self.scale = _scale(scale, self.r.device)
         self.g_max = None
+        # the kernels' leading arguments, shared by both
+        self.operands = (self.r, self.c, self.r_inv, self.c_inv, self.scale, self.lse, self.g)
         self.sizes = (period, offset, float(alpha), self.r.stride(0), self.c.stride(0))
         self.flags = {
             "MASK_OWN": bool(mask_own),
@@ -670,13 +672,7 @@ class SimLseBackward:
             return
         with _on_device(self.r):
             sim_lse_bwd_dr_kernel[lambda meta: (triton.cdiv(last - first, meta["BLOCK_M"]),)](
-                self.r,
-                self.c,
-                self.r_inv,
-                self.c_inv,
-                self.scale,
-                self.lse,
-                self.g,
+                *self.operands,
                 self.pos_val,
                 out,
                 out if dscale is None else dscale,
@@ -705,13 +701,7 @@ class SimLseBackward:
             self.g_max = self.g.abs().amax()
         with _on_device(self.r):
             sim_lse_bwd_dc_kernel[lambda meta: (triton.cdiv(last - first, meta["BLOCK_N"]),)](
-                self.r,
-                self.c,
-                self.r_inv,
-                self.c_inv,
-                self.scale,
-                self.lse,
-                self.g,
+                *self.operands,
                 self.g_max,
                 self.pos_val,
                 out,
@@ -736,31 +726,12 @@ def sim_lse_bwd(
     lse: Tensor,
     g: Tensor,
     *,
-    period: int,
-    offset: int,
-    mask_own: bool,
-    pen_mode: int,
-    alpha: float,
     need_dscale: bool,
-    pos_val: Tensor | None = None,
+    **options,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(dr_hat fp32 [M, D], dc_hat fp32 [N, D], dscale fp32 [M] or None) for dL/dlse = ``g``, whole; ``pos_val`` [M]
-    replaces P at each row's column i + offset (+inf: that row keeps P)."""
-    bwd = SimLseBackward(
-        r,
-        c,
-        r_inv,
-        c_inv,
-        scale,
-        lse,
-        g,
-        period=period,
-        offset=offset,
-        mask_own=mask_own,
-        pen_mode=pen_mode,
-        alpha=alpha,
-        pos_val=pos_val,
-    )
+    """(dr_hat fp32 [M, D], dc_hat fp32 [N, D], dscale fp32 [M] or None) for dL/dlse = ``g``, whole: SimLseBackward's
+    two launches over every row and candidate (``options``: its keywords, period ... pos_val)."""
+    bwd = SimLseBackward(r, c, r_inv, c_inv, scale, lse, g, **options)
     dr = torch.empty((bwd.M, bwd.D), device=bwd.r.device, dtype=torch.float32)
     dc = torch.empty((bwd.N, bwd.D), device=bwd.r.device, dtype=torch.float32)
     dscale = torch.empty(bwd.M, device=bwd.r.device, dtype=torch.float32) if need_dscale else None
