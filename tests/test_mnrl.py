@@ -455,12 +455,14 @@ def test_local_rows_and_direction_sums_match_the_reference(backend_name, offset,
     ids=["all4", "all4-gathered", "qd+dq-gathered", "q2d"],
 )
 @pytest.mark.parametrize("rows", ["4", "5", "16"])
-def test_flash_backward_in_windows_of_rows(monkeypatch, rows, offset, batch, directions, joint, dim):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_flash_backward_in_windows_of_rows(monkeypatch, dtype, rows, offset, batch, directions, joint, dim):
     """The flash backward holds a window of fp32 gradient rows at a time (FASTLOSS_FLASH_WINDOW_ROWS; 0: whole):
     windows that split the local rows, the candidates and D chunks, with several directions adding into one window
     (launches with ACCUMULATE, and a zeroed window where no launch covers it), give the whole backward's values."""
-    q, p, n = _embeddings(9, dim, 3, dtype=torch.float32, seed=3)
+    q, p, n = _embeddings(9, dim, 3, dtype=dtype, seed=3)
     params = MNRLParams(offset=offset, batch=batch, directions=directions, joint=joint, hardness=3, alpha=0.4)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-5)  # fp16: ~1 ulp
 
     def run():
         args = (leaf(q), leaf(torch.cat([p, n])), leaf(torch.tensor(20.0)))
@@ -471,7 +473,7 @@ def test_flash_backward_in_windows_of_rows(monkeypatch, rows, offset, batch, dir
     whole = run()
     monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", rows)
     for got, want in zip(run(), whole):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
