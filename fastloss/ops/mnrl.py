@@ -99,7 +99,7 @@ def _row_dots(a: Tensor, b: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
     """<a_i, b_i> in ``dtype`` for each row, a chunk of rows at a time."""
     out = torch.empty(a.shape[0], device=a.device, dtype=dtype)
     for rows in _row_chunks(a):
-        out[rows] = (a[rows].to(dtype) * b[rows].to(dtype)).sum(dim=1)
+        out[rows] = a[rows].to(dtype, copy=True).mul_(b[rows]).sum(dim=1)  # one chunk-sized temporary
     return out
 
 
@@ -131,6 +131,7 @@ def _norm_backward(
         projection = torch.where(inv_rows < 1.0 / NORM_EPS, projection, torch.zeros_like(projection))
         part = x_hat.mul_(projection.neg_()).add_(grad[rows])  # grad - x_hat * projection, rounded the same way
         dx[rows] = part if scaled else part.mul_(inv_rows)
+        del x_hat, part  # before the next chunk's copy
     return dx
 
 
@@ -274,8 +275,9 @@ def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor
 # The flash backward holds the fp32 gradients of a window of rows at a time (one buffer for q's and d's windows): at
 # the GPU target (32768 queries, 65536 docs, D = 1024) whole fp32 dq_hat and dd_hat would take 384 MiB, against the 1%
 # target of sentence-transformers' 33 GiB there (projected: python -m benchmarks.projection). A window holds about
-# WINDOW_BYTES but at least WINDOW_ROWS_PER_SM rows per SM on CUDA (two waves of 128-row programs, each of which loops
-# over every candidate: a smaller grid would leave SMs idle), WINDOW_ROWS_MIN elsewhere (the Triton interpreter).
+# WINDOW_BYTES, but on CUDA at least WINDOW_ROWS_PER_SM rows per SM: two 128-row programs for every SM (the wide tiles
+# run about two per SM), since each program loops over every candidate and a grid smaller than what the GPU runs at
+# once leaves SMs idle for the whole launch. Elsewhere (the Triton interpreter) WINDOW_ROWS_MIN.
 WINDOW_BYTES = 64 * 2**20
 WINDOW_ROWS_PER_SM = 256
 WINDOW_ROWS_MIN = 16384
@@ -368,6 +370,7 @@ def mnrl_bwd(
                 acc.zero_()
             _add_positive_rows(acc, first, other, other_inv, x_inv, coef, p, scaled=False)
             _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last])
+    del acc, buffer
     dscale = sum(ds.sum() for ds in dscales) - h * (separate * _positive_sims(q, d, q_inv, d_inv, p)).sum()
     return dq, dd, dscale.to(scale.dtype).reshape(scale.shape)
 
