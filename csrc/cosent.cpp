@@ -375,18 +375,21 @@ FASTLOSS_SIMD_CLONES void lse_scan(const double* x, double* out, double* carry, 
   for (int64_t j = 0; j < n; ++j) out[j] += log_positive(carry[j]);
 }
 
-// t_k = s_k + R_{hi_k} and the loss LSE(0, t): its max first, then one vectorised pass of exps.
+// t_k = s_k + R_{hi_k} and the loss LSE(0, t) = softplus(LSE(t)): the max of t first, then one vectorised pass of
+// exps. Not log(1 + sum) directly: in a well-ranked batch the sum is far below 1's ulp, and softplus keeps its digits.
 FASTLOSS_SIMD_CLONES double loss_of(const double* s, const double* r_hi, double* t, int64_t n) {
-  double t_max = 0.0;  // the "1 +" of the loss is exp(0)
+  double t_max = -std::numeric_limits<double>::infinity();
 #pragma omp simd reduction(max : t_max)
   for (int64_t k = 0; k < n; ++k) {
     t[k] = s[k] + r_hi[k];
     t_max = t[k] > t_max ? t[k] : t_max;
   }
+  if (t_max == -std::numeric_limits<double>::infinity()) return 0.0;  // no pair ranks below another
   double total = 0.0;
 #pragma omp simd reduction(+ : total)
   for (int64_t k = 0; k < n; ++k) total += exp_nonpositive(t[k] - t_max);
-  return t_max + log_positive(total + exp_nonpositive(-t_max));
+  const double lse = t_max + std::log(total);
+  return std::max(lse, 0.0) + std::log1p(std::exp(-std::abs(lse)));
 }
 
 // dloss/ds_k = exp(t_k - loss) - exp(Q_{lo_k} - s_k - loss): the share of the partition where pair k is the lower

@@ -403,6 +403,25 @@ def test_closed_form_matches_brute_force_and_ignores_pair_order(labels, seed, sc
     assert_close(permuted, got, 1e-6)
 
 
+@pytest.mark.parametrize("impl", ["triton", "closed_form", "native"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_well_ranked_batch_keeps_its_tiny_loss(impl, kind):
+    """Labels in the order of the similarities and a scale that puts every t <= -30: the loss, sum exp(t) ~ 1e-13,
+    lies far below fp32's ulp of 1, where log(1 + sum) (sentence-transformers' logsumexp with the 0) rounds it to 0;
+    formed as softplus(LSE(t)) it keeps its digits (up to the fp32 similarities' rounding times the scale)."""
+    if impl == "native" and not _backend.native_has("cosent_fwd"):
+        pytest.skip("fastloss._C is not built")
+    a, b = make_columns(2, 7, 5, torch.float32, kind=kind, seed=11)
+    sim = FASTLOSS_SIM[kind](a.double(), b.double())
+    y = torch.argsort(torch.argsort(sim)).to(torch.float32)  # each pair's rank by similarity
+    scale = 30.0 / sim.sort().values.diff().min().item()
+    s = scale * sim
+    want = torch.log1p(torch.exp((s[:, None] - s[None, :])[y[:, None] < y[None, :]]).sum())
+    got = cosent_op.cosent(a, b, y, torch.tensor(scale), cosent_op.KINDS[kind], impl=impl)
+    assert 0.0 < want.item() < 1e-12
+    assert abs(got.item() - want.item()) <= max(1e-5, 20 * scale * 6e-8) * want.item()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # backend choice, fallback, bad input
 

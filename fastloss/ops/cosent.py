@@ -10,7 +10,8 @@ anchors once and stack the other columns, so the anchors are never repeated in m
 Sorting the labels (ties keep their order; the loss does not depend on it), with k the sorted position,
 hi_k / lo_k the first position with a label > y_k / >= y_k:
   R_m = LSE_{j >= m}(-s_j) (R_N = -inf),   Q_m = LSE_{j < m}(s_j) (Q_0 = -inf),   t_k = s_k + R_{hi_k}
-  loss = LSE(0, t_0, ..., t_{N-1})
+  loss = LSE(0, t_0, ..., t_{N-1}) = softplus(LSE(t))   (as softplus: in a well-ranked batch the sum of exp(t) is far
+                                                           below 1's ulp, and log(1 + sum) would round it away)
   dloss/ds_k = exp(t_k - loss) - exp(Q_{lo_k} - s_k - loss)    (each term a share of the partition: <= 1)
 The gradient w.r.t. the similarities is O(N) and comes out of the forward's ranking kernel; the backward is one
 pass over the embeddings with the chain rule through the similarity (u, v: d z / d a_hat, d z / d b_hat):
@@ -69,6 +70,16 @@ def _logaddexp(x, y):
     b_max = tl.maximum(x, y)
     b_min = tl.minimum(x, y)
     return tl.where(b_min == float("-inf"), b_max, b_max + tl.log(1.0 + tl.exp(b_min - b_max)))
+
+
+@_jit
+def _softplus(x):
+    """log(1 + e^x) = LSE(0, x), with the digits of a tiny e^x kept: log1p(y) as log(1 + y) * y / ((1 + y) - 1),
+    which cancels the rounding of 1 + y (Goldberg), y where 1 + y rounds to 1."""
+    b_y = tl.exp(-tl.abs(x))
+    b_u = 1.0 + b_y
+    b_log1p = tl.where(b_u == 1.0, b_y, tl.log(b_u) * b_y / tl.where(b_u == 1.0, 1.0, b_u - 1.0))
+    return tl.maximum(x, 0.0) + b_log1p
 
 
 @_jit
@@ -150,8 +161,8 @@ def cosent_rank_kernel(
 
     # backward pass over sorted positions: suffix LSE of -s, then t_k = s_k + R[hi_k] into a running LSE
     b_carry = tl.full((), float("-inf"), tl.float32)
-    b_m = tl.full((), 0.0, tl.float32)  # the "1 +" of the loss is exp(0)
-    b_l = tl.full((), 1.0, tl.float32)
+    b_m = tl.full((), float("-inf"), tl.float32)  # LSE(t) as a running max and sum; the loss is its softplus
+    b_l = tl.full((), 0.0, tl.float32)
     for start in range(0, n_pairs, BLOCK):
         o_rev = start + o_blk
         m_k = o_rev < n_pairs
@@ -170,9 +181,10 @@ def cosent_rank_kernel(
         o_hi = tl.load(p_hi + o_k, mask=m_k, other=0)
         b_t = tl.where(m_k, b_s + tl.load(p_r + o_hi, mask=m_k, other=float("-inf")), float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_t, axis=0))
-        b_l = b_l * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_t - b_m_new), axis=0)
+        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # no t so far: exp(-inf - 0) = 0, not NaN
+        b_l = b_l * tl.exp(b_m - b_ref) + tl.sum(tl.exp(b_t - b_ref), axis=0)
         b_m = b_m_new
-    b_loss = b_m + tl.log(b_l)
+    b_loss = _softplus(tl.where(b_l > 0.0, b_m + tl.log(tl.where(b_l > 0.0, b_l, 1.0)), float("-inf")))
 
     # forward pass: prefix LSE of s, then dloss/ds_k scattered back to the pair order, and sum_k dloss/ds_k * sim_k
     b_carry = tl.full((), float("-inf"), tl.float32)
@@ -410,7 +422,8 @@ def cosent_fwd_torch(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: 
     suffix = torch.cat((torch.logcumsumexp(-s.flip(0), dim=0).flip(0), ninf))  # R
     prefix = torch.cat((ninf, torch.logcumsumexp(s, dim=0)))  # Q
     t = s + suffix[hi]
-    loss = torch.logsumexp(torch.cat((s.new_zeros(1), t)), dim=0)
+    lse = torch.logsumexp(t, dim=0)  # the loss LSE(0, t) as softplus(LSE(t)): a tiny sum keeps its digits
+    loss = lse.clamp_min(0.0) + torch.log1p(torch.exp(-lse.abs())) if t.numel() else s.new_zeros(())
     g_sorted = torch.exp(t - loss) - torch.exp(prefix[lo] - s - loss)
     g = torch.empty_like(g_sorted).index_copy_(0, order, g_sorted)
     gsim = (g_sorted * s).sum() / scale32
