@@ -388,8 +388,7 @@ FASTLOSS_SIMD_CLONES double loss_of(const double* s, const double* r_hi, double*
   double total = 0.0;
 #pragma omp simd reduction(+ : total)
   for (int64_t k = 0; k < n; ++k) total += exp_nonpositive(t[k] - t_max);
-  const double lse = t_max + std::log(total);
-  return std::max(lse, 0.0) + std::log1p(std::exp(-std::abs(lse)));
+  return softplus(t_max + std::log(total));
 }
 
 // dloss/ds_k = exp(t_k - loss) - exp(Q_{lo_k} - s_k - loss): the share of the partition where pair k is the lower

@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 
@@ -22,6 +24,13 @@ void register_cosent(pybind11::module_& m);
 #ifdef FASTLOSS_WITH_CUDA
 void register_cuda(pybind11::module_& m);
 #endif
+
+// log(1 + e^x), exact at both ends (x = -inf gives 0; a tiny e^x keeps its digits): MNRL's confident rows, CoSENT's
+// well-ranked batches.
+template <typename T>
+T softplus(T x) {
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
 
 constexpr int64_t kDefaultBlockBytes = int64_t{16} << 20;  // MNRL: m = 512 rows at N = 8192, GEMMs still efficient
 

@@ -183,11 +183,7 @@ RowSums<T> row_exp(T* s, const T* inv, int64_t n, int64_t own, int64_t period, c
   return acc;
 }
 
-// log(1 + e^x) and 1 / (1 + e^-x), exact at both ends (x = -inf gives 0).
-template <typename T>
-T softplus(T x) {
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
-}
+// 1 / (1 + e^-x), exact at both ends (softplus: fastloss.h).
 template <typename T>
 T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));

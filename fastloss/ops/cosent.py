@@ -36,11 +36,14 @@ import torch
 from torch import Tensor
 
 from fastloss import _backend
+from fastloss.ops.mnrl import _softplus as _softplus_torch
 from fastloss.similarity import NORM_EPS
 
 try:
     import triton
     import triton.language as tl
+
+    from fastloss.ops.sim_lse import _log_sum
 except ImportError:  # no triton (e.g. macOS): the closed-form torch implementation still works
     triton = tl = None
 
@@ -184,7 +187,7 @@ def cosent_rank_kernel(
         b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # no t so far: exp(-inf - 0) = 0, not NaN
         b_l = b_l * tl.exp(b_m - b_ref) + tl.sum(tl.exp(b_t - b_ref), axis=0)
         b_m = b_m_new
-    b_loss = _softplus(tl.where(b_l > 0.0, b_m + tl.log(tl.where(b_l > 0.0, b_l, 1.0)), float("-inf")))
+    b_loss = _softplus(_log_sum(b_m, b_l))
 
     # forward pass: prefix LSE of s, then dloss/ds_k scattered back to the pair order, and sum_k dloss/ds_k * sim_k
     b_carry = tl.full((), float("-inf"), tl.float32)
@@ -422,8 +425,7 @@ def cosent_fwd_torch(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: 
     suffix = torch.cat((torch.logcumsumexp(-s.flip(0), dim=0).flip(0), ninf))  # R
     prefix = torch.cat((ninf, torch.logcumsumexp(s, dim=0)))  # Q
     t = s + suffix[hi]
-    lse = torch.logsumexp(t, dim=0)  # the loss LSE(0, t) as softplus(LSE(t)): a tiny sum keeps its digits
-    loss = lse.clamp_min(0.0) + torch.log1p(torch.exp(-lse.abs())) if t.numel() else s.new_zeros(())
+    loss = _softplus_torch(torch.logsumexp(t, dim=0))  # LSE(0, t) as softplus(LSE(t)): a tiny sum keeps its digits
     g_sorted = torch.exp(t - loss) - torch.exp(prefix[lo] - s - loss)
     g = torch.empty_like(g_sorted).index_copy_(0, order, g_sorted)
     gsim = (g_sorted * s).sum() / scale32

@@ -633,8 +633,7 @@ class SimLseBackward:
         (self.M, self.D), self.N = self.r.shape, self.c.shape[0]
         self.r_inv, self.c_inv = _vector(r_inv, self.M, "r_inv"), _vector(c_inv, self.N, "c_inv")
         self.lse, self.g = _vector(lse, self.M, "lse"), _vector(g, self.M, "g")
-        self.fold = pos_val is not None
-        self.pos_val = _vector(pos_val, self.M, "pos_val") if self.fold else self.g
+        self.pos_val = self.g if pos_val is None else _vector(pos_val, self.M, "pos_val")
         pen_mode, precision = _options(period, pen_mode, alpha, self.r.dtype)
         self.scale = _scale(scale, self.r.device)
         self.g_max = None
@@ -644,7 +643,7 @@ class SimLseBackward:
         self.flags = {
             "MASK_OWN": bool(mask_own),
             "PEN_MODE": pen_mode,
-            "FOLD_POS": self.fold,
+            "FOLD_POS": pos_val is not None,
             "DOT_PRECISION": precision,
         }
 
