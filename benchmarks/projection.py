@@ -5,9 +5,9 @@
 torch.cuda.max_memory_allocated's accounting, without the caching allocator's rounding or cuBLAS workspaces), and
 prints the loss stage's peak beyond its inputs, as the suite's peak_mib counts it, against sentence-transformers':
 - sentence-transformers: its MultipleNegativesRankingLoss.compute_loss_from_embeddings and backward, as they are.
-- fastloss: the flash path's host code as fastloss.functional.mnrl_loss runs it on CUDA (the docs' cat where there are
-  hard negatives, then fastloss.ops.mnrl.mnrl_fwd / mnrl_bwd, called directly: to a dispatch mode a torch.library op
-  is one opaque call), with the Triton launches replaced by no-ops. The kernels allocate nothing themselves, so every
+- fastloss: the flash path's host code as fastloss.functional.mnrl_loss runs it on CUDA (the doc columns as blocks,
+  uncopied, into fastloss.ops.mnrl.mnrl_fwd / mnrl_bwd, called directly: to a dispatch mode a torch.library op is one
+  opaque call), with the Triton launches replaced by no-ops. The kernels allocate nothing themselves, so every
   allocation of the op is in that host code. The window is the CUDA default for ``--sms`` SMs, and whole tensors for
   comparison.
 Then the largest batch (N = 2B) whose inputs and loss stage fit ``--gib``. A projection, not a measurement: the GPU
@@ -76,10 +76,9 @@ def fastloss_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype, window: 
     params = mnrl_ops.MNRLParams(offset=0, batch=batch)
     scale = torch.tensor(20.0, device="meta")
     with _flash_host_code(window), LiveTensorBytes() as memory:
-        columns = [x.detach() for x in leaves[1:]]
-        q, docs = leaves[0].detach(), columns[0] if len(columns) == 1 else torch.cat(columns)  # as mnrl_loss
+        q, docs = leaves[0].detach(), [x.detach() for x in leaves[1:]]  # as mnrl_loss: the columns as blocks
         _, lse, log_z, pos_val = mnrl_ops.mnrl_fwd(q, docs, scale, params)
-        # dq and dd (the columns' gradients are views of dd) are alive at the end, so counted in the peak
+        # dq and each column's dd are alive at the end, so counted in the peak
         mnrl_ops.mnrl_bwd(torch.tensor(1.0, device="meta"), q, docs, scale, lse, log_z, pos_val, params)
     return memory.peak / 2**20
 

@@ -15,7 +15,7 @@ import torch
 from _helpers import CONFIDENT, CONFIDENT_LAYOUTS, available_backends, confident_errors, leaf, rel_err
 
 import fastloss.functional as FF
-import fastloss.functional.mnrl as mnrl_functional
+import fastloss.ops.mnrl as mnrl_ops
 from benchmarks.harness import LiveTensorBytes
 from fastloss import losses
 from fastloss.functional.mnrl import mnrl_backend
@@ -118,7 +118,8 @@ def test_odd_shapes(backend, batch, dim):
 @pytest.mark.parametrize("layout", ["row-strided", "transposed"])
 def test_strided_embeddings(monkeypatch, backend, n_cols, layout):
     """Non-contiguous columns (a slice of wider rows; a transposed buffer) give the contiguous columns' loss and
-    gradients; with pairs the positives go into the op uncopied."""
+    gradients; they go into the op uncopied: the flash op takes the columns as blocks, the row-block ops take one
+    tensor (pairs: the positives as they are)."""
     cols = _embeddings(13, 10, n_cols, seed=5)
     if layout == "row-strided":
         strided = [torch.cat([c, torch.randn(13, 6)], dim=1)[:, :10] for c in cols]
@@ -129,10 +130,14 @@ def test_strided_embeddings(monkeypatch, backend, n_cols, layout):
     want_loss, want_grads = _loss_and_grads(ours, cols)
     leaves = [x.detach().requires_grad_(True) for x in strided]
     seen = []
-    monkeypatch.setattr(mnrl_functional, "mnrl", lambda q, d, *args: seen.append(d) or mnrl(q, d, *args))
+    for name in ("_mnrl_fwd_op", "_mnrl_fused_op", "_mnrl_blocked_op"):
+        op = getattr(mnrl_ops, name)
+        monkeypatch.setattr(mnrl_ops, name, lambda q, d, *args, op=op: seen.append(d) or op(q, d, *args))
     loss = ours.compute_loss_from_embeddings(leaves, None)
-    if backend != "torch" and n_cols == 2:
-        assert seen[0].data_ptr() == leaves[1].data_ptr()  # the positives, not a copy
+    if backend != "torch":
+        taken = seen[0] if isinstance(seen[0], list) else [seen[0]]
+        if backend == "triton" or n_cols == 2:  # the columns themselves, not a copy
+            assert [x.data_ptr() for x in taken] == [x.data_ptr() for x in leaves[1:]]
     loss.backward()
     torch.testing.assert_close(loss.detach(), want_loss, **LOSS_TOL)
     for leaf_, want in zip(leaves, want_grads):
@@ -465,8 +470,8 @@ def test_flash_backward_in_windows_of_rows(monkeypatch, dtype, rows, offset, bat
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-5)  # fp16: ~1 ulp
 
     def run():
-        args = (leaf(q), leaf(torch.cat([p, n])), leaf(torch.tensor(20.0)))
-        mnrl(*args, params, "triton").backward()
+        args = (leaf(q), leaf(p), leaf(n), leaf(torch.tensor(20.0)))
+        mnrl(args[0], args[1:3], args[3], params, "triton").backward()  # the doc columns as blocks, as mnrl_loss
         return [x.grad for x in args]
 
     monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", "0")
@@ -474,6 +479,41 @@ def test_flash_backward_in_windows_of_rows(monkeypatch, dtype, rows, offset, bat
     monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", rows)
     for got, want in zip(run(), whole):
         torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("dim", [20, 136], ids=["one-D-tile", "D-chunks"])
+@pytest.mark.parametrize(
+    "offset,batch,directions,joint",
+    [(0, 9, 15, True), (2, 5, 15, True), (3, 4, 5, False), (0, 9, 9, True)],
+    ids=["all4", "all4-gathered", "qd+dq-gathered", "q2d+d2d"],
+)
+@pytest.mark.parametrize("split", [(9, 18), (11, 16), (9, 10, 26)], ids=["columns", "uneven", "one-row-blocks"])
+def test_flash_doc_blocks(split, offset, batch, directions, joint, dim):
+    """The flash op takes the docs as blocks of rows (mnrl_loss passes the columns, uncopied): any split, even one
+    that cuts a column or the hardness penalty's first period, gives one tensor's loss and gradients (to fp32
+    rounding: each block's LSE, combined by logsumexp, in place of one pass)."""
+    cols = _embeddings(9, dim, 4, seed=11)
+    params = MNRLParams(offset=offset, batch=batch, directions=directions, joint=joint, hardness=3, alpha=0.4)
+    whole = torch.cat(cols[1:])
+    edges = [0, *split, whole.shape[0]]
+
+    def run(blocks):
+        q, docs, scale = leaf(cols[0]), [leaf(b) for b in blocks], leaf(torch.tensor(20.0))
+        loss = mnrl(q, docs, scale, params, "triton")
+        loss.backward()
+        return [loss.detach(), q.grad, torch.cat([x.grad for x in docs]), scale.grad]
+
+    want = run([whole])
+    got = run([whole[a:b] for a, b in zip(edges, edges[1:])])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_flash_doc_blocks_must_start_with_the_positives():
+    q, p = _embeddings(6, 8, 2)
+    with pytest.raises(ValueError, match=r"the first block of docs must hold the positives, rows \[2, 6\)"):
+        mnrl(q, [p[:4], p[4:]], torch.tensor(20.0), MNRLParams(offset=2, batch=4), "triton")
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
@@ -485,7 +525,7 @@ def test_flash_backward_memory_is_one_window(monkeypatch, directions):
     from fastloss.ops import mnrl as mnrl_module
 
     world, n_docs, dim, window = 128, 384, 64, 8
-    q, d = _embeddings(world, dim, 1, seed=1)[0], torch.cat(_embeddings(world, dim, 3, seed=2))
+    q, d = _embeddings(world, dim, 1, seed=1)[0], _embeddings(world, dim, 3, seed=2)  # the doc columns as blocks
     params = MNRLParams(offset=0, batch=world, directions=directions)
     scale = torch.tensor(20.0)
     _, lse, log_z, pos_val = mnrl_module.mnrl_fwd(q, d, scale, params)
@@ -552,8 +592,8 @@ def test_opcheck(backend_name):
         op = torch.ops.fastloss.mnrl_fused if backend_name == "native" else torch.ops.fastloss.mnrl_blocked
         torch.library.opcheck(op, (q, d, scale, *args, True))
     else:
-        q, d, scale = leaf(q), leaf(d), leaf(scale)
-        torch.library.opcheck(torch.ops.fastloss.mnrl_fwd, (q, d, scale, *args))
+        docs = [leaf(p), leaf(p.flip(0))]  # the flash op takes the doc columns as blocks
+        torch.library.opcheck(torch.ops.fastloss.mnrl_fwd, (leaf(q), docs, leaf(scale), *args))
 
 
 @pytest.mark.parametrize("backend_name", _op_backends())

@@ -180,6 +180,38 @@ def test_masks_and_penalties(poison, pen_mode, mask_own, offset, dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mask_own", [False, True], ids=["keep_own", "mask_own"])
+@pytest.mark.parametrize("pen_mode", [0, 2, 3], ids=lambda m: PEN_IDS[m])
+@pytest.mark.parametrize("bounds", [(8, 16), (5, 13, 19)], ids=["columns", "uneven"])
+def test_candidate_blocks(poison, bounds, pen_mode, mask_own, dtype):
+    """The candidates as separate blocks (MNRL's doc columns, not concatenated), each launched with the global index
+    ``base`` of its first row: the blocks' LSEs combined by logsumexp, their rows' dr_hat and dscale summed (the
+    second block on adds with accumulate) and their dc_hat side by side equal the oracle on the whole candidates,
+    with masks, penalties and the positive fold at their global columns. The uneven split cuts the positive column's
+    tiles, the first period and a 16-candidate interpreter tile."""
+    r, c, r_inv, c_inv, g = make(5, 24, 20, dtype, seed=7)
+    opts = dict(period=8, offset=3, mask_own=mask_own, pen_mode=pen_mode, alpha=0.7)
+    pos_val = positive_values(5, seed=7)
+    lse_w, dr_w, dc_w, dscale_w, nlse_w = oracle(r, c, r_inv, c_inv, 20.0, g, pos_val=pos_val, **opts)
+    edges = [0, *bounds, c.shape[0]]
+    blocks = [(c[a:b], c_inv[a:b], a) for a, b in zip(edges, edges[1:])]
+    stats = [sim_lse_fwd(r, cb, r_inv, ib, 20.0, positive_col=True, base=a, **opts) for cb, ib, a in blocks]
+    assert_close(torch.logsumexp(torch.stack([lse for lse, _ in stats]), 0), lse_w, TOL[dtype], "lse")
+    assert_close(torch.logsumexp(torch.stack([nlse for _, nlse in stats]), 0), nlse_w, TOL[dtype], "nlse")
+    dr = torch.empty(5, 20)
+    dc = torch.empty(24, 20)
+    dscale = torch.zeros(5)
+    for k, (cb, ib, a) in enumerate(blocks):
+        bwd = sim_lse.SimLseBackward(r, cb, r_inv, ib, 20.0, lse_w.float(), g, pos_val=pos_val, base=a, **opts)
+        part = torch.empty(5)
+        bwd.rows(dr, 0, 5, accumulate=k > 0, dscale=part)
+        dscale += part
+        bwd.candidates(dc[a : a + cb.shape[0]], 0, cb.shape[0], accumulate=False)
+    for name, actual, want in (("dr_hat", dr, dr_w), ("dc_hat", dc, dc_w), ("dscale", dscale, dscale_w)):
+        assert_close(actual, want, TOL[dtype], name)
+
+
 def test_fully_masked_rows(poison):
     """Row 0 (and the only candidate's whole column) is masked: lse -inf, zero gradients, no NaN."""
     r, c, r_inv, c_inv, g = make(3, 1, 5, torch.float32, seed=2)
@@ -361,8 +393,9 @@ def test_empty(M, N):
         (dict(period=0), "period"),
         (dict(pen_mode=4), "pen_mode"),
         (dict(alpha=-1.0), "alpha"),
+        (dict(base=-1), "base"),
     ],
-    ids=["period", "pen_mode", "alpha"],
+    ids=["period", "pen_mode", "alpha", "base"],
 )
 def test_invalid_options(kwargs, match):
     r, c, r_inv, c_inv, _ = make(3, 4, 5, torch.float32)

@@ -1,6 +1,7 @@
 """The fused MNRL op: every direction of MultipleNegativesRankingLoss without a B x N matrix in memory.
 
-Directions (W gathered rows, B local rows at ``offset``, k doc columns, docs_all = cat(columns) [kW, D]):
+Directions (W gathered rows, B local rows at ``offset``, k doc columns, docs_all = cat(columns) [kW, D]: the flash
+op takes the columns as blocks of candidates, uncopied, one sim_lse launch per block with its first index):
   query_to_doc    rows = local queries,   candidates = docs_all, hardness penalty per ``hardness``
   query_to_query  rows = local queries,   candidates = all queries, own query masked
   doc_to_query    rows = local positives, candidates = all queries
@@ -23,9 +24,9 @@ than half the mass (p - 1 <= -1/2: nothing cancels, and the division could grow 
 positive's -1 is added after the kernels. That term and the normalisation backward
 dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one pass by
 fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). The backward runs per window of
-rows of q and of d (window_rows): the kernels write or add that window's fp32 dx_hat into one buffer, the epilogues
-turn it into those rows of dx. Beyond the returned gradients it holds that buffer, a chunk of rows of the epilogues'
-temporaries and O(B) vectors.
+rows of q and of each block of d (window_rows): the kernels write or add that window's fp32 dx_hat into one
+buffer, the epilogues turn it into those rows of dx. Beyond the returned gradients it holds that buffer, a chunk of
+rows of the epilogues' temporaries and O(B) vectors.
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -35,8 +36,10 @@ Three implementations sit behind ``torch.library`` ops so that torch.compile see
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -181,15 +184,45 @@ def directions(p: MNRLParams) -> list[Direction]:
     ]
 
 
-def _direction_problems(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams):
-    """(bit, rows, candidates, row inv norms, candidate inv norms, mask_own, pen_mode) per selected direction."""
-    local = slice(p.offset, p.offset + p.batch)
+@dataclass(frozen=True)
+class Problem:
+    """One direction's sim_lse problem over the tensors xs = [q, *docs]: its rows are the local rows of xs[rows_of],
+    its candidates one block per entry of ``blocks`` (index into xs, global index of the block's first candidate)."""
+
+    bit: int
+    rows_of: int
+    blocks: list[tuple[int, int]]
+    mask_own: bool
+    pen_mode: int
+
+
+def _problems(xs: list[Tensor], p: MNRLParams) -> list[Problem]:
+    """The selected directions' problems over xs = [q, *docs] (the docs in blocks of candidates: the columns as
+    they come, not copied into one tensor). Each direction's rows are the local rows of q or of the first block."""
+    bases = [0, *itertools.accumulate(x.shape[0] for x in xs[1:])][:-1]
     out = []
     for dir_ in directions(p):
-        rows, rows_inv = (q[local], q_inv[local]) if dir_.rows_are_queries else (d[local], d_inv[local])
-        cands, cands_inv = (d, d_inv) if dir_.candidates_are_docs else (q, q_inv)
-        out.append((dir_.bit, rows, cands, rows_inv, cands_inv, dir_.mask_own, dir_.pen_mode))
+        rows_of = 0 if dir_.rows_are_queries else 1
+        blocks = [(1 + k, base) for k, base in enumerate(bases)] if dir_.candidates_are_docs else [(0, 0)]
+        out.append(Problem(dir_.bit, rows_of, blocks, dir_.mask_own, dir_.pen_mode))
     return out
+
+
+def _doc_blocks(d: Tensor | Sequence[Tensor], p: MNRLParams) -> list[Tensor]:
+    """The flash op's docs as a list of blocks of candidates ([n_k, D] each, in order); the first holds the local
+    positives (rows offset .. offset + batch - 1 of the candidates)."""
+    blocks = [d] if isinstance(d, Tensor) else list(d)
+    if not blocks or blocks[0].shape[0] < p.offset + p.batch:
+        raise ValueError(
+            f"mnrl: the first block of docs must hold the positives, rows [{p.offset}, {p.offset + p.batch}), got "
+            f"{[tuple(b.shape) for b in blocks]}"
+        )
+    return blocks
+
+
+def _block_holds_positive(base: int, rows: int, p: MNRLParams) -> bool:
+    """Whether candidates base .. base + rows - 1 include a local row's positive column (offset .. offset + batch)."""
+    return base < p.offset + p.batch and p.offset < base + rows
 
 
 def _positive_sims(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams) -> Tensor:
@@ -241,33 +274,49 @@ def positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -
     )
 
 
-def mnrl_fwd(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Flash-style forward: (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B], the
-    backward's pos_val fp32 [n_dir, B])."""
+def _combine(parts: list[Tensor]) -> Tensor:
+    """The LSE over several blocks of candidates from each block's LSE."""
+    return parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
+
+
+def mnrl_fwd(
+    q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flash-style forward of queries ``q`` [W, D] and docs ``d``: [kW, D] or blocks of its rows in order (the doc
+    columns, uncopied); (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B], the backward's
+    pos_val fp32 [n_dir, B])."""
     from fastloss.ops.sim_lse import sim_lse_fwd
 
-    world = q.shape[0]
-    q_inv, d_inv = _inv_norms(q, p.normalize), _inv_norms(d, p.normalize)
-    stats = [
-        sim_lse_fwd(
-            rows,
-            cands,
-            r_inv,
-            c_inv,
-            scale,
-            period=world,
-            offset=p.offset,
-            mask_own=mask_own,
-            pen_mode=hardness,
-            alpha=p.alpha,
-            positive_col=_holds_positive(bit),
-        )
-        for bit, rows, cands, r_inv, c_inv, mask_own, hardness in _direction_problems(q, d, q_inv, d_inv, p)
-    ]
-    lse = torch.stack([lse_d for lse_d, _ in stats])
-    nlse = torch.stack([lse_d if nlse_d is None else nlse_d for lse_d, nlse_d in stats])
+    docs = _doc_blocks(d, p)
+    xs = [q, *docs]
+    invs = [_inv_norms(x, p.normalize) for x in xs]
+    local = slice(p.offset, p.offset + p.batch)
+    lse_parts, nlse_parts = [], []
+    for prob in _problems(xs, p):
+        lse_d, nlse_d = [], []
+        for k, base in prob.blocks:
+            positive = _holds_positive(prob.bit) and _block_holds_positive(base, xs[k].shape[0], p)
+            lse_b, nlse_b = sim_lse_fwd(
+                xs[prob.rows_of][local],
+                xs[k],
+                invs[prob.rows_of][local],
+                invs[k],
+                scale,
+                period=q.shape[0],
+                offset=p.offset,
+                mask_own=prob.mask_own,
+                pen_mode=prob.pen_mode,
+                alpha=p.alpha,
+                positive_col=positive,
+                base=base,
+            )
+            lse_d.append(lse_b)
+            nlse_d.append(lse_b if nlse_b is None else nlse_b)
+        lse_parts.append(_combine(lse_d))
+        nlse_parts.append(_combine(nlse_d))  # directions without the positive: their LSE, unused
+    lse, nlse = torch.stack(lse_parts), torch.stack(nlse_parts)
     log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
-    positive = scale.float() * _positive_sims(q, d, q_inv, d_inv, p)
+    positive = scale.float() * _positive_sims(q, docs[0], invs[0], invs[1], p)
     row_loss, pos_val = positive_terms(lse, nlse, positive, p)
     return row_loss.mean(), lse, log_z, pos_val
 
@@ -302,57 +351,67 @@ def window_rows(x: Tensor) -> int:
 
 
 def mnrl_bwd(
-    grad: Tensor, q: Tensor, d: Tensor, scale: Tensor, lse: Tensor, log_z: Tensor, pos_val: Tensor, p: MNRLParams
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Flash-style backward: (dq, dd, dscale) for the incoming scalar ``grad``. Per window of rows of q, then of d,
-    each launch whose rows or candidates are those rows adds its part of dx_hat to one fp32 buffer, the positive's
-    separate term joins, and the normalisation backward writes those rows of dx."""
+    grad: Tensor,
+    q: Tensor,
+    d: Tensor | Sequence[Tensor],
+    scale: Tensor,
+    lse: Tensor,
+    log_z: Tensor,
+    pos_val: Tensor,
+    p: MNRLParams,
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Flash-style backward: (dq, [dd of each block of docs], dscale) for the incoming scalar ``grad``. Per window of
+    rows of q, then of each block of docs, each launch whose rows or candidates are those rows adds its part of dx_hat
+    to one fp32 buffer, the positive's separate term joins, and the normalisation backward writes those rows of dx."""
     from fastloss.ops.sim_lse import SimLseBackward
 
-    world = q.shape[0]
-    q_inv, d_inv = _inv_norms(q, p.normalize), _inv_norms(d, p.normalize)
+    docs = _doc_blocks(d, p)
+    xs = [q, *docs]
+    invs = [_inv_norms(x, p.normalize) for x in xs]
+    local = slice(p.offset, p.offset + p.batch)
     h = grad.float() / p.batch
     if p.joint:
         weights = h * torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
     else:
         weights = (h / p.n_directions).expand_as(lse)
-    # each tensor's parts: (problem, its dscale for a rows part else None, first row of the tensor it covers, rows)
-    parts: dict[str, list] = {"q": [], "d": []}
+    # each tensor's parts: (launcher, its dscale for a rows part else None, first row of the tensor it covers, rows)
+    parts: list[list] = [[] for _ in xs]
     dscales = []
-    for (bit, rows, cands, r_inv, c_inv, mask_own, hardness), lse_d, g, pos_val_d in zip(
-        _direction_problems(q, d, q_inv, d_inv, p), lse, weights, pos_val
-    ):
-        bwd = SimLseBackward(
-            rows,
-            cands,
-            r_inv,
-            c_inv,
-            scale,
-            lse_d,
-            g.contiguous(),
-            period=world,
-            offset=p.offset,
-            mask_own=mask_own,
-            pen_mode=hardness,
-            alpha=p.alpha,
-            pos_val=pos_val_d.contiguous() if _holds_positive(bit) else None,
-        )
-        dscales.append(torch.empty(p.batch, device=q.device, dtype=torch.float32))
-        parts["q" if bit in (QUERY_TO_DOC, QUERY_TO_QUERY) else "d"].append((bwd, dscales[-1], p.offset, p.batch))
-        parts["d" if bit in (QUERY_TO_DOC, DOC_TO_DOC) else "q"].append((bwd, None, 0, cands.shape[0]))
+    for prob, lse_d, g, pos_val_d in zip(_problems(xs, p), lse, weights, pos_val):
+        for k, base in prob.blocks:
+            positive = _holds_positive(prob.bit) and _block_holds_positive(base, xs[k].shape[0], p)
+            bwd = SimLseBackward(
+                xs[prob.rows_of][local],
+                xs[k],
+                invs[prob.rows_of][local],
+                invs[k],
+                scale,
+                lse_d,
+                g.contiguous(),
+                period=q.shape[0],
+                offset=p.offset,
+                mask_own=prob.mask_own,
+                pen_mode=prob.pen_mode,
+                alpha=p.alpha,
+                pos_val=pos_val_d.contiguous() if positive else None,
+                base=base,
+            )
+            dscales.append(torch.empty(p.batch, device=q.device, dtype=torch.float32))
+            parts[prob.rows_of].append((bwd, dscales[-1], p.offset, p.batch))
+            parts[k].append((bwd, None, 0, xs[k].shape[0]))
     # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2)
     separate = (pos_val[0] == float("inf")).to(torch.float32)
     coef = -h * scale.float() * separate
-    dq, dd = torch.empty_like(q), torch.empty_like(d)
-    size = max(min(window_rows(x), x.shape[0]) for x in (q, d))
+    dxs = [torch.empty_like(x) for x in xs]
+    size = max(min(window_rows(x), x.shape[0]) for x in xs)
     buffer = torch.empty((size, q.shape[1]), device=q.device, dtype=torch.float32)
-    for name, x, x_inv, other, other_inv, dx in (("q", q, q_inv, d, d_inv, dq), ("d", d, d_inv, q, q_inv, dd)):
+    for k, (x, x_inv, dx) in enumerate(zip(xs, invs, dxs)):
         step = max(1, min(window_rows(x), x.shape[0]))
         for first in range(0, x.shape[0], step):
             last = min(first + step, x.shape[0])
             acc = buffer[: last - first]
             # launches covering the whole window first: the first of them writes the buffer, the others add to it
-            spans = [(bwd, ds, max(first, lo), min(last, lo + n), lo) for bwd, ds, lo, n in parts[name]]
+            spans = [(bwd, ds, max(first, lo), min(last, lo + n), lo) for bwd, ds, lo, n in parts[k]]
             spans.sort(key=lambda span: (span[2], span[3]) != (first, last))
             written = False
             for bwd, ds, a, b, lo in spans:
@@ -368,11 +427,12 @@ def mnrl_bwd(
                 written = True
             if not written:
                 acc.zero_()
-            _add_positive_rows(acc, first, other, other_inv, x_inv, coef, p, scaled=False)
+            if k < 2:  # the positive pair (q_i, d_i): q's rows and the first block's
+                _add_positive_rows(acc, first, xs[1 - k], invs[1 - k], x_inv, coef, p, scaled=False)
             _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last])
     del acc, buffer
-    dscale = sum(ds.sum() for ds in dscales) - h * (separate * _positive_sims(q, d, q_inv, d_inv, p)).sum()
-    return dq, dd, dscale.to(scale.dtype).reshape(scale.shape)
+    dscale = sum(ds.sum() for ds in dscales) - h * (separate * _positive_sims(q, docs[0], invs[0], invs[1], p)).sum()
+    return dxs[0], dxs[1:], dscale.to(scale.dtype).reshape(scale.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +446,7 @@ def _params(offset, batch, directions, joint, hardness, alpha, normalize) -> MNR
 @torch.library.custom_op("fastloss::mnrl_fwd", mutates_args=())
 def _mnrl_fwd_op(
     q: Tensor,
-    d: Tensor,
+    docs: list[Tensor],
     scale: Tensor,
     offset: int,
     batch: int,
@@ -396,11 +456,11 @@ def _mnrl_fwd_op(
     alpha: float,
     normalize: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return mnrl_fwd(q, d, scale, _params(offset, batch, directions, joint, hardness, alpha, normalize))
+    return mnrl_fwd(q, docs, scale, _params(offset, batch, directions, joint, hardness, alpha, normalize))
 
 
 @_mnrl_fwd_op.register_fake
-def _(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize):
+def _(q, docs, scale, offset, batch, directions, joint, hardness, alpha, normalize):
     n_dir = bin(directions).count("1")
     return (
         q.new_empty((), dtype=torch.float32),
@@ -414,7 +474,7 @@ def _(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize)
 def _mnrl_bwd_op(
     grad: Tensor,
     q: Tensor,
-    d: Tensor,
+    docs: list[Tensor],
     scale: Tensor,
     lse: Tensor,
     log_z: Tensor,
@@ -426,27 +486,27 @@ def _mnrl_bwd_op(
     hardness: int,
     alpha: float,
     normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, list[Tensor], Tensor]:
     return mnrl_bwd(
-        grad, q, d, scale, lse, log_z, pos_val, _params(offset, batch, directions, joint, hardness, alpha, normalize)
+        grad, q, docs, scale, lse, log_z, pos_val, _params(offset, batch, directions, joint, hardness, alpha, normalize)
     )
 
 
 @_mnrl_bwd_op.register_fake
-def _(grad, q, d, scale, lse, log_z, pos_val, offset, batch, directions, joint, hardness, alpha, normalize):
-    return torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
+def _(grad, q, docs, scale, lse, log_z, pos_val, offset, batch, directions, joint, hardness, alpha, normalize):
+    return torch.empty_like(q), [torch.empty_like(x) for x in docs], torch.empty_like(scale)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, d, scale, *args = inputs
+    q, docs, scale, *args = inputs
     _, lse, log_z, pos_val = output
-    ctx.save_for_backward(q, d, scale, lse, log_z, pos_val)
+    ctx.save_for_backward(q, scale, lse, log_z, pos_val, *docs)
     ctx.args = tuple(args)
 
 
 def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z, _grad_pos_val):
-    q, d, scale, lse, log_z, pos_val = ctx.saved_tensors
-    dq, dd, dscale = _mnrl_bwd_op(grad_loss, q, d, scale, lse, log_z, pos_val, *ctx.args)
+    q, scale, lse, log_z, pos_val, *docs = ctx.saved_tensors
+    dq, dd, dscale = _mnrl_bwd_op(grad_loss, q, docs, scale, lse, log_z, pos_val, *ctx.args)
     return (dq, dd, dscale) + (None,) * len(ctx.args)
 
 
@@ -521,13 +581,17 @@ _mnrl_fused_op = _gradient_in_forward_op("mnrl_fused", _run_native)  # fastloss.
 _mnrl_blocked_op = _gradient_in_forward_op("mnrl_blocked", _run_blocked)  # torch ops (+ Triton row passes on CUDA)
 
 
-def mnrl(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, backend: str) -> Tensor:
+def mnrl(q: Tensor, docs: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams, backend: str) -> Tensor:
     """The MNRL loss (fp32 scalar; fp64 from the row-block ops for fp64 inputs) of gathered queries ``q`` [W, D] and
-    docs ``d`` [kW, D] on a fused backend: ``triton`` (flash), ``native`` (fastloss._C) or ``blocked`` (torch ops)."""
+    docs [kW, D], or its doc columns [W, D] in order, on a fused backend: ``triton`` (flash; it takes the columns as
+    they are), ``native`` (fastloss._C) or ``blocked`` (torch ops), which take them as one tensor."""
+    docs = [docs] if isinstance(docs, Tensor) else list(docs)
     if backend in ("native", "blocked"):
+        # one column (pairs) goes in as it is: a cat would copy it
+        d = docs[0] if len(docs) == 1 else torch.cat(docs, dim=0)
         need_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad or scale.requires_grad)
         op = _mnrl_fused_op if backend == "native" else _mnrl_blocked_op
         return op(q, d, scale, *p.as_args(), need_grad)[0]
     if backend == "triton":
-        return _mnrl_fwd_op(q, d, scale, *p.as_args())[0]
+        return _mnrl_fwd_op(q, docs, scale, *p.as_args())[0]
     raise ValueError(f"mnrl: no fused implementation for backend {backend!r}")

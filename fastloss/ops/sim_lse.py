@@ -19,7 +19,9 @@ The forward keeps a running max and sum per row over candidate tiles (no M x N m
 the logits tile by tile, once over row blocks (dr_hat, dscale) and once over candidate blocks (dc_hat), without
 atomics. When D fits one BLOCK_D the gradient accumulator stays in registers; otherwise it lives in the fp32
 output, updated per D chunk by the program that owns those rows. Each backward launch covers a window of rows or of
-candidates (SimLseBackward) and writes, or adds to, an fp32 output that holds that window only.
+candidates (SimLseBackward) and writes, or adds to, an fp32 output that holds that window only. The candidates may
+come in blocks (separate tensors, such as MNRL's doc columns, not copied into one): a launch takes one block and the
+global index base of its first row, for the masks and the positive column.
 
 Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 inputs "ieee", or "tf32x3" / "tf32" with
 FASTLOSS_FP32_DOT); logits, LSE and accumulators in fp32. The backward products take the raw tiles of r and c
@@ -277,7 +279,7 @@ def _load_lse(lse, o_m, M):
 
 
 @_autotuned("fwd")
-@triton.jit(do_not_specialize=["TUNE_M", "TUNE_N"])
+@triton.jit(do_not_specialize=["base", "TUNE_M", "TUNE_N"])
 def sim_lse_fwd_kernel(
     r,
     c,
@@ -291,6 +293,7 @@ def sim_lse_fwd_kernel(
     D,
     period,
     offset,
+    base,  # the global index of candidate 0 (c is a block of the candidates): masks and the positive use j + base
     alpha,
     stride_r,
     stride_c,
@@ -327,14 +330,15 @@ def sim_lse_fwd_kernel(
                 r, c, start_m, start_n, M, N, D, stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION
             )
         b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
-        b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        o_j = o_n + base
+        b_logit = _logits(b_s, o_m[:, None], o_j[None, :], N + base, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_new = tl.maximum(b_max, tl.max(b_logit, axis=1))
         b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)  # all masked so far: exp(-inf - 0) = 0, not NaN
         b_rescale = tl.exp(b_max - b_ref)
         b_e = tl.exp(b_logit - b_ref[:, None])
         b_sum = b_sum * b_rescale + tl.sum(b_e, axis=1)
         if POS_COL:
-            m_pos = o_n[None, :] == o_m[:, None] + offset
+            m_pos = o_j[None, :] == o_m[:, None] + offset
             b_nsum = b_nsum * b_rescale + tl.sum(tl.where(m_pos, 0.0, b_e), axis=1)
         b_max = b_new
     tl.store(lse + o_m, _log_sum(b_max, b_sum), mask=m_m)
@@ -343,7 +347,7 @@ def sim_lse_fwd_kernel(
 
 
 @_autotuned("bwd", restore="dr")
-@triton.jit(do_not_specialize=["first", "TUNE_M", "TUNE_N"])
+@triton.jit(do_not_specialize=["first", "base", "TUNE_M", "TUNE_N"])
 def sim_lse_bwd_dr_kernel(
     r,
     c,
@@ -361,6 +365,7 @@ def sim_lse_bwd_dr_kernel(
     D,
     period,
     offset,
+    base,  # the global index of candidate 0 (c is a block of the candidates): masks and the positive use j + base
     alpha,
     stride_r,
     stride_c,
@@ -403,10 +408,11 @@ def sim_lse_bwd_dr_kernel(
                 r, c, start_m, start_n, M, N, D, stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION
             )
         b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
-        b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        o_j = o_n + base
+        b_logit = _logits(b_s, o_m[:, None], o_j[None, :], N + base, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_p = tl.exp(b_logit - b_lse[:, None])  # [BM, BN]
         if FOLD_POS:
-            b_p = _fold_positive(b_p, o_n[None, :] == o_m[:, None] + offset, b_pv[:, None])
+            b_p = _fold_positive(b_p, o_j[None, :] == o_m[:, None] + offset, b_pv[:, None])
         if NEED_DSCALE:
             b_ps += tl.sum(b_p * b_s, axis=1)
         b_p = (b_p * _fold(b_cinv, r.dtype.element_ty)[None, :]).to(r.dtype.element_ty)  # P_ij c_inv_j
@@ -426,7 +432,7 @@ def sim_lse_bwd_dr_kernel(
 
 
 @_autotuned("bwd", restore="dc")
-@triton.jit(do_not_specialize=["first", "TUNE_M", "TUNE_N"])
+@triton.jit(do_not_specialize=["first", "base", "TUNE_M", "TUNE_N"])
 def sim_lse_bwd_dc_kernel(
     r,
     c,
@@ -444,6 +450,7 @@ def sim_lse_bwd_dc_kernel(
     D,
     period,
     offset,
+    base,  # the global index of candidate 0 (c is a block of the candidates): masks and the positive use j + base
     alpha,
     stride_r,
     stride_c,
@@ -462,6 +469,7 @@ def sim_lse_bwd_dc_kernel(
 ):
     start_n = first + tl.program_id(0).to(tl.int64) * BLOCK_N
     o_n = start_n + tl.arange(0, BLOCK_N)
+    o_j = o_n + base
     b_scale = tl.load(scale).to(tl.float32)
     b_gmax = tl.load(g_max)
     b_gmax = tl.where(b_gmax > 0.0, b_gmax, 1.0)
@@ -483,12 +491,12 @@ def sim_lse_bwd_dc_kernel(
                 c, r, start_n, start_m, N, M, D, stride_c, stride_r, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, DOT_PRECISION
             )
         b_s = b_dot * b_cinv[:, None] * b_rinv[None, :]  # [BN, BM]: the transposed tile
-        b_logit = _logits(b_s, o_m[None, :], o_n[:, None], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        b_logit = _logits(b_s, o_m[None, :], o_j[:, None], N + base, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_w = b_g / b_gmax * _fold(b_rinv, r.dtype.element_ty)  # |g / max|g|| <= 1: w * P stays in fp16 range
         b_p = tl.exp(b_logit - b_lse[None, :])  # [BN, BM]
         if FOLD_POS:
             b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
-            b_p = _fold_positive(b_p, o_n[:, None] == o_m[None, :] + offset, b_pv[None, :])
+            b_p = _fold_positive(b_p, o_j[:, None] == o_m[None, :] + offset, b_pv[None, :])
         b_a = (b_p * b_w[None, :]).to(r.dtype.element_ty)
         if SINGLE_D:
             b_dc = tl.dot(b_a, b_r, b_dc, input_precision=DOT_PRECISION)  # [BN, BD]
@@ -539,9 +547,11 @@ def _scale(scale: Tensor | float, device: torch.device) -> Tensor:
     return torch.full((), float(scale), device=device, dtype=torch.float32)
 
 
-def _options(period: int, pen_mode: int, alpha: float, dtype: torch.dtype) -> tuple[int, str]:
+def _options(period: int, base: int, pen_mode: int, alpha: float, dtype: torch.dtype) -> tuple[int, str]:
     if period < 1:
         raise ValueError(f"sim_lse: period must be >= 1, got {period}")
+    if base < 0:
+        raise ValueError(f"sim_lse: base must be >= 0, got {base}")
     if pen_mode not in (0, 1, 2, 3):
         raise ValueError(f"sim_lse: pen_mode must be 0, 1, 2 or 3, got {pen_mode}")
     if alpha < 0.0:
@@ -566,13 +576,16 @@ def sim_lse_fwd(
     pen_mode: int,
     alpha: float,
     positive_col: bool = False,
+    base: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """(lse, nlse): lse_i = logsumexp_j logit_ij (fp32 [M]; -inf for a fully masked row) and with
-    ``positive_col`` the same without column i + offset (else None). See the module docstring."""
+    ``positive_col`` the same without column i + offset (else None). ``c`` may be a block of the candidates whose
+    first row is candidate ``base``: the masks, the penalty and the positive column take the global index j + base,
+    and blocks' LSEs combine by logsumexp. See the module docstring."""
     r, c = _operands(r, c)
     (M, D), N = r.shape, c.shape[0]
     r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
-    pen_mode, precision = _options(period, pen_mode, alpha, r.dtype)
+    pen_mode, precision = _options(period, base, pen_mode, alpha, r.dtype)
     lse = torch.empty(M, device=r.device, dtype=torch.float32)
     nlse = torch.empty(M, device=r.device, dtype=torch.float32) if positive_col else None
     if M == 0 or N == 0:
@@ -592,6 +605,7 @@ def sim_lse_fwd(
             D,
             period,
             offset,
+            base,
             float(alpha),
             r.stride(0),
             c.stride(0),
@@ -610,7 +624,8 @@ class SimLseBackward:
     ``rows(out, first, last, ...)`` computes dr_hat of rows first .. last - 1 and ``candidates(out, first, last, ...)``
     dc_hat of those candidates, each into (or with ``accumulate`` added to) an fp32 ``out`` whose row 0 is ``first``,
     so that a caller can hold a window of the fp32 gradients at a time. ``pos_val`` [M] replaces P at each row's
-    column i + offset (+inf: that row keeps P)."""
+    column i + offset (+inf: that row keeps P). ``c`` may be a block of the candidates, from candidate ``base`` on
+    (sim_lse_fwd): rows() of every block add up to the rows' dr_hat."""
 
     def __init__(
         self,
@@ -628,18 +643,19 @@ class SimLseBackward:
         pen_mode: int,
         alpha: float,
         pos_val: Tensor | None = None,
+        base: int = 0,
     ):
         self.r, self.c = _operands(r, c)
         (self.M, self.D), self.N = self.r.shape, self.c.shape[0]
         self.r_inv, self.c_inv = _vector(r_inv, self.M, "r_inv"), _vector(c_inv, self.N, "c_inv")
         self.lse, self.g = _vector(lse, self.M, "lse"), _vector(g, self.M, "g")
         self.pos_val = self.g if pos_val is None else _vector(pos_val, self.M, "pos_val")
-        pen_mode, precision = _options(period, pen_mode, alpha, self.r.dtype)
+        pen_mode, precision = _options(period, base, pen_mode, alpha, self.r.dtype)
         self.scale = _scale(scale, self.r.device)
         self.g_max = None
         # the kernels' leading arguments, shared by both
         self.operands = (self.r, self.c, self.r_inv, self.c_inv, self.scale, self.lse, self.g)
-        self.sizes = (period, offset, float(alpha), self.r.stride(0), self.c.stride(0))
+        self.sizes = (period, offset, base, float(alpha), self.r.stride(0), self.c.stride(0))
         self.flags = {
             "MASK_OWN": bool(mask_own),
             "PEN_MODE": pen_mode,
