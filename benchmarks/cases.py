@@ -575,8 +575,9 @@ def _check_l2norm(name: str, x: Tensor, dy: Tensor, fwd: Callable, bwd: Callable
 
 def _l2norm(path: str) -> Builder:
     """fastloss: fastloss.ops.triplet's _normalize / _normalize_backward as dispatched (torch ops unless
-    FASTLOSS_CUDA_KERNELS=1; MNRL's backward dispatches alike); norm_torch: those torch ops (F.normalize, then the
-    fp32 backward cast to x's dtype); norm_cuda: fastloss._C.l2norm_fwd / l2norm_bwd."""
+    FASTLOSS_CUDA_KERNELS=1); norm_torch: those torch ops (F.normalize, then the fp32 backward cast to x's dtype);
+    norm_cuda: fastloss._C.l2norm_fwd / l2norm_bwd; norm_triton: F.normalize, then fastloss.ops.l2norm's Triton
+    backward with its inverse norms (the flash MNRL path's epilogue, unless FASTLOSS_CUDA_KERNELS=1)."""
 
     def build(p: Problem) -> Impl:
         ops = _import("fastloss.ops.triplet")
@@ -588,8 +589,10 @@ def _l2norm(path: str) -> Builder:
             fwd = ops._normalize
             cuda = x.device.type == "cuda" and _backend.cuda_kernel_enabled("l2norm_bwd")
             backend = "cuda" if cuda else "torch"
-        elif path == "norm_torch":
-            fwd, backend = (lambda t: F.normalize(t, p=2, dim=1, eps=ops.NORM_EPS)), "torch"
+        elif path in ("norm_torch", "norm_triton"):
+            if path == "norm_triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise Skip("norm_triton: CUDA tensors (on CPU Triton runs only under the interpreter, in the tests)")
+            fwd, backend = (lambda t: F.normalize(t, p=2, dim=1, eps=ops.NORM_EPS)), path[5:]
         else:
             if x.device.type != "cuda" or not _backend.native_has("l2norm_bwd"):
                 raise Skip("norm_cuda: CUDA tensors and a CUDA build of fastloss._C only")
@@ -599,6 +602,13 @@ def _l2norm(path: str) -> Builder:
 
             def bwd(t: Tensor, g: Tensor) -> Tensor:
                 return _backend.native_module().l2norm_bwd(t, g, ops.NORM_EPS)
+
+        elif path == "norm_triton":
+            l2norm = _import("fastloss.ops.l2norm")
+
+            def bwd(t: Tensor, g: Tensor) -> Tensor:
+                inv = torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).clamp_min(ops.NORM_EPS).reciprocal()
+                return l2norm.l2norm_bwd(t, inv, g.float().contiguous(), torch.empty_like(t))
 
         else:
             backward = ops._normalize_backward_torch if path == "norm_torch" else ops._normalize_backward
@@ -615,9 +625,10 @@ def _l2norm(path: str) -> Builder:
 L2NORM = OpSpec(
     "l2norm",
     _make_l2norm,
-    {"fastloss": _l2norm("fastloss"), "norm_torch": _l2norm("norm_torch"), "norm_cuda": _l2norm("norm_cuda")},
+    {name: _l2norm(name) for name in ("fastloss", "norm_torch", "norm_cuda", "norm_triton")},
     description="F.normalize(x) of [B, D] rows and its backward for an fp32 gradient (what the losses' backward "
-    "hands it): torch ops (norm_torch) against fastloss._C's CUDA kernels (norm_cuda); checked against fp64 autograd",
+    "hands it): torch ops (norm_torch) against fastloss._C's CUDA kernels (norm_cuda) and the Triton backward "
+    "(norm_triton); checked against fp64 autograd",
 )
 
 

@@ -23,11 +23,12 @@ import os
 import torch
 
 from benchmarks.harness import LiveTensorBytes
+from fastloss.ops import l2norm, sim_lse
 from fastloss.ops import mnrl as mnrl_ops
-from fastloss.ops import sim_lse
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-KERNELS = ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel")
+KERNELS = [(sim_lse, name) for name in ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel")]
+KERNELS.append((l2norm, "l2norm_bwd_kernel"))
 
 
 class _NoLaunch:
@@ -37,21 +38,24 @@ class _NoLaunch:
 
 @contextlib.contextmanager
 def _flash_host_code(window: int):
-    """The Triton launches as no-ops and FASTLOSS_FLASH_WINDOW_ROWS = ``window``, restored on exit."""
-    saved = {name: getattr(sim_lse, name) for name in KERNELS}
-    saved_window = os.environ.get("FASTLOSS_FLASH_WINDOW_ROWS")
+    """The Triton launches as no-ops, FASTLOSS_FLASH_WINDOW_ROWS = ``window`` and the host code as on a GPU (not the
+    interpreter's: it upcasts bf16 operands to fp32 copies, TRITON_INTERPRET=1 in the test suite), restored on exit."""
+    saved = [(module, name, getattr(module, name)) for module, name in KERNELS]
+    env = {"FASTLOSS_FLASH_WINDOW_ROWS": str(window), "TRITON_INTERPRET": "0"}
+    saved_env = {name: os.environ.get(name) for name in env}
     try:
-        for name in KERNELS:
-            setattr(sim_lse, name, _NoLaunch())
-        os.environ["FASTLOSS_FLASH_WINDOW_ROWS"] = str(window)
+        for module, name in KERNELS:
+            setattr(module, name, _NoLaunch())
+        os.environ.update(env)
         yield
     finally:
-        for name, kernel in saved.items():
-            setattr(sim_lse, name, kernel)
-        if saved_window is None:
-            os.environ.pop("FASTLOSS_FLASH_WINDOW_ROWS", None)
-        else:
-            os.environ["FASTLOSS_FLASH_WINDOW_ROWS"] = saved_window
+        for module, name, kernel in saved:
+            setattr(module, name, kernel)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _inputs(batch: int, n_docs: int, dim: int, dtype: torch.dtype) -> list[torch.Tensor]:

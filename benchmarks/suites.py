@@ -19,7 +19,7 @@ GPU_MNRL_IMPLS = (
     "cce_exact",
 )
 TRIPLET_OPS = ("batch_hard_triplet", "batch_hard_soft_margin_triplet", "batch_all_triplet", "batch_semi_hard_triplet")
-L2NORM_IMPLS = ("norm_torch", "norm_cuda")
+L2NORM_IMPLS = ("norm_torch", "norm_cuda", "norm_triton")
 CUBIC_OPS = ("batch_all_triplet", "batch_semi_hard_triplet")  # sentence-transformers holds B^3 tensors for these
 
 
@@ -79,7 +79,8 @@ def gpu_default(compile_cases: bool = True) -> list[Case]:
     # the batch-hard backward alone: the torch-ops path (default) against the opt-in CUDA kernel
     cases += _sweep("batch_hard_triplet_bwd", (1024, 4096, 16384), 768, "bf16", ("bwd_torch", "bwd_cuda"))
     cases.append(Case("batch_hard_triplet_bwd", 16384, 16384, 768, "fp32", ("bwd_torch", "bwd_cuda"), group="dtype"))
-    # L2 normalisation and its backward alone: torch ops (default) against the opt-in CUDA kernels
+    # L2 normalisation and its backward alone: torch ops against the opt-in CUDA kernels and the Triton backward
+    # (the flash MNRL epilogue's default)
     for dtype, group in (("bf16", "batch"), ("fp32", "dtype")):
         cases += [Case("l2norm", b, b, d, dtype, L2NORM_IMPLS, group) for d in (768, 1024) for b in (16384, 65536)]
     cases += _sweep("gradcache_step", (1024, 8192), 768, "fp32", ("sentence_transformers", "fastloss"), ratio=2)

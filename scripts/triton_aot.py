@@ -3,11 +3,10 @@
 The interpreter (TRITON_INTERPRET=1), which the test suite uses, never lowers a kernel to PTX, so it accepts kernels
 that fail to compile for a GPU, or that compile but do not fit one: a tile whose shared memory exceeds the SM's, or
 registers that spill. This script drives the real host wrappers (sim_lse_fwd/bwd and SimLseBackward's windows,
-cosent_fwd/bwd, batch_hard_fwd, block_softmax.row_stats/row_grad) with a stand-in for each kernel that records its
-launch instead of running it, then compiles each recorded launch for the target with every configuration its
-autotuner may pick (heuristics applied, early pruning included), the constants and argument types the launch would
-have on a GPU, and reads the resources
-from the cubin.
+cosent_fwd/bwd, batch_hard_fwd, block_softmax.row_stats/row_grad, l2norm_bwd) with a stand-in for each kernel that
+records its launch instead of running it, then compiles each recorded launch for the target with every configuration
+its autotuner may pick (heuristics applied, early pruning included), the constants and argument types the launch would
+have on a GPU, and reads the resources from the cubin.
 
     python3 scripts/triton_aot.py                 # sm_90 (H100/H200) and sm_80 (A100), the full matrix
     python3 scripts/triton_aot.py --arch 90 --quick
@@ -44,7 +43,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastloss.ops import block_softmax, cosent, sim_lse, triplet  # noqa: E402
+from fastloss.ops import block_softmax, cosent, l2norm, sim_lse, triplet  # noqa: E402
 
 # Most dynamic shared memory one thread block may use (bytes), per compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -106,6 +105,7 @@ KERNELS = {
     cosent: ("cosent_sim_fwd_kernel", "cosent_rank_kernel", "cosent_sim_bwd_kernel"),
     triplet: ("batch_hard_fwd_kernel",),
     block_softmax: ("row_stats_kernel", "row_grad_kernel"),
+    l2norm: ("l2norm_bwd_kernel",),
 }
 
 
@@ -145,6 +145,9 @@ def record_launches(quick: bool) -> list[Launch]:
                     bwd = sim_lse.SimLseBackward(r, c, ones_r, ones_c, 20.0, lse, lse, pos_val=pos_val, **flags)
                     bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
                     bwd.candidates(torch.zeros(96, dim), 0, 96, accumulate=True)
+            label[0] = f"l2norm {name} D={dim}"  # the flash MNRL backward's epilogue
+            x = torch.zeros(48, dim, dtype=dtype)
+            l2norm.l2norm_bwd(x, torch.ones(48), torch.zeros(48, dim), torch.empty_like(x))
             label[0] = f"cosent {name} D={dim}"
             a, b, scale = torch.zeros(16, dim, dtype=dtype), torch.zeros(32, dim, dtype=dtype), torch.tensor(20.0)
             for kind in (cosent.KIND_COS,) if quick else (cosent.KIND_COS, cosent.KIND_ANGLE):

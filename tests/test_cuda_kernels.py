@@ -123,14 +123,14 @@ def test_triplet_normalize_backward_dispatch(stand_in, dtype):
 
 @pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES, "fp64"])
 def test_mnrl_norm_backward_dispatch(stand_in, dtype):
-    """fp16/bf16/fp32 take the kernel with the fp32 gradient as it is; fp64 stays on torch ops (their sums are fp32
-    there, as the forward's inverse norms); dot-product similarity (normalize=False) passes the gradient through; the
-    result is in x's dtype either way."""
+    """fp16/bf16/fp32 take the kernel with the fp32 gradient as it is, ahead of the flash path's Triton kernel; fp64
+    stays on torch ops (their sums are fp32 there, as the forward's inverse norms); dot-product similarity
+    (normalize=False) passes the gradient through; the result is in x's dtype either way."""
     with FakeTensorMode():
         x = _fake((5, 33), dtype)
         dx_hat = _fake((5, 33), torch.float32)
         inv = _fake((5,), torch.float32)
-        assert mnrl_ops._norm_backward(x, inv, dx_hat, True).dtype == dtype
+        assert mnrl_ops._norm_backward(x, inv, dx_hat, True, fused=True).dtype == dtype  # as the flash path
         passed = mnrl_ops._norm_backward(x, inv, dx_hat, False)
         assert passed.dtype == dtype and (passed is dx_hat) == (dtype == torch.float32)
     assert stand_in == ([] if dtype == torch.float64 else [("l2norm_bwd", dtype, torch.float32, 1e-12)])
@@ -175,16 +175,17 @@ def _normalize_backward_fp64(x, dx_hat):
 
 
 def test_l2norm_benchmark_op_on_cpu():
-    """The benchmark op l2norm runs here through the torch ops (its builders check themselves against fp64
-    autograd); its CUDA implementation skips; it is in the GPU sweep, not in the CPU suite."""
+    """The benchmark op l2norm runs here through the torch ops and the Triton backward under the interpreter (its
+    builders check themselves against fp64 autograd); its CUDA implementation skips; it is in the GPU sweep with
+    all three, not in the CPU suite."""
     cases = pytest.importorskip("benchmarks.cases")
     suites = pytest.importorskip("benchmarks.suites")
     spec = cases.OPS["l2norm"]
     grads = {}
-    for impl in ("fastloss", "norm_torch"):
+    for impl in ("fastloss", "norm_torch", "norm_triton"):
         p = spec.make(7, 7, 33, torch.float32, torch.device("cpu"), 0)
         run = spec.impls[impl](p)
-        assert run.backend == "torch" and not run.is_loss
+        assert run.backend == ("triton" if impl == "norm_triton" else "torch") and not run.is_loss
         run.fn().backward()
         grads[impl] = p.inputs[0].grad
         truth = _normalize_backward_fp64(p.inputs[0].detach(), p.extra["dy"])
@@ -192,7 +193,11 @@ def test_l2norm_benchmark_op_on_cpu():
     assert torch.equal(grads["fastloss"], grads["norm_torch"])
     with pytest.raises(cases.Skip):
         spec.impls["norm_cuda"](spec.make(7, 7, 33, torch.float32, torch.device("cpu"), 0))
-    gpu = {(c.B, c.D, c.dtype) for c in suites.gpu_default() if c.op == "l2norm" and "norm_cuda" in c.impls}
+    gpu = {
+        (c.B, c.D, c.dtype)
+        for c in suites.gpu_default()
+        if c.op == "l2norm" and {"norm_torch", "norm_cuda", "norm_triton"} <= set(c.impls)
+    }
     assert gpu == {(b, d, t) for b in (16384, 65536) for d in (768, 1024) for t in ("bf16", "fp32")}
     assert not [c for c in suites.cpu_default() if c.op == "l2norm"]
 

@@ -48,6 +48,7 @@ def test_kernels_compile_and_fit_sm90():
         "batch_hard_fwd_kernel",
         "row_stats_kernel",
         "row_grad_kernel",
+        "l2norm_bwd_kernel",
     ):
         assert kernel in done.stdout, f"{kernel} was never compiled"
 

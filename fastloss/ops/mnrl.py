@@ -22,11 +22,11 @@ without cancellation. The backward kernels take that coefficient (divided by the
 at the positive's entries, as cross-entropy forms p - 1 before its GEMMs; in joint rows where the copies hold less
 than half the mass (p - 1 <= -1/2: nothing cancels, and the division could grow large) P stays and the
 positive's -1 is added after the kernels. That term and the normalisation backward
-dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one pass by
-fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1, torch ops otherwise). The backward runs per window of
-rows of q and of each block of d (window_rows): the kernels write or add that window's fp32 dx_hat into one
-buffer, the epilogues turn it into those rows of dx. Beyond the returned gradients it holds that buffer, a chunk of
-rows of the epilogues' temporaries and O(B) vectors.
+dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here (the latter in one Triton kernel,
+fastloss.ops.l2norm, without temporaries; fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1). The backward
+runs per window of rows of q and of each block of d (window_rows): the kernels write or add that window's fp32 dx_hat
+into one buffer, the epilogues turn it into those rows of dx. Beyond the returned gradients it holds that buffer and
+O(B) vectors (dscale's positive row dots, a chunk of rows at a time, run after the buffer is freed).
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -107,7 +107,13 @@ def _row_dots(a: Tensor, b: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
 
 
 def _norm_backward(
-    x: Tensor, inv: Tensor, grad: Tensor, normalize: bool, scaled: bool = False, out: Tensor | None = None
+    x: Tensor,
+    inv: Tensor,
+    grad: Tensor,
+    normalize: bool,
+    scaled: bool = False,
+    out: Tensor | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """The backward of F.normalize(x, eps=1e-12) in x's dtype, given ``grad`` = the gradient w.r.t. the normalised
     rows dx_hat (fp32 or fp64), or with ``scaled`` a = inv * dx_hat (the row-block op's accumulators):
@@ -115,7 +121,8 @@ def _norm_backward(
     clamp passes no gradient to the norm there). Written into ``out`` when given (x's shape and dtype). Torch ops in
     grad's dtype a chunk of rows at a time (two chunk-sized temporaries), each rounded once to x's dtype;
     fastloss._C.l2norm_bwd for unscaled fp32 grads of CUDA tensors with FASTLOSS_CUDA_KERNELS=1 (one pass over x and
-    dx_hat, the same fp32 sums)."""
+    dx_hat, the same fp32 sums); else with ``fused`` (the flash path, where Triton runs) for unscaled fp32 grads
+    fastloss.ops.l2norm's Triton kernel (no temporaries, the same maths in fp32)."""
     if not normalize:
         return grad.to(x.dtype) if out is None else out.copy_(grad)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if out is None else out
@@ -127,6 +134,10 @@ def _norm_backward(
         and _backend.cuda_kernel_enabled("l2norm_bwd")
     ):
         return dx.copy_(_backend.native_module().l2norm_bwd(x.detach(), grad, NORM_EPS))
+    if fused and not scaled and grad.dtype == torch.float32 and x.dtype != torch.float64:
+        from fastloss.ops.l2norm import l2norm_bwd
+
+        return l2norm_bwd(x.detach(), inv, grad, dx)
     for rows in _row_chunks(x):
         inv_rows = inv[rows, None]
         x_hat = x[rows].to(grad.dtype, copy=True).mul_(inv_rows)
@@ -429,7 +440,7 @@ def mnrl_bwd(
                 acc.zero_()
             if k < 2:  # the positive pair (q_i, d_i): q's rows and the first block's
                 _add_positive_rows(acc, first, xs[1 - k], invs[1 - k], x_inv, coef, p, scaled=False)
-            _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last])
+            _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last], fused=True)
     del acc, buffer
     dscale = sum(ds.sum() for ds in dscales) - h * (separate * _positive_sims(q, docs[0], invs[0], invs[1], p)).sum()
     return dxs[0], dxs[1:], dscale.to(scale.dtype).reshape(scale.shape)
