@@ -510,6 +510,34 @@ def test_flash_doc_blocks(split, offset, batch, directions, joint, dim):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("sms,blocks", [(None, True), (1, True), (2, False)], ids=["interpreter", "fills", "small"])
+def test_flash_takes_columns_that_fill_the_gpu_as_blocks(monkeypatch, sms, blocks):
+    """mnrl_loss's doc columns reach the flash op uncopied where each has at least BLOCK_ROWS_PER_SM rows per SM (and
+    always off CUDA), else concatenated; the same loss and gradients either way."""
+    assert mnrl_ops.columns_as_blocks(32768, 132) and not mnrl_ops.columns_as_blocks(8192, 132)  # the GPU sweep's
+    cols = [leaf(x) for x in _embeddings(128, 8, 3, seed=4)]
+    from fastloss.reference import mnrl_loss
+
+    taken = []
+    op = mnrl_ops._mnrl_fwd_op
+    monkeypatch.setattr(mnrl_ops, "_mnrl_fwd_op", lambda q, d, *args: taken.append(d) or op(q, d, *args))
+    monkeypatch.setattr(mnrl_ops, "_sm_count", lambda x: sms)
+    monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+    loss = FF.mnrl_loss(cols[0], cols[1:], 20.0)
+    loss.backward()
+    if blocks:
+        assert [x.data_ptr() for x in taken[0]] == [x.data_ptr() for x in cols[1:]]
+    else:
+        assert len(taken[0]) == 1 and taken[0][0].shape == (256, 8)
+    ref = [leaf(x.detach()) for x in cols]
+    ref_loss = mnrl_loss(ref[0], ref[1:], 20.0)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+    for got, want in zip(cols, ref):
+        torch.testing.assert_close(got.grad, want.grad, **TOL[torch.float32])
+
+
 def test_flash_doc_blocks_must_start_with_the_positives():
     q, p = _embeddings(6, 8, 2)
     with pytest.raises(ValueError, match=r"the first block of docs must hold the positives, rows \[2, 6\)"):

@@ -147,8 +147,9 @@ def mnrl_loss(
         scale_t = scale.reshape(()).to(device=queries.device, dtype=acc)
     else:
         scale_t = torch.tensor(float(scale), dtype=acc, device=queries.device)
-    # the columns go in as they are: the flash op takes them as blocks of candidates, uncopied (at B = 32768, D = 1024
-    # bf16: 64 MiB per column), the row-block ops concatenate them (pairs: one column, not copied)
+    # the columns go in as they are: the flash op takes them as blocks of candidates, uncopied where each fills the GPU
+    # (at B = 32768, D = 1024 bf16: 64 MiB per column; fastloss.ops.mnrl.columns_as_blocks), the row-block ops
+    # concatenate them (pairs: one column, not copied)
     return mnrl(queries, docs, scale_t, params, backend)
 
 

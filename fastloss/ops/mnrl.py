@@ -1,7 +1,8 @@
 """The fused MNRL op: every direction of MultipleNegativesRankingLoss without a B x N matrix in memory.
 
 Directions (W gathered rows, B local rows at ``offset``, k doc columns, docs_all = cat(columns) [kW, D]: the flash
-op takes the columns as blocks of candidates, uncopied, one sim_lse launch per block with its first index):
+op takes the columns as blocks of candidates, uncopied, one sim_lse launch per block with its first index, where
+they fill the GPU, columns_as_blocks):
   query_to_doc    rows = local queries,   candidates = docs_all, hardness penalty per ``hardness``
   query_to_query  rows = local queries,   candidates = all queries, own query masked
   doc_to_query    rows = local positives, candidates = all queries
@@ -349,6 +350,19 @@ def default_window_rows(dim: int, sms: int | None) -> int:
     return max(least, WINDOW_BYTES // (4 * max(1, dim)) // 128 * 128)
 
 
+# The flash op takes the doc columns as blocks (uncopied) where each column fills a GPU by itself, at least
+# BLOCK_ROWS_PER_SM rows per SM (one 128-row program per SM in each launch over a column's rows), else concatenated:
+# each block is a launch of its own, and small columns' launches would run one after another with SMs idle, where
+# one launch over their concatenation fills the GPU (and their copy is small). Off CUDA (the Triton interpreter), always
+# blocks.
+BLOCK_ROWS_PER_SM = 128
+
+
+def columns_as_blocks(rows: int, sms: int | None) -> bool:
+    """Whether doc columns of ``rows`` rows go into the flash op as blocks on a GPU of ``sms`` SMs (None: not CUDA)."""
+    return sms is None or rows >= BLOCK_ROWS_PER_SM * sms
+
+
 def window_rows(x: Tensor) -> int:
     """Rows of fp32 gradient the flash backward holds per window of ``x`` [rows, D]: FASTLOSS_FLASH_WINDOW_ROWS
     (0: the whole tensor), or the default above."""
@@ -357,8 +371,11 @@ def window_rows(x: Tensor) -> int:
         if not value.isdigit():
             raise ValueError(f"FASTLOSS_FLASH_WINDOW_ROWS must be a whole number of rows (0: whole), got {value!r}")
         return int(value) or max(1, x.shape[0])
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else None
-    return default_window_rows(x.shape[1], sms)
+    return default_window_rows(x.shape[1], _sm_count(x))
+
+
+def _sm_count(x: Tensor) -> int | None:
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else None
 
 
 def mnrl_bwd(
@@ -595,7 +612,8 @@ _mnrl_blocked_op = _gradient_in_forward_op("mnrl_blocked", _run_blocked)  # torc
 def mnrl(q: Tensor, docs: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams, backend: str) -> Tensor:
     """The MNRL loss (fp32 scalar; fp64 from the row-block ops for fp64 inputs) of gathered queries ``q`` [W, D] and
     docs [kW, D], or its doc columns [W, D] in order, on a fused backend: ``triton`` (flash; it takes the columns as
-    they are), ``native`` (fastloss._C) or ``blocked`` (torch ops), which take them as one tensor."""
+    they are where columns_as_blocks), ``native`` (fastloss._C) or ``blocked`` (torch ops), which take them as one
+    tensor."""
     docs = [docs] if isinstance(docs, Tensor) else list(docs)
     if backend in ("native", "blocked"):
         # one column (pairs) goes in as it is: a cat would copy it
@@ -604,5 +622,8 @@ def mnrl(q: Tensor, docs: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParam
         op = _mnrl_fused_op if backend == "native" else _mnrl_blocked_op
         return op(q, d, scale, *p.as_args(), need_grad)[0]
     if backend == "triton":
+        if len(docs) > 1:
+            sms = _sm_count(q)
+            docs = docs if columns_as_blocks(min(x.shape[0] for x in docs), sms) else [torch.cat(docs, dim=0)]
         return _mnrl_fwd_op(q, docs, scale, *p.as_args())[0]
     raise ValueError(f"mnrl: no fused implementation for backend {backend!r}")
