@@ -452,13 +452,20 @@ def test_local_rows_and_direction_sums_match_the_reference(backend_name, offset,
         assert rel_err(got, expected) < 1e-5
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
-@pytest.mark.parametrize("dim", [20, 136], ids=["one-D-tile", "D-chunks"])
-@pytest.mark.parametrize(
+# The flash op's problems for its window and block tests (9 gathered rows): every direction, with the local rows the
+# whole batch and a slice of it; two directions per direction (not joint) on a slice; query_to_doc alone; query_to_doc
+# and doc_to_doc. D in one tile and in chunks.
+FLASH_PROBLEMS = pytest.mark.parametrize(
     "offset,batch,directions,joint",
-    [(0, 9, 15, True), (2, 5, 15, True), (3, 4, 5, False), (0, 9, 1, True)],
-    ids=["all4", "all4-gathered", "qd+dq-gathered", "q2d"],
+    [(0, 9, 15, True), (2, 5, 15, True), (3, 4, 5, False), (0, 9, 1, True), (0, 9, 9, True)],
+    ids=["all4", "all4-gathered", "qd+dq-gathered", "q2d", "q2d+d2d"],
 )
+FLASH_DIMS = pytest.mark.parametrize("dim", [20, 136], ids=["one-D-tile", "D-chunks"])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@FLASH_DIMS
+@FLASH_PROBLEMS
 @pytest.mark.parametrize("rows", ["4", "5", "16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_flash_backward_in_windows_of_rows(monkeypatch, dtype, rows, offset, batch, directions, joint, dim):
@@ -482,12 +489,8 @@ def test_flash_backward_in_windows_of_rows(monkeypatch, dtype, rows, offset, bat
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
-@pytest.mark.parametrize("dim", [20, 136], ids=["one-D-tile", "D-chunks"])
-@pytest.mark.parametrize(
-    "offset,batch,directions,joint",
-    [(0, 9, 15, True), (2, 5, 15, True), (3, 4, 5, False), (0, 9, 9, True)],
-    ids=["all4", "all4-gathered", "qd+dq-gathered", "q2d+d2d"],
-)
+@FLASH_DIMS
+@FLASH_PROBLEMS
 @pytest.mark.parametrize("split", [(9, 18), (11, 16), (9, 10, 26)], ids=["columns", "uneven", "one-row-blocks"])
 def test_flash_doc_blocks(split, offset, batch, directions, joint, dim):
     """The flash op takes the docs as blocks of rows (mnrl_loss passes the columns, uncopied): any split, even one
