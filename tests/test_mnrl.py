@@ -718,3 +718,21 @@ class TestCUDA:
         monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", "300")
         for got, want in zip(run(), whole):
             assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+    def test_doc_blocks(self, monkeypatch, dtype):
+        """The doc columns as blocks (forced at these sizes: BLOCK_ROWS_PER_SM = 0), compiled and autotuned, in
+        windows of 300 rows: the loss and gradients of the columns concatenated."""
+        cols = [e.cuda() for e in _embeddings(1000, 768, 3, dtype=dtype, seed=10)]
+        params = MNRLParams(offset=200, batch=500, directions=15, hardness=3, alpha=0.3)
+        monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", "300")
+
+        def run(blocks_per_sm):
+            monkeypatch.setattr(mnrl_ops, "BLOCK_ROWS_PER_SM", blocks_per_sm)
+            q, docs, scale = leaf(cols[0]), [leaf(c) for c in cols[1:]], leaf(torch.tensor(20.0, device="cuda"))
+            loss = mnrl(q, docs, scale, params, "triton")
+            loss.backward()
+            return [loss.detach(), q.grad, *(d.grad for d in docs), scale.grad]
+
+        for got, want in zip(run(0), run(10**9)):
+            assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
