@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastloss.ops.sim_lse import _fold, _logits
+from fastloss.ops.sim_lse import _fold, _logits, _rebase
 
 BLOCK_N = 1024  # columns per step of a row: 4 KiB of fp32 per load, a warp-friendly size for a streaming pass
 
@@ -58,8 +58,7 @@ def row_stats_kernel(
         o_n = start + tl.arange(0, BLOCK).to(tl.int64)
         b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
         b_new = tl.maximum(b_max, b_logit)  # a running max and sum per lane, combined at the end
-        b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
-        b_rescale = tl.exp(b_max - b_ref)
+        b_ref, b_rescale = _rebase(b_max, b_new)
         b_e = tl.exp(b_logit - b_ref)
         b_sum = b_sum * b_rescale + b_e
         if POS_COL:

@@ -43,7 +43,7 @@ try:
     import triton
     import triton.language as tl
 
-    from fastloss.ops.sim_lse import _log_sum
+    from fastloss.ops.sim_lse import _log_sum, _rebase
 except ImportError:  # no triton (e.g. macOS): the closed-form torch implementation still works
     triton = tl = None
 
@@ -184,8 +184,8 @@ def cosent_rank_kernel(
         o_hi = tl.load(p_hi + o_k, mask=m_k, other=0)
         b_t = tl.where(m_k, b_s + tl.load(p_r + o_hi, mask=m_k, other=float("-inf")), float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_t, axis=0))
-        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # no t so far: exp(-inf - 0) = 0, not NaN
-        b_l = b_l * tl.exp(b_m - b_ref) + tl.sum(tl.exp(b_t - b_ref), axis=0)
+        b_ref, b_rescale = _rebase(b_m, b_m_new)
+        b_l = b_l * b_rescale + tl.sum(tl.exp(b_t - b_ref), axis=0)
         b_m = b_m_new
     b_loss = _softplus(_log_sum(b_m, b_l))
 

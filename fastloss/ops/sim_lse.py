@@ -260,6 +260,14 @@ def _fold(b_inv, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _rebase(b_max, b_new):
+    """A running sum of exp(x - max) whose max moves from b_max to b_new: (the new reference point, the factor that
+    rescales the sum so far). The reference is 0 while every x so far is -inf: exp(-inf - 0) = 0, not NaN."""
+    b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
+    return b_ref, tl.exp(b_max - b_ref)
+
+
+@triton.jit
 def _log_sum(b_max, b_sum):
     """max + log(sum) of a row's running max and sum of exp(logit - max): -inf where the sum is 0."""
     return tl.where(b_sum > 0.0, b_max + tl.log(tl.where(b_sum > 0.0, b_sum, 1.0)), float("-inf"))
@@ -333,8 +341,7 @@ def sim_lse_fwd_kernel(
         o_j = o_n + base
         b_logit = _logits(b_s, o_m[:, None], o_j[None, :], N + base, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_new = tl.maximum(b_max, tl.max(b_logit, axis=1))
-        b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)  # all masked so far: exp(-inf - 0) = 0, not NaN
-        b_rescale = tl.exp(b_max - b_ref)
+        b_ref, b_rescale = _rebase(b_max, b_new)
         b_e = tl.exp(b_logit - b_ref[:, None])
         b_sum = b_sum * b_rescale + tl.sum(b_e, axis=1)
         if POS_COL:
