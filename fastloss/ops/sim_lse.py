@@ -301,7 +301,7 @@ def sim_lse_fwd_kernel(
     D,
     period,
     offset,
-    base,  # the global index of candidate 0 (c is a block of the candidates): masks and the positive use j + base
+    base,  # the global index of c's first row (c is a block of the candidates), for the masks and the positive
     alpha,
     stride_r,
     stride_c,
@@ -317,6 +317,10 @@ def sim_lse_fwd_kernel(
     SINGLE_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
+    # candidates by their global index j: c and c_inv shifted back by base rows, N the end of the block
+    c = c - tl.cast(base, tl.int64) * stride_c
+    c_inv = c_inv - base
+    N = N + base
     start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < M
@@ -327,7 +331,7 @@ def sim_lse_fwd_kernel(
     b_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_nsum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POS_COL: the sum without column i + offset
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(base, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         b_cinv = tl.load(c_inv + o_n, mask=o_n < N, other=0.0)
         if SINGLE_D:
@@ -338,14 +342,13 @@ def sim_lse_fwd_kernel(
                 r, c, start_m, start_n, M, N, D, stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION
             )
         b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
-        o_j = o_n + base
-        b_logit = _logits(b_s, o_m[:, None], o_j[None, :], N + base, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_new = tl.maximum(b_max, tl.max(b_logit, axis=1))
         b_ref, b_rescale = _rebase(b_max, b_new)
         b_e = tl.exp(b_logit - b_ref[:, None])
         b_sum = b_sum * b_rescale + tl.sum(b_e, axis=1)
         if POS_COL:
-            m_pos = o_j[None, :] == o_m[:, None] + offset
+            m_pos = o_n[None, :] == o_m[:, None] + offset
             b_nsum = b_nsum * b_rescale + tl.sum(tl.where(m_pos, 0.0, b_e), axis=1)
         b_max = b_new
     tl.store(lse + o_m, _log_sum(b_max, b_sum), mask=m_m)
@@ -372,7 +375,7 @@ def sim_lse_bwd_dr_kernel(
     D,
     period,
     offset,
-    base,  # the global index of candidate 0 (c is a block of the candidates): masks and the positive use j + base
+    base,  # the global index of c's first row (c is a block of the candidates), for the masks and the positive
     alpha,
     stride_r,
     stride_c,
@@ -390,6 +393,10 @@ def sim_lse_bwd_dr_kernel(
     SINGLE_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
+    # candidates by their global index j: c and c_inv shifted back by base rows, N the end of the block
+    c = c - tl.cast(base, tl.int64) * stride_c
+    c_inv = c_inv - base
+    N = N + base
     start_m = first + tl.program_id(0).to(tl.int64) * BLOCK_M
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < M
@@ -404,7 +411,7 @@ def sim_lse_bwd_dr_kernel(
     if SINGLE_D:
         b_r = _load_rows(r, start_m, M, 0, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)  # [BM, BD]
         b_dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(base, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         b_cinv = tl.load(c_inv + o_n, mask=o_n < N, other=0.0)
         if SINGLE_D:
@@ -415,11 +422,10 @@ def sim_lse_bwd_dr_kernel(
                 r, c, start_m, start_n, M, N, D, stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION
             )
         b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
-        o_j = o_n + base
-        b_logit = _logits(b_s, o_m[:, None], o_j[None, :], N + base, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_p = tl.exp(b_logit - b_lse[:, None])  # [BM, BN]
         if FOLD_POS:
-            b_p = _fold_positive(b_p, o_j[None, :] == o_m[:, None] + offset, b_pv[:, None])
+            b_p = _fold_positive(b_p, o_n[None, :] == o_m[:, None] + offset, b_pv[:, None])
         if NEED_DSCALE:
             b_ps += tl.sum(b_p * b_s, axis=1)
         b_p = (b_p * _fold(b_cinv, r.dtype.element_ty)[None, :]).to(r.dtype.element_ty)  # P_ij c_inv_j
@@ -430,7 +436,7 @@ def sim_lse_bwd_dr_kernel(
                 b_c = _load_rows(c, start_n, N, start_d, D, stride_c, BLOCK_N, BLOCK_D, EVEN_D)
                 b_part = tl.dot(b_p, b_c, input_precision=DOT_PRECISION) * b_coef[:, None]  # [BM, BD]
                 _add_rows(
-                    dr, b_part, (start_n > 0) | ACCUMULATE, start_m - first, M - first, start_d, D, BLOCK_M, BLOCK_D
+                    dr, b_part, (start_n > base) | ACCUMULATE, start_m - first, M - first, start_d, D, BLOCK_M, BLOCK_D
                 )
     if SINGLE_D:
         _write_rows(dr, b_dr * b_coef[:, None], ACCUMULATE, start_m - first, M - first, D, BLOCK_M, BLOCK_D)
@@ -457,7 +463,7 @@ def sim_lse_bwd_dc_kernel(
     D,
     period,
     offset,
-    base,  # the global index of candidate 0 (c is a block of the candidates): masks and the positive use j + base
+    base,  # the global index of c's first row (c is a block of the candidates), for the masks and the positive
     alpha,
     stride_r,
     stride_c,
@@ -474,9 +480,13 @@ def sim_lse_bwd_dc_kernel(
     SINGLE_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
+    # candidates by their global index j: c and c_inv shifted back by base rows, N the end of the block
+    c = c - tl.cast(base, tl.int64) * stride_c
+    c_inv = c_inv - base
+    N = N + base
+    first = first + base
     start_n = first + tl.program_id(0).to(tl.int64) * BLOCK_N
     o_n = start_n + tl.arange(0, BLOCK_N)
-    o_j = o_n + base
     b_scale = tl.load(scale).to(tl.float32)
     b_gmax = tl.load(g_max)
     b_gmax = tl.where(b_gmax > 0.0, b_gmax, 1.0)
@@ -498,12 +508,12 @@ def sim_lse_bwd_dc_kernel(
                 c, r, start_n, start_m, N, M, D, stride_c, stride_r, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D, DOT_PRECISION
             )
         b_s = b_dot * b_cinv[:, None] * b_rinv[None, :]  # [BN, BM]: the transposed tile
-        b_logit = _logits(b_s, o_m[None, :], o_j[:, None], N + base, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
+        b_logit = _logits(b_s, o_m[None, :], o_n[:, None], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_w = b_g / b_gmax * _fold(b_rinv, r.dtype.element_ty)  # |g / max|g|| <= 1: w * P stays in fp16 range
         b_p = tl.exp(b_logit - b_lse[None, :])  # [BN, BM]
         if FOLD_POS:
             b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
-            b_p = _fold_positive(b_p, o_j[:, None] == o_m[None, :] + offset, b_pv[None, :])
+            b_p = _fold_positive(b_p, o_n[:, None] == o_m[None, :] + offset, b_pv[None, :])
         b_a = (b_p * b_w[None, :]).to(r.dtype.element_ty)
         if SINGLE_D:
             b_dc = tl.dot(b_a, b_r, b_dc, input_precision=DOT_PRECISION)  # [BN, BD]
