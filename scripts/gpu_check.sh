@@ -73,7 +73,7 @@ timeout "$rest" "${bench[@]}" --groups target --no-max-batch --time-limit "$((re
 note "bench --groups target: rc=$?"
 
 # the target MNRL case again with half the default window of the flash backward (128 rows per SM instead of 256:
-# one 128-row program per SM per launch): whether the default's floor buys speed for its 64 MiB more (at the target
+# one 128-row program per SM per launch): whether the default's floor buys speed for its 62 MiB more (at the target
 # a column of 32768 rows is one default window, so whole tensors, FASTLOSS_FLASH_WINDOW_ROWS=0, run the same); its
 # own folder
 t=$(cap 60)
