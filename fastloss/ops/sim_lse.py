@@ -260,6 +260,13 @@ def _fold(b_inv, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _by_global_index(c, c_inv, N, base, stride_c):
+    """A block of candidates addressed by their global index j = base .. base + N - 1: (c and c_inv shifted back by
+    base rows, the end of the block), so that masks, penalty and positive read j as they are."""
+    return c - tl.cast(base, tl.int64) * stride_c, c_inv - base, N + base
+
+
+@triton.jit
 def _rebase(b_max, b_new):
     """A running sum of exp(x - max) whose max moves from b_max to b_new: (the new reference point, the factor that
     rescales the sum so far). The reference is 0 while every x so far is -inf: exp(-inf - 0) = 0, not NaN."""
@@ -317,10 +324,7 @@ def sim_lse_fwd_kernel(
     SINGLE_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    # candidates by their global index j: c and c_inv shifted back by base rows, N the end of the block
-    c = c - tl.cast(base, tl.int64) * stride_c
-    c_inv = c_inv - base
-    N = N + base
+    c, c_inv, N = _by_global_index(c, c_inv, N, base, stride_c)
     start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < M
@@ -393,10 +397,7 @@ def sim_lse_bwd_dr_kernel(
     SINGLE_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    # candidates by their global index j: c and c_inv shifted back by base rows, N the end of the block
-    c = c - tl.cast(base, tl.int64) * stride_c
-    c_inv = c_inv - base
-    N = N + base
+    c, c_inv, N = _by_global_index(c, c_inv, N, base, stride_c)
     start_m = first + tl.program_id(0).to(tl.int64) * BLOCK_M
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < M
@@ -480,10 +481,7 @@ def sim_lse_bwd_dc_kernel(
     SINGLE_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    # candidates by their global index j: c and c_inv shifted back by base rows, N the end of the block
-    c = c - tl.cast(base, tl.int64) * stride_c
-    c_inv = c_inv - base
-    N = N + base
+    c, c_inv, N = _by_global_index(c, c_inv, N, base, stride_c)
     first = first + base
     start_n = first + tl.program_id(0).to(tl.int64) * BLOCK_N
     o_n = start_n + tl.arange(0, BLOCK_N)
