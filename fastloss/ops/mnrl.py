@@ -197,26 +197,42 @@ def directions(p: MNRLParams) -> list[Direction]:
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One direction's sim_lse problem over the tensors xs = [q, *docs]: its rows are the local rows of xs[rows_of],
-    its candidates one block per entry of ``blocks`` (index into xs, global index of the block's first candidate)."""
+class Launch:
+    """One sim_lse launch of a selected direction (its index ``direction``) over one block of its candidates, on the
+    tensors xs = [q, *docs]: its rows are the local rows of xs[rows_of], its candidates xs[block]; ``positive``: the
+    block holds the rows' positive column; ``operands`` (r, c, r_inv, c_inv) and ``options`` (period ... base) are
+    sim_lse's arguments around scale."""
 
-    bit: int
+    direction: int
     rows_of: int
-    blocks: list[tuple[int, int]]
-    mask_own: bool
-    pen_mode: int
+    block: int
+    positive: bool
+    operands: tuple[Tensor, Tensor, Tensor, Tensor]
+    options: dict
 
 
-def _problems(xs: list[Tensor], p: MNRLParams) -> list[Problem]:
-    """The selected directions' problems over xs = [q, *docs] (the docs in blocks of candidates: the columns as
-    they come, not copied into one tensor). Each direction's rows are the local rows of q or of the first block."""
+def _launches(xs: list[Tensor], invs: list[Tensor], p: MNRLParams) -> list[Launch]:
+    """The selected directions' launches over xs = [q, *docs] (the docs in blocks of candidates: the columns as they
+    come, not copied into one tensor) and their inverse norms. Each direction's rows are the local rows of q or of the
+    first block, which holds the positives (_doc_blocks): the directions with the positive hold it in their first
+    block (base 0)."""
+    local = slice(p.offset, p.offset + p.batch)
     bases = [0, *itertools.accumulate(x.shape[0] for x in xs[1:])][:-1]
     out = []
-    for dir_ in directions(p):
+    for i, dir_ in enumerate(directions(p)):
         rows_of = 0 if dir_.rows_are_queries else 1
         blocks = [(1 + k, base) for k, base in enumerate(bases)] if dir_.candidates_are_docs else [(0, 0)]
-        out.append(Problem(dir_.bit, rows_of, blocks, dir_.mask_own, dir_.pen_mode))
+        for k, base in blocks:
+            options = dict(
+                period=xs[0].shape[0],
+                offset=p.offset,
+                mask_own=dir_.mask_own,
+                pen_mode=dir_.pen_mode,
+                alpha=p.alpha,
+                base=base,
+            )
+            operands = (xs[rows_of][local], xs[k], invs[rows_of][local], invs[k])
+            out.append(Launch(i, rows_of, k, _holds_positive(dir_.bit) and base == 0, operands, options))
     return out
 
 
@@ -230,11 +246,6 @@ def _doc_blocks(d: Tensor | Sequence[Tensor], p: MNRLParams) -> list[Tensor]:
             f"{[tuple(b.shape) for b in blocks]}"
         )
     return blocks
-
-
-def _block_holds_positive(base: int, rows: int, p: MNRLParams) -> bool:
-    """Whether candidates base .. base + rows - 1 include a local row's positive column (offset .. offset + batch)."""
-    return base < p.offset + p.batch and p.offset < base + rows
 
 
 def _positive_sims(q: Tensor, d: Tensor, q_inv: Tensor, d_inv: Tensor, p: MNRLParams) -> Tensor:
@@ -302,31 +313,14 @@ def mnrl_fwd(
     docs = _doc_blocks(d, p)
     xs = [q, *docs]
     invs = [_inv_norms(x, p.normalize) for x in xs]
-    local = slice(p.offset, p.offset + p.batch)
-    lse_parts, nlse_parts = [], []
-    for prob in _problems(xs, p):
-        lse_d, nlse_d = [], []
-        for k, base in prob.blocks:
-            positive = _holds_positive(prob.bit) and _block_holds_positive(base, xs[k].shape[0], p)
-            lse_b, nlse_b = sim_lse_fwd(
-                xs[prob.rows_of][local],
-                xs[k],
-                invs[prob.rows_of][local],
-                invs[k],
-                scale,
-                period=q.shape[0],
-                offset=p.offset,
-                mask_own=prob.mask_own,
-                pen_mode=prob.pen_mode,
-                alpha=p.alpha,
-                positive_col=positive,
-                base=base,
-            )
-            lse_d.append(lse_b)
-            nlse_d.append(lse_b if nlse_b is None else nlse_b)
-        lse_parts.append(_combine(lse_d))
-        nlse_parts.append(_combine(nlse_d))  # directions without the positive: their LSE, unused
-    lse, nlse = torch.stack(lse_parts), torch.stack(nlse_parts)
+    lse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
+    nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
+    for launch in _launches(xs, invs, p):
+        lse_b, nlse_b = sim_lse_fwd(*launch.operands, scale, positive_col=launch.positive, **launch.options)
+        lse_parts[launch.direction].append(lse_b)
+        nlse_parts[launch.direction].append(lse_b if nlse_b is None else nlse_b)  # without the positive: its LSE
+    lse = torch.stack([_combine(parts) for parts in lse_parts])
+    nlse = torch.stack([_combine(parts) for parts in nlse_parts])
     log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
     positive = scale.float() * _positive_sims(q, docs[0], invs[0], invs[1], p)
     row_loss, pos_val = positive_terms(lse, nlse, positive, p)
@@ -396,7 +390,6 @@ def mnrl_bwd(
     docs = _doc_blocks(d, p)
     xs = [q, *docs]
     invs = [_inv_norms(x, p.normalize) for x in xs]
-    local = slice(p.offset, p.offset + p.batch)
     h = grad.float() / p.batch
     if p.joint:
         weights = h * torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
@@ -405,28 +398,19 @@ def mnrl_bwd(
     # each tensor's parts: (launcher, its dscale for a rows part else None, first row of the tensor it covers, rows)
     parts: list[list] = [[] for _ in xs]
     dscales = []
-    for prob, lse_d, g, pos_val_d in zip(_problems(xs, p), lse, weights, pos_val):
-        for k, base in prob.blocks:
-            positive = _holds_positive(prob.bit) and _block_holds_positive(base, xs[k].shape[0], p)
-            bwd = SimLseBackward(
-                xs[prob.rows_of][local],
-                xs[k],
-                invs[prob.rows_of][local],
-                invs[k],
-                scale,
-                lse_d,
-                g.contiguous(),
-                period=q.shape[0],
-                offset=p.offset,
-                mask_own=prob.mask_own,
-                pen_mode=prob.pen_mode,
-                alpha=p.alpha,
-                pos_val=pos_val_d.contiguous() if positive else None,
-                base=base,
-            )
-            dscales.append(torch.empty(p.batch, device=q.device, dtype=torch.float32))
-            parts[prob.rows_of].append((bwd, dscales[-1], p.offset, p.batch))
-            parts[k].append((bwd, None, 0, xs[k].shape[0]))
+    for launch in _launches(xs, invs, p):
+        i = launch.direction
+        bwd = SimLseBackward(
+            *launch.operands,
+            scale,
+            lse[i],
+            weights[i].contiguous(),
+            pos_val=pos_val[i].contiguous() if launch.positive else None,
+            **launch.options,
+        )
+        dscales.append(torch.empty(p.batch, device=q.device, dtype=torch.float32))
+        parts[launch.rows_of].append((bwd, dscales[-1], p.offset, p.batch))
+        parts[launch.block].append((bwd, None, 0, xs[launch.block].shape[0]))
     # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2)
     separate = (pos_val[0] == float("inf")).to(torch.float32)
     coef = -h * scale.float() * separate
