@@ -592,7 +592,8 @@ def _l2norm(path: str) -> Builder:
         elif path in ("norm_torch", "norm_triton"):
             if path == "norm_triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise Skip("norm_triton: CUDA tensors (on CPU Triton runs only under the interpreter, in the tests)")
-            fwd, backend = (lambda t: F.normalize(t, p=2, dim=1, eps=ops.NORM_EPS)), path[5:]
+            fwd = lambda t: F.normalize(t, p=2, dim=1, eps=ops.NORM_EPS)
+            backend = "triton" if path == "norm_triton" else "torch"
         else:
             if x.device.type != "cuda" or not _backend.native_has("l2norm_bwd"):
                 raise Skip("norm_cuda: CUDA tensors and a CUDA build of fastloss._C only")
