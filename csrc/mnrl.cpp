@@ -6,6 +6,12 @@
 // c_i * E_i with one scalar c_i per (direction, row), so the gradient GEMMs take that factor on their m x D side:
 // dR_blk = diag(c) E C and dC += E^T diag(c) R_blk. Three GEMM-equivalents, no recompute, no normalised copies,
 // and m x N_total logits in memory at a time.
+//
+// The symmetric loss (query_to_doc and doc_to_query, per direction) takes two passes instead: doc_to_query's rows
+// are columns of query_to_doc's products (local positive d_i against every query), so a first pass runs their
+// logsumexp down those columns (Q against the local positives: one B x B product), and the second computes
+// query_to_doc's rows as above and adds doc_to_query's softmax, now known, into the same block, whose two gradient
+// GEMMs then serve both directions: 3k + 1 GEMM-equivalents for k doc columns instead of 3k + 3.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -109,6 +115,73 @@ inline ExpSums<double> seg_exp(double* s, const double* inv, int64_t n, double f
   return segment_exp<double>(s, inv, n, factor, row_max);
 }
 
+// The same along a row of products s_j = <q_r, d_j> that is a slice of columns, each column j its own row of
+// logits t_j * factor_j (t_j = s_j * inv_r, inv_r the query's inverse norm): the columns' running max,
+// their sums of exp(t_j * factor_j - ref_j) and of that times t_j, and the softmax written out with a weight.
+template <typename T>
+[[gnu::always_inline]] inline void column_max(const T* s, T inv_r, const T* factor, T* max, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T l = (s[j] * inv_r) * factor[j];
+    max[j] = l > max[j] ? l : max[j];
+  }
+}
+
+template <typename T>
+[[gnu::always_inline]] inline void column_exp(const T* s, T inv_r, const T* factor, const T* ref, T* sum, T* dot,
+                                              int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T t = s[j] * inv_r;
+    const T e = exp_nonpositive(t * factor[j] - ref[j]);
+    sum[j] += e;
+    dot[j] += e * t;
+  }
+}
+
+// out_j = exp(t_j * factor_j - ref_j) * weight_j (out may be s)
+template <typename T>
+[[gnu::always_inline]] inline void column_softmax(const T* s, T inv_r, const T* factor, const T* ref,
+                                                  const T* weight, T* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = exp_nonpositive((s[j] * inv_r) * factor[j] - ref[j]) * weight[j];
+}
+
+FASTLOSS_SIMD_CLONES void column_max_f32(const float* s, float inv_r, const float* factor, float* max, int64_t n) {
+  column_max<float>(s, inv_r, factor, max, n);
+}
+FASTLOSS_SIMD_CLONES void column_exp_f32(const float* s, float inv_r, const float* factor, const float* ref,
+                                         float* sum, float* dot, int64_t n) {
+  column_exp<float>(s, inv_r, factor, ref, sum, dot, n);
+}
+FASTLOSS_SIMD_CLONES void column_softmax_f32(const float* s, float inv_r, const float* factor, const float* ref,
+                                             const float* weight, float* out, int64_t n) {
+  column_softmax<float>(s, inv_r, factor, ref, weight, out, n);
+}
+
+inline void col_max(const float* s, float inv_r, const float* factor, float* max, int64_t n) {
+  column_max_f32(s, inv_r, factor, max, n);
+}
+inline void col_max(const double* s, double inv_r, const double* factor, double* max, int64_t n) {
+  column_max<double>(s, inv_r, factor, max, n);
+}
+inline void col_exp(const float* s, float inv_r, const float* factor, const float* ref, float* sum, float* dot,
+                    int64_t n) {
+  column_exp_f32(s, inv_r, factor, ref, sum, dot, n);
+}
+inline void col_exp(const double* s, double inv_r, const double* factor, const double* ref, double* sum,
+                    double* dot, int64_t n) {
+  column_exp<double>(s, inv_r, factor, ref, sum, dot, n);
+}
+inline void col_softmax(const float* s, float inv_r, const float* factor, const float* ref, const float* weight,
+                        float* out, int64_t n) {
+  column_softmax_f32(s, inv_r, factor, ref, weight, out, n);
+}
+inline void col_softmax(const double* s, double inv_r, const double* factor, const double* ref,
+                        const double* weight, double* out, int64_t n) {
+  column_softmax<double>(s, inv_r, factor, ref, weight, out, n);
+}
+
 // The logit of column j of a row is t_j * factor, except at the columns own + t * period for t in
 // [t_begin, t_end), which are masked (-inf) or use except_factor. Every factor is > 0.
 template <typename T>
@@ -187,6 +260,99 @@ RowSums<T> row_exp(T* s, const T* inv, int64_t n, int64_t own, int64_t period, c
 template <typename T>
 T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
+}
+
+// One row's statistics in one direction: what its loss, softmax factor and dL/dscale need.
+template <typename T>
+struct RowStats {
+  T max = 0;        // the row's max logit (-inf: every column masked)
+  T sum = 0;        // sum_j E_j, E_j = exp(logit_j - max)
+  T neg = 0;        // the same without the positive's column (all of it where the direction holds no positive)
+  T dot = 0;        // sum_j E_j sim_j
+  T neg_dot = 0;    // the same without the positive's column
+  T pos_logit = 0;  // the positive's logit and similarity
+  T pos_sim = 0;
+};
+
+// The row pass over one direction's row of raw products s against candidates with inverse norms inv: leaves
+// E_j * inv_j in s. rule: the direction's (its factors are multiplied by the row's inverse norm row_inv here);
+// hold: the direction's column own is the positive pair, whose sums are kept apart.
+template <typename T>
+RowStats<T> row_pass(T* s, const T* inv, int64_t n, int64_t own, int64_t period, const ColumnRule<T>& dir_rule,
+                     T scale, T row_inv, bool hold) {
+  const ColumnRule<T> rule{dir_rule.factor * row_inv, dir_rule.except_factor * row_inv, dir_rule.except_masked,
+                           dir_rule.t_begin, dir_rule.t_end};
+  RowStats<T> st;
+  st.max = row_max(s, inv, n, own, period, rule);
+  // the positive's similarity and logit exactly as the row pass computes them (its factor is scale * row_inv in
+  // every rule)
+  st.pos_sim = s[own] * inv[own] * row_inv;
+  st.pos_logit = s[own] * inv[own] * (scale * row_inv);
+  const RowSums<T> sums = row_exp(s, inv, n, own, period, rule, st.max, hold ? own : -1);
+  st.sum = sums.sum();
+  st.neg = sums.rest.sum;
+  st.dot = sums.dot() * row_inv;
+  st.neg_dot = sums.rest.dot * row_inv;
+  return st;
+}
+
+// One row's loss over its directions and their softmax factors: softmax_k = c_k * E_k; entry_k: the positive's
+// entry of G where folded (p - its share of the -1, formed without cancellation), else the -1 stays a separate
+// term; dscale: the row's dL/dscale (before the 1/B).
+template <typename T>
+struct Combined {
+  T loss = 0;
+  T c[4] = {};
+  T entry[4] = {};
+  bool fold = true;
+  T dscale = 0;
+};
+
+// holds[k]: direction k's column own is the positive pair (query_to_doc, doc_to_query; holders of them share its
+// -1 equally); k_first: query_to_doc, whose positive logit the joint loss takes.
+template <typename T>
+Combined<T> combine(const RowStats<T>* st, int n_dir, const bool* holds, int holders, int k_first, bool joint) {
+  // The positive enters as in fastloss.ops.mnrl.positive_terms: with x = log of the negatives' mass over the
+  // positive's (the sums without its column, kept apart by row_exp), the row loss is softplus and the positive's
+  // coefficient p - share a sigmoid of it, neither with cancellation.
+  Combined<T> cb;
+  if (joint) {  // the holders' copies of the positive share its -1 equally
+    T top = -std::numeric_limits<T>::infinity();
+    for (int k = 0; k < n_dir; ++k)
+      if (st[k].sum > 0) top = std::max(top, st[k].max);
+    T total = 0, negatives = 0;
+    for (int k = 0; k < n_dir; ++k) {
+      if (st[k].sum <= 0) continue;
+      const T rescale = std::exp(st[k].max - top);
+      total += st[k].sum * rescale;
+      negatives += (holds[k] ? st[k].neg : st[k].sum) * rescale;
+    }
+    const T log_z = top + std::log(total);
+    const T log_k = std::log(static_cast<T>(holders));
+    const T x = std::log(negatives) + top - st[k_first].pos_logit - log_k;
+    cb.loss = log_k + softplus(x);
+    // folded where the copies hold at least half the row's mass (x <= 0): each copy's weight c E_own is then
+    // >= 1 / (2 holders); elsewhere p - 1 <= -1/2 and the -1 stays a separate term
+    cb.fold = x <= 0;
+    const T coefficient = -sigmoid(x) / static_cast<T>(holders);
+    for (int k = 0; k < n_dir; ++k) {
+      cb.c[k] = st[k].sum > 0 ? std::exp(st[k].max - log_z) : T(0);
+      cb.entry[k] = coefficient;
+    }
+  } else {  // every direction holds the positive, with weight 1 / n_dir and its own -1 / n_dir
+    for (int k = 0; k < n_dir; ++k) {
+      const T x = std::log(st[k].neg) + st[k].max - st[k].pos_logit;
+      cb.loss += softplus(x);
+      cb.c[k] = T(1) / (static_cast<T>(n_dir) * st[k].sum);
+      cb.entry[k] = -sigmoid(x) / static_cast<T>(n_dir);
+    }
+    cb.loss /= static_cast<T>(n_dir);
+  }
+  // dL/dscale of the row: sum over the entries of softmax * sim, minus the positive's sim
+  for (int k = 0; k < n_dir; ++k)
+    cb.dscale += holds[k] && cb.fold ? cb.c[k] * st[k].neg_dot + cb.entry[k] * st[k].pos_sim : cb.c[k] * st[k].dot;
+  if (!cb.fold) cb.dscale -= st[k_first].pos_sim;
+  return cb;
 }
 
 struct Options {
@@ -291,10 +457,176 @@ void normalize_backward(const at::Tensor& embeddings, T* a) {
   });
 }
 
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // loss, dq, dd, dscale
+
+// The op's outputs from the rows' losses and dL/dscale (already over B) and the accumulators dq, dd
+// (inv * dL/dx_hat: normalised back here; undefined without need_grad).
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const at::Tensor& q_in,
-                                                                           const at::Tensor& d_in,
-                                                                           double scale_value, const Options& o) {
+Outputs finish(const std::vector<T>& row_loss, const std::vector<T>& row_dscale, const Embeddings& q,
+               const Embeddings& d, at::Tensor dq, at::Tensor dd, const at::Tensor& q_in, const at::Tensor& d_in,
+               const Options& o) {
+  double loss_sum = 0, dscale_sum = 0;
+  for (int64_t i = 0; i < o.batch; ++i) {
+    loss_sum += row_loss[i];
+    dscale_sum += row_dscale[i];
+  }
+  const auto acc_options = q.x.options();
+  at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(o.batch), acc_options);
+  if (!o.need_grad) return {loss, at::zeros_like(q_in), at::zeros_like(d_in), at::zeros({}, acc_options)};
+  if (o.normalize) {
+    normalize_backward<T>(q.x, dq.mutable_data_ptr<T>());
+    normalize_backward<T>(d.x, dd.mutable_data_ptr<T>());
+  }
+  return {loss, dq.to(q_in.scalar_type()), dd.to(d_in.scalar_type()), at::scalar_tensor(dscale_sum, acc_options)};
+}
+
+constexpr int64_t kColumnGrain = 256;  // columns per task of the column passes
+
+// query_to_doc and doc_to_query, per direction (the symmetric loss), in two passes (top of the file). doc_to_query's
+// row i, the local positive p_i = d_(offset + i) against every query q_j, has logits t_j * factor_i with
+// t_j = <q_j, p_i> inv_q_j and factor_i = scale * inv_p_i: column i of Q P^T, its softmax exp(logit - ref_i).
+template <typename T>
+Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const Options& o, const at::Tensor& q_in,
+                       const at::Tensor& d_in) {
+  const int64_t world = q.x.size(0), width = d.x.size(0), batch = o.batch, offset = o.offset;
+  const T* q_inv = q.inv.const_data_ptr<T>();
+  const T* d_inv = d.inv.const_data_ptr<T>();
+  const T* p_inv = d_inv + offset;
+  const at::Tensor positives = d.x.narrow(0, offset, batch);
+  const T inv_batch = T(1) / static_cast<T>(batch);
+  const int64_t bytes = block_bytes(), elem = static_cast<int64_t>(sizeof(T));
+  const int64_t column_rows = std::clamp<int64_t>(bytes / (batch * elem), 1, world);  // blocks of Q P^T
+  const int64_t full_rows = std::clamp<int64_t>(bytes / (width * elem), 1, batch);    // blocks of Q_local D^T
+  at::Tensor buffer = at::empty({std::max(column_rows * batch, full_rows * width)}, q.x.options());
+  at::Tensor weight = at::empty({std::max(column_rows, full_rows)}, q.x.options());
+
+  std::vector<T> factor(batch);
+  for (int64_t i = 0; i < batch; ++i) factor[i] = scale * p_inv[i];
+  // Pass 1: doc_to_query's online logsumexp down the columns of Q P^T, one block of query rows at a time: the
+  // columns' running max, the sums (E, E * t) without the positive's entry, kept apart as row_exp does, and its
+  // product.
+  std::vector<T> col_max_of(batch, -std::numeric_limits<T>::infinity()), col_sum(batch, 0), col_dot(batch, 0);
+  std::vector<T> pos_raw(batch, 0);
+  for (int64_t j0 = 0; j0 < world; j0 += column_rows) {
+    const int64_t m = std::min(column_rows, world - j0);
+    at::Tensor block = buffer.narrow(0, 0, m * batch).view({m, batch});
+    at::mm_out(block, q.x.narrow(0, j0, m), positives.t());
+    const T* s = block.const_data_ptr<T>();
+    at::parallel_for(0, batch, kColumnGrain, [&](int64_t c0, int64_t c1) {
+      std::vector<T> block_max(c1 - c0, -std::numeric_limits<T>::infinity());
+      for (int64_t r = 0; r < m; ++r)
+        col_max(s + r * batch + c0, q_inv[j0 + r], factor.data() + c0, block_max.data(), c1 - c0);
+      for (int64_t c = c0; c < c1; ++c) {
+        if (block_max[c - c0] <= col_max_of[c]) continue;
+        const T rescale = std::exp(col_max_of[c] - block_max[c - c0]);  // 0 on the first block
+        col_sum[c] *= rescale;
+        col_dot[c] *= rescale;
+        col_max_of[c] = block_max[c - c0];
+      }
+      auto add = [&](const T* row, T inv_r, int64_t a, int64_t b) {
+        if (b > a) col_exp(row + a, inv_r, factor.data() + a, col_max_of.data() + a, col_sum.data() + a,
+                           col_dot.data() + a, b - a);
+      };
+      for (int64_t r = 0; r < m; ++r) {
+        const T* row = s + r * batch;
+        const int64_t apart = j0 + r - offset;  // the column whose positive is this query
+        if (apart >= c0 && apart < c1) {
+          add(row, q_inv[j0 + r], c0, apart);
+          add(row, q_inv[j0 + r], apart + 1, c1);
+          pos_raw[apart] = row[apart];
+        } else {
+          add(row, q_inv[j0 + r], c0, c1);
+        }
+      }
+    });
+  }
+  // doc_to_query's rows' statistics, as row_pass gives them, and ref_i = -log of their softmax factor (combine's
+  // 1 / (2 sum) per direction)
+  std::vector<RowStats<T>> back(batch);
+  std::vector<T> ref(batch);
+  for (int64_t i = 0; i < batch; ++i) {
+    const T t = pos_raw[i] * q_inv[offset + i];
+    const T apart = exp_nonpositive(t * factor[i] - col_max_of[i]);
+    RowStats<T>& st = back[i];
+    st.max = col_max_of[i];
+    st.sum = col_sum[i] + apart;
+    st.neg = col_sum[i];
+    st.dot = (col_dot[i] + apart * t) * p_inv[i];
+    st.neg_dot = col_dot[i] * p_inv[i];
+    st.pos_sim = t * p_inv[i];
+    st.pos_logit = t * (scale * p_inv[i]);
+    ref[i] = st.max + std::log(T(2) * st.sum);
+  }
+
+  // Pass 2: query_to_doc's row pass on blocks of the local queries' products with every doc, as mnrl_fused_impl,
+  // plus doc_to_query's softmax entries of those queries (columns offset .. offset + batch), so that one pair of
+  // GEMMs takes both directions' gradients.
+  const Direction<T> forward = select_directions<T>(o, width / world, scale)[0];  // query_to_doc
+  const bool holds[2] = {true, true};
+  std::vector<T> row_loss(batch), row_dscale(batch);
+  at::Tensor dq, dd;  // inv_i * dL/dx_hat_i until normalize_backward
+  if (o.need_grad) {
+    dq = at::zeros_like(q.x);
+    dd = at::zeros_like(d.x);
+  }
+  for (int64_t i0 = 0; i0 < batch; i0 += full_rows) {
+    const int64_t m = std::min(full_rows, batch - i0);
+    const at::Tensor rows = q.x.narrow(0, offset + i0, m);
+    at::Tensor block = buffer.narrow(0, 0, m * width).view({m, width});
+    at::mm_out(block, rows, d.x.t());
+    T* s = block.mutable_data_ptr<T>();
+    T* w = weight.mutable_data_ptr<T>();
+    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> back_softmax(batch);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i = i0 + r, own = offset + i;
+        T* row = s + r * width;
+        const T inv_r = q_inv[own];
+        col_softmax(row + offset, inv_r, factor.data(), ref.data(), p_inv, back_softmax.data(), batch);  // raw
+        const RowStats<T> st[2] = {row_pass(row, d_inv, width, own, world, forward.rule, scale, inv_r, true),
+                                   back[i]};
+        const Combined<T> cb = combine(st, 2, holds, 2, 0, false);
+        // G = c_0 (E' + doc_to_query's softmax / c_0): query_to_doc's factor stays on the GEMMs' m x D side
+        const T unfactor = T(1) / cb.c[0];
+        for (int64_t c = 0; c < batch; ++c) row[offset + c] += back_softmax[c] * unfactor;
+        row[own] = d_inv[own] * (cb.entry[0] + cb.entry[1]) * unfactor;  // both directions' positive, folded
+        w[r] = cb.c[0] * scale * inv_batch * inv_r;
+        row_loss[i] = cb.loss;
+        row_dscale[i] = cb.dscale * inv_batch;
+      }
+    });
+    if (!o.need_grad) continue;
+    const at::Tensor wr = weight.narrow(0, 0, m).unsqueeze(1);
+    dq.narrow(0, offset + i0, m).addcmul_(at::mm(block, d.x), wr);
+    dd.addmm_(block.t(), rows * wr);
+  }
+  // The other ranks' queries (gathered) are candidates of doc_to_query only: their softmax entries of Q P^T.
+  const int64_t segments[2][2] = {{0, offset}, {offset + batch, world}};
+  for (const auto& segment : segments) {
+    for (int64_t j0 = segment[0]; o.need_grad && j0 < segment[1]; j0 += column_rows) {
+      const int64_t m = std::min(column_rows, segment[1] - j0);
+      const at::Tensor rows = q.x.narrow(0, j0, m);
+      at::Tensor block = buffer.narrow(0, 0, m * batch).view({m, batch});
+      at::mm_out(block, rows, positives.t());
+      T* s = block.mutable_data_ptr<T>();
+      T* w = weight.mutable_data_ptr<T>();
+      at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          T* row = s + r * batch;
+          col_softmax(row, q_inv[j0 + r], factor.data(), ref.data(), p_inv, row, batch);
+          w[r] = scale * inv_batch * q_inv[j0 + r];
+        }
+      });
+      const at::Tensor wr = weight.narrow(0, 0, m).unsqueeze(1);
+      dq.narrow(0, j0, m).addcmul_(at::mm(block, positives), wr);
+      dd.narrow(0, offset, batch).addmm_(block.t(), rows * wr);
+    }
+  }
+  return finish(row_loss, row_dscale, q, d, dq, dd, q_in, d_in, o);
+}
+
+template <typename T>
+Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double scale_value, const Options& o) {
   const int64_t world = q_in.size(0);
   const int64_t columns = d_in.size(0) / world;
   const int64_t batch = o.batch;
@@ -302,6 +634,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
 
   const Embeddings q = prepare<T>(q_in, o.normalize);
   const Embeddings d = prepare<T>(d_in, o.normalize);
+  // Two passes cost W B + 3 B kW GEMM work against one pass's 3 B kW + 3 B W: less while W < 3 B.
+  if (o.directions == (kQueryToDoc | kDocToQuery) && !o.joint && world < 3 * batch)
+    return mnrl_symmetric<T>(q, d, scale, o, q_in, d_in);
   const T* q_inv = q.inv.const_data_ptr<T>();
   const T* d_inv = d.inv.const_data_ptr<T>();
   const std::vector<Direction<T>> dirs = select_directions<T>(o, columns, scale);
@@ -349,86 +684,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
     T* coef_ptr = coef.mutable_data_ptr<T>();
 
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      T row_max_of[4], sum_of[4], neg_of[4], dot_of[4], neg_dot_of[4], row_inv[4], c[4], pos_logit[4], pos_sim[4];
-      T entry[4];
-      const T* cand_inv[4];  // each direction's candidates' inverse norms
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = i0 + r;
         const int64_t own = o.offset + i;
+        RowStats<T> st[4];
+        T row_inv[4];
+        const T* cand_inv[4];  // each direction's candidates' inverse norms
         for (int k = 0; k < n_dir; ++k) {
           const Direction<T>& dir = dirs[k];
           row_inv[k] = dir.rows_are_queries ? q_inv[own] : d_inv[own];
-          const ColumnRule<T> rule{dir.rule.factor * row_inv[k], dir.rule.except_factor * row_inv[k],
-                                   dir.rule.except_masked, dir.rule.t_begin, dir.rule.t_end};
-          const T* inv = cand_inv[k] = dir.candidates_are_docs ? d_inv : q_inv;
-          T* row = rows_ptr[k] + r * widths[k];
-          row_max_of[k] = row_max(row, inv, widths[k], own, world, rule);
-          // the positive's similarity and logit exactly as the row pass computes them (its factor is
-          // scale * row_inv in every rule)
-          pos_sim[k] = row[own] * inv[own] * row_inv[k];
-          pos_logit[k] = row[own] * inv[own] * (scale * row_inv[k]);
-          const RowSums<T> sums = row_exp(row, inv, widths[k], own, world, rule, row_max_of[k], holds[k] ? own : -1);
-          sum_of[k] = sums.sum();
-          neg_of[k] = sums.rest.sum;
-          dot_of[k] = sums.dot() * row_inv[k];
-          neg_dot_of[k] = sums.rest.dot * row_inv[k];
+          cand_inv[k] = dir.candidates_are_docs ? d_inv : q_inv;
+          st[k] = row_pass(rows_ptr[k] + r * widths[k], cand_inv[k], widths[k], own, world, dir.rule, scale,
+                           row_inv[k], holds[k]);
         }
-        // softmax_k(row) = c_k * E_k. The positive enters as in fastloss.ops.mnrl.positive_terms: with x = log of
-        // the negatives' mass over the positive's (the sums without its column, kept apart by row_exp), the row
-        // loss is softplus and the positive's coefficient p - share a sigmoid of it, neither with cancellation.
-        T loss = 0;
-        bool fold = true;
-        if (o.joint) {  // the holders' copies of the positive share its -1 equally
-          T top = -std::numeric_limits<T>::infinity();
-          for (int k = 0; k < n_dir; ++k)
-            if (sum_of[k] > 0) top = std::max(top, row_max_of[k]);
-          T total = 0, negatives = 0;
-          for (int k = 0; k < n_dir; ++k) {
-            if (sum_of[k] <= 0) continue;
-            const T rescale = std::exp(row_max_of[k] - top);
-            total += sum_of[k] * rescale;
-            negatives += (holds[k] ? neg_of[k] : sum_of[k]) * rescale;
-          }
-          const T log_z = top + std::log(total);
-          const T log_k = std::log(static_cast<T>(holders));
-          const T x = std::log(negatives) + top - pos_logit[k_first] - log_k;
-          loss = log_k + softplus(x);
-          // folded where the copies hold at least half the row's mass (x <= 0): each copy's weight c E_own is then
-          // >= 1 / (2 holders); elsewhere p - 1 <= -1/2 and the -1 stays a separate term
-          fold = x <= 0;
-          const T coefficient = -sigmoid(x) / static_cast<T>(holders);
-          for (int k = 0; k < n_dir; ++k) {
-            c[k] = sum_of[k] > 0 ? std::exp(row_max_of[k] - log_z) : T(0);
-            entry[k] = coefficient;
-          }
-        } else {  // every direction holds the positive, with weight 1 / n_dir and its own -1 / n_dir
-          for (int k = 0; k < n_dir; ++k) {
-            const T x = std::log(neg_of[k]) + row_max_of[k] - pos_logit[k];
-            loss += softplus(x);
-            c[k] = T(1) / (static_cast<T>(n_dir) * sum_of[k]);
-            entry[k] = -sigmoid(x) / static_cast<T>(n_dir);
-          }
-          loss /= static_cast<T>(n_dir);
-        }
-        // dL/dscale of the row: sum over the entries of softmax * sim, minus the positive's sim
-        T dscale_row = 0;
+        const Combined<T> cb = combine(st, n_dir, holds, holders, k_first, o.joint);
         for (int k = 0; k < n_dir; ++k) {
-          coef_ptr[k * rows_per_block + r] = c[k] * scale * inv_batch * row_inv[k];
-          if (holds[k] && fold) {
-            // the positive's coefficient joins its softmax entry: G = c E', E' = inv entry / c, so p - 1 is formed
-            // before any sum (as cross-entropy does) instead of cancelling inside the GEMMs
-            rows_ptr[k][r * widths[k] + own] = cand_inv[k][own] * entry[k] / c[k];
-            dscale_row += c[k] * neg_dot_of[k] + entry[k] * pos_sim[k];
-          } else {
-            dscale_row += c[k] * dot_of[k];
-          }
+          coef_ptr[k * rows_per_block + r] = cb.c[k] * scale * inv_batch * row_inv[k];
+          // the positive's coefficient joins its softmax entry: G = c E', E' = inv entry / c, so p - 1 is formed
+          // before any sum (as cross-entropy does) instead of cancelling inside the GEMMs
+          if (holds[k] && cb.fold) rows_ptr[k][r * widths[k] + own] = cand_inv[k][own] * cb.entry[k] / cb.c[k];
         }
-        if (!fold) {
-          separate_share[i] = T(1);
-          dscale_row -= pos_sim[k_first];
-        }
-        row_loss[i] = loss;
-        row_dscale[i] = dscale_row * inv_batch;
+        if (!cb.fold) separate_share[i] = T(1);
+        row_loss[i] = cb.loss;
+        row_dscale[i] = cb.dscale * inv_batch;
       }
     });
 
@@ -447,37 +725,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused_impl(const
     }
   }
 
-  double loss_sum = 0, dscale_sum = 0;
-  for (int64_t i = 0; i < batch; ++i) {
-    loss_sum += row_loss[i];
-    dscale_sum += row_dscale[i];
+  if (o.need_grad) {
+    // The positive terms not folded into E': the positive logit scale * <q_hat_i, d_hat_i> with weight
+    // -separate_share_i / B, i.e. with w_i = -separate_share_i * scale / B * inv_q_i * inv_d_i,
+    // inv_q * dL/dq_hat += w d and inv_d * dL/dd_hat += w q over the local rows.
+    const at::Tensor w = (q.inv.narrow(0, o.offset, batch) * d.inv.narrow(0, o.offset, batch))
+                             .mul_(at::from_blob(separate_share.data(), {batch}, q.inv.options()))
+                             .mul_(-scale_value * inv_batch)
+                             .unsqueeze(1);
+    dq.narrow(0, o.offset, batch).addcmul_(d.x.narrow(0, o.offset, batch), w);
+    dd.narrow(0, o.offset, batch).addcmul_(q.x.narrow(0, o.offset, batch), w);
   }
-  const auto acc_options = q.x.options();
-  at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(batch), acc_options);
-  if (!o.need_grad) return {loss, at::zeros_like(q_in), at::zeros_like(d_in), at::zeros({}, acc_options)};
-
-  // The positive terms not folded into E': the positive logit scale * <q_hat_i, d_hat_i> with weight
-  // -separate_share_i / B, i.e. with w_i = -separate_share_i * scale / B * inv_q_i * inv_d_i,
-  // inv_q * dL/dq_hat += w d and inv_d * dL/dd_hat += w q over the local rows.
-  const at::Tensor w = (q.inv.narrow(0, o.offset, batch) * d.inv.narrow(0, o.offset, batch))
-                           .mul_(at::from_blob(separate_share.data(), {batch}, q.inv.options()))
-                           .mul_(-scale_value * inv_batch)
-                           .unsqueeze(1);
-  dq.narrow(0, o.offset, batch).addcmul_(d.x.narrow(0, o.offset, batch), w);
-  dd.narrow(0, o.offset, batch).addcmul_(q.x.narrow(0, o.offset, batch), w);
-  if (o.normalize) {
-    normalize_backward<T>(q.x, dq.mutable_data_ptr<T>());
-    normalize_backward<T>(d.x, dd.mutable_data_ptr<T>());
-  }
-  at::Tensor dscale = at::scalar_tensor(dscale_sum, acc_options);
-  return {loss, dq.to(q_in.scalar_type()), dd.to(d_in.scalar_type()), dscale};
+  return finish(row_loss, row_dscale, q, d, dq, dd, q_in, d_in, o);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mnrl_fused(const at::Tensor& q, const at::Tensor& d,
-                                                                      const at::Tensor& scale, int64_t offset,
-                                                                      int64_t batch, int64_t directions, bool joint,
-                                                                      int64_t hardness, double alpha, bool normalize,
-                                                                      bool need_grad) {
+Outputs mnrl_fused(const at::Tensor& q, const at::Tensor& d, const at::Tensor& scale, int64_t offset, int64_t batch,
+                   int64_t directions, bool joint, int64_t hardness, double alpha, bool normalize, bool need_grad) {
   TORCH_CHECK(q.device().is_cpu() && d.device().is_cpu() && scale.device().is_cpu(),
               "mnrl_fused: q, d and scale must be CPU tensors");
   TORCH_CHECK(q.dim() == 2 && d.dim() == 2, "mnrl_fused: q must be [W, D] and d [k*W, D], got ", q.sizes(), " and ",

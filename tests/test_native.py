@@ -267,6 +267,36 @@ def test_row_blocks(monkeypatch, directions, partition, block_bytes):
     )
 
 
+@pytest.mark.parametrize("block_bytes", [None, "1", "150"], ids=["one-block", "one-row", "some-rows"])
+@pytest.mark.parametrize("columns", [1, 2], ids=["pos", "pos+1neg"])
+@pytest.mark.parametrize(
+    "world,offset,batch",
+    [(13, 0, 13), (13, 4, 6), (13, 0, 5), (13, 8, 5), (16, 5, 5)],
+    ids=["local", "gathered-both-sides", "gathered-after", "gathered-before", "gathered-3x"],
+)
+def test_symmetric_two_passes(monkeypatch, world, offset, batch, columns, block_bytes):
+    """query_to_doc + doc_to_query per direction (the symmetric loss) runs in two passes while W < 3B: doc_to_query's
+    logsumexp down the columns of Q P^T, block by block (rescaled as a column's max rises), then one pair of GEMMs for
+    both directions, the other ranks' queries (before and after the local rows) in blocks of their own; at W >= 3B
+    (the last case) the one-pass op. Blocks of one and a few rows in both passes."""
+    if block_bytes is not None:
+        monkeypatch.setenv("FASTLOSS_NATIVE_BLOCK_BYTES", block_bytes)
+    for similarity in ("cos", "dot"):
+        check_case(
+            world,
+            9,
+            columns,
+            torch.float32,
+            similarity=similarity,
+            offset=offset,
+            batch=batch,
+            directions=("query_to_doc", "doc_to_query"),
+            partition="per_direction",
+            hardness=2,
+            seed=world + offset + columns,
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("similarity", ["cos", "dot"])
 def test_zero_and_duplicate_rows(similarity, dtype):
