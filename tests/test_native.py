@@ -299,7 +299,11 @@ def test_symmetric_two_passes(monkeypatch, world, offset, batch, columns, block_
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("similarity", ["cos", "dot"])
-def test_zero_and_duplicate_rows(similarity, dtype):
+@pytest.mark.parametrize(
+    "directions,partition", [PARTITIONS[7], PARTITIONS[9]], ids=[_ids(*PARTITIONS[i]) for i in (7, 9)]
+)
+def test_zero_and_duplicate_rows(directions, partition, similarity, dtype):
+    """Zero and duplicate rows, in the one-pass op (all four directions) and the symmetric loss's two passes."""
     q, docs = make_inputs(9, 16, 2, similarity, dtype, seed=4)
     q[2] = 0.0
     docs[0][5] = 0.0
@@ -307,9 +311,7 @@ def test_zero_and_duplicate_rows(similarity, dtype):
     q[4] = q[3]
     docs[0][6] = docs[0][3]
     docs[1][1] = docs[0][1]
-    kwargs = dict(
-        similarity=similarity, offset=0, batch=9, directions=DIRECTION_SETS[-1], partition="joint", hardness=3
-    )
+    kwargs = dict(similarity=similarity, offset=0, batch=9, directions=directions, partition=partition, hardness=3)
     got = native(q, docs, SCALE[similarity], **kwargs)
     assert all(bool(torch.isfinite(t).all()) for t in got)
     assert_matches(got, reference(q, docs, SCALE[similarity], **kwargs), dtype)
