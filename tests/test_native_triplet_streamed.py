@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 from _helpers import ST_EXACT_SEMI_HARD_TIES, leaf
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as hyp
 
 import fastloss.functional as FF
@@ -127,9 +127,11 @@ def _close(got, want, tol, what):
     torch.testing.assert_close(gg, wg.to(gg.dtype), **tol, msg=lambda m: f"{what} grad: {m}")
 
 
-def _close_st(native, kind, x, y, margin, metric, tol):
-    if tol is EXACT and kind == "semi" and not ST_EXACT_SEMI_HARD_TIES:
-        return  # this sentence-transformers rounds exact ties (see _helpers); the blocked path and reference decide
+def _close_st(native, kind, x, y, margin, metric, tol, ties=False):
+    """Against sentence-transformers, but for semi-hard where exact ties decide (``ties``: inputs full of them, at any
+    tolerance) and this sentence-transformers rounds them (see _helpers): the blocked path and reference decide."""
+    if (tol is EXACT or ties) and kind == "semi" and not ST_EXACT_SEMI_HARD_TIES:
+        return
     _close(native, _st(kind, x, y, margin, metric), tol, "sentence-transformers")
 
 
@@ -224,6 +226,8 @@ def test_duplicate_rows_round_like_sentence_transformers(kind):
 
 
 @settings(max_examples=25, deadline=None)
+# sentence-transformers 6.0.1's masked minimum moves a cosine tie here (0.19 off in the gradient); 6.2 agrees with us
+@example(labels=[0, 0, 0, 0, 0, 1], seed=1, kind="semi", metric="cosine", margin=1.0)
 @given(
     labels=hyp.lists(hyp.integers(0, 3), min_size=1, max_size=24),
     seed=hyp.integers(0, 2**16),
@@ -244,7 +248,7 @@ def test_random_ties(labels, seed, kind, metric, margin):
         tol = dict(TOL[torch.float32], atol=TOL[torch.float32]["atol"] * scale)
     native = _native(kind, x, y, margin, metric)
     _close(native, _blocked(kind, x, y, margin, metric), tol, "blocked")
-    _close_st(native, kind, x, y, margin, metric, tol)
+    _close_st(native, kind, x, y, margin, metric, tol, ties=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
