@@ -145,6 +145,13 @@ def record_launches(quick: bool) -> list[Launch]:
                     bwd = sim_lse.SimLseBackward(r, c, ones_r, ones_c, 20.0, lse, lse, pos_val=pos_val, **flags)
                     bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
                     bwd.candidates(torch.zeros(96, dim), 0, 96, accumulate=True)
+                    # the symmetric loss: doc_to_query's softmax in query_to_doc's launch (TRANSPOSED), written and,
+                    # in full, added into a window (gathered queries: doc_to_query's other launches share it)
+                    label[0] = f"sim_lse {name} D={dim} positive transposed"
+                    bwd = sim_lse.SimLseBackward(r, c, ones_r, ones_c, 20.0, lse, lse, pos_val=lse, lse_t=lse, **flags)
+                    for accumulate in (False,) if quick else (False, True):
+                        bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=accumulate, dscale=torch.zeros(48))
+                        bwd.candidates(torch.zeros(96, dim), 0, 96, accumulate=accumulate)
             label[0] = f"l2norm {name} D={dim}"  # the flash MNRL backward's epilogue
             x = torch.zeros(48, dim, dtype=dtype)
             l2norm.l2norm_bwd(x, torch.ones(48), torch.zeros(48, dim), torch.empty_like(x))

@@ -511,3 +511,63 @@ class TestGPU:
         second = sim_lse_bwd(r, c, r_inv, c_inv, scale, lse, g, need_dscale=True, **opts)
         for a, b in zip(first, second):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("pen_mode", [0, 2, 3], ids=lambda m: PEN_IDS[m])
+def test_transposed_direction(poison, pen_mode, dtype):
+    """lse_t: one pair of launches gives a direction's gradients and those of its transpose, whose rows are the
+    candidates offset .. offset + n_t - 1 against these rows (doc_to_query beside query_to_doc, the same g), with both
+    positives folded into their shared entry: the sums of the two directions' separate oracles (their dscales summed
+    over all rows). Rows in two windows, the second added; candidates in one window and in two."""
+    M, N, D, offset = 5, 24, 20, 3
+    r, c, r_inv, c_inv, _ = make(M, N, D, dtype, seed=9)
+    g = torch.full((M,), 0.37, device=r.device)
+    gen = torch.Generator().manual_seed(9)
+    pv_a, pv_b = (-torch.rand(M, generator=gen)).to(r.device), (-torch.rand(M, generator=gen)).to(r.device)
+    opts = dict(period=8, offset=offset, mask_own=False, pen_mode=pen_mode, alpha=0.7)
+    lse_a, dr_a, dc_a, dscale_a, _ = oracle(r, c, r_inv, c_inv, 20.0, g, pos_val=pv_a, **opts)
+    t_rows, t_inv = c[offset : offset + M], c_inv[offset : offset + M]
+    lse_b, dr_b, dc_b, dscale_b, _ = oracle(
+        t_rows, r, t_inv, r_inv, 20.0, g, pos_val=pv_b, period=M, offset=0, mask_own=False, pen_mode=0, alpha=0.0
+    )
+    bwd = sim_lse.SimLseBackward(
+        r, c, r_inv, c_inv, 20.0, lse_a.float(), g, pos_val=pv_a + pv_b, lse_t=lse_b.float(), **opts
+    )
+    dr, dscale = torch.empty(M, D), torch.empty(M)
+    bwd.rows(dr, 0, 2, accumulate=False, dscale=dscale)
+    dr[2:] = 0.0
+    bwd.rows(dr[2:], 2, M, accumulate=True, dscale=dscale)
+    dc_want = dc_a.clone()
+    dc_want[offset : offset + M] += dr_b
+    for split in (N, 6):
+        dc = torch.empty(N, D)
+        bwd.candidates(dc[:split], 0, split, accumulate=False)
+        bwd.candidates(dc[split:], split, N, accumulate=False)
+        assert_close(dc, dc_want, TOL[dtype], f"dc_hat, split {split}")
+    assert_close(dr, dr_a + dc_b, TOL[dtype], "dr_hat")
+    assert_close(dscale.sum().reshape(1), (dscale_a.sum() + dscale_b.sum()).reshape(1), TOL[dtype], "dscale")
+
+
+@pytest.mark.parametrize(
+    "shape,base", [((5, 1), 0), ((22,), 0), ((5,), 4)], ids=["2-d", "past-the-end", "before-block"]
+)
+def test_transposed_rows_must_lie_in_the_block(shape, base):
+    r, c, r_inv, c_inv, g = make(5, 24, 20, torch.float32, seed=9)
+    with pytest.raises(ValueError, match="lse_t"):
+        sim_lse.SimLseBackward(
+            r,
+            c[base:],
+            r_inv,
+            c_inv[base:],
+            20.0,
+            g,
+            g,
+            lse_t=torch.zeros(shape),
+            period=8,
+            offset=3,
+            mask_own=False,
+            pen_mode=0,
+            alpha=0.0,
+            base=base,
+        )

@@ -12,7 +12,10 @@ the per-row LSE. With pos_i = scale * s(q_i, d_i):
   joint:          loss = mean_i(logaddexp_d(LSE_d,i) - pos_i)
   per_direction:  loss = mean_i(mean_d(LSE_d,i) - pos_i)
 Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
-tiles and returns the gradients w.r.t. the normalised embeddings.
+tiles and returns the gradients w.r.t. the normalised embeddings. The symmetric loss (query_to_doc and doc_to_query,
+per direction) recomputes each tile once for both: doc_to_query's row i is column offset + i of query_to_doc's tiles,
+so query_to_doc's launch over the positives' block adds doc_to_query's softmax there (merges_transposed; sim_lse's
+lse_t), and doc_to_query's own launches keep the other ranks' queries: pairs take 2 + 4 GEMM-equivalents, not 2 + 8.
 The positive pair sits in column offset + i of query_to_doc and of doc_to_query (the same logit twice). In a
 trained model's batch its probability is near 1, so LSE - pos and p - 1 would each cancel (to the logits' ulp, and
 inside the kernels' sums, or across the two copies). The kernels also return NLSE, the LSE without that column, for
@@ -199,9 +202,9 @@ def directions(p: MNRLParams) -> list[Direction]:
 @dataclass(frozen=True)
 class Launch:
     """One sim_lse launch of a selected direction (its index ``direction``) over one block of its candidates, on the
-    tensors xs = [q, *docs]: its rows are the local rows of xs[rows_of], its candidates xs[block]; ``positive``: the
-    block holds the rows' positive column; ``operands`` (r, c, r_inv, c_inv) and ``options`` (period ... base) are
-    sim_lse's arguments around scale."""
+    tensors xs = [q, *docs]: its rows are the local rows of xs[rows_of], its candidates xs[block] from its row
+    ``start`` on; ``positive``: the block holds the rows' positive column; ``operands`` (r, c, r_inv, c_inv) and
+    ``options`` (period ... base) are sim_lse's arguments around scale."""
 
     direction: int
     rows_of: int
@@ -209,30 +212,43 @@ class Launch:
     positive: bool
     operands: tuple[Tensor, Tensor, Tensor, Tensor]
     options: dict
+    start: int = 0
 
 
-def _launches(xs: list[Tensor], invs: list[Tensor], p: MNRLParams) -> list[Launch]:
+def merges_transposed(p: MNRLParams) -> bool:
+    """Whether the flash backward takes doc_to_query's gradients inside query_to_doc's launch over the positives'
+    block: the symmetric loss (these two directions, per direction, so one weight for every row of both). doc_to_query's
+    row i is then column offset + i of query_to_doc's tiles (its logits scale * s, without the penalty, with its own
+    LSE), so both directions' backward recomputes those tiles once; its launches keep only the other ranks' queries
+    (gathered) as candidates."""
+    return p.directions == QUERY_TO_DOC | DOC_TO_QUERY and not p.joint
+
+
+def _launches(xs: list[Tensor], invs: list[Tensor], p: MNRLParams, merged: bool = False) -> list[Launch]:
     """The selected directions' launches over xs = [q, *docs] (the docs in blocks of candidates: the columns as they
     come, not copied into one tensor) and their inverse norms. Each direction's rows are the local rows of q or of the
     first block, which holds the positives (_doc_blocks): the directions with the positive hold it in their first
-    block (base 0)."""
+    block (base 0). ``merged`` (the backward, where merges_transposed): doc_to_query's candidates are only the queries
+    outside the local rows, in the blocks before and after them."""
     local = slice(p.offset, p.offset + p.batch)
+    world = xs[0].shape[0]
     bases = [0, *itertools.accumulate(x.shape[0] for x in xs[1:])][:-1]
     out = []
     for i, dir_ in enumerate(directions(p)):
         rows_of = 0 if dir_.rows_are_queries else 1
-        blocks = [(1 + k, base) for k, base in enumerate(bases)] if dir_.candidates_are_docs else [(0, 0)]
-        for k, base in blocks:
+        if dir_.candidates_are_docs:
+            blocks = [(1 + k, 0, x.shape[0], base) for k, (x, base) in enumerate(zip(xs[1:], bases))]
+        elif merged and dir_.bit == DOC_TO_QUERY:
+            blocks = [(0, a, b, a) for a, b in ((0, p.offset), (p.offset + p.batch, world)) if b > a]
+        else:
+            blocks = [(0, 0, world, 0)]
+        for k, a, b, base in blocks:
             options = dict(
-                period=xs[0].shape[0],
-                offset=p.offset,
-                mask_own=dir_.mask_own,
-                pen_mode=dir_.pen_mode,
-                alpha=p.alpha,
-                base=base,
+                period=world, offset=p.offset, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=p.alpha, base=base
             )
-            operands = (xs[rows_of][local], xs[k], invs[rows_of][local], invs[k])
-            out.append(Launch(i, rows_of, k, _holds_positive(dir_.bit) and base == 0, operands, options))
+            operands = (xs[rows_of][local], xs[k][a:b], invs[rows_of][local], invs[k][a:b])
+            positive = _holds_positive(dir_.bit) and base == 0 and b > p.offset
+            out.append(Launch(i, rows_of, k, positive, operands, options, start=a))
     return out
 
 
@@ -398,19 +414,24 @@ def mnrl_bwd(
     # each tensor's parts: (launcher, its dscale for a rows part else None, first row of the tensor it covers, rows)
     parts: list[list] = [[] for _ in xs]
     dscales = []
-    for launch in _launches(xs, invs, p):
+    merged = merges_transposed(p)
+    for launch in _launches(xs, invs, p, merged=merged):
         i = launch.direction
+        transposed, pv = {}, pos_val[i]
+        if merged and i == 0 and launch.positive:  # query_to_doc over the positives: doc_to_query's rows with it
+            transposed, pv = dict(lse_t=lse[1]), pos_val[0] + pos_val[1]
         bwd = SimLseBackward(
             *launch.operands,
             scale,
             lse[i],
             weights[i].contiguous(),
-            pos_val=pos_val[i].contiguous() if launch.positive else None,
+            pos_val=pv.contiguous() if launch.positive else None,
             **launch.options,
+            **transposed,
         )
         dscales.append(torch.empty(p.batch, device=q.device, dtype=torch.float32))
         parts[launch.rows_of].append((bwd, dscales[-1], p.offset, p.batch))
-        parts[launch.block].append((bwd, None, 0, xs[launch.block].shape[0]))
+        parts[launch.block].append((bwd, None, launch.start, launch.operands[1].shape[0]))
     # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2)
     separate = (pos_val[0] == float("inf")).to(torch.float32)
     coef = -h * scale.float() * separate

@@ -287,6 +287,16 @@ def _fold_positive(b_p, m_pos, b_pv):
 
 
 @triton.jit
+def _transposed_p(b_s, b_scale, lse_t, o_t, n_t):
+    """The softmax of the transposed direction (doc_to_query beside query_to_doc) at a tile's entries: the rows of
+    that direction are the candidates o_t - offset = 0 .. n_t - 1, whose LSE is lse_t, and its logits scale * s,
+    unpenalised; 0 at every other candidate. ``o_t`` broadcasts to the tile's shape."""
+    m_t = (o_t >= 0) & (o_t < n_t)
+    b_lt = tl.load(lse_t + o_t, mask=m_t, other=float("inf"))
+    return tl.where(m_t, tl.exp(b_scale * b_s - b_lt), 0.0)
+
+
+@triton.jit
 def _load_lse(lse, o_m, M):
     """LSE of rows o_m with rows that carry no probability (fully masked, or past M) as +inf, so P = 0 there."""
     b_lse = tl.load(lse + o_m, mask=o_m < M, other=float("-inf"))
@@ -371,9 +381,11 @@ def sim_lse_bwd_dr_kernel(
     lse,
     g,
     pos_val,
+    lse_t,  # TRANSPOSED: the LSE of the rows of the transposed direction (candidates offset .. offset + n_t - 1)
     dr,
     dscale,
     first,  # the rows first .. M - 1: dr holds them from its row 0 (dscale, like the inputs, from row first)
+    n_t,
     M,
     N,
     D,
@@ -388,6 +400,7 @@ def sim_lse_bwd_dr_kernel(
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     FOLD_POS: tl.constexpr,
+    TRANSPOSED: tl.constexpr,  # P also holds the transposed direction's softmax (same g): SimLseBackward
     NEED_DSCALE: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # add into dr instead of writing it
     DOT_PRECISION: tl.constexpr,
@@ -425,6 +438,8 @@ def sim_lse_bwd_dr_kernel(
         b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
         b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_p = tl.exp(b_logit - b_lse[:, None])  # [BM, BN]
+        if TRANSPOSED:
+            b_p += _transposed_p(b_s, b_scale, lse_t, o_n[None, :] - offset, n_t)
         if FOLD_POS:
             b_p = _fold_positive(b_p, o_n[None, :] == o_m[:, None] + offset, b_pv[:, None])
         if NEED_DSCALE:
@@ -457,8 +472,10 @@ def sim_lse_bwd_dc_kernel(
     g,
     g_max,
     pos_val,
+    lse_t,  # TRANSPOSED: as in sim_lse_bwd_dr_kernel
     dc,
     first,  # the candidates first .. N - 1: dc holds them from its row 0
+    n_t,
     M,
     N,
     D,
@@ -473,6 +490,7 @@ def sim_lse_bwd_dc_kernel(
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     FOLD_POS: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # add into dc instead of writing it
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -509,6 +527,8 @@ def sim_lse_bwd_dc_kernel(
         b_logit = _logits(b_s, o_m[None, :], o_n[:, None], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_w = b_g / b_gmax * _fold(b_rinv, r.dtype.element_ty)  # |g / max|g|| <= 1: w * P stays in fp16 range
         b_p = tl.exp(b_logit - b_lse[None, :])  # [BN, BM]
+        if TRANSPOSED:
+            b_p += _transposed_p(b_s, b_scale, lse_t, o_n[:, None] - offset, n_t)
         if FOLD_POS:
             b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
             b_p = _fold_positive(b_p, o_n[:, None] == o_m[None, :] + offset, b_pv[None, :])
@@ -640,7 +660,11 @@ class SimLseBackward:
     dc_hat of those candidates, each into (or with ``accumulate`` added to) an fp32 ``out`` whose row 0 is ``first``,
     so that a caller can hold a window of the fp32 gradients at a time. ``pos_val`` [M] replaces P at each row's
     column i + offset (+inf: that row keeps P). ``c`` may be a block of the candidates, from candidate ``base`` on
-    (sim_lse_fwd): rows() of every block add up to the rows' dr_hat."""
+    (sim_lse_fwd): rows() of every block add up to the rows' dr_hat. ``lse_t`` [n_t]: P also takes the softmax of
+    the transposed direction, whose rows are the candidates offset .. offset + n_t - 1 against these rows as its
+    candidates (doc_to_query beside query_to_doc), with logits scale * s, that LSE and the same g (a constant: the
+    caller's per-direction weights); the two directions' gradients then come from one pair of launches, and pos_val
+    holds both positives' coefficients (the transposed one's positive is the same entry)."""
 
     def __init__(
         self,
@@ -659,12 +683,22 @@ class SimLseBackward:
         alpha: float,
         pos_val: Tensor | None = None,
         base: int = 0,
+        lse_t: Tensor | None = None,
     ):
         self.r, self.c = _operands(r, c)
         (self.M, self.D), self.N = self.r.shape, self.c.shape[0]
         self.r_inv, self.c_inv = _vector(r_inv, self.M, "r_inv"), _vector(c_inv, self.N, "c_inv")
         self.lse, self.g = _vector(lse, self.M, "lse"), _vector(g, self.M, "g")
         self.pos_val = self.g if pos_val is None else _vector(pos_val, self.M, "pos_val")
+        self.lse_t, self.n_t = self.lse, 0
+        if lse_t is not None:
+            self.n_t = lse_t.shape[0] if lse_t.ndim == 1 else -1
+            if not (self.n_t >= 0 and base <= offset and offset + self.n_t <= base + self.N):
+                raise ValueError(
+                    f"sim_lse: lse_t must be [n_t] for the transposed rows, candidates offset .. offset + n_t - 1 of "
+                    f"this block [{base}, {base + self.N}) (offset {offset}), got {tuple(lse_t.shape)}"
+                )
+            self.lse_t = _vector(lse_t, self.n_t, "lse_t")
         pen_mode, precision = _options(period, base, pen_mode, alpha, self.r.dtype)
         self.scale = _scale(scale, self.r.device)
         self.g_max = None
@@ -675,6 +709,7 @@ class SimLseBackward:
             "MASK_OWN": bool(mask_own),
             "PEN_MODE": pen_mode,
             "FOLD_POS": pos_val is not None,
+            "TRANSPOSED": lse_t is not None,
             "DOT_PRECISION": precision,
         }
 
@@ -704,9 +739,11 @@ class SimLseBackward:
             sim_lse_bwd_dr_kernel[lambda meta: (triton.cdiv(last - first, meta["BLOCK_M"]),)](
                 *self.operands,
                 self.pos_val,
+                self.lse_t,
                 out,
                 out if dscale is None else dscale,
                 first,
+                self.n_t,
                 last,
                 self.N,
                 self.D,
@@ -734,8 +771,10 @@ class SimLseBackward:
                 *self.operands,
                 self.g_max,
                 self.pos_val,
+                self.lse_t,
                 out,
                 first,
+                self.n_t,
                 self.M,
                 last,
                 self.D,
