@@ -554,20 +554,6 @@ def test_transposed_direction(poison, pen_mode, dtype):
 )
 def test_transposed_rows_must_lie_in_the_block(shape, base):
     r, c, r_inv, c_inv, g = make(5, 24, 20, torch.float32, seed=9)
+    opts = dict(period=8, offset=3, mask_own=False, pen_mode=0, alpha=0.0, base=base)
     with pytest.raises(ValueError, match="lse_t"):
-        sim_lse.SimLseBackward(
-            r,
-            c[base:],
-            r_inv,
-            c_inv[base:],
-            20.0,
-            g,
-            g,
-            lse_t=torch.zeros(shape),
-            period=8,
-            offset=3,
-            mask_own=False,
-            pen_mode=0,
-            alpha=0.0,
-            base=base,
-        )
+        sim_lse.SimLseBackward(r, c[base:], r_inv, c_inv[base:], 20.0, g, g, lse_t=torch.zeros(shape), **opts)
