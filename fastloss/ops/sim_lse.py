@@ -288,9 +288,9 @@ def _fold_positive(b_p, m_pos, b_pv):
 
 @triton.jit
 def _transposed_p(b_s, b_scale, lse_t, o_t, n_t):
-    """The softmax of the transposed direction (doc_to_query beside query_to_doc) at a tile's entries: the rows of
-    that direction are the candidates o_t - offset = 0 .. n_t - 1, whose LSE is lse_t, and its logits scale * s,
-    unpenalised; 0 at every other candidate. ``o_t`` broadcasts to the tile's shape."""
+    """The softmax of the transposed direction (doc_to_query beside query_to_doc) at a tile's entries: its rows are
+    the candidates whose index less offset, ``o_t`` (broadcast to the tile's shape), is in 0 .. n_t - 1, with LSE
+    lse_t[o_t] and logits scale * s, unpenalised; 0 at every other candidate."""
     m_t = (o_t >= 0) & (o_t < n_t)
     b_lt = tl.load(lse_t + o_t, mask=m_t, other=float("inf"))
     return tl.where(m_t, tl.exp(b_scale * b_s - b_lt), 0.0)
