@@ -459,6 +459,15 @@ void normalize_backward(const at::Tensor& embeddings, T* a) {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // loss, dq, dd, dscale
 
+// The two gradient GEMMs of a block of weights g = E diag(inv_c) (what a row pass leaves) over its raw rows R and
+// candidates C, each row i weighted by w_i (its softmax factor * scale / B * inv_r_i; [m, 1]):
+// inv_r * dL/dr_hat = diag(w) g C into d_rows and inv_c * dL/dc_hat += g^T diag(w) R into d_cands.
+inline void add_gradient_products(const at::Tensor& g, const at::Tensor& rows, const at::Tensor& cands,
+                                  const at::Tensor& w, at::Tensor d_rows, at::Tensor d_cands) {
+  d_rows.addcmul_(at::mm(g, cands), w);
+  d_cands.addmm_(g.t(), rows * w);
+}
+
 // The op's outputs from the rows' losses and dL/dscale (already over B) and the accumulators dq, dd
 // (inv * dL/dx_hat: normalised back here; undefined without need_grad).
 template <typename T>
@@ -596,9 +605,7 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
       }
     });
     if (!o.need_grad) continue;
-    const at::Tensor wr = weight.narrow(0, 0, m).unsqueeze(1);
-    dq.narrow(0, offset + i0, m).addcmul_(at::mm(block, d.x), wr);
-    dd.addmm_(block.t(), rows * wr);
+    add_gradient_products(block, rows, d.x, weight.narrow(0, 0, m).unsqueeze(1), dq.narrow(0, offset + i0, m), dd);
   }
   // The other ranks' queries (gathered) are candidates of doc_to_query only: their softmax entries of Q P^T.
   const int64_t segments[2][2] = {{0, offset}, {offset + batch, world}};
@@ -617,9 +624,8 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
           w[r] = scale * inv_batch * q_inv[j0 + r];
         }
       });
-      const at::Tensor wr = weight.narrow(0, 0, m).unsqueeze(1);
-      dq.narrow(0, j0, m).addcmul_(at::mm(block, positives), wr);
-      dd.narrow(0, offset, batch).addmm_(block.t(), rows * wr);
+      add_gradient_products(block, rows, positives, weight.narrow(0, 0, m).unsqueeze(1), dq.narrow(0, j0, m),
+                            dd.narrow(0, offset, batch));
     }
   }
   return finish(row_loss, row_dscale, q, d, dq, dd, q_in, d_in, o);
@@ -711,17 +717,11 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
     });
 
     if (!o.need_grad) continue;
-    // With E' = E diag(inv_c) (what the row pass left) and coef_i = c_i * scale / B * inv_r_i:
-    // inv_r * dL/dr_hat = diag(coef) E' C and inv_c * dL/dc_hat += E'^T diag(coef) R (raw rows R, candidates C).
     for (int k = 0; k < n_dir; ++k) {
-      const at::Tensor e = logits[k].narrow(0, 0, m);
-      const at::Tensor weight = coef[k].narrow(0, 0, m).unsqueeze(1);
-      const at::Tensor& rows = dirs[k].rows_are_queries ? q_blk : d_blk;
-      const at::Tensor& cands = dirs[k].candidates_are_docs ? d.x : q.x;
-      at::Tensor d_rows = (dirs[k].rows_are_queries ? dq : dd).narrow(0, g0, m);
-      at::Tensor d_cands = dirs[k].candidates_are_docs ? dd : dq;
-      d_rows.addcmul_(at::mm(e, cands), weight);
-      d_cands.addmm_(e.t(), rows * weight);
+      add_gradient_products(logits[k].narrow(0, 0, m), dirs[k].rows_are_queries ? q_blk : d_blk,
+                            dirs[k].candidates_are_docs ? d.x : q.x, coef[k].narrow(0, 0, m).unsqueeze(1),
+                            (dirs[k].rows_are_queries ? dq : dd).narrow(0, g0, m),
+                            dirs[k].candidates_are_docs ? dd : dq);
     }
   }
 
