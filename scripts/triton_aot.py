@@ -99,6 +99,9 @@ class _Recorder:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.sink.append(Launch(self.case(), self.kernel, args, kwargs))
 
+    def __getattr__(self, name):  # the kernel's own attributes (its autotune configs), which host code reads
+        return getattr(self.__dict__["kernel"], name)
+
 
 KERNELS = {
     sim_lse: ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel"),
@@ -138,6 +141,10 @@ def record_launches(quick: bool) -> list[Launch]:
             for positive in (False, True):  # MNRL's directions without / with the positive pair
                 label[0] = f"sim_lse {name} D={dim}" + (" positive" if positive else "")
                 sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, positive_col=positive, **flags)
+                if positive:  # the symmetric loss's forward: doc_to_query's statistics from the same tiles
+                    label[0] += " transposed"
+                    sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, positive_col=True, nlse_t=torch.empty(48), **flags)
+                    label[0] = f"sim_lse {name} D={dim} positive"
                 pos_val = lse if positive else None
                 sim_lse.sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, lse, need_dscale=True, pos_val=pos_val, **flags)
                 if positive:  # a window of MNRL's backward that a second direction adds into (ACCUMULATE)

@@ -557,3 +557,54 @@ def test_transposed_rows_must_lie_in_the_block(shape, base):
     opts = dict(period=8, offset=3, mask_own=False, pen_mode=0, alpha=0.0, base=base)
     with pytest.raises(ValueError, match="lse_t"):
         sim_lse.SimLseBackward(r, c[base:], r_inv, c_inv[base:], 20.0, g, g, lse_t=torch.zeros(shape), **opts)
+    with pytest.raises(ValueError, match="nlse_t"):
+        sim_lse_fwd(r, c[base:], r_inv, c_inv[base:], 20.0, nlse_t=torch.zeros(shape), **opts)
+
+
+def test_transposed_statistics_must_be_fp32():
+    r, c, r_inv, c_inv, _ = make(5, 24, 20, torch.float32, seed=9)
+    opts = dict(period=8, offset=3, mask_own=False, pen_mode=0, alpha=0.0)
+    with pytest.raises(ValueError, match="^sim_lse: nlse_t must be fp32"):
+        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, nlse_t=torch.zeros(5, dtype=torch.float64), **opts)
+
+
+# (M, N, offset, n_t, base): the transposed rows as many as the rows (MNRL's symmetric loss), fewer, more (rows t >= M
+# have no positive among the rows), rows over several programs with tiles that cut the transposed columns, one row
+# that is its column's only entry (-inf), and a block of candidates that starts at base
+TRANSPOSED_FWD_SHAPES = {
+    "square": (5, 24, 3, 5, 0),
+    "fewer": (5, 24, 3, 2, 0),
+    "more": (5, 40, 10, 12, 0),
+    "programs": (37, 90, 41, 37, 0),
+    "alone": (1, 8, 2, 1, 0),
+    "block": (7, 30, 12, 7, 9),
+}
+
+
+@pytest.mark.parametrize("tiles", ["default", "wide-programs"])
+@pytest.mark.parametrize("shape", TRANSPOSED_FWD_SHAPES.values(), ids=TRANSPOSED_FWD_SHAPES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_transposed_forward(poison, monkeypatch, dtype, shape, tiles):
+    """nlse_t: the transposed direction's NLSE from the forward's own tiles (doc_to_query's over the local queries,
+    beside query_to_doc): the fp64 oracle's nlse of rows c[offset .. offset + n_t - 1] against r as candidates,
+    unpenalised (the forward's own lse and nlse, with the penalty, unchanged). "wide-programs": 32-row programs with
+    partial statistics per 8 rows, so each program also writes the -inf of the rows it covers beyond its first (every
+    buffer row a grid covers is written whatever tile the autotuner picks; poison catches one left unwritten)."""
+    M, N, offset, n_t, base = shape
+    if tiles == "wide-programs":
+        force_configs(monkeypatch, sim_lse.sim_lse_fwd_kernel, [sim_lse._config(32, 32, 4, 1)])
+        monkeypatch.setattr(sim_lse, "transposed_rows", lambda: 8)
+    r, c, r_inv, c_inv, g = make(M, N + base, 20, dtype, seed=11)
+    opts = dict(period=N + base, offset=offset, mask_own=False, pen_mode=3, alpha=0.5)
+    lse_want, *_, nlse_want = oracle(r, c, r_inv, c_inv, 20.0, g, **opts)
+    t_rows, t_inv = c[offset : offset + n_t], c_inv[offset : offset + n_t]
+    t_opts = dict(period=M, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+    *_, want = oracle(t_rows, r, t_inv, r_inv, 20.0, torch.ones(n_t, device=r.device), **t_opts)
+    if base:  # the same candidates as a block from row base on
+        c, c_inv = c[base:], c_inv[base:]
+    nlse_t = torch.empty(n_t, device=r.device)
+    lse, nlse = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, positive_col=True, base=base, nlse_t=nlse_t, **opts)
+    assert_close(nlse_t, want, TOL[dtype], "nlse_t")
+    if not base:
+        assert_close(lse, lse_want, TOL[dtype], "lse")
+        assert_close(nlse, nlse_want, TOL[dtype], "nlse")

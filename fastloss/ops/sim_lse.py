@@ -15,6 +15,9 @@ x_hat = x * x_inv:
     dscale_i = g_i * sum_j P_ij s_ij
 With pos_val (one value per row, +inf for none), P at column i + offset is replaced by pos_val_i in all three sums:
 the caller folds its positive's -1 into that entry, formed from nlse without cancellation (fastloss.ops.mnrl).
+With nlse_t the forward also gives the transposed direction's NLSE from its tiles, for rows the candidates
+offset .. offset + n_t - 1 against these rows (logits scale * s_ij, its positive i = j - offset left out): each
+program writes its rows' log-sum-exp of each such column, and the host reduces them (MNRL's symmetric loss).
 The forward keeps a running max and sum per row over candidate tiles (no M x N matrix); the backward recomputes
 the logits tile by tile, once over row blocks (dr_hat, dscale) and once over candidate blocks (dc_hat), without
 atomics. When D fits one BLOCK_D the gradient accumulator stays in registers; otherwise it lives in the fp32
@@ -297,6 +300,25 @@ def _transposed_p(b_s, b_scale, lse_t, o_t, n_t):
 
 
 @triton.jit
+def _transposed_part(b_s, b_scale, nlse_t, o_m, o_t, M, n_t, rows_t, BLOCK_M: tl.constexpr, PART_M: tl.constexpr):
+    """The forward's share of the transposed direction (doc_to_query beside query_to_doc): its rows are the
+    candidates whose index less offset, ``o_t``, is in 0 .. n_t - 1, with logits scale * s (unpenalised) against
+    these rows o_m as candidates, their own positive (o_m == o_t) left out. Writes this tile's log-sum-exp of each
+    such column over the program's rows into row pid * R of nlse_t [rows_t, n_t] and -inf into the next R - 1
+    (R = BLOCK_M / PART_M), so that every row a grid covers is written whatever BLOCK_M the autotuner chose, and the
+    host's logsumexp down the columns gives the transposed rows' NLSE over all of r."""
+    m_t = (o_t >= 0) & (o_t < n_t)
+    m_in = (o_m[:, None] < M) & m_t[None, :] & (o_m[:, None] != o_t[None, :])
+    b_lt = tl.where(m_in, b_scale * b_s, float("-inf"))
+    b_tmax = tl.max(b_lt, axis=0)
+    b_tsum = tl.sum(tl.exp(b_lt - tl.where(b_tmax == float("-inf"), 0.0, b_tmax)[None, :]), axis=0)
+    o_p = tl.arange(0, BLOCK_M // PART_M)
+    row = tl.program_id(0).to(tl.int64) * (BLOCK_M // PART_M) + o_p
+    b_part = tl.where(o_p[:, None] == 0, _log_sum(b_tmax, b_tsum)[None, :], float("-inf"))
+    tl.store(nlse_t + row[:, None] * n_t + o_t[None, :], b_part, mask=(row[:, None] < rows_t) & m_t[None, :])
+
+
+@triton.jit
 def _load_lse(lse, o_m, M):
     """LSE of rows o_m with rows that carry no probability (fully masked, or past M) as +inf, so P = 0 there."""
     b_lse = tl.load(lse + o_m, mask=o_m < M, other=float("-inf"))
@@ -313,6 +335,7 @@ def sim_lse_fwd_kernel(
     scale,
     lse,
     nlse,
+    nlse_t,  # TRANSPOSED: [rows_t, n_t] partial NLSE of the transposed rows, one row per PART_M rows of r
     M,
     N,
     D,
@@ -322,11 +345,15 @@ def sim_lse_fwd_kernel(
     alpha,
     stride_r,
     stride_c,
+    n_t,
+    rows_t,
     TUNE_M,  # the autotune key's size classes of M and N (tune_bucket); unused in the body
     TUNE_N,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     POS_COL: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    PART_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -365,6 +392,9 @@ def sim_lse_fwd_kernel(
             m_pos = o_n[None, :] == o_m[:, None] + offset
             b_nsum = b_nsum * b_rescale + tl.sum(tl.where(m_pos, 0.0, b_e), axis=1)
         b_max = b_new
+        if TRANSPOSED:
+            if (start_n < offset + n_t) & (start_n + BLOCK_N > offset):
+                _transposed_part(b_s, b_scale, nlse_t, o_m, o_n - offset, M, n_t, rows_t, BLOCK_M, PART_M)
     tl.store(lse + o_m, _log_sum(b_max, b_sum), mask=m_m)
     if POS_COL:
         tl.store(nlse + o_m, _log_sum(b_max, b_nsum), mask=m_m)
@@ -612,19 +642,31 @@ def sim_lse_fwd(
     alpha: float,
     positive_col: bool = False,
     base: int = 0,
+    nlse_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(lse, nlse): lse_i = logsumexp_j logit_ij (fp32 [M]; -inf for a fully masked row) and with
     ``positive_col`` the same without column i + offset (else None). ``c`` may be a block of the candidates whose
     first row is candidate ``base``: the masks, the penalty and the positive column take the global index j + base,
-    and blocks' LSEs combine by logsumexp. See the module docstring."""
+    and blocks' LSEs combine by logsumexp. See the module docstring.
+    ``nlse_t`` (fp32 [n_t], written): the transposed direction's NLSE from the same tiles, for its rows the candidates
+    offset .. offset + n_t - 1 of this block (doc_to_query's local positives beside query_to_doc): logsumexp over
+    these rows i != t of scale * s_i,offset+t, unpenalised (-inf with no such row). It takes n_t fp32 values per
+    transposed_rows() rows of r: transposed_bytes()."""
     r, c = _operands(r, c)
     (M, D), N = r.shape, c.shape[0]
     r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
     pen_mode, precision = _options(period, base, pen_mode, alpha, r.dtype)
+    n_t = _transposed_rows_of(nlse_t, offset, base, N, "nlse_t")
+    if nlse_t is not None and (nlse_t.dtype != torch.float32 or nlse_t.device != r.device):
+        raise ValueError(f"sim_lse: nlse_t must be fp32 on {r.device}, got {nlse_t.dtype} on {nlse_t.device}")
     lse = torch.empty(M, device=r.device, dtype=torch.float32)
     nlse = torch.empty(M, device=r.device, dtype=torch.float32) if positive_col else None
     if M == 0 or N == 0:
+        if nlse_t is not None:
+            nlse_t.fill_(float("-inf"))
         return lse.fill_(float("-inf")), (None if nlse is None else nlse.fill_(float("-inf")))
+    part_m = transposed_rows() if n_t else 1  # PART_M is unused without TRANSPOSED
+    parts = torch.empty((triton.cdiv(M, part_m) if n_t else 1, max(1, n_t)), device=r.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     with _on_device(r):
         sim_lse_fwd_kernel[grid](
@@ -635,6 +677,7 @@ def sim_lse_fwd(
             _scale(scale, r.device),
             lse,
             lse if nlse is None else nlse,
+            parts,
             M,
             N,
             D,
@@ -644,14 +687,46 @@ def sim_lse_fwd(
             float(alpha),
             r.stride(0),
             c.stride(0),
+            n_t,
+            parts.shape[0],
             tune_bucket(M),
             tune_bucket(N),
             MASK_OWN=bool(mask_own),
             PEN_MODE=pen_mode,
             POS_COL=nlse is not None,
+            TRANSPOSED=n_t > 0,
+            PART_M=part_m,
             DOT_PRECISION=precision,
         )
+    if n_t:
+        torch.logsumexp(parts, dim=0, out=nlse_t)
     return lse, nlse
+
+
+def transposed_rows() -> int:
+    """Rows of r per row of the forward's partial transposed statistics: the narrowest BLOCK_M it may run with (of
+    the kernel's configs; of the config list where a stand-in replaces the kernel, as the memory projection does)."""
+    configs = getattr(sim_lse_fwd_kernel, "configs", None) or _configs("fwd")
+    return min(cfg.kwargs["BLOCK_M"] for cfg in configs)
+
+
+def transposed_bytes(m: int, n_t: int) -> int:
+    """Bytes of the partial statistics sim_lse_fwd holds for ``nlse_t`` [n_t] over ``m`` rows of r."""
+    return 4 * triton.cdiv(m, transposed_rows()) * n_t
+
+
+def _transposed_rows_of(x: Tensor | None, offset: int, base: int, n: int, name: str) -> int:
+    """n_t of the transposed rows ``x`` [n_t] (0 for None): candidates offset .. offset + n_t - 1, which must lie in
+    this block of candidates [base, base + n)."""
+    if x is None:
+        return 0
+    n_t = x.shape[0] if x.ndim == 1 else -1
+    if not (n_t >= 0 and base <= offset and offset + n_t <= base + n):
+        raise ValueError(
+            f"sim_lse: {name} must be [n_t] for the transposed rows, candidates offset .. offset + n_t - 1 of this "
+            f"block [{base}, {base + n}) (offset {offset}), got {tuple(x.shape)}"
+        )
+    return n_t
 
 
 class SimLseBackward:
@@ -690,15 +765,8 @@ class SimLseBackward:
         self.r_inv, self.c_inv = _vector(r_inv, self.M, "r_inv"), _vector(c_inv, self.N, "c_inv")
         self.lse, self.g = _vector(lse, self.M, "lse"), _vector(g, self.M, "g")
         self.pos_val = self.g if pos_val is None else _vector(pos_val, self.M, "pos_val")
-        self.lse_t, self.n_t = self.lse, 0
-        if lse_t is not None:
-            self.n_t = lse_t.shape[0] if lse_t.ndim == 1 else -1
-            if not (self.n_t >= 0 and base <= offset and offset + self.n_t <= base + self.N):
-                raise ValueError(
-                    f"sim_lse: lse_t must be [n_t] for the transposed rows, candidates offset .. offset + n_t - 1 of "
-                    f"this block [{base}, {base + self.N}) (offset {offset}), got {tuple(lse_t.shape)}"
-                )
-            self.lse_t = _vector(lse_t, self.n_t, "lse_t")
+        self.n_t = _transposed_rows_of(lse_t, offset, base, self.N, "lse_t")
+        self.lse_t = self.lse if lse_t is None else _vector(lse_t, self.n_t, "lse_t")
         pen_mode, precision = _options(period, base, pen_mode, alpha, self.r.dtype)
         self.scale = _scale(scale, self.r.device)
         self.g_max = None
