@@ -548,6 +548,51 @@ def test_flash_doc_blocks_must_start_with_the_positives():
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("offset,batch", [(0, 9), (3, 4), (5, 4)], ids=["local", "gathered", "gathered-last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "directions,joint", [(5, False), (5, True), (15, True)], ids=["qd+dq-per_direction", "qd+dq-joint", "all4"]
+)
+def test_flash_forward_takes_doc_to_query_from_query_to_doc(monkeypatch, directions, joint, dtype, offset, batch):
+    """With query_to_doc and doc_to_query (the symmetric loss; GTE's four directions) the forward takes doc_to_query
+    over the local queries from query_to_doc's tiles of the positives' block (sim_lse_fwd's nlse_t), so doc_to_query's
+    own launches cover only the other ranks' queries: the same loss and gradients as with its launch over every query
+    (partial statistics beyond TRANSPOSED_FWD_BYTES), with the hardness penalty on query_to_doc only."""
+    from fastloss.ops import sim_lse
+
+    q, p, n = _embeddings(9, 20, 3, dtype=dtype, seed=5)
+    params = MNRLParams(offset=offset, batch=batch, directions=directions, joint=joint, hardness=3, alpha=0.4)
+    launches = []
+    fwd = sim_lse.sim_lse_fwd
+
+    def recorded(r, c, *args, **kwargs):
+        launches.append((r.shape[0], c.shape[0], "nlse_t" in kwargs))
+        return fwd(r, c, *args, **kwargs)
+
+    monkeypatch.setattr(sim_lse, "sim_lse_fwd", recorded)
+
+    def run():
+        launches.clear()
+        args = (leaf(q), leaf(p), leaf(n), leaf(torch.tensor(20.0)))
+        loss = mnrl(args[0], args[1:3], args[3], params, "triton")
+        loss.backward()
+        return [loss.detach(), *(x.grad for x in args)], list(launches)
+
+    merged, merged_launches = run()
+    others = [(batch, size, False) for size in (offset, 9 - offset - batch) if size]
+    query_to_query = [(batch, 9, False)] if directions & 2 else []
+    doc_to_doc = [(batch, 9, False)] * 2 if directions & 8 else []
+    # query_to_doc's two blocks, the first with doc_to_query's statistics, then doc_to_query over the other queries
+    assert merged_launches == [(batch, 9, True), (batch, 9, False), *query_to_query, *others, *doc_to_doc]
+    monkeypatch.setattr(mnrl_ops, "TRANSPOSED_FWD_BYTES", 0)
+    separate, separate_launches = run()
+    assert separate_launches == [(batch, 9, False)] * 2 + query_to_query + [(batch, 9, False)] + doc_to_doc
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-5)
+    for got, want in zip(merged, separate):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
 @pytest.mark.parametrize("directions", [1, 15], ids=["q2d", "all4"])
 def test_flash_backward_memory_is_one_window(monkeypatch, directions):
     """Beyond the returned gradients, the flash backward allocates one window of fp32 rows, the epilogues' chunks and

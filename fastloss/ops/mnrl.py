@@ -13,9 +13,12 @@ the per-row LSE. With pos_i = scale * s(q_i, d_i):
   per_direction:  loss = mean_i(mean_d(LSE_d,i) - pos_i)
 Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
 tiles and returns the gradients w.r.t. the normalised embeddings. The symmetric loss (query_to_doc and doc_to_query,
-per direction) recomputes each tile once for both: doc_to_query's row i is column offset + i of query_to_doc's tiles,
-so query_to_doc's launch over the positives' block adds doc_to_query's softmax there (merges_transposed; sim_lse's
-lse_t), and doc_to_query's own launches keep the other ranks' queries: pairs take 2 + 4 GEMM-equivalents, not 2 + 8.
+per direction) computes each tile once for both: doc_to_query's row i is column offset + i of query_to_doc's tiles,
+so query_to_doc's launch over the positives' block also gives doc_to_query's logsumexp over the local queries in the
+forward (sim_lse_fwd's nlse_t: per-program partial column statistics, reduced on the host; TRANSPOSED_FWD_BYTES; also
+with the other directions, joint or not) and adds doc_to_query's softmax there in the backward (merges_transposed;
+sim_lse's lse_t), and doc_to_query's own launches keep the other ranks' queries: pairs take 1 + 4 GEMM-equivalents,
+not 2 + 8 (k doc columns: 5k, not 5k + 5).
 The positive pair sits in column offset + i of query_to_doc and of doc_to_query (the same logit twice). In a
 trained model's batch its probability is near 1, so LSE - pos and p - 1 would each cancel (to the logits' ulp, and
 inside the kernels' sums, or across the two copies). The kernels also return NLSE, the LSE without that column, for
@@ -228,8 +231,9 @@ def _launches(xs: list[Tensor], invs: list[Tensor], p: MNRLParams, merged: bool 
     """The selected directions' launches over xs = [q, *docs] (the docs in blocks of candidates: the columns as they
     come, not copied into one tensor) and their inverse norms. Each direction's rows are the local rows of q or of the
     first block, which holds the positives (_doc_blocks): the directions with the positive hold it in their first
-    block (base 0). ``merged`` (the backward, where merges_transposed): doc_to_query's candidates are only the queries
-    outside the local rows, in the blocks before and after them."""
+    block (base 0). ``merged`` (query_to_doc's launch over the positives takes doc_to_query over the local queries: in
+    the backward where merges_transposed, in the forward with both selected): doc_to_query's candidates are only the
+    queries outside the local rows, in the blocks before and after them."""
     local = slice(p.offset, p.offset + p.batch)
     world = xs[0].shape[0]
     bases = [0, *itertools.accumulate(x.shape[0] for x in xs[1:])][:-1]
@@ -318,27 +322,48 @@ def _combine(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
 
 
+# With query_to_doc and doc_to_query (the symmetric loss, GTE's four directions) the forward takes doc_to_query's
+# logsumexp over the local queries from query_to_doc's tiles (sim_lse_fwd's nlse_t) while their partial statistics,
+# B fp32 values per 32 local queries (128 MiB at B = 32768), stay within this; beyond it doc_to_query runs its own
+# launch over every query, as the other directions do.
+TRANSPOSED_FWD_BYTES = 128 * 2**20
+
+
 def mnrl_fwd(
     q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Flash-style forward of queries ``q`` [W, D] and docs ``d``: [kW, D] or blocks of its rows in order (the doc
     columns, uncopied); (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B], the backward's
     pos_val fp32 [n_dir, B])."""
-    from fastloss.ops.sim_lse import sim_lse_fwd
+    from fastloss.ops.sim_lse import sim_lse_fwd, transposed_bytes
 
     docs = _doc_blocks(d, p)
     xs = [q, *docs]
     invs = [_inv_norms(x, p.normalize) for x in xs]
+    positive = scale.float() * _positive_sims(q, docs[0], invs[0], invs[1], p)
     lse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
-    for launch in _launches(xs, invs, p):
-        lse_b, nlse_b = sim_lse_fwd(*launch.operands, scale, positive_col=launch.positive, **launch.options)
+    # doc_to_query over the local queries from query_to_doc's tiles of the positives' block, where both are selected
+    # (query_to_doc, first in the order, is direction 0)
+    bits = [dir_.bit for dir_ in directions(p)]
+    merged = QUERY_TO_DOC in bits and DOC_TO_QUERY in bits
+    merged = merged and transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
+    back = bits.index(DOC_TO_QUERY) if merged else -1
+    for launch in _launches(xs, invs, p, merged=merged):
+        transposed = {}
+        if merged and launch.direction == 0 and launch.positive:
+            transposed = dict(nlse_t=torch.empty(p.batch, device=q.device, dtype=torch.float32))
+        lse_b, nlse_b = sim_lse_fwd(
+            *launch.operands, scale, positive_col=launch.positive, **launch.options, **transposed
+        )
         lse_parts[launch.direction].append(lse_b)
         nlse_parts[launch.direction].append(lse_b if nlse_b is None else nlse_b)  # without the positive: its LSE
+        if transposed:  # doc_to_query's local part: its negatives among the local queries, and its positive
+            nlse_parts[back].append(transposed["nlse_t"])
+            lse_parts[back].append(torch.logaddexp(transposed["nlse_t"], positive))
     lse = torch.stack([_combine(parts) for parts in lse_parts])
     nlse = torch.stack([_combine(parts) for parts in nlse_parts])
     log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
-    positive = scale.float() * _positive_sims(q, docs[0], invs[0], invs[1], p)
     row_loss, pos_val = positive_terms(lse, nlse, positive, p)
     return row_loss.mean(), lse, log_z, pos_val
 
