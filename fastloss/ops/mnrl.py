@@ -12,13 +12,13 @@ the per-row LSE. With pos_i = scale * s(q_i, d_i):
   joint:          loss = mean_i(logaddexp_d(LSE_d,i) - pos_i)
   per_direction:  loss = mean_i(mean_d(LSE_d,i) - pos_i)
 Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
-tiles and returns the gradients w.r.t. the normalised embeddings. The symmetric loss (query_to_doc and doc_to_query,
-per direction) computes each tile once for both: doc_to_query's row i is column offset + i of query_to_doc's tiles,
-so query_to_doc's launch over the positives' block also gives doc_to_query's logsumexp over the local queries in the
-forward (sim_lse_fwd's nlse_t: per-program partial column statistics, reduced on the host; TRANSPOSED_FWD_BYTES; also
-with the other directions, joint or not) and adds doc_to_query's softmax there in the backward (merges_transposed;
-sim_lse's lse_t), and doc_to_query's own launches keep the other ranks' queries: pairs take 1 + 4 GEMM-equivalents,
-not 2 + 8 (k doc columns: 5k, not 5k + 5).
+tiles and returns the gradients w.r.t. the normalised embeddings. With query_to_doc and doc_to_query (the symmetric
+loss, GTE's four directions; joint or per direction) each tile is computed once for both: doc_to_query's row i is
+column offset + i of query_to_doc's tiles, so query_to_doc's launch over the positives' block also gives
+doc_to_query's logsumexp over the local queries in the forward (sim_lse_fwd's nlse_t: per-program partial column
+statistics, reduced on the host; TRANSPOSED_FWD_BYTES) and adds doc_to_query's softmax there in the backward
+(merges_transposed; sim_lse's lse_t), and doc_to_query's own launches keep the other ranks' queries: the symmetric
+loss's pairs take 1 + 4 GEMM-equivalents, not 2 + 8 (k doc columns: 5k, not 5k + 5); GTE's pairs 15, not 20.
 The positive pair sits in column offset + i of query_to_doc and of doc_to_query (the same logit twice). In a
 trained model's batch its probability is near 1, so LSE - pos and p - 1 would each cancel (to the logits' ulp, and
 inside the kernels' sums, or across the two copies). The kernels also return NLSE, the LSE without that column, for
@@ -219,12 +219,20 @@ class Launch:
 
 
 def merges_transposed(p: MNRLParams) -> bool:
-    """Whether the flash backward takes doc_to_query's gradients inside query_to_doc's launch over the positives'
-    block: the symmetric loss (these two directions, per direction, so one weight for every row of both). doc_to_query's
-    row i is then column offset + i of query_to_doc's tiles (its logits scale * s, without the penalty, with its own
-    LSE), so both directions' backward recomputes those tiles once; its launches keep only the other ranks' queries
-    (gathered) as candidates."""
-    return p.directions == QUERY_TO_DOC | DOC_TO_QUERY and not p.joint
+    """Whether the flash op takes doc_to_query inside query_to_doc's launch over the positives' block: with both
+    selected (the symmetric loss, GTE's four directions; joint or per direction). doc_to_query's row i is column
+    offset + i of query_to_doc's tiles (its logits scale * s, without the penalty), so the forward takes its logsumexp
+    over the local queries from those tiles and the backward recomputes them once for both directions; its own
+    launches keep only the other ranks' queries (gathered) as candidates. The backward's merged launch needs one weight
+    for every row of both directions: per direction it is h / n_dir; joint, both take the joint softmax
+    exp(logit - log_z) of their row with the weight h (their rows' log-partitions as LSE and lse_t)."""
+    return bool(p.directions & QUERY_TO_DOC) and bool(p.directions & DOC_TO_QUERY)
+
+
+def _transposed_index(p: MNRLParams) -> int:
+    """doc_to_query's index among the selected directions (-1 when it is not selected)."""
+    bits = [dir_.bit for dir_ in directions(p)]
+    return bits.index(DOC_TO_QUERY) if DOC_TO_QUERY in bits else -1
 
 
 def _launches(xs: list[Tensor], invs: list[Tensor], p: MNRLParams, merged: bool = False) -> list[Launch]:
@@ -343,12 +351,10 @@ def mnrl_fwd(
     positive = scale.float() * _positive_sims(q, docs[0], invs[0], invs[1], p)
     lse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
-    # doc_to_query over the local queries from query_to_doc's tiles of the positives' block, where both are selected
-    # (query_to_doc, first in the order, is direction 0)
-    bits = [dir_.bit for dir_ in directions(p)]
-    merged = QUERY_TO_DOC in bits and DOC_TO_QUERY in bits
-    merged = merged and transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
-    back = bits.index(DOC_TO_QUERY) if merged else -1
+    # doc_to_query over the local queries from query_to_doc's tiles of the positives' block (direction 0: it comes
+    # first in the order)
+    merged = merges_transposed(p) and transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
+    back = _transposed_index(p)
     for launch in _launches(xs, invs, p, merged=merged):
         transposed = {}
         if merged and launch.direction == 0 and launch.positive:
@@ -433,23 +439,29 @@ def mnrl_bwd(
     invs = [_inv_norms(x, p.normalize) for x in xs]
     h = grad.float() / p.batch
     if p.joint:
-        weights = h * torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
+        shares = torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
+        weights = h * shares
     else:
         weights = (h / p.n_directions).expand_as(lse)
     # each tensor's parts: (launcher, its dscale for a rows part else None, first row of the tensor it covers, rows)
     parts: list[list] = [[] for _ in xs]
     dscales = []
-    merged = merges_transposed(p)
+    merged, back = merges_transposed(p), _transposed_index(p)
     for launch in _launches(xs, invs, p, merged=merged):
         i = launch.direction
-        transposed, pv = {}, pos_val[i]
+        lse_i, g_i, pv, transposed = lse[i], weights[i], pos_val[i], {}
         if merged and i == 0 and launch.positive:  # query_to_doc over the positives: doc_to_query's rows with it
-            transposed, pv = dict(lse_t=lse[1]), pos_val[0] + pos_val[1]
+            if p.joint:  # exp(logit - log_z) of either row's joint softmax, weight h; pos_val times each weight
+                pv = pos_val[0] * shares[0] + pos_val[back] * shares[back]
+                pv = torch.where(pos_val[0] == float("inf"), pos_val[0], pv)  # both fold or neither (x is the row's)
+                lse_i, g_i, transposed = log_z, h.expand(p.batch), dict(lse_t=log_z)
+            else:
+                pv, transposed = pos_val[0] + pos_val[back], dict(lse_t=lse[back])
         bwd = SimLseBackward(
             *launch.operands,
             scale,
-            lse[i],
-            weights[i].contiguous(),
+            lse_i,
+            g_i.contiguous(),
             pos_val=pv.contiguous() if launch.positive else None,
             **launch.options,
             **transposed,
