@@ -186,18 +186,26 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
-def _mnrl_fastloss(symmetric: bool, algorithm: str = "auto") -> Builder:
+# The MNRL family's ops: their directions and partition (sentence-transformers' MultipleNegativesRankingLoss arguments)
+GTE_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+MNRL_VARIANTS = {
+    "mnrl": {},
+    "mnsrl": dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+    "gte": dict(directions=GTE_DIRECTIONS, partition_mode="joint"),
+}
+
+
+def _mnrl_fastloss(variant: str, algorithm: str = "auto") -> Builder:
     """fastloss's MNRL as dispatched under FASTLOSS_MNRL_ALGO=``algorithm`` (``blocked``: the row-block torch op on
     every device, which CUDA tensors take only when asked)."""
 
     def build(p: Problem) -> Impl:
-        fl = _import("fastloss.functional.mnrl")
+        mnrl_loss = _import("fastloss.functional.mnrl", "mnrl_loss")
         q, docs = p.inputs[0], p.inputs[1:]
-        loss = fl.mnsrl_loss if symmetric else fl.mnrl_loss
 
         def fn() -> Tensor:
             with _env("FASTLOSS_MNRL_ALGO", algorithm):
-                return loss(q, docs, SCALE)
+                return mnrl_loss(q, docs, SCALE, **MNRL_VARIANTS[variant])
 
         with _env("FASTLOSS_MNRL_ALGO", algorithm):
             backend = _mnrl_backend(q)
@@ -206,20 +214,14 @@ def _mnrl_fastloss(symmetric: bool, algorithm: str = "auto") -> Builder:
     return build
 
 
-def _mnrl_st(symmetric: bool) -> Builder:
+def _mnrl_st(variant: str) -> Builder:
     def build(p: Problem) -> Impl:
-        if symmetric:
-            try:
-                loss = _st_loss(
-                    "MultipleNegativesRankingLoss",
-                    scale=SCALE,
-                    directions=("query_to_doc", "doc_to_query"),
-                    partition_mode="per_direction",
-                )
-            except TypeError:
-                loss = _st_loss("MultipleNegativesSymmetricRankingLoss", scale=SCALE)
-        else:
-            loss = _st_loss("MultipleNegativesRankingLoss", scale=SCALE)
+        try:
+            loss = _st_loss("MultipleNegativesRankingLoss", scale=SCALE, **MNRL_VARIANTS[variant])
+        except TypeError:  # sentence-transformers before MultipleNegativesRankingLoss took directions
+            if variant != "mnsrl":
+                raise Skip("this sentence-transformers' MultipleNegativesRankingLoss takes no directions") from None
+            loss = _st_loss("MultipleNegativesSymmetricRankingLoss", scale=SCALE)
         return Impl(lambda: loss.compute_loss_from_embeddings(p.inputs, None), backend="torch")
 
     return build
@@ -240,19 +242,11 @@ def _compiled(name: str, fn: Callable) -> Callable:
     return _COMPILED[name]
 
 
-def _mnrl_reference(symmetric: bool) -> Callable:
-    from fastloss.reference.mnrl import mnrl_loss
-
-    if symmetric:
-        return lambda q, *docs: mnrl_loss(
-            q, docs, SCALE, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"
-        )
-    return lambda q, *docs: mnrl_loss(q, docs, SCALE)
-
-
-def _mnrl_compile(symmetric: bool) -> Builder:
+def _mnrl_compile(variant: str) -> Builder:
     def build(p: Problem) -> Impl:
-        fn = _compiled("mnsrl" if symmetric else "mnrl", _mnrl_reference(symmetric))
+        from fastloss.reference.mnrl import mnrl_loss
+
+        fn = _compiled(variant, lambda q, *docs: mnrl_loss(q, docs, SCALE, **MNRL_VARIANTS[variant]))
         return Impl(lambda: fn(*p.inputs), backend="inductor")
 
     return build
@@ -307,10 +301,10 @@ MNRL = OpSpec(
     "mnrl",
     _make_mnrl,
     {
-        "fastloss": _mnrl_fastloss(False),
-        "fastloss_blocked": _mnrl_fastloss(False, "blocked"),
-        "sentence_transformers": _mnrl_st(False),
-        "torch_compile": _mnrl_compile(False),
+        "fastloss": _mnrl_fastloss("mnrl"),
+        "fastloss_blocked": _mnrl_fastloss("mnrl", "blocked"),
+        "sentence_transformers": _mnrl_st("mnrl"),
+        "torch_compile": _mnrl_compile("mnrl"),
         "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
         "inf_cl": _inf_cl,
         "cce_exact": _cce_exact,
@@ -323,14 +317,43 @@ MNSRL = OpSpec(
     "mnsrl",
     _make_mnrl,
     {
-        "fastloss": _mnrl_fastloss(True),
-        "fastloss_blocked": _mnrl_fastloss(True, "blocked"),
-        "sentence_transformers": _mnrl_st(True),
-        "torch_compile": _mnrl_compile(True),
+        "fastloss": _mnrl_fastloss("mnsrl"),
+        "fastloss_blocked": _mnrl_fastloss("mnsrl", "blocked"),
+        "sentence_transformers": _mnrl_st("mnsrl"),
+        "torch_compile": _mnrl_compile("mnsrl"),
         "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
     },
     flops=_mnrl_flops,
     description="MNRL with query_to_doc + doc_to_query, per_direction (MultipleNegativesSymmetricRankingLoss)",
+)
+
+
+def _gemm_floors(*builders: Builder) -> Builder:
+    """The sum of several products' floors (_gemm_floor each), for losses over several similarity matrices."""
+
+    def build(p: Problem) -> Impl:
+        fns = [b(p).fn for b in builders]
+        return Impl(lambda: sum(fn() for fn in fns), backend="matmul", is_loss=False)
+
+    return build
+
+
+GTE = OpSpec(
+    "gte",
+    _make_mnrl,
+    {
+        "fastloss": _mnrl_fastloss("gte"),
+        "fastloss_blocked": _mnrl_fastloss("gte", "blocked"),
+        "sentence_transformers": _mnrl_st("gte"),
+        "torch_compile": _mnrl_compile("gte"),
+        # Q D^T (query_to_doc and doc_to_query), the Gram matrix Q Q^T (one backward product) and P D^T (doc_to_doc)
+        "gemm_floor": _gemm_floors(
+            _gemm_floor(lambda p: p.inputs[0], _docs, 2),
+            _gemm_floor(lambda p: p.inputs[0], lambda p: p.inputs[0], 1),
+            _gemm_floor(lambda p: p.inputs[1], _docs, 2),
+        ),
+    },
+    description="MNRL with all four directions, joint (GTE's improved contrastive loss)",
 )
 
 
@@ -738,6 +761,7 @@ OPS: dict[str, OpSpec] = {
     for spec in (
         MNRL,
         MNSRL,
+        GTE,
         COSENT,
         ANGLE,
         *(_triplet_spec(op) for op in _TRIPLET_ST),

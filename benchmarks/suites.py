@@ -58,6 +58,7 @@ def cpu_default(compile_cases: bool = True) -> list[Case]:
     cases += [Case("mnrl", 1024, 1024, d, "fp32", MNRL_IMPLS, group="dim") for d in (64, 768)]
     cases.append(Case("mnrl", 1024, 1024, 256, "bf16", MNRL_IMPLS, group="dtype"))
     cases += _sweep("mnsrl", (256, 1024, 2048, 4096), 256, "fp32", MNRL_IMPLS)
+    cases += _sweep("gte", (256, 1024, 4096), 256, "fp32", MNRL_IMPLS)
     cases += _other_ops((256, 1024, 2048, 4096), (128, 256, 384, 512), 256, "fp32", None, (256, 1024, 4096, 8192))
     cases.append(Case("batch_hard_triplet_bwd", 4096, 4096, 256, "fp32", ("bwd_torch", "fastloss")))
     gradcache_impls = ("sentence_transformers", "fastloss", "fastloss_uncached")
@@ -75,6 +76,7 @@ def gpu_default(compile_cases: bool = True) -> list[Case]:
     cases += _sweep("mnrl", (4096, 8192), 768, "fp16", eager, ratio=2, group="dtype")
     mnsrl_impls = tuple(i for i in impls if i not in ("inf_cl", "cce_exact"))
     cases += _sweep("mnsrl", (1024, 4096, 16384), 768, "bf16", mnsrl_impls)
+    cases.append(Case("gte", 4096, 4096, 768, "bf16", ("sentence_transformers", "fastloss", "gemm_floor")))
     cases += _other_ops((1024, 4096, 16384), (256, 512, 1024), 768, "bf16", 4096 if compile_cases else None)
     # the batch-hard backward alone: the torch-ops path (default) against the opt-in CUDA kernel
     cases += _sweep("batch_hard_triplet_bwd", (1024, 4096, 16384), 768, "bf16", ("bwd_torch", "bwd_cuda"))
@@ -93,6 +95,7 @@ def gpu_default(compile_cases: bool = True) -> list[Case]:
 def quick() -> list[Case]:
     cases = _sweep("mnrl", (32, 64), 32, "fp32", MNRL_IMPLS + ("fastloss_blocked",), ratio=2)
     cases += _sweep("mnsrl", (32, 64), 32, "fp32", MNRL_IMPLS)
+    cases += _sweep("gte", (32, 64), 32, "fp32", MNRL_IMPLS)
     cases += _other_ops((32, 64), (16, 32), 32, "fp32", None)
     cases.append(Case("batch_hard_triplet_bwd", 64, 64, 32, "fp32", ("bwd_torch", "fastloss")))
     cases += _sweep("gradcache_step", (128,), 32, "fp32", ("sentence_transformers", "fastloss"), ratio=2)

@@ -14,7 +14,7 @@ from benchmarks.runner import ORACLE, Checker, Options
 from benchmarks.suites import Case
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-SHAPES = {"mnrl": (64, 128), "mnsrl": (64, 64), "gradcache_step": (128, 256)}
+SHAPES = {"mnrl": (64, 128), "mnsrl": (64, 64), "gte": (64, 128), "gradcache_step": (128, 256)}
 PARAMS = [
     pytest.param(op, impl, id=f"{op}-{impl}")
     for op, spec in OPS.items()

@@ -141,7 +141,7 @@ if [ "$dry" != 1 ] && [ "$rest" -gt 60 ]; then
 fi
 
 note "Triton cache: $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.cubin' 2>/dev/null | wc -l) cubins"
-grep -E "^(op|mnrl|mnsrl|cosent|angle|batch|gradcache|l2norm|target|  )" "$OUT/bench.log" | tail -40
+grep -E "^(op|mnrl|mnsrl|gte|cosent|angle|batch|gradcache|l2norm|target|  )" "$OUT/bench.log" | tail -40
 grep -E "^(MNRL fwd\+bwd|GPU target|max batch)" "$OUT/bench.log"  # the targets' verdicts (flash and row-block)
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 ls "$OUT"
