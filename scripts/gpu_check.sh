@@ -74,14 +74,24 @@ note "bench --groups target: rc=$?"
 
 # the target MNRL case again with half the default window of the flash backward (128 rows per SM instead of 256:
 # one 128-row program per SM per launch): whether the default's floor buys speed for its 62 MiB more (at the target
-# a column of 32768 rows is one default window, so whole tensors, FASTLOSS_FLASH_WINDOW_ROWS=0, run the same); its
-# own folder
+# a column of 32768 rows is one default window, so whole tensors, FASTLOSS_FLASH_WINDOW_ROWS=0, run the same); a
+# folder of its own, variants/ (the device tool returns 8 files at most), shared with the next step's other ops
 t=$(cap 60)
 if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
   half=$(python3 -c 'import torch; print(128 * torch.cuda.get_device_properties(0).multi_processor_count)' 2>/dev/null)
   FASTLOSS_FLASH_WINDOW_ROWS=${half:-16896} timeout "$t" "${bench[@]}" --ops mnrl --impls fastloss --groups target \
-    --modes fwd+bwd --no-max-batch --out "$OUT/window_half" >>"$OUT/bench.log" 2>&1
+    --modes fwd+bwd --no-max-batch --out "$OUT/variants" >>"$OUT/bench.log" 2>&1
   note "bench mnrl target FASTLOSS_FLASH_WINDOW_ROWS=${half:-16896}: rc=$?"
+fi
+
+# the symmetric loss and GTE with doc_to_query in launches of its own (FASTLOSS_FLASH_MERGE=0), against the merged
+# default that the sweep below records: what taking it inside query_to_doc's launches buys; into variants/ beside the
+# half window's mnrl record (the ops tell them apart)
+t=$(cap 60)
+if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
+  FASTLOSS_FLASH_MERGE=0 timeout "$t" "${bench[@]}" --ops mnsrl,gte --impls fastloss --groups batch --modes fwd+bwd \
+    --no-max-batch --no-memory --out "$OUT/variants" >>"$OUT/bench.log" 2>&1
+  note "bench mnsrl,gte FASTLOSS_FLASH_MERGE=0: rc=$?"
 fi
 
 # the gpu-marked tests of the Triton path (the extension's own CUDA tests come after its build)

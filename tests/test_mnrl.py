@@ -541,6 +541,13 @@ def test_flash_takes_columns_that_fill_the_gpu_as_blocks(monkeypatch, sms, block
         torch.testing.assert_close(got.grad, want.grad, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("value", ["2", "yes", "off"])
+def test_bad_flash_merge_setting_raises(monkeypatch, value):
+    monkeypatch.setenv("FASTLOSS_FLASH_MERGE", value)
+    with pytest.raises(ValueError, match="^FASTLOSS_FLASH_MERGE must be 0 or 1"):
+        mnrl_ops.merges_transposed(MNRLParams(offset=0, batch=4, directions=5, joint=False))
+
+
 def test_flash_doc_blocks_must_start_with_the_positives():
     q, p = _embeddings(6, 8, 2)
     with pytest.raises(ValueError, match=r"the first block of docs must hold the positives, rows \[2, 6\)"):
@@ -561,7 +568,8 @@ def test_flash_takes_doc_to_query_inside_query_to_doc(monkeypatch, directions, j
     logsumexp in the forward (sim_lse_fwd's nlse_t) and its gradients in the backward (SimLseBackward's lse_t; joint:
     both as the joint softmax with the weight h), so doc_to_query's own launches cover only the other ranks' queries.
     The same loss and gradients as with the forward's separate launch (partial statistics beyond
-    TRANSPOSED_FWD_BYTES) and as with nothing merged, with the hardness penalty on query_to_doc only."""
+    TRANSPOSED_FWD_BYTES) and as with nothing merged (FASTLOSS_FLASH_MERGE=0), with the hardness penalty on
+    query_to_doc only."""
     from fastloss.ops import sim_lse
 
     q, p, n = _embeddings(9, 20, 3, dtype=dtype, seed=5)
@@ -601,7 +609,7 @@ def test_flash_takes_doc_to_query_inside_query_to_doc(monkeypatch, directions, j
     monkeypatch.setattr(mnrl_ops, "TRANSPOSED_FWD_BYTES", 0)
     separate_fwd, launches_fwd = run()
     assert launches_fwd == expected("fwd", False) + expected("bwd", True)
-    monkeypatch.setattr(mnrl_ops, "merges_transposed", lambda p: False)
+    monkeypatch.setenv("FASTLOSS_FLASH_MERGE", "0")
     separate, separate_launches = run()
     assert separate_launches == expected("fwd", False) + expected("bwd", False)
     # fp16: the merged tile rounds P + P^T to fp16 once where the separate launches round each (elementwise up to

@@ -225,8 +225,12 @@ def merges_transposed(p: MNRLParams) -> bool:
     over the local queries from those tiles and the backward recomputes them once for both directions; its own
     launches keep only the other ranks' queries (gathered) as candidates. The backward's merged launch needs one weight
     for every row of both directions: per direction it is h / n_dir; joint, both take the joint softmax
-    exp(logit - log_z) of their row with the weight h (their rows' log-partitions as LSE and lse_t)."""
-    return bool(p.directions & QUERY_TO_DOC) and bool(p.directions & DOC_TO_QUERY)
+    exp(logit - log_z) of their row with the weight h (their rows' log-partitions as LSE and lse_t).
+    FASTLOSS_FLASH_MERGE=0 keeps doc_to_query in launches of its own (the baseline the GPU check times this against)."""
+    value = os.environ.get("FASTLOSS_FLASH_MERGE", "").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"FASTLOSS_FLASH_MERGE must be 0 or 1, got {value!r}")
+    return value == "1" and bool(p.directions & QUERY_TO_DOC) and bool(p.directions & DOC_TO_QUERY)
 
 
 def _transposed_index(p: MNRLParams) -> int:
