@@ -473,9 +473,10 @@ def mnrl_bwd(
         dscales.append(torch.empty(p.batch, device=q.device, dtype=torch.float32))
         parts[launch.rows_of].append((bwd, dscales[-1], p.offset, p.batch))
         parts[launch.block].append((bwd, None, launch.start, launch.operands[1].shape[0]))
-    # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2)
-    separate = (pos_val[0] == float("inf")).to(torch.float32)
-    coef = -h * scale.float() * separate
+    # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2; per direction
+    # every row folds it, so no term and no pass over the rows for it)
+    separate = (pos_val[0] == float("inf")).to(torch.float32) if p.joint else None
+    coef = None if separate is None else -h * scale.float() * separate
     dxs = [torch.empty_like(x) for x in xs]
     size = max(min(window_rows(x), x.shape[0]) for x in xs)
     buffer = torch.empty((size, q.shape[1]), device=q.device, dtype=torch.float32)
@@ -501,11 +502,13 @@ def mnrl_bwd(
                 written = True
             if not written:
                 acc.zero_()
-            if k < 2:  # the positive pair (q_i, d_i): q's rows and the first block's
+            if k < 2 and coef is not None:  # the positive pair (q_i, d_i): q's rows and the first block's
                 _add_positive_rows(acc, first, xs[1 - k], invs[1 - k], x_inv, coef, p, scaled=False)
             _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last], fused=True)
     del acc, buffer
-    dscale = sum(ds.sum() for ds in dscales) - h * (separate * _positive_sims(q, docs[0], invs[0], invs[1], p)).sum()
+    dscale = sum(ds.sum() for ds in dscales)
+    if separate is not None:
+        dscale = dscale - h * (separate * _positive_sims(q, docs[0], invs[0], invs[1], p)).sum()
     return dxs[0], dxs[1:], dscale.to(scale.dtype).reshape(scale.shape)
 
 
