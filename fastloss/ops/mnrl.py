@@ -207,7 +207,8 @@ class Launch:
     """One sim_lse launch of a selected direction (its index ``direction``) over one block of its candidates, on the
     tensors xs = [q, *docs]: its rows are the local rows of xs[rows_of], its candidates xs[block] from its row
     ``start`` on; ``positive``: the block holds the rows' positive column; ``operands`` (r, c, r_inv, c_inv) and
-    ``options`` (period ... base) are sim_lse's arguments around scale."""
+    ``options`` (period ... base) are sim_lse's arguments around scale; ``transposed``: query_to_doc's launch over the
+    positives that also takes doc_to_query over the local queries (_launches with ``merged``)."""
 
     direction: int
     rows_of: int
@@ -216,6 +217,7 @@ class Launch:
     operands: tuple[Tensor, Tensor, Tensor, Tensor]
     options: dict
     start: int = 0
+    transposed: bool = False
 
 
 def merges_transposed(p: MNRLParams) -> bool:
@@ -264,7 +266,8 @@ def _launches(xs: list[Tensor], invs: list[Tensor], p: MNRLParams, merged: bool 
             )
             operands = (xs[rows_of][local], xs[k][a:b], invs[rows_of][local], invs[k][a:b])
             positive = _holds_positive(dir_.bit) and base == 0 and b > p.offset
-            out.append(Launch(i, rows_of, k, positive, operands, options, start=a))
+            transposed = merged and positive and dir_.bit == QUERY_TO_DOC
+            out.append(Launch(i, rows_of, k, positive, operands, options, start=a, transposed=transposed))
     return out
 
 
@@ -355,13 +358,12 @@ def mnrl_fwd(
     positive = scale.float() * _positive_sims(q, docs[0], invs[0], invs[1], p)
     lse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
-    # doc_to_query over the local queries from query_to_doc's tiles of the positives' block (direction 0: it comes
-    # first in the order)
+    # doc_to_query over the local queries from query_to_doc's tiles of the positives' block
     merged = merges_transposed(p) and transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
     back = _transposed_index(p)
     for launch in _launches(xs, invs, p, merged=merged):
         transposed = {}
-        if merged and launch.direction == 0 and launch.positive:
+        if launch.transposed:
             transposed = dict(nlse_t=torch.empty(p.batch, device=q.device, dtype=torch.float32))
         lse_b, nlse_b = sim_lse_fwd(
             *launch.operands, scale, positive_col=launch.positive, **launch.options, **transposed
@@ -450,17 +452,17 @@ def mnrl_bwd(
     # each tensor's parts: (launcher, its dscale for a rows part else None, first row of the tensor it covers, rows)
     parts: list[list] = [[] for _ in xs]
     dscales = []
-    merged, back = merges_transposed(p), _transposed_index(p)
-    for launch in _launches(xs, invs, p, merged=merged):
+    back = _transposed_index(p)
+    for launch in _launches(xs, invs, p, merged=merges_transposed(p)):
         i = launch.direction
         lse_i, g_i, pv, transposed = lse[i], weights[i], pos_val[i], {}
-        if merged and i == 0 and launch.positive:  # query_to_doc over the positives: doc_to_query's rows with it
+        if launch.transposed:  # query_to_doc over the positives: doc_to_query's rows with it
             if p.joint:  # exp(logit - log_z) of either row's joint softmax, weight h; pos_val times each weight
-                pv = pos_val[0] * shares[0] + pos_val[back] * shares[back]
-                pv = torch.where(pos_val[0] == float("inf"), pos_val[0], pv)  # both fold or neither (x is the row's)
+                pv = pos_val[i] * shares[i] + pos_val[back] * shares[back]
+                pv = torch.where(pos_val[i] == float("inf"), pos_val[i], pv)  # both fold or neither (x is the row's)
                 lse_i, g_i, transposed = log_z, h.expand(p.batch), dict(lse_t=log_z)
             else:
-                pv, transposed = pos_val[0] + pos_val[back], dict(lse_t=lse[back])
+                pv, transposed = pos_val[i] + pos_val[back], dict(lse_t=lse[back])
         bwd = SimLseBackward(
             *launch.operands,
             scale,
