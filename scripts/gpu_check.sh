@@ -84,9 +84,9 @@ if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
   note "bench mnrl target FASTLOSS_FLASH_WINDOW_ROWS=${half:-16896}: rc=$?"
 fi
 
-# the symmetric loss and GTE with doc_to_query in launches of its own (FASTLOSS_FLASH_MERGE=0), against the merged
-# default that the sweep below records: what taking it inside query_to_doc's launches buys; into variants/ beside the
-# half window's mnrl record (the ops tell them apart)
+# the symmetric loss and GTE without merged tiles (FASTLOSS_FLASH_MERGE=0: doc_to_query in launches of its own,
+# query_to_query and doc_to_doc without Gram blocks), against the merged default that the sweep below records: what the
+# merges buy; into variants/ beside the half window's mnrl record (the ops tell them apart)
 t=$(cap 60)
 if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
   FASTLOSS_FLASH_MERGE=0 timeout "$t" "${bench[@]}" --ops mnsrl,gte --impls fastloss --groups batch --modes fwd+bwd \

@@ -159,6 +159,13 @@ def record_launches(quick: bool) -> list[Launch]:
                     for accumulate in (False,) if quick else (False, True):
                         bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=accumulate, dscale=torch.zeros(48))
                         bwd.candidates(torch.zeros(96, dim), 0, 96, accumulate=accumulate)
+            # query_to_query, doc_to_doc: the own entry masked; their backward's Gram block (TRANSPOSED with MASK_OWN,
+            # a rows launch only, added into the window of the direction before it)
+            label[0] = f"sim_lse {name} D={dim} gram"
+            own = dict(flags, mask_own=True, pen_mode=0, alpha=0.0)
+            sim_lse.sim_lse_fwd(r, r, ones_r, ones_r, 20.0, **own)
+            bwd = sim_lse.SimLseBackward(r, r, ones_r, ones_r, 20.0, lse, lse, lse_t=lse, **own)
+            bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
             label[0] = f"l2norm {name} D={dim}"  # the flash MNRL backward's epilogue
             x = torch.zeros(48, dim, dtype=dtype)
             l2norm.l2norm_bwd(x, torch.ones(48), torch.zeros(48, dim), torch.empty_like(x))

@@ -541,11 +541,12 @@ def test_flash_takes_columns_that_fill_the_gpu_as_blocks(monkeypatch, sms, block
         torch.testing.assert_close(got.grad, want.grad, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("merges", ["merges_transposed", "merges_gram"])
 @pytest.mark.parametrize("value", ["2", "yes", "off"])
-def test_bad_flash_merge_setting_raises(monkeypatch, value):
+def test_bad_flash_merge_setting_raises(monkeypatch, value, merges):
     monkeypatch.setenv("FASTLOSS_FLASH_MERGE", value)
     with pytest.raises(ValueError, match="^FASTLOSS_FLASH_MERGE must be 0 or 1"):
-        mnrl_ops.merges_transposed(MNRLParams(offset=0, batch=4, directions=5, joint=False))
+        getattr(mnrl_ops, merges)(MNRLParams(offset=0, batch=4, directions=15, joint=False))
 
 
 def test_flash_doc_blocks_must_start_with_the_positives():
@@ -559,17 +560,18 @@ def test_flash_doc_blocks_must_start_with_the_positives():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(
     "directions,joint",
-    [(5, False), (5, True), (15, True), (13, False)],
-    ids=["qd+dq", "qd+dq-joint", "all4", "qd+dq+dd"],
+    [(5, False), (5, True), (15, True), (13, False), (3, True), (9, False)],
+    ids=["qd+dq", "qd+dq-joint", "all4", "qd+dq+dd", "qd+qq-joint", "qd+dd"],
 )
-def test_flash_takes_doc_to_query_inside_query_to_doc(monkeypatch, directions, joint, dtype, offset, batch):
+def test_flash_merges_tiles_between_directions(monkeypatch, directions, joint, dtype, offset, batch):
     """With query_to_doc and doc_to_query (the symmetric loss; GTE's four directions; joint or per direction) the
     flash op takes doc_to_query over the local queries inside query_to_doc's launches over the positives' block: its
     logsumexp in the forward (sim_lse_fwd's nlse_t) and its gradients in the backward (SimLseBackward's lse_t; joint:
     both as the joint softmax with the weight h), so doc_to_query's own launches cover only the other ranks' queries.
-    The same loss and gradients as with the forward's separate launch (partial statistics beyond
-    TRANSPOSED_FWD_BYTES) and as with nothing merged (FASTLOSS_FLASH_MERGE=0), with the hardness penalty on
-    query_to_doc only."""
+    query_to_query's and doc_to_doc's backward take their own rows among the candidates as a Gram block (lse_t of
+    their own rows, no candidates launch). The same loss and gradients as with the forward's separate launch (partial
+    statistics beyond TRANSPOSED_FWD_BYTES) and as with nothing merged (FASTLOSS_FLASH_MERGE=0), with the hardness
+    penalty on query_to_doc only."""
     from fastloss.ops import sim_lse
 
     q, p, n = _embeddings(9, 20, 3, dtype=dtype, seed=5)
@@ -578,15 +580,22 @@ def test_flash_takes_doc_to_query_inside_query_to_doc(monkeypatch, directions, j
     fwd, bwd = sim_lse.sim_lse_fwd, sim_lse.SimLseBackward
 
     def recorded_fwd(r, c, *args, **kwargs):
-        launches.append(("fwd", r.shape[0], c.shape[0], "nlse_t" in kwargs))
+        launches.append(("fwd", r.shape[0], c.shape[0], "pair" if "nlse_t" in kwargs else ""))
         return fwd(r, c, *args, **kwargs)
 
     def recorded_bwd(r, c, *args, **kwargs):
-        launches.append(("bwd", r.shape[0], c.shape[0], "lse_t" in kwargs))
+        merged = ("gram" if kwargs["mask_own"] else "pair") if "lse_t" in kwargs else ""
+        launches.append(("bwd", r.shape[0], c.shape[0], merged))
         return bwd(r, c, *args, **kwargs)
 
+    def recorded_candidates(self, out, first, last, **kwargs):
+        launches.append(("candidates", self.M, self.N))
+        return candidates(self, out, first, last, **kwargs)
+
+    candidates = bwd.candidates
     monkeypatch.setattr(sim_lse, "sim_lse_fwd", recorded_fwd)
     monkeypatch.setattr(sim_lse, "SimLseBackward", recorded_bwd)
+    monkeypatch.setattr(bwd, "candidates", recorded_candidates)
 
     def run():
         launches.clear()
@@ -596,22 +605,34 @@ def test_flash_takes_doc_to_query_inside_query_to_doc(monkeypatch, directions, j
         return [loss.detach(), *(x.grad for x in args)], list(launches)
 
     def expected(kind: str, merged: bool) -> list:
-        query_to_query = [(kind, batch, 9, False)] if directions & 2 else []
-        doc_to_doc = [(kind, batch, 9, False)] * 2 if directions & 8 else []
-        if not merged:
-            return [(kind, batch, 9, False)] * 2 + query_to_query + [(kind, batch, 9, False)] + doc_to_doc
-        # query_to_doc's two blocks, the first with doc_to_query's rows, then doc_to_query over the other queries
-        others = [(kind, batch, size, False) for size in (offset, 9 - offset - batch) if size]
-        return [(kind, batch, 9, True), (kind, batch, 9, False), *query_to_query, *others, *doc_to_doc]
+        """(kind, rows, candidates, what it merges) of each launch in order (9 rows per column, two columns)."""
+        pair = merged and directions & 5 == 5  # doc_to_query inside query_to_doc
+        gram = merged and kind == "bwd"  # query_to_query's and doc_to_doc's own rows as a Gram block
+        sizes = [(offset, ""), (batch, "gram"), (9 - offset - batch, "")] if gram else [(9, "")]
+        own_block = [(kind, batch, size, t) for size, t in sizes if size]
+        out = [(kind, batch, 9, "pair" if pair else ""), (kind, batch, 9, "")]  # query_to_doc over both columns
+        out += own_block if directions & 2 else []
+        if directions & 4:  # doc_to_query over the other ranks' queries, or over all
+            sizes = (offset, 9 - offset - batch) if pair else (9,)
+            out += [(kind, batch, size, "") for size in sizes if size]
+        return out + (own_block + [(kind, batch, 9, "")] if directions & 8 else [])
+
+    def launched(records: list, fwd_merged: bool, merged: bool) -> None:
+        """The launches in order, and the backward's candidates launches: one for each but the Gram blocks."""
+        bwd_records = [r for r in records if r[0] == "bwd"]
+        assert [r for r in records if r[0] == "fwd"] == expected("fwd", fwd_merged)
+        assert bwd_records == expected("bwd", merged)
+        want = sorted(("candidates", m, n) for _, m, n, t in bwd_records if t != "gram")
+        assert sorted(r for r in records if r[0] == "candidates") == want
 
     merged, merged_launches = run()
-    assert merged_launches == expected("fwd", True) + expected("bwd", True)
+    launched(merged_launches, True, True)
     monkeypatch.setattr(mnrl_ops, "TRANSPOSED_FWD_BYTES", 0)
     separate_fwd, launches_fwd = run()
-    assert launches_fwd == expected("fwd", False) + expected("bwd", True)
+    launched(launches_fwd, False, True)
     monkeypatch.setenv("FASTLOSS_FLASH_MERGE", "0")
     separate, separate_launches = run()
-    assert separate_launches == expected("fwd", False) + expected("bwd", False)
+    launched(separate_launches, False, False)
     # fp16: the merged tile rounds P + P^T to fp16 once where the separate launches round each (elementwise up to
     # ~2% apart where gradient entries cancel), so there the bound is on the norm, at the dtype's rounding
     for got, want_fwd, want in zip(merged, separate_fwd, separate):

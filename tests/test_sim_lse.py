@@ -549,6 +549,38 @@ def test_transposed_direction(poison, pen_mode, dtype):
     assert_close(dscale.sum().reshape(1), (dscale_a.sum() + dscale_b.sum()).reshape(1), TOL[dtype], "dscale")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("offset,M,N", [(0, 7, 7), (3, 5, 12), (0, 40, 40), (17, 23, 45)])
+def test_gram_block(poison, offset, M, N, dtype):
+    """lse_t with mask_own over a Gram block (the rows r = c[offset : offset + M] themselves as candidates, base
+    offset; query_to_query against the local queries): rows() alone gives the rows' whole gradient from that block,
+    direct and transposed (each row's own entry masked both ways), and dscale counts each entry twice; with the
+    candidates before and after it as blocks of their own (rows and candidates launches), the sums of the
+    direction's oracle over every candidate: dr_hat + dc_hat of the rows' own vectors, dc_hat of the others."""
+    c, _, c_inv, _, _ = make(N, 1, 24, dtype, seed=13)
+    r, r_inv = c[offset : offset + M], c_inv[offset : offset + M]
+    g = torch.full((M,), 0.29, device=c.device)
+    opts = dict(period=N, offset=offset, mask_own=True, pen_mode=0, alpha=0.0)
+    lse, dr_want, dc_want, dscale_want, _ = oracle(r, c, r_inv, c_inv, 20.0, g, **opts)
+    dr_want = dr_want + dc_want[offset : offset + M]
+    dr, dc, dscale = torch.empty(M, 24), torch.zeros(N, 24), torch.empty(M)
+    gram = sim_lse.SimLseBackward(r, r, r_inv, r_inv, 20.0, lse.float(), g, base=offset, lse_t=lse.float(), **opts)
+    gram.rows(dr, 0, 2, accumulate=False, dscale=dscale)  # two windows of rows, the second added to
+    dr[2:] = 0.0
+    gram.rows(dr[2:], 2, M, accumulate=True, dscale=dscale)
+    total = dscale.sum() / 2
+    for a, b in ((0, offset), (offset + M, N)):
+        if b > a:
+            rest = sim_lse.SimLseBackward(r, c[a:b], r_inv, c_inv[a:b], 20.0, lse.float(), g, base=a, **opts)
+            rest.rows(dr, 0, M, accumulate=True, dscale=dscale)
+            rest.candidates(dc[a:b], 0, b - a, accumulate=False)
+            total += dscale.sum()
+    dc_want[offset : offset + M] = 0.0
+    assert_close(dr, dr_want, TOL[dtype], "dr_hat")
+    assert_close(dc, dc_want, TOL[dtype], "dc_hat")
+    assert_close(total.reshape(1), dscale_want.sum().reshape(1), TOL[dtype], "dscale")
+
+
 @pytest.mark.parametrize(
     "shape,base", [((5, 1), 0), ((22,), 0), ((5,), 4)], ids=["2-d", "past-the-end", "before-block"]
 )

@@ -18,7 +18,10 @@ column offset + i of query_to_doc's tiles, so query_to_doc's launch over the pos
 doc_to_query's logsumexp over the local queries in the forward (sim_lse_fwd's nlse_t: per-program partial column
 statistics, reduced on the host; TRANSPOSED_FWD_BYTES) and adds doc_to_query's softmax there in the backward
 (merges_transposed; sim_lse's lse_t), and doc_to_query's own launches keep the other ranks' queries: the symmetric
-loss's pairs take 1 + 4 GEMM-equivalents, not 2 + 8 (k doc columns: 5k, not 5k + 5); GTE's pairs 15, not 20.
+loss's pairs take 1 + 4 GEMM-equivalents, not 2 + 8 (k doc columns: 5k, not 5k + 5). query_to_query's and
+doc_to_doc's candidates that are their own rows (the local queries; the local positives) form a symmetric Gram block
+whose transposed entries are the same direction's rows, so the backward's rows launch over it with lse_t gives those
+rows' whole gradient from the block and it needs no candidates launch (merges_gram): GTE's pairs take 11, not 20.
 The positive pair sits in column offset + i of query_to_doc and of doc_to_query (the same logit twice). In a
 trained model's batch its probability is near 1, so LSE - pos and p - 1 would each cancel (to the logits' ulp, and
 inside the kernels' sums, or across the two copies). The kernels also return NLSE, the LSE without that column, for
@@ -207,8 +210,9 @@ class Launch:
     """One sim_lse launch of a selected direction (its index ``direction``) over one block of its candidates, on the
     tensors xs = [q, *docs]: its rows are the local rows of xs[rows_of], its candidates xs[block] from its row
     ``start`` on; ``positive``: the block holds the rows' positive column; ``operands`` (r, c, r_inv, c_inv) and
-    ``options`` (period ... base) are sim_lse's arguments around scale; ``transposed``: query_to_doc's launch over the
-    positives that also takes doc_to_query over the local queries (_launches with ``merged``)."""
+    ``options`` (period ... base) are sim_lse's arguments around scale; ``transposed``: the index of the direction
+    whose rows the launch's transposed entries are, -1 for none (_launches): doc_to_query in query_to_doc's launch
+    over the positives (``merged``), the direction itself in a Gram block (``gram``)."""
 
     direction: int
     rows_of: int
@@ -217,7 +221,18 @@ class Launch:
     operands: tuple[Tensor, Tensor, Tensor, Tensor]
     options: dict
     start: int = 0
-    transposed: bool = False
+    transposed: int = -1
+
+    @property
+    def gram(self) -> bool:
+        return self.transposed == self.direction
+
+
+def _merge_enabled() -> bool:
+    value = os.environ.get("FASTLOSS_FLASH_MERGE", "").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"FASTLOSS_FLASH_MERGE must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def merges_transposed(p: MNRLParams) -> bool:
@@ -229,10 +244,17 @@ def merges_transposed(p: MNRLParams) -> bool:
     for every row of both directions: per direction it is h / n_dir; joint, both take the joint softmax
     exp(logit - log_z) of their row with the weight h (their rows' log-partitions as LSE and lse_t).
     FASTLOSS_FLASH_MERGE=0 keeps doc_to_query in launches of its own (the baseline the GPU check times this against)."""
-    value = os.environ.get("FASTLOSS_FLASH_MERGE", "").strip() or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"FASTLOSS_FLASH_MERGE must be 0 or 1, got {value!r}")
-    return value == "1" and bool(p.directions & QUERY_TO_DOC) and bool(p.directions & DOC_TO_QUERY)
+    return _merge_enabled() and bool(p.directions & QUERY_TO_DOC) and bool(p.directions & DOC_TO_QUERY)
+
+
+def merges_gram(p: MNRLParams) -> bool:
+    """Whether the flash backward takes query_to_query's and doc_to_doc's blocks of their own rows as Gram blocks:
+    there the candidates are the rows themselves (the local queries; the local positives, in the first block of
+    docs), s is symmetric and the own entry masked both ways, so the rows' gradient launch with the block's transposed
+    entries added (lse_t: the direction's own LSE; the same weight for every row, as in merges_transposed) gives the
+    whole gradient of those rows from the block, and the block needs no candidates launch: 2 GEMM-equivalents
+    instead of 4 (GTE's pairs: 15 -> 11). The forward is unchanged. FASTLOSS_FLASH_MERGE=0 turns it off too."""
+    return _merge_enabled() and bool(p.directions & (QUERY_TO_QUERY | DOC_TO_DOC))
 
 
 def _transposed_index(p: MNRLParams) -> int:
@@ -241,32 +263,45 @@ def _transposed_index(p: MNRLParams) -> int:
     return bits.index(DOC_TO_QUERY) if DOC_TO_QUERY in bits else -1
 
 
-def _launches(xs: list[Tensor], invs: list[Tensor], p: MNRLParams, merged: bool = False) -> list[Launch]:
+def _launches(
+    xs: list[Tensor], invs: list[Tensor], p: MNRLParams, merged: bool = False, gram: bool = False
+) -> list[Launch]:
     """The selected directions' launches over xs = [q, *docs] (the docs in blocks of candidates: the columns as they
     come, not copied into one tensor) and their inverse norms. Each direction's rows are the local rows of q or of the
     first block, which holds the positives (_doc_blocks): the directions with the positive hold it in their first
     block (base 0). ``merged`` (query_to_doc's launch over the positives takes doc_to_query over the local queries: in
     the backward where merges_transposed, in the forward with both selected): doc_to_query's candidates are only the
-    queries outside the local rows, in the blocks before and after them."""
-    local = slice(p.offset, p.offset + p.batch)
+    queries outside the local rows, in the blocks before and after them. ``gram`` (the backward where merges_gram):
+    query_to_query's and doc_to_doc's candidates that are their own rows form a block of their own (the Gram block),
+    between the blocks of the candidates before and after them."""
+    bounds = (p.offset, p.offset + p.batch)
+    local = slice(*bounds)
     world = xs[0].shape[0]
     bases = [0, *itertools.accumulate(x.shape[0] for x in xs[1:])][:-1]
+    back = _transposed_index(p)
     out = []
     for i, dir_ in enumerate(directions(p)):
         rows_of = 0 if dir_.rows_are_queries else 1
+        # (tensor, its rows a .. b - 1, their global index base, the launch's transposed direction)
         if dir_.candidates_are_docs:
-            blocks = [(1 + k, 0, x.shape[0], base) for k, (x, base) in enumerate(zip(xs[1:], bases))]
-        elif merged and dir_.bit == DOC_TO_QUERY:
-            blocks = [(0, a, b, a) for a, b in ((0, p.offset), (p.offset + p.batch, world)) if b > a]
+            blocks = [(1 + k, 0, x.shape[0], base, -1) for k, (x, base) in enumerate(zip(xs[1:], bases))]
         else:
-            blocks = [(0, 0, world, 0)]
-        for k, a, b, base in blocks:
+            blocks = [(0, 0, world, 0, -1)]
+        if gram and dir_.mask_own:  # the first block (base 0) holds the rows themselves: local .. local + B - 1
+            k, n = blocks[0][0], blocks[0][2]
+            blocks[:1] = [(k, 0, p.offset, 0, -1), (k, *bounds, p.offset, i), (k, bounds[1], n, bounds[1], -1)]
+        elif merged and dir_.bit == DOC_TO_QUERY:
+            blocks = [(0, 0, p.offset, 0, -1), (0, bounds[1], world, bounds[1], -1)]
+        for k, a, b, base, transposed in blocks:
+            if b <= a:
+                continue
             options = dict(
                 period=world, offset=p.offset, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=p.alpha, base=base
             )
             operands = (xs[rows_of][local], xs[k][a:b], invs[rows_of][local], invs[k][a:b])
             positive = _holds_positive(dir_.bit) and base == 0 and b > p.offset
-            transposed = merged and positive and dir_.bit == QUERY_TO_DOC
+            if merged and positive and dir_.bit == QUERY_TO_DOC:
+                transposed = back
             out.append(Launch(i, rows_of, k, positive, operands, options, start=a, transposed=transposed))
     return out
 
@@ -360,10 +395,9 @@ def mnrl_fwd(
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     # doc_to_query over the local queries from query_to_doc's tiles of the positives' block
     merged = merges_transposed(p) and transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
-    back = _transposed_index(p)
     for launch in _launches(xs, invs, p, merged=merged):
-        transposed = {}
-        if launch.transposed:
+        transposed, back = {}, launch.transposed
+        if back >= 0:
             transposed = dict(nlse_t=torch.empty(p.batch, device=q.device, dtype=torch.float32))
         lse_b, nlse_b = sim_lse_fwd(
             *launch.operands, scale, positive_col=launch.positive, **launch.options, **transposed
@@ -451,18 +485,21 @@ def mnrl_bwd(
         weights = (h / p.n_directions).expand_as(lse)
     # each tensor's parts: (launcher, its dscale for a rows part else None, first row of the tensor it covers, rows)
     parts: list[list] = [[] for _ in xs]
-    dscales = []
-    back = _transposed_index(p)
-    for launch in _launches(xs, invs, p, merged=merges_transposed(p)):
-        i = launch.direction
+    dscales = []  # (each rows launch's dscale, the share of it that is its own: a Gram block counts each entry twice)
+    for launch in _launches(xs, invs, p, merged=merges_transposed(p), gram=merges_gram(p)):
+        i, back = launch.direction, launch.transposed
         lse_i, g_i, pv, transposed = lse[i], weights[i], pos_val[i], {}
-        if launch.transposed:  # query_to_doc over the positives: doc_to_query's rows with it
-            if p.joint:  # exp(logit - log_z) of either row's joint softmax, weight h; pos_val times each weight
-                pv = pos_val[i] * shares[i] + pos_val[back] * shares[back]
-                pv = torch.where(pos_val[i] == float("inf"), pos_val[i], pv)  # both fold or neither (x is the row's)
+        if back >= 0:  # another direction's rows (doc_to_query in query_to_doc) or its own (a Gram block) with it
+            if p.joint:  # exp(logit - log_z) of either row's joint softmax, weight h
                 lse_i, g_i, transposed = log_z, h.expand(p.batch), dict(lse_t=log_z)
             else:
-                pv, transposed = pos_val[i] + pos_val[back], dict(lse_t=lse[back])
+                transposed = dict(lse_t=lse[back])
+        if launch.positive and back >= 0:  # the positive entry takes both directions' coefficients
+            if p.joint:  # pos_val times each direction's weight
+                pv = pos_val[i] * shares[i] + pos_val[back] * shares[back]
+                pv = torch.where(pos_val[i] == float("inf"), pos_val[i], pv)  # both fold or neither (x is the row's)
+            else:
+                pv = pos_val[i] + pos_val[back]
         bwd = SimLseBackward(
             *launch.operands,
             scale,
@@ -472,9 +509,10 @@ def mnrl_bwd(
             **launch.options,
             **transposed,
         )
-        dscales.append(torch.empty(p.batch, device=q.device, dtype=torch.float32))
-        parts[launch.rows_of].append((bwd, dscales[-1], p.offset, p.batch))
-        parts[launch.block].append((bwd, None, launch.start, launch.operands[1].shape[0]))
+        dscales.append((torch.empty(p.batch, device=q.device, dtype=torch.float32), 0.5 if launch.gram else 1.0))
+        parts[launch.rows_of].append((bwd, dscales[-1][0], p.offset, p.batch))
+        if not launch.gram:  # a Gram block's candidates are its rows, whose launch took their transposed entries
+            parts[launch.block].append((bwd, None, launch.start, launch.operands[1].shape[0]))
     # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2; per direction
     # every row folds it, so no term and no pass over the rows for it)
     separate = (pos_val[0] == float("inf")).to(torch.float32) if p.joint else None
@@ -508,7 +546,7 @@ def mnrl_bwd(
                 _add_positive_rows(acc, first, xs[1 - k], invs[1 - k], x_inv, coef, p, scaled=False)
             _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last], fused=True)
     del acc, buffer
-    dscale = sum(ds.sum() for ds in dscales)
+    dscale = sum(ds.sum() * share for ds, share in dscales)
     if separate is not None:
         dscale = dscale - h * (separate * _positive_sims(q, docs[0], invs[0], invs[1], p)).sum()
     return dxs[0], dxs[1:], dscale.to(scale.dtype).reshape(scale.shape)

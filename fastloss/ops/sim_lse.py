@@ -290,12 +290,16 @@ def _fold_positive(b_p, m_pos, b_pv):
 
 
 @triton.jit
-def _transposed_p(b_s, b_scale, lse_t, o_t, n_t):
-    """The softmax of the transposed direction (doc_to_query beside query_to_doc) at a tile's entries: its rows are
-    the candidates whose index less offset, ``o_t`` (broadcast to the tile's shape), is in 0 .. n_t - 1, with LSE
-    lse_t[o_t] and logits scale * s, unpenalised; 0 at every other candidate."""
+def _transposed_p(b_s, b_scale, lse_t, o_t, n_t, b_logit, MASK_OWN: tl.constexpr):
+    """The softmax of the transposed direction (doc_to_query beside query_to_doc; a Gram block's own rows) at a
+    tile's entries: its rows are the candidates whose index less offset, ``o_t`` (broadcast to the tile's shape), is
+    in 0 .. n_t - 1, with LSE lse_t[o_t] and logits scale * s, unpenalised; 0 at every other candidate, and with
+    MASK_OWN also where the direct logit ``b_logit`` is masked (a Gram block: the transposed row's own entry is the
+    row's own entry)."""
     m_t = (o_t >= 0) & (o_t < n_t)
     b_lt = tl.load(lse_t + o_t, mask=m_t, other=float("inf"))
+    if MASK_OWN:  # after the load: a load masked by the dot's result breaks sm_90's pipeliner (Triton 3.8)
+        m_t = m_t & (b_logit != float("-inf"))
     return tl.where(m_t, tl.exp(b_scale * b_s - b_lt), 0.0)
 
 
@@ -469,7 +473,7 @@ def sim_lse_bwd_dr_kernel(
         b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_p = tl.exp(b_logit - b_lse[:, None])  # [BM, BN]
         if TRANSPOSED:
-            b_p += _transposed_p(b_s, b_scale, lse_t, o_n[None, :] - offset, n_t)
+            b_p += _transposed_p(b_s, b_scale, lse_t, o_n[None, :] - offset, n_t, b_logit, MASK_OWN)
         if FOLD_POS:
             b_p = _fold_positive(b_p, o_n[None, :] == o_m[:, None] + offset, b_pv[:, None])
         if NEED_DSCALE:
@@ -558,7 +562,7 @@ def sim_lse_bwd_dc_kernel(
         b_w = b_g / b_gmax * _fold(b_rinv, r.dtype.element_ty)  # |g / max|g|| <= 1: w * P stays in fp16 range
         b_p = tl.exp(b_logit - b_lse[None, :])  # [BN, BM]
         if TRANSPOSED:
-            b_p += _transposed_p(b_s, b_scale, lse_t, o_n[:, None] - offset, n_t)
+            b_p += _transposed_p(b_s, b_scale, lse_t, o_n[:, None] - offset, n_t, b_logit, MASK_OWN)
         if FOLD_POS:
             b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
             b_p = _fold_positive(b_p, o_n[:, None] == o_m[None, :] + offset, b_pv[None, :])
@@ -739,7 +743,10 @@ class SimLseBackward:
     the transposed direction, whose rows are the candidates offset .. offset + n_t - 1 against these rows as its
     candidates (doc_to_query beside query_to_doc), with logits scale * s, that LSE and the same g (a constant: the
     caller's per-direction weights); the two directions' gradients then come from one pair of launches, and pos_val
-    holds both positives' coefficients (the transposed one's positive is the same entry)."""
+    holds both positives' coefficients (the transposed one's positive is the same entry). With ``mask_own`` the
+    transposed entries are masked where the direct ones are: a Gram block, c the rows r themselves (query_to_query
+    against its own rows, offset = base): rows() alone then gives the rows' whole gradient from the block (what
+    candidates() would add is the transposed term) and their dscale counts every entry twice."""
 
     def __init__(
         self,
