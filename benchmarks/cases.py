@@ -329,13 +329,21 @@ MNSRL = OpSpec(
 
 
 def _gemm_floors(*builders: Builder) -> Builder:
-    """The sum of several products' floors (_gemm_floor each), for losses over several similarity matrices."""
+    """The sum of several products' floors (_gemm_floor each, or None where a product is empty), for losses over
+    several similarity matrices."""
 
     def build(p: Problem) -> Impl:
-        fns = [b(p).fn for b in builders]
+        fns = [impl.fn for impl in (b(p) for b in builders) if impl is not None]
         return Impl(lambda: sum(fn() for fn in fns), backend="matmul", is_loss=False)
 
     return build
+
+
+def _negatives_floor(p: Problem) -> Impl | None:
+    """The positives against the hard-negative columns (doc_to_doc beyond its Gram block; none for pairs)."""
+    if len(p.inputs) <= 2:
+        return None
+    return _gemm_floor(lambda p: p.inputs[1], lambda p: torch.cat([x.detach() for x in p.inputs[2:]]), 2)(p)
 
 
 GTE = OpSpec(
@@ -346,11 +354,13 @@ GTE = OpSpec(
         "fastloss_blocked": _mnrl_fastloss("gte", "blocked"),
         "sentence_transformers": _mnrl_st("gte"),
         "torch_compile": _mnrl_compile("gte"),
-        # Q D^T (query_to_doc and doc_to_query), the Gram matrix Q Q^T (one backward product) and P D^T (doc_to_doc)
+        # Q D^T (query_to_doc and doc_to_query), the Gram matrices Q Q^T and P P^T (one backward product each) and
+        # P against the hard negatives (doc_to_doc's other columns)
         "gemm_floor": _gemm_floors(
             _gemm_floor(lambda p: p.inputs[0], _docs, 2),
             _gemm_floor(lambda p: p.inputs[0], lambda p: p.inputs[0], 1),
-            _gemm_floor(lambda p: p.inputs[1], _docs, 2),
+            _gemm_floor(lambda p: p.inputs[1], lambda p: p.inputs[1], 1),
+            _negatives_floor,
         ),
     },
     description="MNRL with all four directions, joint (GTE's improved contrastive loss)",
