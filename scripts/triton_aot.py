@@ -164,7 +164,6 @@ def record_launches(quick: bool) -> list[Launch]:
             label[0] = f"sim_lse {name} D={dim} gram"
             own = dict(flags, mask_own=True, pen_mode=0, alpha=0.0)
             sim_lse.sim_lse_fwd(r, r, ones_r, ones_r, 20.0, **own)
-            sim_lse.sim_lse_fwd(r, r, ones_r, ones_r, 20.0, gram=True, **own)  # half the tiles (GRAM)
             bwd = sim_lse.SimLseBackward(r, r, ones_r, ones_r, 20.0, lse, lse, lse_t=lse, **own)
             bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
             label[0] = f"l2norm {name} D={dim}"  # the flash MNRL backward's epilogue

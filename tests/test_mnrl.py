@@ -568,10 +568,10 @@ def test_flash_merges_tiles_between_directions(monkeypatch, directions, joint, d
     flash op takes doc_to_query over the local queries inside query_to_doc's launches over the positives' block: its
     logsumexp in the forward (sim_lse_fwd's nlse_t) and its gradients in the backward (SimLseBackward's lse_t; joint:
     both as the joint softmax with the weight h), so doc_to_query's own launches cover only the other ranks' queries.
-    query_to_query and doc_to_doc take their own rows among the candidates as a Gram block (the forward in half the
-    tiles; the backward with lse_t of their own rows and no candidates launch). The same loss and gradients as with
-    the forward's separate launches (partial statistics beyond TRANSPOSED_FWD_BYTES) and as with nothing merged
-    (FASTLOSS_FLASH_MERGE=0), with the hardness penalty on query_to_doc only."""
+    query_to_query's and doc_to_doc's backward take their own rows among the candidates as a Gram block (lse_t of
+    their own rows, no candidates launch). The same loss and gradients as with the forward's separate launch (partial
+    statistics beyond TRANSPOSED_FWD_BYTES) and as with nothing merged (FASTLOSS_FLASH_MERGE=0), with the hardness
+    penalty on query_to_doc only."""
     from fastloss.ops import sim_lse
 
     q, p, n = _embeddings(9, 20, 3, dtype=dtype, seed=5)
@@ -580,8 +580,7 @@ def test_flash_merges_tiles_between_directions(monkeypatch, directions, joint, d
     fwd, bwd = sim_lse.sim_lse_fwd, sim_lse.SimLseBackward
 
     def recorded_fwd(r, c, *args, **kwargs):
-        merged = "gram" if kwargs.get("gram") else "pair" if "nlse_t" in kwargs else ""
-        launches.append(("fwd", r.shape[0], c.shape[0], merged))
+        launches.append(("fwd", r.shape[0], c.shape[0], "pair" if "nlse_t" in kwargs else ""))
         return fwd(r, c, *args, **kwargs)
 
     def recorded_bwd(r, c, *args, **kwargs):
@@ -608,8 +607,8 @@ def test_flash_merges_tiles_between_directions(monkeypatch, directions, joint, d
     def expected(kind: str, merged: bool) -> list:
         """(kind, rows, candidates, what it merges) of each launch in order (9 rows per column, two columns)."""
         pair = merged and directions & 5 == 5  # doc_to_query inside query_to_doc
-        # query_to_query's and doc_to_doc's own rows as a Gram block
-        sizes = [(offset, ""), (batch, "gram"), (9 - offset - batch, "")] if merged else [(9, "")]
+        gram = merged and kind == "bwd"  # query_to_query's and doc_to_doc's own rows as a Gram block
+        sizes = [(offset, ""), (batch, "gram"), (9 - offset - batch, "")] if gram else [(9, "")]
         own_block = [(kind, batch, size, t) for size, t in sizes if size]
         out = [(kind, batch, 9, "pair" if pair else ""), (kind, batch, 9, "")]  # query_to_doc over both columns
         out += own_block if directions & 2 else []
@@ -649,8 +648,8 @@ def test_flash_merges_tiles_between_directions(monkeypatch, directions, joint, d
 @pytest.mark.parametrize("joint", [True, False], ids=["joint", "per-direction"])
 def test_flash_gram_blocks_over_several_programs(monkeypatch, offset, batch, world, joint):
     """query_to_query's and doc_to_doc's Gram blocks over more rows than a program holds (16 under the interpreter:
-    the forward's partial statistics come from several programs, the backward's transposed entries from several
-    row tiles): the loss and gradients with nothing merged (FASTLOSS_FLASH_MERGE=0)."""
+    the backward's transposed entries come from several row tiles): the loss and gradients with nothing merged
+    (FASTLOSS_FLASH_MERGE=0)."""
     cols = _embeddings(world, 24, 3, seed=7)
     params = MNRLParams(offset=offset, batch=batch, directions=15, joint=joint)
 

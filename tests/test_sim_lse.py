@@ -581,49 +581,6 @@ def test_gram_block(poison, offset, M, N, dtype):
     assert_close(total.reshape(1), dscale_want.sum().reshape(1), TOL[dtype], "dscale")
 
 
-@pytest.mark.parametrize("tiles", ["default", "wide-programs"])
-@pytest.mark.parametrize("offset,M,N", [(0, 7, 7), (0, 40, 40), (17, 37, 60), (5, 1, 9), (3, 33, 36)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
-def test_gram_forward(poison, monkeypatch, dtype, offset, M, N, tiles):
-    """gram: the LSE of rows r = c[offset : offset + M] against themselves (base offset, own masked: query_to_query
-    over the local queries) from half the tiles, each program from its own rows' columns on and the entries left of
-    them from the earlier programs' partial statistics: the fp64 oracle's lse of r against r. "default": 16-row
-    programs with 32-column tiles (a tile reaches past its program's rows); "wide-programs": 32-row programs with
-    16-column tiles and partial statistics per 8 rows (poison catches an unwritten buffer row)."""
-    if tiles == "wide-programs":
-        force_configs(monkeypatch, sim_lse.sim_lse_fwd_kernel, [sim_lse._config(32, 16, 4, 1)])
-        monkeypatch.setattr(sim_lse, "transposed_rows", lambda: 8)
-    c, _, c_inv, _, _ = make(N, 1, 20, dtype, seed=17)
-    r, r_inv = c[offset : offset + M], c_inv[offset : offset + M]
-    want = oracle(r, r, r_inv, r_inv, 20.0, torch.ones(M), period=M, offset=0, mask_own=True, pen_mode=0, alpha=0.0)
-    opts = dict(period=N, offset=offset, mask_own=True, pen_mode=0, alpha=0.0)
-    lse, nlse = sim_lse_fwd(r, r, r_inv, r_inv, 20.0, base=offset, gram=True, **opts)
-    assert nlse is None
-    assert_close(lse, want[0], TOL[dtype], "lse")
-    full, _ = sim_lse_fwd(r, r, r_inv, r_inv, 20.0, base=offset, **opts)  # every tile
-    assert_close(lse, full.double(), TOL[dtype], "lse against every tile")
-
-
-@pytest.mark.parametrize(
-    "change,match",
-    [
-        (dict(c="other"), "c != r"),
-        (dict(base=0), "base 0, offset 3"),
-        (dict(mask_own=False), "mask_own False"),
-        (dict(pen_mode=1, alpha=0.5), "pen_mode 1"),
-        (dict(positive_col=True), "neither positive_col nor nlse_t"),
-    ],
-    ids=["other-c", "base", "unmasked", "penalty", "positive"],
-)
-def test_gram_forward_needs_its_block(change, match):
-    r, c, r_inv, c_inv, _ = make(5, 5, 8, torch.float32, seed=2)
-    args = dict(period=9, offset=3, mask_own=True, pen_mode=0, alpha=0.0, base=3, gram=True)
-    other = change.pop("c", None)
-    args.update(change)
-    with pytest.raises(ValueError, match=match):
-        sim_lse_fwd(r, c if other else r, r_inv, r_inv, 20.0, **args)
-
-
 @pytest.mark.parametrize(
     "shape,base", [((5, 1), 0), ((22,), 0), ((5,), 4)], ids=["2-d", "past-the-end", "before-block"]
 )

@@ -20,10 +20,8 @@ statistics, reduced on the host; TRANSPOSED_FWD_BYTES) and adds doc_to_query's s
 (merges_transposed; sim_lse's lse_t), and doc_to_query's own launches keep the other ranks' queries: the symmetric
 loss's pairs take 1 + 4 GEMM-equivalents, not 2 + 8 (k doc columns: 5k, not 5k + 5). query_to_query's and
 doc_to_doc's candidates that are their own rows (the local queries; the local positives) form a symmetric Gram block
-whose transposed entries are the same direction's rows (merges_gram): the forward computes half its tiles (sim_lse_fwd's
-gram: each program from its own rows' columns on, the entries left of them from the earlier programs' partial
-statistics) and the backward's rows launch over it with lse_t gives those rows' whole gradient from the block, which
-needs no candidates launch: GTE's pairs take 10 GEMM-equivalents, not 20.
+whose transposed entries are the same direction's rows, so the backward's rows launch over it with lse_t gives those
+rows' whole gradient from the block and it needs no candidates launch (merges_gram): GTE's pairs take 11, not 20.
 The positive pair sits in column offset + i of query_to_doc and of doc_to_query (the same logit twice). In a
 trained model's batch its probability is near 1, so LSE - pos and p - 1 would each cancel (to the logits' ulp, and
 inside the kernels' sums, or across the two copies). The kernels also return NLSE, the LSE without that column, for
@@ -255,8 +253,10 @@ def merges_gram(p: MNRLParams) -> bool:
     docs), s is symmetric and the own entry masked both ways, so the rows' gradient launch with the block's transposed
     entries added (lse_t: the direction's own LSE; the same weight for every row, as in merges_transposed) gives the
     whole gradient of those rows from the block, and the block needs no candidates launch: 2 GEMM-equivalents
-    instead of 4; the forward takes half the block's tiles (sim_lse_fwd's gram; within TRANSPOSED_FWD_BYTES): 0.5
-    instead of 1 (GTE's pairs: 15 -> 10). FASTLOSS_FLASH_MERGE=0 turns it off too."""
+    instead of 4 (GTE's pairs: 15 -> 11). FASTLOSS_FLASH_MERGE=0 turns it off too. The forward is unchanged: half
+    the block's tiles (each program from its own rows' columns on, the rest as partial column statistics) would
+    still leave the first programs a whole row each and add a second exp per tile, so it would gain only where the
+    grid is many times the SM count and lose below that; not without a GPU to time it."""
     return _merge_enabled() and bool(p.directions & (QUERY_TO_QUERY | DOC_TO_DOC))
 
 
@@ -376,10 +376,9 @@ def _combine(parts: list[Tensor]) -> Tensor:
 
 
 # With query_to_doc and doc_to_query (the symmetric loss, GTE's four directions) the forward takes doc_to_query's
-# logsumexp over the local queries from query_to_doc's tiles (sim_lse_fwd's nlse_t), and query_to_query's and
-# doc_to_doc's Gram blocks in half their tiles (sim_lse_fwd's gram), while their partial statistics, B fp32 values
-# per 32 local rows (128 MiB at B = 32768; one buffer at a time), stay within this; beyond it each direction runs its
-# own launches over every candidate.
+# logsumexp over the local queries from query_to_doc's tiles (sim_lse_fwd's nlse_t) while their partial statistics,
+# B fp32 values per 32 local queries (128 MiB at B = 32768), stay within this; beyond it doc_to_query runs its own
+# launch over every query, as the other directions do.
 TRANSPOSED_FWD_BYTES = 128 * 2**20
 
 
@@ -397,22 +396,18 @@ def mnrl_fwd(
     positive = scale.float() * _positive_sims(q, docs[0], invs[0], invs[1], p)
     lse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
-    # doc_to_query over the local queries from query_to_doc's tiles of the positives' block; query_to_query's and
-    # doc_to_doc's Gram blocks in half the tiles: each with partial statistics of transposed_bytes(B, B)
-    fits = transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
-    merged, gram = merges_transposed(p) and fits, merges_gram(p) and fits
-    for launch in _launches(xs, invs, p, merged=merged, gram=gram):
+    # doc_to_query over the local queries from query_to_doc's tiles of the positives' block
+    merged = merges_transposed(p) and transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
+    for launch in _launches(xs, invs, p, merged=merged):
         transposed, back = {}, launch.transposed
-        if launch.gram:
-            transposed = dict(gram=True)
-        elif back >= 0:
+        if back >= 0:
             transposed = dict(nlse_t=torch.empty(p.batch, device=q.device, dtype=torch.float32))
         lse_b, nlse_b = sim_lse_fwd(
             *launch.operands, scale, positive_col=launch.positive, **launch.options, **transposed
         )
         lse_parts[launch.direction].append(lse_b)
         nlse_parts[launch.direction].append(lse_b if nlse_b is None else nlse_b)  # without the positive: its LSE
-        if "nlse_t" in transposed:  # doc_to_query's local part: its negatives among the local queries, its positive
+        if transposed:  # doc_to_query's local part: its negatives among the local queries, and its positive
             nlse_parts[back].append(transposed["nlse_t"])
             lse_parts[back].append(torch.logaddexp(transposed["nlse_t"], positive))
     lse = torch.stack([_combine(parts) for parts in lse_parts])

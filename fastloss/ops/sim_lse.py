@@ -18,8 +18,6 @@ the caller folds its positive's -1 into that entry, formed from nlse without can
 With nlse_t the forward also gives the transposed direction's NLSE from its tiles, for rows the candidates
 offset .. offset + n_t - 1 against these rows (logits scale * s_ij, its positive i = j - offset left out): each
 program writes its rows' log-sum-exp of each such column, and the host reduces them (MNRL's symmetric loss).
-With gram (c is r, own masked: a Gram block, s symmetric) each program runs only the tiles from its own rows'
-columns on and the same partial statistics for the later rows' columns give the entries left of them: half the tiles.
 The forward keeps a running max and sum per row over candidate tiles (no M x N matrix); the backward recomputes
 the logits tile by tile, once over row blocks (dr_hat, dscale) and once over candidate blocks (dc_hat), without
 atomics. When D fits one BLOCK_D the gradient accumulator stays in registers; otherwise it lives in the fp32
@@ -306,14 +304,14 @@ def _transposed_p(b_s, b_scale, lse_t, o_t, n_t, b_logit, MASK_OWN: tl.constexpr
 
 
 @triton.jit
-def _transposed_part(b_s, b_scale, nlse_t, o_m, o_t, lo_t, M, n_t, rows_t, BLOCK_M: tl.constexpr, PART_M: tl.constexpr):
-    """The forward's share of the transposed direction (doc_to_query beside query_to_doc; a Gram block's later rows):
-    its rows are the candidates whose index less offset, ``o_t``, is in lo_t .. n_t - 1, with logits scale * s
-    (unpenalised) against these rows o_m as candidates, their own entry (o_m == o_t) left out. Writes this tile's
-    log-sum-exp of each such column over the program's rows into row pid * R of nlse_t [rows_t, n_t] and -inf into
-    the next R - 1 (R = BLOCK_M / PART_M), so that every row a grid covers is written whatever BLOCK_M the autotuner
-    chose, and the host's logsumexp down the columns gives the transposed rows' NLSE over all of r."""
-    m_t = (o_t >= lo_t) & (o_t < n_t)
+def _transposed_part(b_s, b_scale, nlse_t, o_m, o_t, M, n_t, rows_t, BLOCK_M: tl.constexpr, PART_M: tl.constexpr):
+    """The forward's share of the transposed direction (doc_to_query beside query_to_doc): its rows are the
+    candidates whose index less offset, ``o_t``, is in 0 .. n_t - 1, with logits scale * s (unpenalised) against
+    these rows o_m as candidates, their own positive (o_m == o_t) left out. Writes this tile's log-sum-exp of each
+    such column over the program's rows into row pid * R of nlse_t [rows_t, n_t] and -inf into the next R - 1
+    (R = BLOCK_M / PART_M), so that every row a grid covers is written whatever BLOCK_M the autotuner chose, and the
+    host's logsumexp down the columns gives the transposed rows' NLSE over all of r."""
+    m_t = (o_t >= 0) & (o_t < n_t)
     m_in = (o_m[:, None] < M) & m_t[None, :] & (o_m[:, None] != o_t[None, :])
     b_lt = tl.where(m_in, b_scale * b_s, float("-inf"))
     b_tmax = tl.max(b_lt, axis=0)
@@ -359,7 +357,6 @@ def sim_lse_fwd_kernel(
     PEN_MODE: tl.constexpr,
     POS_COL: tl.constexpr,
     TRANSPOSED: tl.constexpr,
-    GRAM: tl.constexpr,  # c is r (base = offset, own masked): a program starts at its own rows' columns (sim_lse_fwd)
     PART_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -370,9 +367,6 @@ def sim_lse_fwd_kernel(
 ):
     c, c_inv, N = _by_global_index(c, c_inv, N, base, stride_c)
     start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
-    lo_n, lo_t = base, 0  # the first candidate; the first transposed row this program's tiles count
-    if GRAM:  # the entries left of this program's first row are its rows' transposed entries in the programs before
-        lo_n, lo_t = base + start_m, start_m + BLOCK_M
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     b_scale = tl.load(scale).to(tl.float32)
@@ -382,7 +376,7 @@ def sim_lse_fwd_kernel(
     b_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_nsum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # POS_COL: the sum without column i + offset
-    for start_n in range(lo_n, N, BLOCK_N):
+    for start_n in range(base, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         b_cinv = tl.load(c_inv + o_n, mask=o_n < N, other=0.0)
         if SINGLE_D:
@@ -403,8 +397,8 @@ def sim_lse_fwd_kernel(
             b_nsum = b_nsum * b_rescale + tl.sum(tl.where(m_pos, 0.0, b_e), axis=1)
         b_max = b_new
         if TRANSPOSED:
-            if (start_n < offset + n_t) & (start_n + BLOCK_N > offset + lo_t):
-                _transposed_part(b_s, b_scale, nlse_t, o_m, o_n - offset, lo_t, M, n_t, rows_t, BLOCK_M, PART_M)
+            if (start_n < offset + n_t) & (start_n + BLOCK_N > offset):
+                _transposed_part(b_s, b_scale, nlse_t, o_m, o_n - offset, M, n_t, rows_t, BLOCK_M, PART_M)
     tl.store(lse + o_m, _log_sum(b_max, b_sum), mask=m_m)
     if POS_COL:
         tl.store(nlse + o_m, _log_sum(b_max, b_nsum), mask=m_m)
@@ -653,7 +647,6 @@ def sim_lse_fwd(
     positive_col: bool = False,
     base: int = 0,
     nlse_t: Tensor | None = None,
-    gram: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(lse, nlse): lse_i = logsumexp_j logit_ij (fp32 [M]; -inf for a fully masked row) and with
     ``positive_col`` the same without column i + offset (else None). ``c`` may be a block of the candidates whose
@@ -662,21 +655,7 @@ def sim_lse_fwd(
     ``nlse_t`` (fp32 [n_t], written): the transposed direction's NLSE from the same tiles, for its rows the candidates
     offset .. offset + n_t - 1 of this block (doc_to_query's local positives beside query_to_doc): logsumexp over
     these rows i != t of scale * s_i,offset+t, unpenalised (-inf with no such row). It takes n_t fp32 values per
-    transposed_rows() rows of r: transposed_bytes().
-    ``gram``: c is r itself (the same tensor; base = offset, mask_own, no penalty: query_to_query against the local
-    queries), so s is symmetric and each program computes only the tiles from its own rows' columns on: its rows'
-    entries further left are the later rows' transposed entries of the programs before, whose partial statistics
-    (as nlse_t's, transposed_bytes(M, M)) the host adds to the rows' LSE. Half the products."""
-    if gram:
-        same = r.data_ptr() == c.data_ptr() and r.shape == c.shape and r.stride() == c.stride()
-        if not (same and mask_own and base == offset and (pen_mode == 0 or alpha == 0.0)):
-            raise ValueError(
-                "sim_lse: gram needs c to be r itself, base == offset, mask_own and no penalty, got "
-                f"{'c = r' if same else 'c != r'}, base {base}, offset {offset}, mask_own {mask_own}, "
-                f"pen_mode {pen_mode}"
-            )
-        if positive_col or nlse_t is not None:
-            raise ValueError("sim_lse: gram takes neither positive_col nor nlse_t (the own entry is masked)")
+    transposed_rows() rows of r: transposed_bytes()."""
     r, c = _operands(r, c)
     (M, D), N = r.shape, c.shape[0]
     r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
@@ -690,13 +669,8 @@ def sim_lse_fwd(
         if nlse_t is not None:
             nlse_t.fill_(float("-inf"))
         return lse.fill_(float("-inf")), (None if nlse is None else nlse.fill_(float("-inf")))
-    if gram:  # the programs write the columns after their rows only: the rest stays -inf
-        n_t = M
     part_m = transposed_rows() if n_t else 1  # PART_M is unused without TRANSPOSED
-    shape = (triton.cdiv(M, part_m) if n_t else 1, max(1, n_t))
-    parts = torch.empty(shape, device=r.device, dtype=torch.float32)
-    if gram:
-        parts.fill_(float("-inf"))
+    parts = torch.empty((triton.cdiv(M, part_m) if n_t else 1, max(1, n_t)), device=r.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     with _on_device(r):
         sim_lse_fwd_kernel[grid](
@@ -725,13 +699,10 @@ def sim_lse_fwd(
             PEN_MODE=pen_mode,
             POS_COL=nlse is not None,
             TRANSPOSED=n_t > 0,
-            GRAM=bool(gram),
             PART_M=part_m,
             DOT_PRECISION=precision,
         )
-    if gram:
-        torch.logaddexp(lse, torch.logsumexp(parts, dim=0), out=lse)
-    elif n_t:
+    if n_t:
         torch.logsumexp(parts, dim=0, out=nlse_t)
     return lse, nlse
 
