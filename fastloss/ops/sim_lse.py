@@ -270,10 +270,16 @@ def _by_global_index(c, c_inv, N, base, stride_c):
 
 
 @triton.jit
+def _reference(b_max):
+    """A max as the reference point of exp(x - max): 0 where every x is -inf, so that exp(-inf - 0) = 0, not NaN."""
+    return tl.where(b_max == float("-inf"), 0.0, b_max)
+
+
+@triton.jit
 def _rebase(b_max, b_new):
     """A running sum of exp(x - max) whose max moves from b_max to b_new: (the new reference point, the factor that
-    rescales the sum so far). The reference is 0 while every x so far is -inf: exp(-inf - 0) = 0, not NaN."""
-    b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
+    rescales the sum so far)."""
+    b_ref = _reference(b_new)
     return b_ref, tl.exp(b_max - b_ref)
 
 
@@ -315,7 +321,7 @@ def _transposed_part(b_s, b_scale, nlse_t, o_m, o_t, M, n_t, rows_t, BLOCK_M: tl
     m_in = (o_m[:, None] < M) & m_t[None, :] & (o_m[:, None] != o_t[None, :])
     b_lt = tl.where(m_in, b_scale * b_s, float("-inf"))
     b_tmax = tl.max(b_lt, axis=0)
-    b_tsum = tl.sum(tl.exp(b_lt - tl.where(b_tmax == float("-inf"), 0.0, b_tmax)[None, :]), axis=0)
+    b_tsum = tl.sum(tl.exp(b_lt - _reference(b_tmax)[None, :]), axis=0)
     o_p = tl.arange(0, BLOCK_M // PART_M)
     row = tl.program_id(0).to(tl.int64) * (BLOCK_M // PART_M) + o_p
     b_part = tl.where(o_p[:, None] == 0, _log_sum(b_tmax, b_tsum)[None, :], float("-inf"))
