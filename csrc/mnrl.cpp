@@ -12,6 +12,13 @@
 // logsumexp down those columns (Q against the local positives: one B x B product), and the second computes
 // query_to_doc's rows as above and adds doc_to_query's softmax, now known, into the same block, whose two gradient
 // GEMMs then serve both directions: 3k + 1 GEMM-equivalents for k doc columns instead of 3k + 3.
+//
+// Elsewhere (GTE's four directions, query_to_query, doc_to_doc, the joint partition, W >= 3B) the one pass runs with
+// the directions' shared products merged in the backward: entry (i, j) of query_to_doc's positives is entry (j, i)
+// of doc_to_query's rows, and query_to_query's and doc_to_doc's blocks of the local rows' own vectors are symmetric.
+// The later row's block takes both softmax entries of such a product into one entry of its gradient GEMMs (the
+// earlier row's from its saved reference point max - log(c), out of the raw product before the row pass), so the
+// backward covers about half of each B x B block of products: GTE's pairs take 8 GEMM-equivalents instead of 12.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -468,6 +475,33 @@ inline void add_gradient_products(const at::Tensor& g, const at::Tensor& rows, c
   d_cands.addmm_(g.t(), rows * w);
 }
 
+// The same over the columns [begin, end) of the block only.
+inline void add_gradient_products(const at::Tensor& g, const at::Tensor& rows, const at::Tensor& cands,
+                                  const at::Tensor& w, at::Tensor d_rows, at::Tensor d_cands, int64_t begin,
+                                  int64_t end) {
+  if (end <= begin) return;
+  add_gradient_products(g.narrow(1, begin, end - begin), rows, cands.narrow(0, begin, end - begin), w, d_rows,
+                        d_cands.narrow(0, begin, end - begin));
+}
+
+// Below this a row's softmax factor c is applied to its entries rather than divided out of the partner's.
+template <typename T>
+constexpr T kMinFactor = T(1e-20);
+
+// row *= c
+template <typename T>
+void scale_row(T* row, T c, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] *= c;
+}
+
+// to += from * factor
+template <typename T>
+void add_scaled(T* to, const T* from, T factor, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) to[j] += from[j] * factor;
+}
+
 // The op's outputs from the rows' losses and dL/dscale (already over B) and the accumulators dq, dd
 // (inv * dL/dx_hat: normalised back here; undefined without need_grad).
 template <typename T>
@@ -490,6 +524,11 @@ Outputs finish(const std::vector<T>& row_loss, const std::vector<T>& row_dscale,
 }
 
 constexpr int64_t kColumnGrain = 256;  // columns per task of the column passes
+// The one-pass op's blocks where directions share products (partner in mnrl_fused_impl): measured on this 2-core
+// machine, GTE's four directions at B = 512..2048 (D = 256, 768) ran 5-30% faster in 8 blocks of >= 128 rows than in
+// the one block the buffer allowed; B = 256 the same either way.
+constexpr int64_t kMergeBlocks = 8;
+constexpr int64_t kMergeMinRows = 128;
 
 // query_to_doc and doc_to_query, per direction (the symmetric loss), in two passes (top of the file). doc_to_query's
 // row i, the local positive p_i = d_(offset + i) against every query q_j, has logits t_j * factor_i with
@@ -655,11 +694,42 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
     holders += holds[k];
     if (dirs[k].bit == kQueryToDoc) k_first = k;
   }
+  // partner[k]: the direction whose rows, transposed, are direction k's columns offset .. offset + batch (the local
+  // rows' own vectors): doc_to_query's rows are query_to_doc's positives and the reverse; query_to_query and
+  // doc_to_doc are their own partners (a Gram block). -1: none selected. Entry (i, j) of those columns and entry
+  // (j, i) of the partner's rows are one product, so one pair of gradient GEMMs takes both softmax entries: the
+  // block of rows [i0, i1) takes them at the earlier rows' columns (j < i0, whose statistics are known), its own
+  // rows' columns as they are (the partner's rows in this block take the transposed ones) and leaves the later
+  // rows' columns to their blocks. Per pair of directions, two GEMM-equivalents of backward over those B x B
+  // products instead of four (GTE's four directions on pairs: 8 in all instead of 12).
+  int partner[4] = {-1, -1, -1, -1};
+  for (int k = 0; k < n_dir; ++k) {
+    const int bit = dirs[k].bit;
+    const int wanted = bit == kQueryToDoc ? kDocToQuery : bit == kDocToQuery ? kQueryToDoc : bit;
+    for (int l = 0; l < n_dir; ++l)
+      if (dirs[l].bit == wanted) partner[k] = l;
+  }
+  // per direction with a partner: the partner's factor at those columns (its rule's, as no such column is the
+  // partner row's own) times the column's inverse norm, and the rows' reference points ref = max - log(c), so that
+  // the partner's softmax entry of row j at column offset + i is exp(logit - ref_j) (+inf: a row with c = 0)
+  std::vector<std::vector<T>> partner_factor(n_dir), ref(n_dir);
+  for (int k = 0; k < n_dir; ++k) {
+    if (partner[k] < 0) continue;
+    const T* inv = (dirs[k].candidates_are_docs ? d_inv : q_inv) + o.offset;
+    partner_factor[k].resize(batch);
+    for (int64_t j = 0; j < batch; ++j) partner_factor[k][j] = dirs[partner[k]].rule.factor * inv[j];
+    ref[k].assign(batch, std::numeric_limits<T>::infinity());
+  }
 
   int64_t total_columns = 0;
   for (const auto& dir : dirs) total_columns += dir.candidates_are_docs ? columns * world : world;
-  const int64_t rows_per_block =
+  int64_t rows_per_block =
       std::clamp<int64_t>(block_bytes() / (total_columns * static_cast<int64_t>(sizeof(T))), 1, batch);
+  // The merge takes nothing from the block's own rows' columns: with a partner, at least kMergeBlocks blocks (of
+  // kMergeMinRows rows or more), so that the backward covers about half the B x B products, not all of them (the
+  // loss alone needs no backward, nor the partners' entries).
+  if (o.need_grad && std::any_of(partner, partner + n_dir, [](int l) { return l >= 0; }))
+    rows_per_block = std::min(rows_per_block, std::max(kMergeMinRows, (batch + kMergeBlocks - 1) / kMergeBlocks));
 
   std::vector<at::Tensor> logits;
   for (const auto& dir : dirs)
@@ -690,6 +760,8 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
     T* coef_ptr = coef.mutable_data_ptr<T>();
 
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+      // the partners' softmax entries at the earlier rows' columns
+      std::vector<T> transposed(o.need_grad ? n_dir * i0 : 0);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t i = i0 + r;
         const int64_t own = o.offset + i;
@@ -698,17 +770,31 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
         const T* cand_inv[4];  // each direction's candidates' inverse norms
         for (int k = 0; k < n_dir; ++k) {
           const Direction<T>& dir = dirs[k];
+          T* row = rows_ptr[k] + r * widths[k];
           row_inv[k] = dir.rows_are_queries ? q_inv[own] : d_inv[own];
           cand_inv[k] = dir.candidates_are_docs ? d_inv : q_inv;
-          st[k] = row_pass(rows_ptr[k] + r * widths[k], cand_inv[k], widths[k], own, world, dir.rule, scale,
-                           row_inv[k], holds[k]);
+          if (o.need_grad && partner[k] >= 0 && i0 > 0)  // from the raw products, before the row pass's E
+            col_softmax(row + o.offset, row_inv[k], partner_factor[k].data(), ref[partner[k]].data(),
+                        cand_inv[k] + o.offset, transposed.data() + k * i0, i0);
+          st[k] = row_pass(row, cand_inv[k], widths[k], own, world, dir.rule, scale, row_inv[k], holds[k]);
         }
         const Combined<T> cb = combine(st, n_dir, holds, holders, k_first, o.joint);
         for (int k = 0; k < n_dir; ++k) {
-          coef_ptr[k * rows_per_block + r] = cb.c[k] * scale * inv_batch * row_inv[k];
+          T* row = rows_ptr[k] + r * widths[k];
+          // G = c E' with the factor c on the GEMMs' m x D side, unless c is too small to divide by (a direction
+          // far below the joint partition's top, whose partner's entries may still count): then G = c E in place
+          const T c = cb.c[k];
+          const bool factored = c >= kMinFactor<T>;
+          if (!factored) scale_row(row, c, widths[k]);
+          const T unfactor = factored ? T(1) / c : T(1);
+          coef_ptr[k * rows_per_block + r] = (factored ? c : T(1)) * scale * inv_batch * row_inv[k];
           // the positive's coefficient joins its softmax entry: G = c E', E' = inv entry / c, so p - 1 is formed
           // before any sum (as cross-entropy does) instead of cancelling inside the GEMMs
-          if (holds[k] && cb.fold) rows_ptr[k][r * widths[k] + own] = cand_inv[k][own] * cb.entry[k] / cb.c[k];
+          if (holds[k] && cb.fold) row[own] = cand_inv[k][own] * cb.entry[k] * unfactor;
+          if (!o.need_grad || partner[k] < 0) continue;
+          if (i0 > 0) add_scaled(row + o.offset, transposed.data() + k * i0, unfactor, i0);
+          ref[k][i] = c > 0 && st[k].max > -std::numeric_limits<T>::infinity() ? st[k].max - std::log(c)
+                                                                                 : std::numeric_limits<T>::infinity();
         }
         if (!cb.fold) separate_share[i] = T(1);
         row_loss[i] = cb.loss;
@@ -718,10 +804,19 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
 
     if (!o.need_grad) continue;
     for (int k = 0; k < n_dir; ++k) {
-      add_gradient_products(logits[k].narrow(0, 0, m), dirs[k].rows_are_queries ? q_blk : d_blk,
-                            dirs[k].candidates_are_docs ? d.x : q.x, coef[k].narrow(0, 0, m).unsqueeze(1),
-                            (dirs[k].rows_are_queries ? dq : dd).narrow(0, g0, m),
-                            dirs[k].candidates_are_docs ? dd : dq);
+      const at::Tensor g = logits[k].narrow(0, 0, m);
+      const at::Tensor& rows = dirs[k].rows_are_queries ? q_blk : d_blk;
+      const at::Tensor& cands = dirs[k].candidates_are_docs ? d.x : q.x;
+      const at::Tensor w = coef[k].narrow(0, 0, m).unsqueeze(1);
+      at::Tensor d_rows = (dirs[k].rows_are_queries ? dq : dd).narrow(0, g0, m);
+      at::Tensor d_cands = dirs[k].candidates_are_docs ? dd : dq;
+      if (partner[k] < 0) {
+        add_gradient_products(g, rows, cands, w, d_rows, d_cands);
+        continue;
+      }
+      // the later local rows' columns are their blocks' (with this block's rows as the partner's transposed entries)
+      add_gradient_products(g, rows, cands, w, d_rows, d_cands, 0, g0 + m);
+      add_gradient_products(g, rows, cands, w, d_rows, d_cands, o.offset + batch, widths[k]);
     }
   }
 

@@ -267,6 +267,58 @@ def test_row_blocks(monkeypatch, directions, partition, block_bytes):
     )
 
 
+@pytest.mark.parametrize("block_bytes", ["1", "1300"], ids=["one-row", "some-rows"])
+@pytest.mark.parametrize(
+    "offset,batch", [(0, 17), (4, 11), (6, 5)], ids=["local", "gathered-both-sides", "gathered-3x"]
+)
+@pytest.mark.parametrize("directions,partition", PARTITIONS, ids=[_ids(*p) for p in PARTITIONS])
+def test_products_shared_between_directions(monkeypatch, directions, partition, offset, batch, block_bytes):
+    """Over several row blocks, the one-pass op gives each product of the local rows' own vectors (query_to_doc's
+    positives with doc_to_query's rows, query_to_query's and doc_to_doc's Gram blocks) one backward GEMM entry for
+    both softmax entries that hold it: the block of the later row takes it, the earlier row's statistics read back.
+    17 queries, 34 docs: 1300 bytes hold 3 rows of all four directions and 6 of two; the symmetric loss per
+    direction runs the one-pass op at W >= 3B (the last rows) and two passes otherwise."""
+    monkeypatch.setenv("FASTLOSS_NATIVE_BLOCK_BYTES", block_bytes)
+    for similarity, hardness in (("cos", 1), ("dot", 3)):
+        check_case(
+            17,
+            9,
+            2,
+            torch.float32,
+            similarity=similarity,
+            offset=offset,
+            batch=batch,
+            directions=directions,
+            partition=partition,
+            hardness=hardness,
+            seed=offset + batch,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_shared_product_of_a_direction_far_below_the_partition(monkeypatch, dtype):
+    """Row 1's query and positive are one vector: its joint partition sits at the positive's logit, 500, and its
+    query_to_query softmax factor (q_0 . q_1 = 0.6: logit 300) underflows to 0, while that product is row 0's top
+    entry. Row 1's block takes the product for both rows (row 0's block came first), so it cannot divide row 0's
+    softmax entry by that factor: the row takes the factor in place instead."""
+    monkeypatch.setenv("FASTLOSS_NATIVE_BLOCK_BYTES", "1")
+    q = torch.zeros(4, 6, dtype=torch.float64)
+    q[0, :2] = torch.tensor([0.6, 0.8])
+    q[1, 0] = q[2, 3] = q[3, 4] = 1.0
+    d = torch.zeros(4, 6, dtype=torch.float64)
+    d[0, 2] = d[1, 0] = d[2, 3] = d[3, 5] = 1.0
+    q, d = q.to(dtype), d.to(dtype)
+    kwargs = dict(similarity="cos", offset=0, batch=4, directions=DIRECTION_SETS[-1], partition="joint", hardness=0)
+    got = native(q, [d], 500.0, **kwargs)
+    assert all(bool(torch.isfinite(t).all()) for t in got)
+    want = reference(q, [d], 500.0, **kwargs)
+    if dtype == torch.float64:
+        assert_matches(got, want, dtype)
+    else:  # fp32 logits of scale 500 carry ~1e-4 of rounding into the softmax
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w.to(g.dtype).double(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("block_bytes", [None, "1", "150"], ids=["one-block", "one-row", "some-rows"])
 @pytest.mark.parametrize("columns", [1, 2], ids=["pos", "pos+1neg"])
 @pytest.mark.parametrize(
