@@ -14,7 +14,7 @@ import fastloss.functional as FF
 from fastloss import _backend
 from fastloss.functional.mnrl import mnrl_backend
 from fastloss.ops import mnrl_blocked
-from fastloss.ops.mnrl import MNRLParams, mnrl
+from fastloss.ops.mnrl import MNRLParams, directions, mnrl
 
 CONFIGS = [
     pytest.param(MNRLParams(offset=0, batch=13, directions=15, hardness=3, alpha=0.3), id="all4-all_negatives"),
@@ -46,6 +46,7 @@ def test_any_block_size_gives_the_same_result(monkeypatch, p):
     mm = mnrl_blocked._mm
     monkeypatch.setattr(mnrl_blocked, "_mm", lambda a, b, *rest: sizes.append(tuple(a.shape)) or mm(a, b, *rest))
     widths = sum((3 if bit in (1, 8) else 1) * 13 for bit in (1, 2, 4, 8) if p.directions & bit)
+    widths += p.batch * sum(k >= 0 for k in mnrl_blocked.partners(directions(p)))  # the partners' entries
     for rows in (4, 1):
         monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", str(rows * widths * 4 / 2**20))
         sizes.clear()
@@ -57,6 +58,46 @@ def test_any_block_size_gives_the_same_result(monkeypatch, p):
         assert max(min(shape) for shape in sizes) <= rows
         for a, b in zip(got, whole):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        pytest.param(MNRLParams(offset=0, batch=13, directions=5), id="qd+dq-joint"),
+        pytest.param(MNRLParams(offset=4, batch=4, directions=5, joint=False), id="qd+dq-per_direction-3x"),
+        pytest.param(MNRLParams(offset=3, batch=7, directions=15, hardness=1, alpha=0.4), id="all4-in_batch-gathered"),
+        pytest.param(MNRLParams(offset=0, batch=13, directions=10 + 1, normalize=False), id="qd+qq+dd-dot"),
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_shared_products_over_blocks(monkeypatch, p, rows):
+    """Where directions share products (partners: query_to_doc's positives and doc_to_query's rows, the Gram blocks
+    of query_to_query and doc_to_doc), each block adds the earlier rows' softmax entries to its own and leaves the
+    later rows' columns to their blocks: in fp64, in blocks of one and three rows, the loss and gradients of one
+    block (which shares nothing: test_mnrl checks it against the reference on the whole grid)."""
+    q, d = _inputs(dtype=torch.float64, seed=rows)
+    whole = _run(q, d, p)
+    monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", str(rows * (4 * 39 + 4 * p.batch) * 8 / 2**20))
+    for a, b in zip(_run(q, d, p), whole):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_product_of_a_direction_far_below_the_partition(monkeypatch):
+    """Row 1's query and positive are one vector, so its joint partition sits at the positive's logit (500) and its
+    query_to_query softmax factor (q_0 . q_1 = 0.6: logit 300) underflows, while that product is row 0's top entry:
+    row 1's block, which takes the product for both rows, applies the factor to G instead of dividing by it."""
+    q = torch.zeros(4, 6)
+    q[0, :2] = torch.tensor([0.6, 0.8])
+    q[1, 0] = q[2, 3] = q[3, 4] = 1.0
+    d = torch.zeros(4, 6)
+    d[0, 2] = d[1, 0] = d[2, 3] = d[3, 5] = 1.0
+    p = MNRLParams(offset=0, batch=4, directions=15)
+    whole = _run(q.double(), d.double(), p, scale=500.0)  # one block: nothing shared
+    monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", str(1e-9))  # one row per block
+    got = _run(q, d, p, scale=500.0)
+    assert all(bool(torch.isfinite(t).all()) for t in got)
+    for a, b in zip(got, whole):  # fp32 logits of scale 500: ~1e-4 of rounding
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
 
 
 def test_block_rows_follow_the_budget(monkeypatch):
@@ -117,13 +158,17 @@ def test_which_backend_runs(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("p", CONFIGS)
-def test_half_gemm_operands(monkeypatch, dtype, p):
+@pytest.mark.parametrize("rows", [None, 3], ids=["one-block", "blocks-of-3"])
+def test_half_gemm_operands(monkeypatch, dtype, p, rows):
     """The CUDA path's rounding of G and of the weighted rows to the input dtype (emulated here with fp32 products
     of the rounded operands), with a zero vector among the rows and the candidates, against the same op in fp32 on
-    the rounded inputs: within the half dtype's rounding, and finite."""
+    the rounded inputs: within the half dtype's rounding, and finite; in several blocks, bf16 G takes the partners'
+    entries (fp16 does not)."""
     q, d = _inputs(dtype=dtype)
     q[5], d[20] = 0.0, 0.0
     want = _run(q.float(), d.float(), p)
+    if rows is not None:
+        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", str(rows * (8 * 39 * 4 + 39 * 2) / 2**20))
     monkeypatch.setattr(mnrl_blocked, "half_gemms", lambda x: True)
     got = _run(q, d, p)
     assert got[1].dtype == got[2].dtype == dtype and got[0].dtype == torch.float32

@@ -18,6 +18,14 @@ positive's column (in query_to_doc and doc_to_query), so the row loss is softplu
 positive's) and the positive's coefficient p - share is -sigmoid of it, both without cancellation; that coefficient
 is written into the positive's entry of G before the GEMMs (where the positive holds at least half the row's mass,
 and G's dtype holds the value); elsewhere (p - 1 <= -1/2: nothing cancels) the -1 stays a separate rank-1 term.
+Products that two directions share (doc_to_query's rows are query_to_doc's positives transposed; query_to_query's
+and doc_to_doc's blocks of the local rows' own vectors are symmetric: partners()) take one entry of the gradient
+GEMMs for both softmax entries: the block of rows [i0, i1) adds the partner's entries of the earlier rows (from their
+saved max - log c, computed from the raw products before the row pass) at columns offset + j < offset + i0, keeps its
+own rows' columns as they are and leaves the later rows' columns to their blocks, so the backward covers about half
+of each B x B block (GTE's pairs: 8 GEMM-equivalents instead of 12; the symmetric loss's 4 instead of 6); dL/dscale,
+which sums G C against the rows, sums each product once with both entries. Not in fp16, whose G need not hold a
+partner's entry divided by a small softmax factor.
 The row passes in torch ops turn S into E and then G in place (about nine passes over the block); the Triton ones
 read S for the statistics and once more to write G (in place for fp32). The gradients are accumulated as
 inv * dL/dx_hat (as the native op does), which makes the normalisation backward dx = a - x_hat <x_hat, a>. The
@@ -44,6 +52,7 @@ from torch import Tensor
 
 from fastloss import _backend
 from fastloss.ops.mnrl import (
+    DOC_TO_QUERY,
     QUERY_TO_DOC,
     Direction,
     MNRLParams,
@@ -59,6 +68,12 @@ from fastloss.ops.mnrl import (
 
 BLOCK_MIB_DEFAULT = {"cuda": 1024.0, "other": 64.0}
 _FP16_MAX = 65504.0
+# Where directions share products (partners), at least MERGE_BLOCKS blocks of at least MERGE_MIN_ROWS rows: the
+# backward skips the later rows' columns, so one block would skip nothing. The CPU numbers are the native op's
+# (measured there: csrc/mnrl.cpp); on CUDA a block keeps ~1000 rows for the GEMMs (not measured on a GPU yet).
+MERGE_BLOCKS = 8
+MERGE_MIN_ROWS = {"cuda": 1024, "other": 128}
+_MIN_FACTOR = 1e-20  # below it a row's softmax factor is applied to G in place rather than divided out
 
 
 def block_bytes(device: torch.device) -> int:
@@ -88,18 +103,45 @@ def _mm(a: Tensor, b: Tensor, half: bool, acc: torch.dtype) -> Tensor:
     return torch.mm(a.to(acc), b.to(acc))
 
 
-def block_rows(p: MNRLParams, world: int, columns: int, esize: int, half_size: int, budget: int) -> int:
+def block_rows(
+    p: MNRLParams, world: int, columns: int, esize: int, half_size: int, budget: int, merged: int = 0
+) -> int:
     """Rows per block: every direction's logits of a row in the accumulation dtype (``esize`` bytes), plus the widest
-    direction's G in the input dtype when the GEMMs take half operands (``half_size``, else 0), within ``budget``."""
+    direction's G in the input dtype when the GEMMs take half operands (``half_size``, else 0), plus the partners'
+    softmax entries at the earlier rows' columns for ``merged`` directions (B each), within ``budget``."""
     widths = [world * (columns if dir_.candidates_are_docs else 1) for dir_ in directions(p)]
-    row = sum(widths) * esize + max(widths) * half_size
+    row = (sum(widths) + merged * p.batch) * esize + max(widths) * half_size
     return max(1, min(p.batch, budget // row))
+
+
+def partners(selected: list[Direction]) -> list[int]:
+    """Per direction, the index of the direction whose rows, transposed, are its columns offset .. offset + B (the
+    local rows' own vectors), or -1: doc_to_query's rows are query_to_doc's positives and the reverse;
+    query_to_query and doc_to_doc are their own (a Gram block). Entry (i, j) there and the partner's entry (j, i) are
+    one product, so one entry of the gradient GEMMs can take both softmax entries."""
+    bits = [dir_.bit for dir_ in selected]
+    swap = {QUERY_TO_DOC: DOC_TO_QUERY, DOC_TO_QUERY: QUERY_TO_DOC}
+    return [bits.index(swap.get(bit, bit)) if swap.get(bit, bit) in bits else -1 for bit in bits]
 
 
 def triton_rows(x: Tensor) -> bool:
     """Whether the row passes over a block run as Triton kernels (fastloss.ops.block_softmax): fp16/bf16/fp32 CUDA
     tensors where Triton is installed; torch ops otherwise."""
     return x.device.type == "cuda" and x.dtype != torch.float64 and _backend.triton_available()
+
+
+def _rule(p: MNRLParams, columns: int, scale: Tensor, dir_: Direction):
+    """(factor, except factor or None for a mask, t_begin, t_end): the logit of column j is factor * t_j, except at
+    the columns own + t * W for t in [t_begin, t_end) (the native op's column rules)."""
+    penalised = scale + p.alpha
+    if dir_.mask_own:
+        return scale, None, 0, columns if dir_.candidates_are_docs else 1
+    return {
+        0: (scale, scale, 0, 0),
+        1: (penalised, scale, 0, columns),  # in_batch_negatives: all but the own query's docs
+        2: (scale, penalised, 1, columns),  # hard_negatives: the own query's hard negatives
+        3: (penalised, scale, 0, 1),  # all_negatives: all but the positive
+    }[dir_.pen_mode]
 
 
 class _TorchRows:
@@ -109,17 +151,7 @@ class _TorchRows:
         self.p, self.world, self.columns, self.scale = p, world, columns, scale
 
     def _rule(self, dir_: Direction):
-        """(factor, except factor or None for a mask, t_begin, t_end): the logit of column j is factor * t_j, except
-        at the columns own + t * W for t in [t_begin, t_end) (the native op's column rules)."""
-        scale, penalised, columns = self.scale, self.scale + self.p.alpha, self.columns
-        if dir_.mask_own:
-            return scale, None, 0, columns if dir_.candidates_are_docs else 1
-        return {
-            0: (scale, scale, 0, 0),
-            1: (penalised, scale, 0, columns),  # in_batch_negatives: all but the own query's docs
-            2: (scale, penalised, 1, columns),  # hard_negatives: the own query's hard negatives
-            3: (penalised, scale, 0, 1),  # all_negatives: all but the positive
-        }[dir_.pen_mode]
+        return _rule(self.p, self.columns, self.scale, dir_)
 
     def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int):
         """(top, sum E, sum E without column g0 + i (directions holding the positive, else None), the positive's
@@ -195,9 +227,17 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     first = [dir_.bit for dir_ in selected].index(QUERY_TO_DOC)  # whose positive logit the joint loss takes
     side = {True: (x_q, q_inv, 0), False: (x_d, d_inv, 1)}  # queries or docs: GEMM operand, inverse norms, grads[i]
     rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
+    # shared products take one entry of the gradient GEMMs (partners), except in fp16, whose G may not hold the
+    # partner's entry divided by a small softmax factor
+    partner = partners(selected) if need_grad and not fp16 else [-1] * len(selected)
+    merged = sum(k >= 0 for k in partner)
     rows_per_block = block_rows(
-        p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device)
+        p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device), merged
     )
+    if merged:
+        least = MERGE_MIN_ROWS["cuda" if q.device.type == "cuda" else "other"]
+        rows_per_block = min(rows_per_block, max(least, -(-p.batch // MERGE_BLOCKS)))
+        ref = torch.full((len(selected), p.batch), torch.inf, device=q.device, dtype=acc)  # max - log c per row
     h = 1.0 / p.batch
     row_loss = torch.empty(p.batch, device=q.device, dtype=acc)
     separate_share = torch.zeros(p.batch, device=q.device, dtype=acc)
@@ -209,11 +249,16 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     for start in range(0, p.batch, rows_per_block):
         m = min(rows_per_block, p.batch - start)
         g0 = p.offset + start
-        blocks, row_max, sums, negs, positives = [], [], [], [], []
-        for dir_ in selected:
+        blocks, row_max, sums, negs, positives, transposed = [], [], [], [], [], []
+        for dir_, k in zip(selected, partner):
             rows, r_inv, _ = side[dir_.rows_are_queries]
             cands, c_inv, _ = side[not dir_.candidates_are_docs]
             s = _mm(rows[g0 : g0 + m], cands.t(), half, acc)
+            if k >= 0 and start > 0:  # from the raw products, before the row pass
+                factor = _rule(p, columns, scale, selected[k])[0]  # no earlier row's column is its own
+                transposed.append(_partner_entries(s, r_inv[g0 : g0 + m], c_inv, p.offset, factor, ref[k, :start]))
+            else:
+                transposed.append(None)
             top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
             blocks.append(s)
             row_max.append(top)
@@ -231,21 +276,30 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
         if grads is None:
             continue
-        for dir_, s, top, c, total, pv, share in zip(selected, blocks, row_max, weights, sums, pos_val, shares):
+        if merged:
+            ref[:, start : start + m] = torch.where(sums > 0, row_max - weights.log(), torch.inf)
+        parts = zip(selected, blocks, row_max, weights, sums, pos_val, shares, partner, transposed)
+        for dir_, s, top, c, total, pv, share, k, entries in parts:
             rows, r_inv, i_rows = side[dir_.rows_are_queries]
             cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
             r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
             g = rows_pass.grad(s, dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16)  # E c_inv
             if share:
                 separate_share[start : start + m] += _fold_positive(g, g0, pv * total, c_inv, share, fp16)
-            product = _mm(g, cands, half, acc)  # (E c_inv) C: [m, D]
+            spans = [(0, g.shape[1])]
+            if k >= 0:  # the later local rows' columns are their blocks' (this block's rows as the partner's entries)
+                c = _add_partner_entries(g, c, entries, p.offset)
+                spans = [(0, g0 + m), (p.offset + p.batch, g.shape[1])]
+            product = sum(_mm(g[:, a:b], cands[a:b], half, acc) for a, b in spans if b > a)  # (E c_inv) C: [m, D]
             dscale += h * (c * r_inv_blk * (r_blk.to(acc) * product).sum(dim=1)).sum()
             grads[i_rows][g0 : g0 + m].addcmul_(product, (scale * h * c * r_inv_blk)[:, None])
             del product
             w = c * _cap(r_inv_blk, fp16)
             w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
             weighted = (r_blk * (w / w_max)[:, None]).to(gemm_dtype)
-            grads[i_cands].addcmul_(_mm(g.t(), weighted, half, acc), scale * h * w_max)
+            for a, b in spans:
+                if b > a:
+                    grads[i_cands][a:b].addcmul_(_mm(g[:, a:b].t(), weighted, half, acc), scale * h * w_max)
             del g, weighted
         del blocks
 
@@ -257,6 +311,28 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True)
     dd = _norm_backward(d, d_inv, grads[1], p.normalize, scaled=True)
     return loss, dq, dd, dscale
+
+
+def _partner_entries(s: Tensor, r_inv: Tensor, c_inv: Tensor, offset: int, factor, ref: Tensor) -> Tensor:
+    """The partner direction's softmax entries of the earlier local rows j (their reference points ``ref``: max -
+    log c) at this block's rows, in G's units before the row weight (E c_inv): exp(t factor - ref_j) c_inv_j, t the
+    similarity of the raw product in column offset + j of ``s``; c_inv_j > 0 goes into the exponent."""
+    inv = c_inv[offset : offset + ref.shape[0]]
+    x = s[:, offset : offset + ref.shape[0]] * (r_inv * factor)[:, None]
+    return x.mul_(inv[None, :]).add_((inv.log() - ref)[None, :]).exp_()
+
+
+def _add_partner_entries(g: Tensor, c: Tensor, entries: Tensor | None, offset: int) -> Tensor:
+    """Add the partner's ``entries`` (None: no earlier rows) into G = E c_inv, whose rows carry the weights ``c``
+    (softmax = c E): divided by c, except in rows whose c is below _MIN_FACTOR (a direction far below the joint
+    partition's top, whose partner's entries may still count), which take c into G instead. Returns the weights."""
+    small = c < _MIN_FACTOR
+    if bool(small.any()):
+        g.mul_(torch.where(small, c, 1.0)[:, None].to(g.dtype))
+        c = torch.where(small, 1.0, c)
+    if entries is not None:
+        g[:, offset : offset + entries.shape[1]] += entries.div_(c[:, None]).to(g.dtype)
+    return c
 
 
 def _fold_positive(g: Tensor, g0: int, value: Tensor, c_inv: Tensor, share: float, fp16: bool) -> Tensor:
