@@ -57,8 +57,12 @@ def cpu_default(compile_cases: bool = True) -> list[Case]:
     cases.append(Case("mnrl", 4096, 8192, 256, "fp32", MNRL_IMPLS + ("fastloss_blocked",), group="target"))
     cases += [Case("mnrl", 1024, 1024, d, "fp32", MNRL_IMPLS, group="dim") for d in (64, 768)]
     cases.append(Case("mnrl", 1024, 1024, 256, "bf16", MNRL_IMPLS, group="dtype"))
-    cases += _sweep("mnsrl", (256, 1024, 2048, 4096), 256, "fp32", MNRL_IMPLS)
-    cases += _sweep("gte", (256, 1024, 4096), 256, "fp32", MNRL_IMPLS)
+    # the largest symmetric and GTE cases also time the row-block torch op, whose products two directions share
+    with_blocked = MNRL_IMPLS + ("fastloss_blocked",)
+    cases += _sweep("mnsrl", (256, 1024, 2048), 256, "fp32", MNRL_IMPLS) + _sweep(
+        "mnsrl", (4096,), 256, "fp32", with_blocked
+    )
+    cases += _sweep("gte", (256, 1024), 256, "fp32", MNRL_IMPLS) + _sweep("gte", (4096,), 256, "fp32", with_blocked)
     cases += _other_ops((256, 1024, 2048, 4096), (128, 256, 384, 512), 256, "fp32", None, (256, 1024, 4096, 8192))
     cases.append(Case("batch_hard_triplet_bwd", 4096, 4096, 256, "fp32", ("bwd_torch", "fastloss")))
     gradcache_impls = ("sentence_transformers", "fastloss", "fastloss_uncached")
