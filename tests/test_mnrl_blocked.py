@@ -225,6 +225,28 @@ class TestCUDA:
         )
         assert rel_err(got[0], ref_loss) < (1e-5 if dtype == torch.float32 else 1e-3)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    @pytest.mark.parametrize(
+        "p",
+        [
+            pytest.param(MNRLParams(offset=0, batch=300, directions=15, hardness=3, alpha=0.3), id="all4"),
+            pytest.param(MNRLParams(offset=50, batch=200, directions=5, joint=False), id="qd+dq-per_direction"),
+            pytest.param(MNRLParams(offset=0, batch=300, directions=11, normalize=False), id="qd+qq+dd-dot"),
+        ],
+    )
+    def test_shared_products_over_blocks(self, monkeypatch, dtype, p):
+        """The partners' entries on CUDA (after the Triton statistics, before the Triton G; cuBLAS products over
+        column ranges, with fp32 results for half operands) in blocks of ~16 rows, against one block, which shares
+        nothing (fp16 shares nothing either: only the blocks differ)."""
+        q, d = (x.cuda() for x in _inputs(world=300, dim=768, dtype=dtype))
+        whole = _run(q, d, p)
+        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", "0.25")
+        got = _run(q, d, p)
+        # fp32: the dot-product case's logits reach ~1e3, whose rounding the blocks' summation orders show (3e-5 on CPU)
+        bound = (1e-4 if p.normalize else 5e-4) if dtype == torch.float32 else 1e-2
+        for a, b in zip(got, whole):
+            assert torch.isfinite(a).all() and rel_err(a, b) < bound
+
     def test_large_batch_in_several_blocks(self, monkeypatch):
         monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", "64")  # 4096 x 8192 fp32 logits: 128 MiB, so 3 blocks
         q, d = (x.cuda() for x in _inputs(world=4096, dim=1024, columns=2, dtype=torch.bfloat16))
