@@ -880,8 +880,9 @@ directions (else the mean of per-direction log-partitions); hardness: 0 none | 1
 2 hard_negatives | 3 all_negatives with strength alpha; normalize: cosine (else dot product).
 Returns loss (0-d), dq, dd (the dtype of q) and dscale (0-d): fp64 for fp64 inputs, else fp32 accumulation.
 need_grad=False computes only the loss; dq, dd and dscale are then zeros.
-Memory beyond inputs and outputs: the normalised inputs and gradients (O(W*D)) and one block of logits of at
-most FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row).)doc",
+Memory beyond inputs and outputs: the normalised inputs and gradients (O(W*D)), one block of logits of at most
+FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row) and, where directions share products, O(B)
+values per direction and per thread.)doc",
         pybind11::arg("q"), pybind11::arg("d"), pybind11::arg("scale"), pybind11::arg("offset"),
         pybind11::arg("batch"), pybind11::arg("directions"), pybind11::arg("joint"), pybind11::arg("hardness"),
         pybind11::arg("alpha"), pybind11::arg("normalize"), pybind11::arg("need_grad"));
