@@ -120,8 +120,8 @@ def partners(selected: list[Direction]) -> list[int]:
     query_to_query and doc_to_doc are their own (a Gram block). Entry (i, j) there and the partner's entry (j, i) are
     one product, so one entry of the gradient GEMMs can take both softmax entries."""
     bits = [dir_.bit for dir_ in selected]
-    swap = {QUERY_TO_DOC: DOC_TO_QUERY, DOC_TO_QUERY: QUERY_TO_DOC}
-    return [bits.index(swap.get(bit, bit)) if swap.get(bit, bit) in bits else -1 for bit in bits]
+    wanted = [{QUERY_TO_DOC: DOC_TO_QUERY, DOC_TO_QUERY: QUERY_TO_DOC}.get(bit, bit) for bit in bits]
+    return [bits.index(bit) if bit in bits else -1 for bit in wanted]
 
 
 def triton_rows(x: Tensor) -> bool:
@@ -150,13 +150,10 @@ class _TorchRows:
     def __init__(self, p: MNRLParams, world: int, columns: int, scale: Tensor):
         self.p, self.world, self.columns, self.scale = p, world, columns, scale
 
-    def _rule(self, dir_: Direction):
-        return _rule(self.p, self.columns, self.scale, dir_)
-
     def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int):
         """(top, sum E, sum E without column g0 + i (directions holding the positive, else None), the positive's
         logit) of each row; S becomes E in place."""
-        factor, except_factor, t_begin, t_end = self._rule(dir_)
+        factor, except_factor, t_begin, t_end = _rule(self.p, self.columns, self.scale, dir_)
         s.mul_(r_inv[:, None]).mul_(c_inv[None, :])  # the similarities t
         if t_end > t_begin:
             own = torch.arange(g0, g0 + s.shape[0], device=s.device)
