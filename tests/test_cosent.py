@@ -364,7 +364,7 @@ class TestFused:
                 kind,
                 fused_backend,
             )
-            torch.library.opcheck(cosent_op._cosent_fwd_op, args)
+            torch.library.opcheck(cosent_op._cosent_fwd_op.op, args)
 
     def test_compile_fullgraph(self, fused_backend):
         a, b = make_columns(2, 10, 7, torch.float32)

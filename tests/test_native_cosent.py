@@ -298,11 +298,11 @@ def test_opcheck(kind, dtype):
     y = make_labels("ties", 10)
     scale = torch.tensor(SCALE, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     args = (a.requires_grad_(True), b.requires_grad_(True), y, scale.requires_grad_(True), cosent_op.KINDS[kind])
-    torch.library.opcheck(cosent_op._cosent_fwd_op, args + ("native",))
+    torch.library.opcheck(cosent_op._cosent_fwd_op.op, args + ("native",))
     _, aux, gsim = (t.detach() for t in cosent_op._cosent_fwd_op(*args, "native"))
     grad = torch.tensor(0.7, dtype=aux.dtype)
     bwd_args = (grad, a.detach(), b.detach(), scale.detach(), aux, gsim, cosent_op.KINDS[kind], "native")
-    torch.library.opcheck(cosent_op._cosent_bwd_op, bwd_args)
+    torch.library.opcheck(cosent_op._cosent_bwd_op.op, bwd_args)
 
 
 def test_compile_fullgraph(native):

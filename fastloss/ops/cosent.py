@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from fastloss import _backend
+from fastloss.ops._custom_op import custom_op
 from fastloss.ops.mnrl import _softplus as _softplus_torch
 from fastloss.similarity import NORM_EPS
 
@@ -505,31 +506,30 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-@torch.library.custom_op("fastloss::cosent_fwd", mutates_args=())
-def _cosent_fwd_op(
+def _cosent_fwd(
     a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_impl(impl)
     return globals()[_FWD[impl]](a, b, labels, scale, kind)
 
 
-@_cosent_fwd_op.register_fake
-def _(a, b, labels, scale, kind, impl):
+def _cosent_fwd_fake(a, b, labels, scale, kind, impl):
     acc = _backend.accumulation_dtype(b)
     return b.new_empty((), dtype=acc), b.new_empty((4, b.shape[0]), dtype=acc), b.new_empty((), dtype=acc)
 
 
-@torch.library.custom_op("fastloss::cosent_bwd", mutates_args=())
-def _cosent_bwd_op(
+def _cosent_bwd(
     grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, aux: Tensor, gsim: Tensor, kind: int, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_impl(impl)
     return globals()[_BWD[impl]](grad, a, b, scale, aux, gsim, kind)
 
 
-@_cosent_bwd_op.register_fake
-def _(grad, a, b, scale, aux, gsim, kind, impl):
+def _cosent_bwd_fake(grad, a, b, scale, aux, gsim, kind, impl):
     return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
+
+
+_cosent_bwd_op = custom_op("cosent_bwd", _cosent_bwd, fake=_cosent_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -545,7 +545,9 @@ def _backward(ctx, grad_loss, _grad_aux, _grad_gsim):
     return da, db, None, dscale, None, None
 
 
-torch.library.register_autograd("fastloss::cosent_fwd", _backward, setup_context=_setup_context)
+_cosent_fwd_op = custom_op(
+    "cosent_fwd", _cosent_fwd, fake=_cosent_fwd_fake, setup_context=_setup_context, backward=_backward
+)
 
 
 def cosent(a: Tensor, b: Tensor, labels: Tensor, scale: Tensor, kind: int, impl: str = "triton") -> Tensor:

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from fastloss import _backend
+from fastloss.ops._custom_op import custom_op
 from fastloss.similarity import NORM_EPS
 
 QUERY_TO_DOC, QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC = 1, 2, 4, 8
@@ -563,8 +564,7 @@ def _params(offset, batch, directions, joint, hardness, alpha, normalize) -> MNR
     return MNRLParams(offset, batch, directions, joint, hardness, alpha, normalize)
 
 
-@torch.library.custom_op("fastloss::mnrl_fwd", mutates_args=())
-def _mnrl_fwd_op(
+def _mnrl_fwd(
     q: Tensor,
     docs: list[Tensor],
     scale: Tensor,
@@ -579,8 +579,7 @@ def _mnrl_fwd_op(
     return mnrl_fwd(q, docs, scale, _params(offset, batch, directions, joint, hardness, alpha, normalize))
 
 
-@_mnrl_fwd_op.register_fake
-def _(q, docs, scale, offset, batch, directions, joint, hardness, alpha, normalize):
+def _mnrl_fwd_fake(q, docs, scale, offset, batch, directions, joint, hardness, alpha, normalize):
     n_dir = bin(directions).count("1")
     return (
         q.new_empty((), dtype=torch.float32),
@@ -590,8 +589,7 @@ def _(q, docs, scale, offset, batch, directions, joint, hardness, alpha, normali
     )
 
 
-@torch.library.custom_op("fastloss::mnrl_bwd", mutates_args=())
-def _mnrl_bwd_op(
+def _mnrl_bwd(
     grad: Tensor,
     q: Tensor,
     docs: list[Tensor],
@@ -612,9 +610,13 @@ def _mnrl_bwd_op(
     )
 
 
-@_mnrl_bwd_op.register_fake
-def _(grad, q, docs, scale, lse, log_z, pos_val, offset, batch, directions, joint, hardness, alpha, normalize):
+def _mnrl_bwd_fake(
+    grad, q, docs, scale, lse, log_z, pos_val, offset, batch, directions, joint, hardness, alpha, normalize
+):
     return torch.empty_like(q), [torch.empty_like(x) for x in docs], torch.empty_like(scale)
+
+
+_mnrl_bwd_op = custom_op("mnrl_bwd", _mnrl_bwd, fake=_mnrl_bwd_fake)
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -630,7 +632,9 @@ def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z, _grad_pos_val):
     return (dq, dd, dscale) + (None,) * len(ctx.args)
 
 
-torch.library.register_autograd("fastloss::mnrl_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+_mnrl_fwd_op = custom_op(
+    "mnrl_fwd", _mnrl_fwd, fake=_mnrl_fwd_fake, setup_context=_fwd_setup_context, backward=_fwd_backward
+)
 
 
 def _run_native(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
@@ -691,10 +695,7 @@ def _gradient_in_forward_op(name: str, run):
         return loss, dq, dd, dscale.to(device=scale.device, dtype=scale.dtype).reshape(scale.shape)
 
     op.__name__ = op.__qualname__ = name
-    op = torch.library.custom_op(f"fastloss::{name}", mutates_args=())(op)
-    op.register_fake(_fused_fake)
-    torch.library.register_autograd(f"fastloss::{name}", _fused_backward, setup_context=_fused_setup_context)
-    return op
+    return custom_op(name, op, fake=_fused_fake, setup_context=_fused_setup_context, backward=_fused_backward)
 
 
 _mnrl_fused_op = _gradient_in_forward_op("mnrl_fused", _run_native)  # fastloss._C, CPU tensors

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from fastloss import _backend
 from fastloss.ops._autotune import drop_fp32_tiles, tune_bucket
+from fastloss.ops._custom_op import custom_op
 
 try:
     import triton
@@ -542,26 +543,25 @@ def _batch_hard_bwd_torch(
     return dx.to(x.dtype)
 
 
-@torch.library.custom_op("fastloss::batch_hard_triplet_mine", mutates_args=())
-def _mine_op(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _mine(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return batch_hard_fwd(x, labels, metric)
 
 
-@_mine_op.register_fake
-def _(x, labels, metric):
+def _mine_fake(x, labels, metric):
     B, acc = x.shape[0], _backend.accumulation_dtype(x)
     hp = x.new_empty((B,), dtype=acc)
     return hp, torch.empty_like(hp), x.new_empty((3, B), dtype=torch.int64), x.new_empty((3, B), dtype=acc)
 
 
-@torch.library.custom_op("fastloss::batch_hard_triplet_bwd", mutates_args=())
-def _mine_bwd_op(grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor, sel_d: Tensor, metric: int) -> Tensor:
+def _mine_bwd(grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor, sel_d: Tensor, metric: int) -> Tensor:
     return batch_hard_bwd(grad_hp, grad_hn, x, sel_idx, sel_d, metric)
 
 
-@_mine_bwd_op.register_fake
-def _(grad_hp, grad_hn, x, sel_idx, sel_d, metric):
+def _mine_bwd_fake(grad_hp, grad_hn, x, sel_idx, sel_d, metric):
     return torch.empty_like(x)
+
+
+_mine_bwd_op = custom_op("batch_hard_triplet_bwd", _mine_bwd, fake=_mine_bwd_fake)
 
 
 def _mine_setup_context(ctx, inputs, output):
@@ -580,7 +580,14 @@ def _mine_backward(ctx, grad_hp, grad_hn, _grad_idx, _grad_d):
     return _mine_bwd_op(grad_hp, grad_hn, x, sel_idx, sel_d, ctx.metric), None, None
 
 
-torch.library.register_autograd("fastloss::batch_hard_triplet_mine", _mine_backward, setup_context=_mine_setup_context)
+_mine_op = custom_op(
+    "batch_hard_triplet_mine",
+    _mine,
+    fake=_mine_fake,
+    setup_context=_mine_setup_context,
+    backward=_mine_backward,
+    reads=2,
+)
 
 
 def batch_hard_triplet(x: Tensor, labels: Tensor, margin: float, metric: int, soft_margin: bool = False) -> Tensor:
@@ -721,23 +728,19 @@ def batch_semi_hard_bwd(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, m
     return _finish_grad(x, dxo, metric)
 
 
-@torch.library.custom_op("fastloss::batch_all_triplet", mutates_args=())
-def _batch_all_op(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
+def _batch_all(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
     return batch_all_fwd(x, labels, margin, metric)
 
 
-@torch.library.custom_op("fastloss::batch_semi_hard_triplet", mutates_args=())
-def _semi_hard_op(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
+def _semi_hard(x: Tensor, labels: Tensor, margin: float, metric: int) -> tuple[Tensor, Tensor]:
     return batch_semi_hard_fwd(x, labels, margin, metric)
 
 
-@torch.library.custom_op("fastloss::batch_all_triplet_bwd", mutates_args=())
-def _batch_all_bwd_op(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
+def _batch_all_bwd(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
     return batch_all_bwd(grad, x, labels, norm, margin, metric)
 
 
-@torch.library.custom_op("fastloss::batch_semi_hard_triplet_bwd", mutates_args=())
-def _semi_hard_bwd_op(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
+def _semi_hard_bwd(grad: Tensor, x: Tensor, labels: Tensor, norm: Tensor, margin: float, metric: int) -> Tensor:
     return batch_semi_hard_bwd(grad, x, labels, norm, margin, metric)
 
 
@@ -764,10 +767,14 @@ def _streamed_autograd(bwd_op):
     return backward
 
 
-for _op, _bwd in ((_batch_all_op, _batch_all_bwd_op), (_semi_hard_op, _semi_hard_bwd_op)):
-    _op.register_fake(_streamed_fake)
-    _bwd.register_fake(_streamed_bwd_fake)
-    _op.register_autograd(_streamed_autograd(_bwd), setup_context=_streamed_setup_context)
+def _streamed_op(name: str, fwd, bwd):
+    bwd_op = custom_op(f"{name}_bwd", bwd, fake=_streamed_bwd_fake)
+    backward = _streamed_autograd(bwd_op)
+    return custom_op(name, fwd, fake=_streamed_fake, setup_context=_streamed_setup_context, backward=backward)
+
+
+_batch_all_op = _streamed_op("batch_all_triplet", _batch_all, _batch_all_bwd)
+_semi_hard_op = _streamed_op("batch_semi_hard_triplet", _semi_hard, _semi_hard_bwd)
 
 
 NATIVE_BATCH_ALL = "batch_all_triplet_fused"
@@ -792,15 +799,13 @@ def _native_fused(native_op: str, x: Tensor, labels: Tensor, margin: float, metr
     return fn(x.detach(), _labels(labels, x.shape[0]), margin, metric, need_grad)
 
 
-@torch.library.custom_op("fastloss::batch_all_triplet_fused", mutates_args=())
-def _batch_all_fused_op(
+def _batch_all_fused(
     x: Tensor, labels: Tensor, margin: float, metric: int, need_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _native_fused(NATIVE_BATCH_ALL, x, labels, margin, metric, need_grad)
 
 
-@torch.library.custom_op("fastloss::batch_semi_hard_triplet_fused", mutates_args=())
-def _semi_hard_fused_op(
+def _semi_hard_fused(
     x: Tensor, labels: Tensor, margin: float, metric: int, need_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _native_fused(NATIVE_SEMI_HARD, x, labels, margin, metric, need_grad)
@@ -827,9 +832,12 @@ def _fused_backward(ctx, grad_loss, _grad_norm, _grad_dx):
     return (grad_loss.to(dx.dtype) * dx).to(ctx.x_dtype), None, None, None, None
 
 
-for _op in (_batch_all_fused_op, _semi_hard_fused_op):
-    _op.register_fake(_fused_fake)
-    _op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+def _fused_op(name: str, fn):
+    return custom_op(name, fn, fake=_fused_fake, setup_context=_fused_setup_context, backward=_fused_backward)
+
+
+_batch_all_fused_op = _fused_op("batch_all_triplet_fused", _batch_all_fused)
+_semi_hard_fused_op = _fused_op("batch_semi_hard_triplet_fused", _semi_hard_fused)
 
 
 def batch_all_triplet(x: Tensor, labels: Tensor, margin: float, metric: int) -> Tensor:
