@@ -161,13 +161,13 @@ CASES = {
 
 def _graph(x: Tensor) -> set[str]:
     """The names of the autograd nodes x comes from."""
-    seen, todo = {}, [x.grad_fn]
+    seen, todo = {}, [x.grad_fn]  # seen holds the nodes: a freed node's id may come back for another
     while todo:
         node = todo.pop()
         if node is not None and id(node) not in seen:
-            seen[id(node)] = type(node).__name__
+            seen[id(node)] = node
             todo.extend(next_node for next_node, _ in node.next_functions)
-    return set(seen.values())
+    return {type(node).__name__ for node in seen.values()}
 
 
 @pytest.mark.parametrize("backend", ["default", "native", "triton", "blocked"])
