@@ -4,6 +4,8 @@ on a toy op (every rule) and on every loss's ops through the public functions.""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from _helpers import available_backends, leaf
@@ -130,6 +132,23 @@ def test_op_without_backward():
         out.sum().backward()
 
 
+def _gram(x: Tensor) -> Tensor:
+    return x @ x.t()
+
+
+GRAM = custom_op("_test_gram", _gram, fake=lambda x: x.new_empty((x.shape[0], x.shape[0])))
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_autocast_is_off_inside(path):
+    x = torch.randn(5, 7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Through() if path == "op" else nullcontext():
+        assert (x @ x.t()).dtype == torch.bfloat16  # what the op would give without its guard
+        got = GRAM(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x @ x.t(), rtol=0, atol=0)
+
+
 def test_custom_op_needs_backward_and_setup_together():
     with pytest.raises(ValueError, match="together"):
         custom_op("_test_bad", _toy, fake=_toy_fake, backward=_toy_backward)
@@ -151,11 +170,11 @@ CASES = {
         lambda q, p: mnrl_loss(q, p, 20.0, directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
         2,
     ),
-    "cosent": (lambda a, b: cosent_loss(a, b, torch.linspace(0, 1, a.shape[0]), 20.0), 2),
-    "angle": (lambda a, b: angle_loss(a, b, torch.linspace(0, 1, a.shape[0]), 20.0), 2),
-    "batch_hard": (lambda x: batch_hard_triplet_loss(x, LABELS, 0.5), 1),
-    "batch_all": (lambda x: batch_all_triplet_loss(x, LABELS, 0.5), 1),
-    "semi_hard": (lambda x: batch_semi_hard_triplet_loss(x, LABELS, 0.5), 1),
+    "cosent": (lambda a, b: cosent_loss(a, b, torch.linspace(0, 1, a.shape[0], device=a.device), 20.0), 2),
+    "angle": (lambda a, b: angle_loss(a, b, torch.linspace(0, 1, a.shape[0], device=a.device), 20.0), 2),
+    "batch_hard": (lambda x: batch_hard_triplet_loss(x, LABELS.to(x.device), 0.5), 1),
+    "batch_all": (lambda x: batch_all_triplet_loss(x, LABELS.to(x.device), 0.5), 1),
+    "semi_hard": (lambda x: batch_semi_hard_triplet_loss(x, LABELS.to(x.device), 0.5), 1),
 }
 
 
@@ -195,3 +214,31 @@ def test_losses_match_through_the_op(case, backend, monkeypatch):
     assert any(name.startswith("GeneratedBackwardFor_fastloss_") for name in _graph(raw_op[0]))
     for a, b in zip(out + grads, out_op + grads_op):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+AUTOCAST = [("cpu", torch.bfloat16), ("cpu", torch.float16), ("cuda", torch.bfloat16), ("cuda", torch.float16)]
+
+
+@pytest.mark.parametrize("device, dtype", AUTOCAST, ids=[f"{d}-{str(t)[6:]}" for d, t in AUTOCAST])
+@pytest.mark.parametrize("backend", ["default", "blocked"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_losses_ignore_autocast(case, backend, device, dtype, monkeypatch):
+    """Under the caller's autocast the fused losses compute as without it (ATen's matmuls in the C++ and torch-op
+    paths would otherwise run in half precision), values and gradients bit for bit."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; none here")
+    if backend == "blocked":
+        if not case.startswith(("mnrl", "gte")):
+            pytest.skip("the row-block op is MNRL's")
+        monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
+    fn, n_inputs = CASES[case]
+    inputs = [_x(9, 8).to(device) for _ in range(n_inputs)]
+
+    def loss(*xs):
+        return (fn(*xs),)
+
+    out, grads, _ = _run(loss, *inputs)
+    with torch.autocast(device, dtype=dtype):
+        out_ac, grads_ac, _ = _run(loss, *inputs)
+    for a, b in zip(out + grads, out_ac + grads_ac):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -5,11 +5,13 @@ with a fake and an autograd formula, but its Python wrapper costs ~0.2 ms a call
 MNRL at B = 256, D = 256 fp32, forward + backward, took 1.06 ms through the op, 0.85 ms through a
 torch.autograd.Function around the same C++ call, which alone takes 0.63 ms. :func:`custom_op` registers the op and
 returns an :class:`EagerOp` that runs eager calls on plain tensors as such a Function, with the op's own
-implementation, setup_context and backward; everything else goes through the op.
+implementation, setup_context and backward; everything else goes through the op. Both run the implementation with
+the caller's autocast off (:func:`_without_autocast`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -30,6 +32,23 @@ def _plain(args: tuple) -> bool:
             if isinstance(x, Tensor) and (type(x) not in _PLAIN or x.device.type == "meta"):
                 return False
     return True
+
+
+def _without_autocast(fn: Callable) -> Callable:
+    """fn with autocast off: an op computes in its inputs' dtype with fp32 accumulation whatever the caller's autocast
+    (under one, ATen's matmuls in the C++ and torch-op paths would run in bf16/fp16: the native MNRL's backward GEMMs,
+    the row-block op's, the triplet ops' on CUDA; the Triton kernels never do)."""
+
+    def run(*args):
+        devices = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+        if not devices:
+            return fn(*args)
+        with contextlib.ExitStack() as stack:
+            for device in devices:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args)
+
+    return run
 
 
 def _flatten(args: tuple) -> tuple[tuple, list]:
@@ -96,7 +115,9 @@ class EagerOp:
     otherwise (a backward op, called by another op's backward)."""
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context, backward, reads: int) -> None:
-        self.op = torch.library.custom_op(f"fastloss::{name}", mutates_args=())(fn)
+        schema = torch.library.infer_schema(fn, mutates_args=())
+        fn = _without_autocast(fn)
+        self.op = torch.library.custom_op(f"fastloss::{name}", fn, mutates_args=(), schema=schema)
         self.op.register_fake(fake)
         self._fn = fn
         self._function = None
