@@ -216,17 +216,19 @@ def test_losses_match_through_the_op(case, backend, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-AUTOCAST = [("cpu", torch.bfloat16), ("cpu", torch.float16), ("cuda", torch.bfloat16), ("cuda", torch.float16)]
+AUTOCAST = [
+    pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}", marks=[pytest.mark.gpu] if device == "cuda" else [])
+    for device in ("cpu", "cuda")
+    for dtype in (torch.bfloat16, torch.float16)
+]
 
 
-@pytest.mark.parametrize("device, dtype", AUTOCAST, ids=[f"{d}-{str(t)[6:]}" for d, t in AUTOCAST])
+@pytest.mark.parametrize("device, dtype", AUTOCAST)
 @pytest.mark.parametrize("backend", ["default", "blocked"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_losses_ignore_autocast(case, backend, device, dtype, monkeypatch):
     """Under the caller's autocast the fused losses compute as without it (ATen's matmuls in the C++ and torch-op
     paths would otherwise run in half precision), values and gradients bit for bit."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device; none here")
     if backend == "blocked":
         if not case.startswith(("mnrl", "gte")):
             pytest.skip("the row-block op is MNRL's")
