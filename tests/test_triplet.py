@@ -673,6 +673,18 @@ def test_native_mining_equals_blocked(metric, batch, labels, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("batch", [700, 1025])
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
+def test_native_mining_in_runs_of_rows_equals_blocked(metric, batch):
+    """Rows of ~64k distances per run (one sqrt per run for euclidean): several runs per thread's rows, the last one
+    partial (B = 700: runs of 93 rows; 1025: 63)."""
+    y = _native_labels("classes", batch, seed=batch)
+    x = _x(batch, 19, seed=batch)
+    code = NATIVE_METRICS[metric]
+    _assert_same_mining(ops._batch_hard_fwd_native(x, y, code), ops._batch_hard_fwd_blocked(x, y, code))
+
+
+@needs_native
 @pytest.mark.parametrize("batch", [7, 37, 130])
 @pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
 def test_native_mining_ties_equal_blocked(metric, batch):
