@@ -77,22 +77,22 @@ def _unflatten(layout: tuple, flat: tuple) -> list:
     return args
 
 
-def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: Callable, read: int) -> type:
+def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: Callable, reads: int) -> type:
     def forward(ctx, layout, *flat):
         # the op's autograd (materialised grads) gives the formula zeros for every output autograd has no gradient
-        # for: here only for the first ``read``, the ones it reads (the others are the outputs it saves, e.g. MNRL's
+        # for: here only for the first ``reads``, the ones it reads (the others are the outputs it saves, e.g. MNRL's
         # gradients [B, D], whose zero fill per backward would be wasted)
         ctx.set_materialize_grads(False)
         ctx.layout = layout
         args = _unflatten(layout, flat)
         output = fn(*args)
         setup_context(ctx, tuple(args), output)
-        ctx.read = [(x.shape, x.dtype, x.device) for x in output[:read]]
+        ctx.reads = [(x.shape, x.dtype, x.device) for x in output[:reads]]
         return output
 
     def backward_flat(ctx, *grads):
         grads = list(grads)
-        for i, (shape, dtype, device) in enumerate(ctx.read):
+        for i, (shape, dtype, device) in enumerate(ctx.reads):
             if grads[i] is None:
                 grads[i] = torch.zeros(shape, dtype=dtype, device=device)
         grads_in = backward(ctx, *grads)
@@ -111,8 +111,8 @@ def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: 
 
 class EagerOp:
     """A ``fastloss::<name>`` op (``.op``, for torch.library.opcheck and torch.ops) whose eager calls on plain tensors
-    skip the op's wrapper: an autograd.Function when it has a backward, the implementation itself under no_grad
-    otherwise (a backward op, called by another op's backward)."""
+    skip the op's wrapper: an autograd.Function when it has a backward, otherwise (a backward op, called by another
+    op's backward) the implementation itself while grad mode is off."""
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context, backward, reads: int) -> None:
         schema = torch.library.infer_schema(fn, mutates_args=())

@@ -573,10 +573,7 @@ def _mine_setup_context(ctx, inputs, output):
 
 
 def _mine_backward(ctx, grad_hp, grad_hn, _grad_idx, _grad_d):
-    x, sel_idx, sel_d = ctx.saved_tensors
-    zeros = x.new_zeros((x.shape[0],), dtype=_backend.accumulation_dtype(x))
-    grad_hp = zeros if grad_hp is None else grad_hp
-    grad_hn = zeros if grad_hn is None else grad_hn
+    x, sel_idx, sel_d = ctx.saved_tensors  # grad_hp and grad_hn are tensors on both paths (zeros where undefined)
     return _mine_bwd_op(grad_hp, grad_hn, x, sel_idx, sel_d, ctx.metric), None, None
 
 
