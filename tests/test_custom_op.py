@@ -228,7 +228,10 @@ AUTOCAST = [
 @pytest.mark.parametrize("case", list(CASES))
 def test_losses_ignore_autocast(case, backend, device, dtype, monkeypatch):
     """Under the caller's autocast the fused losses compute as without it (ATen's matmuls in the C++ and torch-op
-    paths would otherwise run in half precision), values and gradients bit for bit."""
+    paths would otherwise run in half precision), values and gradients bit for bit. Except batch-hard's gradient on
+    CUDA, whose default backward (torch ops; fastloss._C's gathering kernel only with FASTLOSS_CUDA_KERNELS=1)
+    scatters with index_add_: its atomic adds make two runs of one call differ in the last bits (seen on an H200:
+    3e-8 absolute, 1.6e-6 relative), far below the ~1e-3 of a half-precision product."""
     if backend == "blocked":
         if not case.startswith(("mnrl", "gte")):
             pytest.skip("the row-block op is MNRL's")
@@ -243,4 +246,5 @@ def test_losses_ignore_autocast(case, backend, device, dtype, monkeypatch):
     with torch.autocast(device, dtype=dtype):
         out_ac, grads_ac, _ = _run(loss, *inputs)
     for a, b in zip(out + grads, out_ac + grads_ac):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        loose = case == "batch_hard" and device == "cuda" and a is not out[0]
+        torch.testing.assert_close(a, b, rtol=1e-5 if loose else 0, atol=1e-7 if loose else 0)
