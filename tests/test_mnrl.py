@@ -794,7 +794,10 @@ class TestCUDA:
         bound = 1e-4 if dtype == torch.float32 else LOW_PRECISION_TOL
         assert rel_err(loss, ref_loss) < bound
         for g, ref in zip(grads, ref_grads):
-            assert g.dtype == dtype and rel_err(g, ref) < 4 * bound
+            # plus the error of storing the exact gradient in the dtype: at B = 300..1000 its entries are ~3e-7, fp16
+            # subnormals a few bits wide (seen on an H200: 5% and 9% off the fp32 gradient; its rounding alone: 4-6%)
+            stored = rel_err(ref.to(dtype), ref)
+            assert g.dtype == dtype and rel_err(g, ref) < 4 * bound + 2 * stored, (rel_err(g, ref), stored)
 
     def test_fp64_runs_the_row_block_op_in_fp64(self):
         """fp64 CUDA tensors, which the flash kernels do not take, give sentence-transformers' fp64 results."""
