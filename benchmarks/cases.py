@@ -24,6 +24,7 @@ from torch import Tensor
 IMPLS = (
     "fastloss",
     "fastloss_blocked",
+    "fastloss_flash",
     "sentence_transformers",
     "torch_compile",
     "gemm_floor",
@@ -199,7 +200,8 @@ MNRL_VARIANTS = {
 
 def _mnrl_fastloss(variant: str, algorithm: str = "auto") -> Builder:
     """fastloss's MNRL as dispatched under FASTLOSS_MNRL_ALGO=``algorithm`` (``blocked``: the row-block torch op on
-    every device, which CUDA tensors take only when asked)."""
+    every device; ``flash``: the flash kernels wherever Triton runs, which ``auto`` leaves for one-direction bf16/fp16
+    CUDA tensors, fastloss.functional.mnrl.prefers_row_blocks)."""
 
     def build(p: Problem) -> Impl:
         mnrl_loss = _import("fastloss.functional.mnrl", "mnrl_loss")
@@ -309,6 +311,7 @@ MNRL = OpSpec(
     {
         "fastloss": _mnrl_fastloss("mnrl"),
         "fastloss_blocked": _mnrl_fastloss("mnrl", "blocked"),
+        "fastloss_flash": _mnrl_fastloss("mnrl", "flash"),
         "sentence_transformers": _mnrl_st("mnrl"),
         "torch_compile": _mnrl_compile("mnrl"),
         "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
@@ -325,6 +328,7 @@ MNSRL = OpSpec(
     {
         "fastloss": _mnrl_fastloss("mnsrl"),
         "fastloss_blocked": _mnrl_fastloss("mnsrl", "blocked"),
+        "fastloss_flash": _mnrl_fastloss("mnsrl", "flash"),
         "sentence_transformers": _mnrl_st("mnsrl"),
         "torch_compile": _mnrl_compile("mnsrl"),
         "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
@@ -358,6 +362,7 @@ GTE = OpSpec(
     {
         "fastloss": _mnrl_fastloss("gte"),
         "fastloss_blocked": _mnrl_fastloss("gte", "blocked"),
+        "fastloss_flash": _mnrl_fastloss("gte", "flash"),
         "sentence_transformers": _mnrl_st("gte"),
         "torch_compile": _mnrl_compile("gte"),
         # Q D^T (query_to_doc and doc_to_query), the Gram matrices Q Q^T and P P^T (one backward product each) and

@@ -11,6 +11,8 @@ ORDER = {name: i for i, name in enumerate(IMPLS)}
 # the issue's GPU target shape (MNRL one direction, set for an H100), its least effective TFLOP/s (8 B N D FLOP) and
 # most time as a multiple of the GEMM floor's
 GPU_TARGET_SHAPE, GPU_MIN_TFLOPS, GPU_MAX_FLOOR_RATIO = (32768, 65536, 1024, "bf16"), 400.0, 1.5
+# fastloss's MNRL impls: the default dispatch, and the row-block and flash algorithms forced (FASTLOSS_MNRL_ALGO)
+FASTLOSS_MNRL = ("fastloss", "fastloss_blocked", "fastloss_flash")
 TARGETS = (
     # (label, device type, op, B, N, D, dtype, min speedup over sentence-transformers, max share of its extra memory)
     (
@@ -147,7 +149,7 @@ def targets_report(records: list[dict]) -> list[str]:
             text = f"{name} {r['ms']:.2f} ms = {tflops:.0f} TFLOP/s"
             if floor and name != "gemm_floor":
                 text += f" ({r['ms'] / floor:.2f}x the floor)"
-            if name in ("fastloss", "fastloss_blocked") and (b, n, d, dtype) == GPU_TARGET_SHAPE:
+            if name in FASTLOSS_MNRL and (b, n, d, dtype) == GPU_TARGET_SHAPE:
                 if tflops < GPU_MIN_TFLOPS or (floor and r["ms"] / floor > GPU_MAX_FLOOR_RATIO):
                     verdict = "NOT met"
                 else:
@@ -168,24 +170,29 @@ def targets_report(records: list[dict]) -> list[str]:
             and r["dtype"] == dtype
             and r.get("group") != "max_batch"
         }
-        fl, st = found.get("fastloss"), found.get("sentence_transformers")
-        if not (fl and st and fl.get("ms") and st.get("ms")):
-            continue
-        speed = st["ms"] / fl["ms"]
-        line = f"{label}: fastloss [{fl.get('backend')}] {fl['ms']:.1f} ms vs sentence-transformers {st['ms']:.1f} ms"
-        line += f" = {speed:.2f}x (target >= {min_speed}x: {'met' if speed >= min_speed else 'NOT met'})"
-        if fl.get("peak_mib") is not None and st.get("peak_mib"):
-            share = fl["peak_mib"] / st["peak_mib"]
-            line += (
-                f"; extra memory {fl['peak_mib']:.1f} MiB = {share:.1%} of its {st['peak_mib']:.1f} MiB "
-                f"(target <= {max_mem:.0%}: {'met' if share <= max_mem else 'NOT met'})"
-            )
-            grads = fl.get("grad_mib")
-            if grads is not None and st["peak_mib"] > grads:  # the same inputs, so the same gradients, in both
-                work = max(0.0, fl["peak_mib"] - grads) / (st["peak_mib"] - grads)
-                line += f"; beyond the inputs' gradients ({grads:.1f} MiB, which both allocate) {work:.1%}"
-        out.append(line)
+        st = found.get("sentence_transformers")
+        for name in FASTLOSS_MNRL if dev == "cuda" else ("fastloss",):  # CPU: the forced algorithms are not targets
+            fl = found.get(name)
+            if fl and st and fl.get("ms") and st.get("ms"):
+                out.append(_target_line(label, name, fl, st, min_speed, max_mem))
     return out
+
+
+def _target_line(label: str, name: str, fl: dict, st: dict, min_speed: float, max_mem: float) -> str:
+    speed = st["ms"] / fl["ms"]
+    line = f"{label}: {name} [{fl.get('backend')}] {fl['ms']:.1f} ms vs sentence-transformers {st['ms']:.1f} ms"
+    line += f" = {speed:.2f}x (target >= {min_speed}x: {'met' if speed >= min_speed else 'NOT met'})"
+    if fl.get("peak_mib") is not None and st.get("peak_mib"):
+        share = fl["peak_mib"] / st["peak_mib"]
+        line += (
+            f"; extra memory {fl['peak_mib']:.1f} MiB = {share:.1%} of its {st['peak_mib']:.1f} MiB "
+            f"(target <= {max_mem:.0%}: {'met' if share <= max_mem else 'NOT met'})"
+        )
+        grads = fl.get("grad_mib")
+        if grads is not None and st["peak_mib"] > grads:  # the same inputs, so the same gradients, in both
+            work = max(0.0, fl["peak_mib"] - grads) / (st["peak_mib"] - grads)
+            line += f"; beyond the inputs' gradients ({grads:.1f} MiB, which both allocate) {work:.1%}"
+    return line
 
 
 def _plot_groups(records: list[dict]) -> dict[str, list[dict]]:

@@ -13,6 +13,7 @@ GPU_MNRL_IMPLS = (
     "sentence_transformers",
     "fastloss",
     "fastloss_blocked",
+    "fastloss_flash",
     "torch_compile",
     "gemm_floor",
     "inf_cl",
@@ -80,7 +81,8 @@ def gpu_default(compile_cases: bool = True) -> list[Case]:
     cases += _sweep("mnrl", (4096, 8192), 768, "fp16", eager, ratio=2, group="dtype")
     mnsrl_impls = tuple(i for i in impls if i not in ("inf_cl", "cce_exact"))
     cases += _sweep("mnsrl", (1024, 4096, 16384), 768, "bf16", mnsrl_impls)
-    cases.append(Case("gte", 4096, 4096, 768, "bf16", ("sentence_transformers", "fastloss", "gemm_floor")))
+    gte_impls = ("sentence_transformers", "fastloss", "fastloss_blocked", "gemm_floor")
+    cases.append(Case("gte", 4096, 4096, 768, "bf16", gte_impls))
     cases += _other_ops((1024, 4096, 16384), (256, 512, 1024), 768, "bf16", 4096 if compile_cases else None)
     # the batch-hard backward alone: the torch-ops path (default) against the opt-in CUDA kernel
     cases += _sweep("batch_hard_triplet_bwd", (1024, 4096, 16384), 768, "bf16", ("bwd_torch", "bwd_cuda"))

@@ -20,6 +20,7 @@ PARAMS = [
     for op, spec in OPS.items()
     for impl in spec.impls
     if impl in ("fastloss", "fastloss_blocked", ORACLE, "gemm_floor", "inf_cl", "cce_exact")
+    or (impl == "fastloss_flash" and DEVICE.type == "cuda")  # elsewhere the same path as fastloss
 ]
 
 
@@ -113,6 +114,11 @@ def test_target_lines_judge_the_gpu_targets():
     assert "beyond the inputs' gradients (192.0 MiB, which both allocate) 1.6%" in lines
     records[0]["ms"] = flops / 300e12 * 1e3  # 300 TFLOP/s, 2x the floor
     assert "the floor: NOT met]" in "\n".join(report.targets_report(records))
+    # each of fastloss's MNRL algorithms measured at the target gets its verdicts
+    records.append({**base, "impl": "fastloss_flash", "backend": "triton", "ms": flops / 100e12 * 1e3, "peak_mib": 200})
+    lines = [line for line in report.targets_report(records) if line.startswith("GPU target")]
+    assert any("fastloss_flash [triton]" in line and "= 1.00x" in line for line in lines)
+    assert len(lines) == 2
 
 
 @pytest.mark.parametrize(

@@ -97,15 +97,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return value if dtype == torch.float32 and not triton_interpret() else "ieee"
 
 
-MNRL_ALGORITHMS = ("auto", "blocked")
+MNRL_ALGORITHMS = ("auto", "flash", "blocked")
 
 
 def mnrl_algorithm() -> str:
-    """``FASTLOSS_MNRL_ALGO``: which algorithm the fused MNRL losses run. ``auto`` (default): the flash kernels where
-    Triton runs (fastloss.ops.mnrl: online logsumexp, a backward that recomputes) and the row-block algorithm on CPU
-    tensors (fastloss._C, or the torch op where the extension is not built). ``blocked``: the row-block op in torch
-    ops on every device (fastloss.ops.mnrl_blocked: the gradient inside the forward, cuBLAS GEMMs on CUDA, a block
-    of logits of FASTLOSS_MNRL_BLOCK_MIB); FASTLOSS_BACKEND=torch still means the reference. A bad value raises."""
+    """``FASTLOSS_MNRL_ALGO``: which algorithm the fused MNRL losses run. ``auto`` (default): on CUDA the row-block
+    op for one-direction MNRL (query_to_doc alone) in bf16/fp16, where an H200 measured it faster, and the flash
+    kernels otherwise (fastloss.functional.mnrl.prefers_row_blocks); the row-block algorithm on CPU tensors
+    (fastloss._C, or the torch op where the extension is not built). ``flash``: the flash kernels wherever Triton
+    runs (fastloss.ops.mnrl: online logsumexp, a backward that recomputes; the least memory). ``blocked``: the
+    row-block op in torch ops on every device (fastloss.ops.mnrl_blocked: the gradient inside the forward, cuBLAS
+    GEMMs on CUDA, a block of logits of FASTLOSS_MNRL_BLOCK_MIB). FASTLOSS_BACKEND=torch still means the reference.
+    A bad value raises."""
     value = os.environ.get("FASTLOSS_MNRL_ALGO", "").strip().lower() or "auto"
     if value not in MNRL_ALGORITHMS:
         raise ValueError(f"FASTLOSS_MNRL_ALGO must be one of {MNRL_ALGORITHMS}, got {value!r}")

@@ -156,6 +156,36 @@ def test_which_backend_runs(monkeypatch):
     assert mnrl_backend(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) == "blocked"
 
 
+def test_auto_takes_row_blocks_where_an_h200_measured_them_faster(monkeypatch):
+    """On CUDA, FASTLOSS_MNRL_ALGO=auto runs one-direction MNRL in bf16/fp16 in row blocks (cuBLAS) and every other
+    direction set and fp32 in the flash kernels; ``flash`` keeps the flash kernels, ``blocked`` takes row blocks;
+    CPU tensors are not affected."""
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    monkeypatch.delenv("FASTLOSS_MNRL_ALGO", raising=False)
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+
+    def on(dtype, device="cuda"):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)  # only the device and dtype are read
+
+    one, symmetric = ("query_to_doc",), ("query_to_doc", "doc_to_query")
+    gte = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+    for dtype in (torch.bfloat16, torch.float16):
+        assert mnrl_backend(on(dtype), one) == "blocked"
+        assert mnrl_backend(on(dtype)) == "blocked"  # query_to_doc is the default direction
+        assert mnrl_backend(on(dtype), ["query_to_doc", "query_to_doc"]) == "blocked"
+        assert mnrl_backend(on(dtype), symmetric) == mnrl_backend(on(dtype), gte) == "triton"
+        assert mnrl_backend(on(dtype), ("query_to_query",)) == "triton"
+    assert mnrl_backend(on(torch.float32), one) == "triton"
+    monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "flash")
+    assert mnrl_backend(on(torch.bfloat16), one) == "triton"
+    assert mnrl_backend(on(torch.float64), one) == "blocked"  # the flash kernels do not take fp64
+    monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
+    assert mnrl_backend(on(torch.float32), gte) == "blocked"
+    monkeypatch.delenv("FASTLOSS_MNRL_ALGO")
+    cpu = torch.zeros(2, 3, dtype=torch.bfloat16)
+    assert mnrl_backend(cpu, one) == _backend.select(cpu, "mnrl_fused", cpu_impl="blocked")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("p", CONFIGS)
 @pytest.mark.parametrize("rows", [None, 3], ids=["one-block", "blocks-of-3"])

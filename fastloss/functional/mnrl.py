@@ -55,16 +55,36 @@ def _similarity_kind(similarity: Similarity) -> tuple[str | None, Callable[[Tens
     return kernel_kind(similarity), similarity
 
 
-def mnrl_backend(queries: Tensor) -> str:
-    """Where the fused MNRL runs for ``queries``' device and dtype: ``triton`` (the flash kernels), ``native``
-    (fastloss._C), ``blocked`` (the row-block op: FASTLOSS_MNRL_ALGO=blocked, CPU tensors without fastloss._C, CUDA
-    tensors without Triton, and fp64 tensors where the flash kernels would run: they take fp32 and the half dtypes,
-    the row-block op computes fp64 in fp64) or ``torch`` (see fastloss._backend)."""
+def prefers_row_blocks(queries: Tensor, directions: Sequence[str]) -> bool:
+    """Whether FASTLOSS_MNRL_ALGO=auto runs the row-block op where the flash kernels would run: CUDA tensors in
+    bf16/fp16 and query_to_doc alone. Measured on an H200 (benchmarks/results/cuda-nvidia-h200.json, 2026-11-29,
+    fwd+bwd bf16): with one hard negative (N = 2B, D = 768) the row-block op's cuBLAS GEMMs took 3.9 / 3.9 / 4.1 /
+    5.8 / 16.9 ms at B = 1024 / 2048 / 4096 / 8192 / 16384 against the flash kernels' 4.9 / 3.9 / 5.0 / 10.7 / 32.4,
+    and 39.8 against 189.5 ms at the GPU target (B = 32768, N = 65536, D = 1024), for 1.7 GiB of loss-stage memory
+    against 0.13 (FASTLOSS_MNRL_ALGO=flash keeps the least memory). With doc_to_query as well (the symmetric loss,
+    B = 1024 .. 16384) the flash kernels were 1.8-5.4x faster, so every other direction set stays with them; fp16 was
+    not timed (the same tensor-core rate as bf16), fp32 neither (its dots are not tensor-core ones in either path),
+    so fp32 stays with the flash kernels too."""
+    return (
+        queries.device.type == "cuda"
+        and queries.dtype in (torch.bfloat16, torch.float16)
+        and set(directions) == {"query_to_doc"}
+    )
+
+
+def mnrl_backend(queries: Tensor, directions: Sequence[str] = ("query_to_doc",)) -> str:
+    """Where the fused MNRL runs for ``queries``' device and dtype and the selected ``directions``: ``triton`` (the
+    flash kernels), ``native`` (fastloss._C), ``blocked`` (the row-block op: FASTLOSS_MNRL_ALGO=blocked, CUDA
+    tensors where prefers_row_blocks under ``auto``, CPU tensors without fastloss._C, CUDA tensors without Triton,
+    and fp64 tensors where the flash kernels would run: they take fp32 and the half dtypes, the row-block op computes
+    fp64 in fp64) or ``torch`` (see fastloss._backend)."""
     algorithm = _backend.mnrl_algorithm()
     if queries.device.type == "cuda" and _backend.forced_backend() is None and not _backend.triton_available():
         return "blocked"  # cuBLAS and torch ops: O(B*D + block), not the reference's B x N
     backend = _backend.select(queries, "mnrl_fused", cpu_impl="blocked")
     if backend == "triton" and queries.dtype == torch.float64:
+        return "blocked"
+    if backend == "triton" and algorithm == "auto" and prefers_row_blocks(queries, directions):
         return "blocked"
     return "blocked" if algorithm == "blocked" and backend in ("triton", "native") else backend
 
@@ -110,7 +130,7 @@ def mnrl_loss(
         docs = [distributed.all_gather_with_grad(column) for column in docs]
         offset = distributed.get_rank() * batch if distributed.is_initialized() else 0
 
-    backend = mnrl_backend(queries)
+    backend = mnrl_backend(queries, directions)
     if kind is None and backend != "torch":
         _backend.warn_once(
             f"fastloss: similarity_fct {getattr(similarity_fct, '__name__', similarity_fct)!r} has no fused kernel; "
