@@ -693,6 +693,9 @@ def test_flash_window_rows_setting(monkeypatch):
     monkeypatch.delenv("FASTLOSS_FLASH_WINDOW_ROWS", raising=False)
     assert mnrl_module.window_rows(x) == 16384  # 64 MiB of fp32 rows, at least WINDOW_ROWS_MIN
     assert mnrl_module.window_rows(torch.empty(10, 64)) == 262144
+    # on an H200 (132 SMs) at D = 1024: one 128-row program per SM (16896 rows, 66 MiB), above the 64 MiB rows
+    assert mnrl_module.default_window_rows(1024, 132) == 128 * 132
+    assert mnrl_module.default_window_rows(768, 132) == 64 * 2**20 // (4 * 768) // 128 * 128
     monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", "0")
     assert mnrl_module.window_rows(x) == 100_000
     monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", "-3")

@@ -421,11 +421,13 @@ def mnrl_fwd(
 # The flash backward holds the fp32 gradients of a window of rows at a time (one buffer for q's and d's windows): at
 # the GPU target (32768 queries, 65536 docs, D = 1024) whole fp32 dq_hat and dd_hat would take 384 MiB, against the 1%
 # target of sentence-transformers' 33 GiB there (projected: python -m benchmarks.projection). A window holds about
-# WINDOW_BYTES, but on CUDA at least WINDOW_ROWS_PER_SM rows per SM: two 128-row programs for every SM (the wide tiles
-# run about two per SM), since each program loops over every candidate and a grid smaller than what the GPU runs at
-# once leaves SMs idle for the whole launch. Elsewhere (the Triton interpreter) WINDOW_ROWS_MIN.
+# WINDOW_BYTES, but on CUDA at least WINDOW_ROWS_PER_SM rows per SM: one 128-row program for every SM, since each
+# program loops over every candidate and a grid smaller than the GPU leaves SMs idle for the whole launch. Two per SM
+# (256 rows, the wide tiles' occupancy) bought nothing on an H200 at the GPU target (fwd+bwd 189.5 ms with 256,
+# 187.7 with 128; loss-stage memory 129.6 -> 67.6 MiB; 2026-11-29, scripts/gpu_check.sh). Elsewhere (the Triton
+# interpreter) WINDOW_ROWS_MIN.
 WINDOW_BYTES = 64 * 2**20
-WINDOW_ROWS_PER_SM = 256
+WINDOW_ROWS_PER_SM = 128
 WINDOW_ROWS_MIN = 16384
 
 
