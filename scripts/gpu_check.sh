@@ -6,9 +6,9 @@
 #
 # Order, chosen for a device lease that may end early: fastloss installed without its extension (seconds: the GPU
 # losses are Triton kernels and need none), the extension's CPU+CUDA build started in the background, the target MNRL
-# case (and MNRL's target once more with whole fp32 gradients in the flash backward), the Triton GPU tests
+# case (and MNRL's target once more with a larger row block; MNSRL and GTE without merged tiles), the Triton GPU tests
 # (pytest-xdist workers when it is installed: they are compile-bound), then, once the build is done, the tests of the
-# hand-written CUDA kernels, whether MNRL at B=1M fits (the issue's largest-batch target), the rest of the sweep, a
+# hand-written CUDA kernels (xdist too: the first run's 90 s took 10 of them one at a time), whether MNRL at B=1M fits (the issue's largest-batch target), the rest of the sweep, a
 # minute of scripts/compare_backends.py on CUDA tensors and fp32 MNRL with tf32x3 dots. Every step's time goes into
 # summary.txt.
 #
@@ -50,7 +50,8 @@ note "machine: $({
 # pytest-xdist where installed (the GPU image has it): the tests spend their time compiling kernels, on the CPU
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n "${GPU_CHECK_WORKERS:-8}")
-pytest_=(python3 -m pytest -q -p no:cacheprovider)
+# -rfE and SIGINT at the time limit (timeout -s INT): pytest then still prints the failures' names and reasons so far
+pytest_=(python3 -m pytest -q -p no:cacheprovider -rfE)
 
 if [ "$dry" = 1 ]; then
   where=(--cpu --quick)
@@ -72,21 +73,20 @@ rest=$(($(left) - 20))
 timeout "$rest" "${bench[@]}" --groups target --no-max-batch --time-limit "$((rest - 60))" >>"$OUT/bench.log" 2>&1
 note "bench --groups target: rc=$?"
 
-# the target MNRL case again with half the default window of the flash backward (128 rows per SM instead of 256:
-# one 128-row program per SM per launch): whether the default's floor buys speed for its 62 MiB more (at the target
-# a column of 32768 rows is one default window, so whole tensors, FASTLOSS_FLASH_WINDOW_ROWS=0, run the same); a
-# folder of its own, variants/ (the device tool returns 8 files at most), shared with the next step's other ops
+# the target MNRL case again with the row-block op's logits block at 4096 MiB instead of 1024 (on the H200 at
+# 30fe787: 39.8 ms with 1024, 100.6 ms with 256): whether a larger block closes more of the gap to the GEMM floor
+# (19.6 ms), for its 3 GiB more; a folder of its own, variants/ (the device tool returns 8 files at most), shared with
+# the next step's other ops
 t=$(cap 60)
 if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
-  half=$(python3 -c 'import torch; print(128 * torch.cuda.get_device_properties(0).multi_processor_count)' 2>/dev/null)
-  FASTLOSS_FLASH_WINDOW_ROWS=${half:-16896} timeout "$t" "${bench[@]}" --ops mnrl --impls fastloss --groups target \
+  FASTLOSS_MNRL_BLOCK_MIB=4096 timeout "$t" "${bench[@]}" --ops mnrl --impls fastloss_blocked --groups target \
     --modes fwd+bwd --no-max-batch --out "$OUT/variants" >>"$OUT/bench.log" 2>&1
-  note "bench mnrl target FASTLOSS_FLASH_WINDOW_ROWS=${half:-16896}: rc=$?"
+  note "bench mnrl target FASTLOSS_MNRL_BLOCK_MIB=4096: rc=$?"
 fi
 
 # the symmetric loss and GTE without merged tiles (FASTLOSS_FLASH_MERGE=0: doc_to_query in launches of its own,
 # query_to_query and doc_to_doc without Gram blocks), against the merged default that the sweep below records: what the
-# merges buy; into variants/ beside the half window's mnrl record (the ops tell them apart)
+# merges buy; into variants/ beside the larger block's mnrl record (the ops tell them apart)
 t=$(cap 60)
 if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
   FASTLOSS_FLASH_MERGE=0 timeout "$t" "${bench[@]}" --ops mnsrl,gte --impls fastloss --groups batch --modes fwd+bwd \
@@ -100,16 +100,18 @@ ignore=()
 for f in "${native_tests[@]}"; do ignore+=(--ignore "$f"); done
 select=(-m gpu "${ignore[@]}" tests)
 [ "$dry" = 1 ] && select=(-k "test_cli_saves" benchmarks)
-timeout "$(cap "${GPU_CHECK_TESTS_S:-150}")" "${pytest_[@]}" "${xdist[@]}" "${select[@]}" >"$OUT/tests.log" 2>&1
+timeout -s INT -k 15 "$(cap "${GPU_CHECK_TESTS_S:-150}")" "${pytest_[@]}" "${xdist[@]}" "${select[@]}" \
+  >"$OUT/tests.log" 2>&1
 note "tests, Triton (${xdist[*]} ${select[*]}): rc=$? $(tail -1 "$OUT/tests.log")"
 
 wait "$build_pid"
 note "extension build: rc=$(cat "$build_rc" 2>/dev/null || echo '?') $(python3 -c \
   "import fastloss._C as c; print(c.build_info())" 2>&1 | tail -1)"
 select=(-k "gpu or test_cuda_build_requested" "${native_tests[@]}")  # -k matches marker names too
-FASTLOSS_EXPECT_CUDA_BUILD=$((1 - dry)) timeout "$(cap 90)" "${pytest_[@]}" "${select[@]}" >>"$OUT/tests.log" 2>&1
+FASTLOSS_EXPECT_CUDA_BUILD=$((1 - dry)) timeout -s INT -k 15 "$(cap 90)" "${pytest_[@]}" "${xdist[@]}" "${select[@]}" \
+  >>"$OUT/tests.log" 2>&1
 note "tests, CUDA extension (${select[*]}): rc=$? $(tail -1 "$OUT/tests.log")"
-timeout "$(cap 60)" "${pytest_[@]}" benchmarks/test_benchmarks.py >>"$OUT/tests.log" 2>&1
+timeout -s INT -k 15 "$(cap 60)" "${pytest_[@]}" benchmarks/test_benchmarks.py >>"$OUT/tests.log" 2>&1
 note "tests (benchmarks/test_benchmarks.py): rc=$? $(tail -1 "$OUT/tests.log")"
 
 # the issue's largest-batch target asked in one call (MNRL pairs at B = N = 1M, D=1024 bf16: 8BND ~ 9e18 FLOP, about
