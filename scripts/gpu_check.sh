@@ -50,7 +50,9 @@ note "machine: $({
 # pytest-xdist where installed (the GPU image has it): the tests spend their time compiling kernels, on the CPU
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n "${GPU_CHECK_WORKERS:-8}")
-# -rfE and SIGINT at the time limit (timeout -s INT): pytest then still prints the failures' names and reasons so far
+# -rfE and SIGINT at the time limit (timeout -s INT): pytest then still prints the failures' names and reasons so far.
+# The tests run with FASTLOSS_AUTOTUNE=first (one tile per kernel and key, nothing timed): the first H200 run spent its
+# 150 s of Triton tests compiling and timing every tile of every new key and finished 108 of 180
 pytest_=(python3 -m pytest -q -p no:cacheprovider -rfE)
 
 if [ "$dry" = 1 ]; then
@@ -100,16 +102,16 @@ ignore=()
 for f in "${native_tests[@]}"; do ignore+=(--ignore "$f"); done
 select=(-m gpu "${ignore[@]}" tests)
 [ "$dry" = 1 ] && select=(-k "test_cli_saves" benchmarks)
-timeout -s INT -k 15 "$(cap "${GPU_CHECK_TESTS_S:-150}")" "${pytest_[@]}" "${xdist[@]}" "${select[@]}" \
-  >"$OUT/tests.log" 2>&1
+FASTLOSS_AUTOTUNE=first timeout -s INT -k 15 "$(cap "${GPU_CHECK_TESTS_S:-150}")" "${pytest_[@]}" "${xdist[@]}" \
+  "${select[@]}" >"$OUT/tests.log" 2>&1
 note "tests, Triton (${xdist[*]} ${select[*]}): rc=$? $(tail -1 "$OUT/tests.log")"
 
 wait "$build_pid"
 note "extension build: rc=$(cat "$build_rc" 2>/dev/null || echo '?') $(python3 -c \
   "import fastloss._C as c; print(c.build_info())" 2>&1 | tail -1)"
 select=(-k "gpu or test_cuda_build_requested" "${native_tests[@]}")  # -k matches marker names too
-FASTLOSS_EXPECT_CUDA_BUILD=$((1 - dry)) timeout -s INT -k 15 "$(cap 90)" "${pytest_[@]}" "${xdist[@]}" "${select[@]}" \
-  >>"$OUT/tests.log" 2>&1
+FASTLOSS_AUTOTUNE=first FASTLOSS_EXPECT_CUDA_BUILD=$((1 - dry)) timeout -s INT -k 15 "$(cap 90)" "${pytest_[@]}" \
+  "${xdist[@]}" "${select[@]}" >>"$OUT/tests.log" 2>&1
 note "tests, CUDA extension (${select[*]}): rc=$? $(tail -1 "$OUT/tests.log")"
 timeout -s INT -k 15 "$(cap 60)" "${pytest_[@]}" benchmarks/test_benchmarks.py >>"$OUT/tests.log" 2>&1
 note "tests (benchmarks/test_benchmarks.py): rc=$? $(tail -1 "$OUT/tests.log")"

@@ -36,7 +36,7 @@ fi
 
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n "${GPU_FOLLOWUP_WORKERS:-16}")
-timeout -s INT -k 15 "$(cap 100)" python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 "${xdist[@]}" \
+FASTLOSS_AUTOTUNE=first timeout -s INT -k 15 "$(cap 100)" python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 "${xdist[@]}" \
   "${tests[@]}" >"$OUT/tests.log" 2>&1
 note "tests (${xdist[*]} ${tests[*]}): rc=$? $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"
 

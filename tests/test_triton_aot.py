@@ -74,6 +74,28 @@ def test_fp32_only_tiles_are_pruned_for_half_dtypes():
         assert prune(configs, {name: torch.empty(1, dtype=torch.float32), **extra}) == fp32
 
 
+def test_autotune_first_keeps_the_first_pruned_tile(monkeypatch):
+    """FASTLOSS_AUTOTUNE=first: each kernel compiles the first tile its pruning keeps and times nothing (the Triton
+    autotuner takes a single pruned config without benchmarking it)."""
+    import torch
+
+    from fastloss.ops import sim_lse, triplet
+
+    cases = [
+        (sim_lse._prune_fwd, sim_lse._FWD_CONFIGS, "r", {"D": 1024}),
+        (sim_lse._prune_bwd, sim_lse._BWD_CONFIGS, "r", {"D": 1024}),
+        (triplet._prune, triplet._TILES, "x", {}),
+    ]
+    for prune, configs, name, extra in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            args = {name: torch.empty(1, dtype=dtype), **extra}
+            monkeypatch.delenv("FASTLOSS_AUTOTUNE", raising=False)
+            tuned = prune(configs, args)
+            assert len(tuned) > 1
+            monkeypatch.setenv("FASTLOSS_AUTOTUNE", "first")
+            assert prune(configs, args) == tuned[:1]
+
+
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
 def test_wide_tiles_only_for_half_dtypes_with_chunked_d(kind):
     """The wide sim_lse tiles are compiled and timed only where they pay and do not spill: fp16/bf16 operands with

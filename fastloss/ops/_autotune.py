@@ -3,6 +3,8 @@ triton)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 # Row counts from which the autotuned kernels keep the tile they chose (the size class of tune_bucket stops growing)
@@ -26,3 +28,10 @@ def drop_fp32_tiles(configs: list, operand: torch.Tensor, fp32_tiles: list) -> l
     """``configs`` without the tiles of ``fp32_tiles`` unless ``operand`` is fp32: the tiles kept for fp32 operands
     only are neither compiled nor timed for half dtypes. Never empty."""
     return list(configs) if operand.dtype == torch.float32 else without_tiles(configs, fp32_tiles)
+
+
+def first_only(configs: list) -> list:
+    """``configs`` as the kernels' pruning left them, or only the first of them under FASTLOSS_AUTOTUNE=first: one
+    tile compiled per kernel and key and nothing timed (the GPU tests on a short device lease spent their time
+    compiling and timing every tile of every new key). Read at each new key, so it can change between calls."""
+    return list(configs[:1]) if os.environ.get("FASTLOSS_AUTOTUNE", "").strip() == "first" else configs

@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastloss import _backend
-from fastloss.ops._autotune import drop_fp32_tiles, tune_bucket, without_tiles
+from fastloss.ops._autotune import drop_fp32_tiles, first_only, tune_bucket, without_tiles
 
 # D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks. fp32
 # operands hold twice the bytes per element (and tf32x3 dots split each tile in three): with one tile up to D = 256
@@ -127,7 +127,7 @@ def _drop_wide_tiles(configs: list[triton.Config], named_args: dict, wide: list[
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    return _drop_wide_tiles(drop_fp32_tiles(configs, named_args["r"], _FP32_FWD), named_args, _WIDE_FWD)
+    return first_only(_drop_wide_tiles(drop_fp32_tiles(configs, named_args["r"], _FP32_FWD), named_args, _WIDE_FWD))
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -138,7 +138,7 @@ def _prune_bwd(configs, named_args, **kwargs):
         for cfg in _drop_wide_tiles(drop_fp32_tiles(configs, named_args["r"], _FP32_BWD), named_args, _WIDE_BWD)
         if max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) * block_d <= 2048 * cfg.num_warps
     ]
-    return kept or configs[:1]
+    return first_only(kept or configs[:1])
 
 
 _HEURISTICS = {

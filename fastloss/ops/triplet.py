@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastloss import _backend
-from fastloss.ops._autotune import drop_fp32_tiles, tune_bucket
+from fastloss.ops._autotune import drop_fp32_tiles, first_only, tune_bucket
 from fastloss.ops._custom_op import custom_op
 
 try:
@@ -119,7 +119,7 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kwargs):
-    return drop_fp32_tiles(configs, named_args["x"], _FP32_TILES)
+    return first_only(drop_fp32_tiles(configs, named_args["x"], _FP32_TILES))
 
 
 # ---------------------------------------------------------------------------------------------------------------
