@@ -8,7 +8,8 @@
 # losses are Triton kernels and need none), the extension's CPU+CUDA build started in the background, the target MNRL
 # case (and MNRL's target once more with a larger row block; MNSRL and GTE without merged tiles), the Triton GPU tests
 # (pytest-xdist workers when it is installed: they are compile-bound), then, once the build is done, the tests of the
-# hand-written CUDA kernels (xdist too: the first run's 90 s took 10 of them one at a time), whether MNRL at B=1M fits (the issue's largest-batch target), the rest of the sweep, a
+# hand-written CUDA kernels (xdist too: the first run's 90 s took 10 of them one at a time) and their timings against
+# the torch ops, whether MNRL at B=1M fits (the issue's largest-batch target), the rest of the sweep, a
 # minute of scripts/compare_backends.py on CUDA tensors and fp32 MNRL with tf32x3 dots. Every step's time goes into
 # summary.txt.
 #
@@ -115,6 +116,15 @@ FASTLOSS_AUTOTUNE=first FASTLOSS_EXPECT_CUDA_BUILD=$((1 - dry)) timeout -s INT -
 note "tests, CUDA extension (${select[*]}): rc=$? $(tail -1 "$OUT/tests.log")"
 timeout -s INT -k 15 "$(cap 60)" "${pytest_[@]}" benchmarks/test_benchmarks.py >>"$OUT/tests.log" 2>&1
 note "tests (benchmarks/test_benchmarks.py): rc=$? $(tail -1 "$OUT/tests.log")"
+
+# the hand-written CUDA kernels against the torch ops and the Triton backward (which one should be the default), as
+# soon as the extension is built: the first H200 run's sweep never reached these cases
+t=$(cap 60)
+if [ "$t" -gt 20 ]; then
+  timeout "$t" "${bench[@]}" --ops l2norm,batch_hard_triplet_bwd --groups batch,dtype --modes fwd+bwd --no-max-batch \
+    --time-limit "$((t - 15))" >>"$OUT/bench.log" 2>&1
+  note "bench l2norm,batch_hard_triplet_bwd: rc=$?"
+fi
 
 # the issue's largest-batch target asked in one call (MNRL pairs at B = N = 1M, D=1024 bf16: 8BND ~ 9e18 FLOP, about
 # 30 s at 300 TFLOP/s, after an untimed call at B=32768 where the kernels autotune); bisecting down only if it does not

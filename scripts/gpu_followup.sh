@@ -7,7 +7,8 @@
 #    reasons of the failures so far (scripts/gpu_check.sh's first run timed them out with SIGTERM: dots only).
 # 2. Flash (Triton) against row-block (cuBLAS) MNRL, MNSRL and GTE over the batch sweep with sentence-transformers
 #    and the GEMM floor (at the target the row-block op ran 4.8x faster than the flash one): which should be the
-#    default on CUDA, and from which size.
+#    default on CUDA, and from which size (the 2026-11-29 run, at 30fe787, timed impl fastloss, then the flash kernels;
+#    since f0cf712 fastloss_flash names them).
 # 3. The row-block op at the target with a 256 MiB logits block instead of 1024: its time against its memory.
 # 4. A profile of one small fwd+bwd per path (B=1024, D=768 bf16): the first run measured ~3 ms for shapes whose
 #    GEMMs take microseconds.
@@ -44,7 +45,7 @@ bench=(python3 -m benchmarks "${where[@]}" --no-plot --no-max-batch --modes fwd+
 t=$(cap 90)
 if [ "$t" -gt 30 ]; then
   timeout "$t" "${bench[@]}" --ops mnrl,mnsrl,gte --groups batch \
-    --impls fastloss,fastloss_blocked,sentence_transformers,gemm_floor --time-limit "$((t - 25))" --out "$OUT" \
+    --impls fastloss_flash,fastloss_blocked,sentence_transformers,gemm_floor --time-limit "$((t - 25))" --out "$OUT" \
     >"$OUT/bench.log" 2>&1
   note "bench mnrl,mnsrl,gte batch (flash, row-block, ST, floor): rc=$?"
 fi
@@ -70,7 +71,7 @@ dry = sys.argv[1] == "1"
 device = torch.device("cpu" if dry else "cuda")
 B, D, dtype = (64, 32, torch.float32) if dry else (1024, 768, torch.bfloat16)
 spec = OPS["mnrl"]
-for impl in ("fastloss", "fastloss_blocked", "sentence_transformers"):
+for impl in ("fastloss_flash", "fastloss_blocked", "sentence_transformers"):
     p = spec.make(B, 2 * B, D, dtype, device, 0)
     run = spec.impls[impl](p)
     def step():
