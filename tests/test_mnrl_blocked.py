@@ -375,3 +375,40 @@ def test_fold_positive_only_where_the_entry_fits():
     g32 = torch.full((1, 2), 0.25)
     left = mnrl_blocked._fold_positive(g32, 1, torch.tensor([-0.25]), c_inv[:2], 0.5, fp16=False)
     assert left.tolist() == [0.0] and g32[0, 1].item() == 2.0 * -0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_partner_entries_branch_free_gives_the_same_bits(dtype):
+    """The CUDA form of _add_partner_entries (G's rows scaled by c or by exactly 1, no host sync) gives the bits of
+    the checked form, with and without rows whose weight is below _MIN_FACTOR, and without earlier rows."""
+    gen = torch.Generator().manual_seed(3)
+    for small_rows in ([], [1, 4]):
+        c = torch.rand(6, generator=gen) + 0.1
+        c[small_rows] = 1e-30
+        g = torch.rand(6, 20, generator=gen).to(dtype)
+        for entries in (None, torch.rand(6, 5, generator=gen)):
+            outs = []
+            for branch_free in (False, True):
+                g_i = g.clone()
+                e_i = None if entries is None else entries.clone()
+                c_i = mnrl_blocked._add_partner_entries(g_i, c.clone(), e_i, 3, branch_free=branch_free)
+                outs.append((g_i, c_i))
+            assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_branch_free_partner_entries_through_the_op(monkeypatch):
+    """The whole row-block op with shared products over several blocks (the symmetric loss and GTE's four
+    directions), its partner entries in the CUDA form, gives the same bits as in the checked form."""
+    import functools
+
+    q, d = _inputs(world=40, columns=2)
+    real = mnrl_blocked._add_partner_entries
+    monkeypatch.setitem(mnrl_blocked.MERGE_MIN_ROWS, "other", 8)
+    monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", "0.002")  # blocks of a few rows
+    for p in (MNRLParams(offset=0, batch=40, directions=5, joint=False), MNRLParams(offset=0, batch=40, directions=15)):
+        checked = _run(q, d, p)
+        monkeypatch.setattr(mnrl_blocked, "_add_partner_entries", functools.partial(real, branch_free=True))
+        branch_free = _run(q, d, p)
+        monkeypatch.setattr(mnrl_blocked, "_add_partner_entries", real)
+        for a, b in zip(checked, branch_free):
+            assert torch.equal(a, b)
