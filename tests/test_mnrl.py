@@ -725,6 +725,33 @@ def test_flash_epilogues_give_the_same_bits_in_row_chunks(monkeypatch):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sim", ["cos", "dot"])
+def test_reference_promotes_half_inputs_as_sentence_transformers_does(dtype, sim):
+    """sentence-transformers 6.x's cos_sim / dot_score promote fp16/bf16 inputs to fp32 before the matmul; so do
+    fastloss.similarity's, so the reference (the fallback backend) gives sentence-transformers' loss and gradients
+    on half inputs, where half-precision similarities would put a 0.04 rounding into each logit at scale 20 (on these
+    confident rows the reference's gradients were 99% off before)."""
+    from fastloss.reference import mnrl_loss
+    from fastloss.similarity import cos_sim, dot_score
+
+    q, n = _embeddings(64, 96, 2, seed=4)
+    p = q + 0.5 * _embeddings(64, 96, 1, seed=5)[0]  # positives close to their queries: a small loss
+    cols = [x.to(dtype) for x in (q, p, n)]
+    st_fct, ours_fct = (st_util.cos_sim, cos_sim) if sim == "cos" else (st_util.dot_score, dot_score)
+    assert ours_fct(cols[0], cols[1]).dtype == torch.float32
+    torch.testing.assert_close(ours_fct(cols[0], cols[1]), st_fct(cols[0], cols[1]), rtol=1e-6, atol=1e-6)
+    scale = 20.0 if sim == "cos" else 0.05
+    leaves = [leaf(c) for c in cols]
+    loss = mnrl_loss(leaves[0], leaves[1:], scale, similarity_fct=ours_fct)
+    loss.backward()
+    theirs = st_losses.MultipleNegativesRankingLoss(None, scale=scale, similarity_fct=st_fct)
+    ref_loss, ref_grads = _loss_and_grads(theirs, cols)
+    assert rel_err(loss, ref_loss) < 1e-5
+    for x, g in zip(leaves, ref_grads):
+        assert x.grad.dtype == dtype and rel_err(x.grad, g) < 1e-2  # both rounded once to the half dtype
+
+
 def test_gradcheck_reference_fp64():
     from fastloss.reference import mnrl_loss
 
