@@ -1,7 +1,8 @@
 """The row-block MNRL op: the gradient computed inside the forward, no recompute (DESIGN.md's second design), on any
 device. On CUDA its products are cuBLAS GEMMs and its row passes over a block of logits two Triton kernels
-(fastloss.ops.block_softmax); elsewhere all of it is torch ops, the memory-bounded fallback where fastloss._C is not
-built (the native op is the same algorithm in C++).
+(fastloss.ops.block_softmax): the default there for one-direction MNRL in bf16/fp16, where an H200 measured it faster
+than the flash kernels (fastloss.functional.mnrl.prefers_row_blocks); elsewhere all of it is torch ops, the
+memory-bounded fallback where fastloss._C is not built (the native op is the same algorithm in C++).
 
 For a block of m local rows and each selected direction (rows R, candidates C, as in fastloss.ops.mnrl):
     S = R_blk C^T                                     one GEMM, fp32 results (cuBLAS out_dtype for fp16/bf16)
