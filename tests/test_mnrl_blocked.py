@@ -158,8 +158,8 @@ def test_which_backend_runs(monkeypatch):
 
 def test_auto_takes_row_blocks_where_an_h200_measured_them_faster(monkeypatch):
     """On CUDA, FASTLOSS_MNRL_ALGO=auto runs one-direction MNRL in bf16/fp16 in row blocks (cuBLAS) and every other
-    direction set and fp32 in the flash kernels; ``flash`` keeps the flash kernels, ``blocked`` takes row blocks;
-    CPU tensors are not affected."""
+    direction set and fp32 in the flash kernels, unless FASTLOSS_BACKEND=triton names them; ``flash`` keeps the flash
+    kernels, ``blocked`` takes row blocks; CPU tensors are not affected."""
     monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
     monkeypatch.delenv("FASTLOSS_MNRL_ALGO", raising=False)
     monkeypatch.setattr(_backend, "triton_available", lambda: True)
@@ -176,6 +176,9 @@ def test_auto_takes_row_blocks_where_an_h200_measured_them_faster(monkeypatch):
         assert mnrl_backend(on(dtype), symmetric) == mnrl_backend(on(dtype), gte) == "triton"
         assert mnrl_backend(on(dtype), ("query_to_query",)) == "triton"
     assert mnrl_backend(on(torch.float32), one) == "triton"
+    monkeypatch.setenv("FASTLOSS_BACKEND", "triton")  # the Triton kernels asked for by name
+    assert mnrl_backend(on(torch.bfloat16), one) == "triton"
+    monkeypatch.delenv("FASTLOSS_BACKEND")
     monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "flash")
     assert mnrl_backend(on(torch.bfloat16), one) == "triton"
     assert mnrl_backend(on(torch.float64), one) == "blocked"  # the flash kernels do not take fp64

@@ -74,18 +74,18 @@ def prefers_row_blocks(queries: Tensor, directions: Sequence[str]) -> bool:
 
 def mnrl_backend(queries: Tensor, directions: Sequence[str] = ("query_to_doc",)) -> str:
     """Where the fused MNRL runs for ``queries``' device and dtype and the selected ``directions``: ``triton`` (the
-    flash kernels), ``native`` (fastloss._C), ``blocked`` (the row-block op: FASTLOSS_MNRL_ALGO=blocked, CUDA
-    tensors where prefers_row_blocks under ``auto``, CPU tensors without fastloss._C, CUDA tensors without Triton,
-    and fp64 tensors where the flash kernels would run: they take fp32 and the half dtypes, the row-block op computes
-    fp64 in fp64) or ``torch`` (see fastloss._backend)."""
-    algorithm = _backend.mnrl_algorithm()
-    if queries.device.type == "cuda" and _backend.forced_backend() is None and not _backend.triton_available():
+    flash kernels), ``native`` (fastloss._C), ``blocked`` (the row-block op: FASTLOSS_MNRL_ALGO=blocked; CUDA
+    tensors where prefers_row_blocks under ``auto`` and FASTLOSS_BACKEND is unset; CPU tensors without fastloss._C;
+    CUDA tensors without Triton; fp64 tensors where the flash kernels would run: they take fp32 and the half dtypes,
+    the row-block op computes fp64 in fp64) or ``torch`` (see fastloss._backend)."""
+    algorithm, forced = _backend.mnrl_algorithm(), _backend.forced_backend()
+    if queries.device.type == "cuda" and forced is None and not _backend.triton_available():
         return "blocked"  # cuBLAS and torch ops: O(B*D + block), not the reference's B x N
     backend = _backend.select(queries, "mnrl_fused", cpu_impl="blocked")
     if backend == "triton" and queries.dtype == torch.float64:
         return "blocked"
-    if backend == "triton" and algorithm == "auto" and prefers_row_blocks(queries, directions):
-        return "blocked"
+    if backend == "triton" and algorithm == "auto" and forced is None and prefers_row_blocks(queries, directions):
+        return "blocked"  # not where FASTLOSS_BACKEND=triton asks for the Triton kernels by name
     return "blocked" if algorithm == "blocked" and backend in ("triton", "native") else backend
 
 
