@@ -168,7 +168,8 @@ def record_launches(quick: bool) -> list[Launch]:
             bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
             label[0] = f"l2norm {name} D={dim}"  # the flash MNRL backward's epilogue
             x = torch.zeros(48, dim, dtype=dtype)
-            l2norm.l2norm_bwd(x, torch.ones(48), torch.zeros(48, dim), torch.empty_like(x))
+            for scaled in (False, True):  # the flash path's dx_hat, the row-block op's inv * dx_hat
+                l2norm.l2norm_bwd(x, torch.ones(48), torch.zeros(48, dim), torch.empty_like(x), scaled=scaled)
             label[0] = f"cosent {name} D={dim}"
             a, b, scale = torch.zeros(16, dim, dtype=dtype), torch.zeros(32, dim, dtype=dtype), torch.tensor(20.0)
             for kind in (cosent.KIND_COS,) if quick else (cosent.KIND_COS, cosent.KIND_ANGLE):
@@ -185,9 +186,12 @@ def record_launches(quick: bool) -> list[Launch]:
             for mask_own, pen_mode in ((False, 3), (True, 0)):
                 opts = dict(period=48, offset=0, mask_own=mask_own, pen_mode=pen_mode, alpha=0.1)
                 # the positive's column summed apart in the directions that hold it (the unmasked one here)
-                top, _, _ = block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=not mask_own, **opts)
+                top, *_ = block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=not mask_own, **opts)
                 out = torch.zeros(48, 96, dtype=DTYPES[name])
                 block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, **opts)
+                if not mask_own:  # the positive's coefficient folded into its entry
+                    fold = (torch.zeros(48), torch.ones(48), 1.0, torch.zeros(48))
+                    block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, fold=fold, **opts)
         if not quick:  # the ranking kernel's block grows with the number of pairs, up to 4096 with 16 warps
             for n_pairs in (600, 5000):
                 label[0] = f"cosent rank N={n_pairs}"

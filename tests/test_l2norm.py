@@ -32,9 +32,11 @@ def truth(x, g):
     return x64.grad
 
 
-def check(x, g, tol):
+def check(x, g, tol, scaled=False):
+    """With ``scaled`` the kernel takes inv * g (the row-block op's accumulators) and skips the final factor inv."""
     out = torch.full_like(x, float("nan"))
-    got = l2norm.l2norm_bwd(x, inv_norms(x), g, out)
+    inv = inv_norms(x)
+    got = l2norm.l2norm_bwd(x, inv, g * inv[:, None] if scaled else g, out, scaled=scaled)
     assert got is out and out.dtype == x.dtype
     want = truth(x, g)
     assert torch.isfinite(out).all()
@@ -66,10 +68,11 @@ def test_strided_x_and_out(dtype):
     check(base[:, 3:20], torch.randn(40, 17, generator=gen).to(DEVICE), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["dx_hat", "scaled"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
-def test_zero_tiny_and_huge_rows(dtype):
+def test_zero_tiny_and_huge_rows(dtype, scaled):
     """A zero row (gradient g / eps, no projection), a row shorter than eps, and rows of norm 7e-6, 7e4 and (fp32)
-    7e15: equal to autograd (and finite)."""
+    7e15: equal to autograd (and finite), given dx_hat or inv * dx_hat."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, 50, generator=gen)
     x[0] = 0.0
@@ -80,7 +83,16 @@ def test_zero_tiny_and_huge_rows(dtype):
     x = x.to(dtype)
     # gradients of a size that dx can hold in fp16 too: g / eps for rows shorter than eps, g / 7e-6 for row 2
     g = torch.randn(6, 50, generator=gen) * torch.tensor([1e-13, 1e-13, 1e-2, 1.0, 1.0, 1.0])[:, None]
-    check(x.to(DEVICE), g.to(DEVICE), 1e-5 if dtype == torch.float32 else 1e-2)
+    check(x.to(DEVICE), g.to(DEVICE), 1e-5 if dtype == torch.float32 else 1e-2, scaled)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+def test_scaled_gradient(dtype):
+    """Given inv * dx_hat (``scaled``), odd shapes across BLOCK_D: the same dx."""
+    gen = torch.Generator().manual_seed(11)
+    for M, D in ((5, 3), (37, 300)):
+        x = torch.randn(M, D, generator=gen).to(DEVICE, dtype)
+        check(x, torch.randn(M, D, generator=gen).to(DEVICE), 1e-5 if dtype == torch.float32 else 1e-2, scaled=True)
 
 
 def test_bad_arguments():

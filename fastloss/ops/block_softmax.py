@@ -4,9 +4,14 @@ statistics, read again to write G in the input dtype) instead of the eight or so
 ops. The logits are sim_lse's (``_logits``: scale, hardness penalty, own-column mask), of the similarities
 t_ij = r_inv_i S_ij c_inv_j, for the block's rows i (global row ``offset + i``):
     row_stats:  top_i = max_j logit_ij (0 for a fully masked row, whose sum is 0), sum_i = sum_j exp(logit_ij - top_i),
-                with positive_col also neg_i, the same sum without column offset + i (the positive's)
-    row_grad:   G_ij = exp(logit_ij - top_i) c_inv_j (c_inv capped at 65504 for fp16), in G's dtype
-S may be G's storage (fp32 G in place: each element is read before it is written, by the same program).
+                with positive_col also neg_i, the same sum without column offset + i (the positive's), and pos_i =
+                scale t_i,offset+i, the positive's logit (never penalised nor masked)
+    row_grad:   G_ij = exp(logit_ij - top_i) c_inv_j (c_inv capped at 65504 for fp16), in G's dtype; with ``fold``
+                the positive's coefficient written into its entry (mnrl_blocked._fold_positive's rule)
+S may be G's storage (fp32 G in place: each element is read before it is written, by the same program). What these
+kernels compute besides the passes (the positive's logit, its folded entry) saves the row-block op a few small torch
+ops per block and direction: each a launch on CUDA, where a block's GEMMs take about as long as ~50 launches at small
+blocks (fastloss.ops.mnrl_blocked's docstring).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def row_stats_kernel(
     top,
     total,
     neg,
+    pos,
     N,
     period,
     offset,
@@ -51,6 +57,10 @@ def row_stats_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    own = offset + row
+    # the positive's logit in the order of _row_logits and _logits (t = s r_inv c_inv, then scale t)
+    b_t_own = tl.load(s + row * stride_s + own) * tl.load(r_inv + row) * tl.load(c_inv + own)
+    tl.store(pos + row, tl.load(scale) * b_t_own)
     b_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     b_nsum = tl.zeros((BLOCK,), dtype=tl.float32)  # POS_COL: without column offset + row
@@ -81,6 +91,10 @@ def row_grad_kernel(
     scale,
     top,
     g,
+    pos_val,
+    total,
+    left,
+    share,
     N,
     period,
     offset,
@@ -89,15 +103,27 @@ def row_grad_kernel(
     stride_g,
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
+    FOLD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    o_n = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    first = tl.program_id(1).to(tl.int64) * BLOCK
+    o_n = first + tl.arange(0, BLOCK)
     b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
     b_top = tl.load(top + row)
     b_cinv = _fold(tl.load(c_inv + o_n, mask=o_n < N, other=0.0), g.dtype.element_ty)
-    b_g = tl.exp(b_logit - b_top) * b_cinv
-    tl.store(g + row * stride_g + o_n, b_g.to(g.dtype.element_ty), mask=o_n < N)
+    b_g = (tl.exp(b_logit - b_top) * b_cinv).to(g.dtype.element_ty)
+    if FOLD:  # the positive's coefficient into its entry where G's dtype holds it, else its share to ``left``
+        own = offset + row
+        if (own >= first) & (own < first + BLOCK):
+            inv = tl.load(c_inv + own)
+            entry = (inv * (tl.load(pos_val + row) * tl.load(total + row))).to(g.dtype.element_ty)
+            folded = tl.abs(entry.to(tl.float32)) < float("inf")  # False for NaN too
+            if g.dtype.element_ty == tl.float16:
+                folded = folded & (inv <= 65504.0)
+            b_g = tl.where(o_n == own, tl.where(folded, entry, b_g), b_g)
+            tl.store(left + row, tl.load(left + row) + tl.where(folded, 0.0, share))
+    tl.store(g + row * stride_g + o_n, b_g, mask=o_n < N)
 
 
 def _on_device(x: Tensor):
@@ -106,13 +132,14 @@ def _on_device(x: Tensor):
 
 def row_stats(
     s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha, positive_col=False
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(top [m], sum [m], neg [m] or None) in fp32 of the logits of the block S [m, N] (fp32, rows contiguous); top is
-    0 for a fully masked row; neg (with ``positive_col``) the sum without each row's column offset + i."""
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(top [m], sum [m], neg [m] or None, pos [m]) in fp32 of the logits of the block S [m, N] (fp32, rows
+    contiguous); top is 0 for a fully masked row; neg (with ``positive_col``) the sum without each row's column
+    offset + i; pos the logit scale t of that column as it is (neither penalised nor masked)."""
     m, n = s.shape
-    top = torch.empty(m, device=s.device, dtype=torch.float32)
-    total = torch.empty(m, device=s.device, dtype=torch.float32)
-    neg = torch.empty(m, device=s.device, dtype=torch.float32) if positive_col else None
+    out = torch.empty((4 if positive_col else 3, m), device=s.device, dtype=torch.float32)  # one allocation
+    top, total, pos = out[0], out[1], out[-1]
+    neg = out[2] if positive_col else None
     with _on_device(s):
         row_stats_kernel[(m,)](
             s,
@@ -122,6 +149,7 @@ def row_stats(
             top,
             total,
             total if neg is None else neg,
+            pos,
             n,
             period,
             offset,
@@ -132,13 +160,16 @@ def row_stats(
             POS_COL=bool(positive_col),
             BLOCK=BLOCK_N,
         )
-    return top, total, neg
+    return top, total, neg, pos
 
 
-def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha) -> Tensor:
+def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha, fold=None) -> Tensor:
     """``out`` [m, N] (fp32, which may be S itself, or fp16/bf16) = exp(logit - top) c_inv, for ``top`` from
-    row_stats."""
+    row_stats. With ``fold`` = (pos_val [m], sum [m], share, left [m]), all fp32 but ``share`` (a float): the entry of
+    row i's column offset + i becomes c_inv (pos_val sum) rounded to G's dtype where that is finite (and, in fp16, c_inv
+    at most 65504), and ``left`` gains ``share`` in the rows where it is not (mnrl_blocked._fold_positive)."""
     m, n = s.shape
+    pos_val, total, share, left = fold if fold is not None else (top, top, 0.0, top)
     with _on_device(s):
         row_grad_kernel[(m, triton.cdiv(n, BLOCK_N))](
             s,
@@ -147,6 +178,10 @@ def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_
             scale,
             top,
             out,
+            pos_val,
+            total,
+            left,
+            float(share),
             n,
             period,
             offset,
@@ -155,6 +190,7 @@ def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_
             out.stride(0),
             MASK_OWN=bool(mask_own),
             PEN_MODE=pen_mode,
+            FOLD=fold is not None,
             BLOCK=BLOCK_N,
         )
     return out

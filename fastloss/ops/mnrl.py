@@ -132,8 +132,9 @@ def _norm_backward(
     clamp passes no gradient to the norm there). Written into ``out`` when given (x's shape and dtype). Torch ops in
     grad's dtype a chunk of rows at a time (two chunk-sized temporaries), each rounded once to x's dtype;
     fastloss._C.l2norm_bwd for unscaled fp32 grads of CUDA tensors with FASTLOSS_CUDA_KERNELS=1 (one pass over x and
-    dx_hat, the same fp32 sums); else with ``fused`` (the flash path, where Triton runs) for unscaled fp32 grads
-    fastloss.ops.l2norm's Triton kernel (no temporaries, the same maths in fp32)."""
+    dx_hat, the same fp32 sums); else with ``fused`` (where Triton runs: the flash path, the row-block op's Triton
+    row passes) for fp32 grads fastloss.ops.l2norm's Triton kernel (no temporaries, the same maths in fp32, one
+    launch instead of about eight per chunk)."""
     if not normalize:
         return grad.to(x.dtype) if out is None else out.copy_(grad)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if out is None else out
@@ -145,10 +146,10 @@ def _norm_backward(
         and _backend.cuda_kernel_enabled("l2norm_bwd")
     ):
         return dx.copy_(_backend.native_module().l2norm_bwd(x.detach(), grad, NORM_EPS))
-    if fused and not scaled and grad.dtype == torch.float32 and x.dtype != torch.float64:
+    if fused and grad.dtype == torch.float32 and x.dtype != torch.float64:
         from fastloss.ops.l2norm import l2norm_bwd
 
-        return l2norm_bwd(x.detach(), inv, grad, dx)
+        return l2norm_bwd(x.detach(), inv, grad, dx, scaled=scaled)
     for rows in _row_chunks(x):
         inv_rows = inv[rows, None]
         x_hat = x[rows].to(grad.dtype, copy=True).mul_(inv_rows)

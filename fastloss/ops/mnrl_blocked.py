@@ -28,12 +28,26 @@ of each B x B block (GTE's pairs: 8 GEMM-equivalents instead of 12; the symmetri
 which sums G C against the rows, sums each product once with both entries. Not in fp16, whose G need not hold a
 partner's entry divided by a small softmax factor.
 The row passes in torch ops turn S into E and then G in place (about nine passes over the block); the Triton ones
-read S for the statistics and once more to write G (in place for fp32). The gradients are accumulated as
-inv * dL/dx_hat (as the native op does), which makes the normalisation backward dx = a - x_hat <x_hat, a>. The
-hardness penalty is a stop-gradient term, as in the other paths.
+read S for the statistics (and the positive's logit) and once more to write G (in place for fp32; the positive's
+coefficient folded into its entry there too). The gradients are accumulated as inv * dL/dx_hat (as the native op
+does), which makes the normalisation backward dx = a - x_hat <x_hat, a>. The hardness penalty is a stop-gradient
+term, as in the other paths.
+
+Launches: on CUDA every torch op of a block is a kernel launch, ~10-25 us of host time each, and at the GPU target a
+256 MiB block (~700 rows) holds ~0.5 ms of GEMMs, so a block's launches bound its time unless they are few. With
+query_to_doc alone (the CUDA default in bf16/fp16) a block takes 24 launches: three GEMMs, two row passes and ~19
+small ops (_one_direction_terms; dL/dscale as one dot; the weighted rows not rescaled, c = 1 / sum E being >= 1 /
+N); 89 before (2026-11-30: stacks of one [m] vector, the joint partition's logsumexps over one direction, the fold
+in ten torch ops). The H200 ran 256 MiB blocks 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms):
+49 blocks of 89 launches at ~20 us is about that time, the likely cause, not measured on a GPU since. A whole call
+of one block at B = 8192: 66 launches (188 before; the normalisation backward is one Triton launch per tensor
+instead of ~8 per 16 MiB chunk). tests/test_mnrl_blocked.py counts them on fake CUDA tensors. Several directions
+keep the general path (~100-170 launches a block); on CUDA they run in the flash kernels unless
+FASTLOSS_MNRL_ALGO=blocked.
 
 Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for the tensor-core GEMMs, the weights
-of the rows divided by their maximum so that they stay in fp16's range, and the folded inverse norm capped at 65504
+of the rows divided by their maximum so that they stay in fp16's range (in fp16, and with several directions, whose
+joint softmax factors can be tiny; one direction's are at least 1 / N), and the folded inverse norm capped at 65504
 in fp16 (only the terms of vectors of norm < 1.5e-5 are affected, in every gradient row they enter; zero vectors,
 whose term is 0, are exact), as in the flash kernels. Elsewhere the products run in the accumulation dtype (fp32;
 fp64 for fp64 inputs, for gradcheck).
@@ -62,6 +76,7 @@ from fastloss.ops.mnrl import (
     _inv_norms,
     _norm_backward,
     _positive_sims,
+    _softplus,
     directions,
     positive_shares,
     positive_terms,
@@ -177,8 +192,14 @@ class _TorchRows:
         own.copy_(e_own)
         return top, neg + e_own, neg, positive
 
-    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
-        return s.mul_(_cap(c_inv, fp16)[None, :]).to(dtype)
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None) -> Tensor:
+        """G = E c_inv in ``dtype``; with ``fold`` = (pos_val, sum E, share, left) the positive's coefficient in its
+        entry (_fold_positive), ``left`` gaining the share of the rows where it does not fit."""
+        g = s.mul_(_cap(c_inv, fp16)[None, :]).to(dtype)
+        if fold is not None:
+            pos_val, total, share, left = fold
+            left += _fold_positive(g, g0, pos_val * total, c_inv, share, fp16)
+        return g
 
 
 class _TritonRows:
@@ -193,20 +214,15 @@ class _TritonRows:
     def stats(self, s, dir_, r_inv, c_inv, g0):
         from fastloss.ops.block_softmax import row_stats
 
-        # top: 0 for a fully masked row; neg: the sum without column g0 + i
-        top, total, neg = row_stats(
-            s, r_inv, c_inv, self.scale, positive_col=_holds_positive(dir_.bit), **self._opts(dir_, g0)
-        )
-        # the positive's logit in the kernels' order of operations (_row_logits, _logits: never penalised)
-        rows = s.shape[0]
-        positive = self.scale * ((s.diagonal(offset=g0) * r_inv) * c_inv[g0 : g0 + rows])
-        return top, total, neg, positive
+        # top: 0 for a fully masked row; neg: the sum without column g0 + i; positive: that column's logit, never
+        # penalised
+        return row_stats(s, r_inv, c_inv, self.scale, positive_col=_holds_positive(dir_.bit), **self._opts(dir_, g0))
 
-    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16) -> Tensor:
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None) -> Tensor:
         from fastloss.ops.block_softmax import row_grad
 
         out = s if dtype == s.dtype else torch.empty(s.shape, device=s.device, dtype=dtype)
-        return row_grad(s, r_inv, c_inv, self.scale, top, out, **self._opts(dir_, g0))
+        return row_grad(s, r_inv, c_inv, self.scale, top, out, fold=fold, **self._opts(dir_, g0))
 
 
 def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
@@ -237,9 +253,12 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         rows_per_block = min(rows_per_block, max(least, -(-p.batch // MERGE_BLOCKS)))
         ref = torch.full((len(selected), p.batch), torch.inf, device=q.device, dtype=acc)  # max - log c per row
     h = 1.0 / p.batch
+    sh = scale * h  # the gradients' common factor
+    alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): _one_direction_terms, no stacks
+    # the row losses, or with one direction the x of softplus(x), which the loss takes once after the blocks
     row_loss = torch.empty(p.batch, device=q.device, dtype=acc)
     separate_share = torch.zeros(p.batch, device=q.device, dtype=acc)
-    dscale = torch.zeros((), device=q.device, dtype=acc)
+    dscale = torch.zeros((), device=q.device, dtype=acc)  # / h: sums of c r_inv <r, G C> over the blocks
     grads = None
     if need_grad:
         grads = (torch.zeros(q.shape, device=q.device, dtype=acc), torch.zeros(d.shape, device=q.device, dtype=acc))
@@ -263,15 +282,20 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             sums.append(total)
             negs.append(total if neg is None else neg)
             positives.append(positive)
-        row_max, sums, negs = torch.stack(row_max), torch.stack(sums), torch.stack(negs)  # [n_dir, m]
-        lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
-        positive = positives[first] if p.joint else torch.stack(positives)  # each direction's own, per direction
-        row_loss[start : start + m], pos_val = positive_terms(lse, row_max + negs.log(), positive, p)
-        if p.joint:  # softmax = c E with c = exp(top - log_z)
-            top = torch.where(sums > 0, row_max, -torch.inf).amax(dim=0)
-            weights = torch.exp(row_max - (top + (sums * torch.exp(row_max - top)).sum(dim=0).log()))
+        if alone:
+            pos_val, weights = _one_direction_terms(row_max[0], sums[0], negs[0], positives[0], p.joint)
+            row_loss[start : start + m] = pos_val[1]
+            pos_val, weights = pos_val[:1], weights[None]
         else:
-            weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
+            row_max, sums, negs = torch.stack(row_max), torch.stack(sums), torch.stack(negs)  # [n_dir, m]
+            lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
+            positive = positives[first] if p.joint else torch.stack(positives)  # each direction's own, per direction
+            row_loss[start : start + m], pos_val = positive_terms(lse, row_max + negs.log(), positive, p)
+            if p.joint:  # softmax = c E with c = exp(top - log_z)
+                top = torch.where(sums > 0, row_max, -torch.inf).amax(dim=0)
+                weights = torch.exp(row_max - (top + (sums * torch.exp(row_max - top)).sum(dim=0).log()))
+            else:
+                weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
         if grads is None:
             continue
         if merged:
@@ -281,34 +305,53 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             rows, r_inv, i_rows = side[dir_.rows_are_queries]
             cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
             r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
-            g = rows_pass.grad(s, dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16)  # E c_inv
-            if share:
-                separate_share[start : start + m] += _fold_positive(g, g0, pv * total, c_inv, share, fp16)
+            fold = (pv, total, share, separate_share[start : start + m]) if share else None
+            g = rows_pass.grad(s, dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold)  # E c_inv
             spans = [(0, g.shape[1])]
             if k >= 0:  # the later local rows' columns are their blocks' (this block's rows as the partner's entries)
                 c = _add_partner_entries(g, c, entries, p.offset)
                 spans = [(0, g0 + m), (p.offset + p.batch, g.shape[1])]
-            product = sum(_mm(g[:, a:b], cands[a:b], half, acc) for a, b in spans if b > a)  # (E c_inv) C: [m, D]
-            dscale += h * (c * r_inv_blk * (r_blk.to(acc) * product).sum(dim=1)).sum()
-            grads[i_rows][g0 : g0 + m].addcmul_(product, (scale * h * c * r_inv_blk)[:, None])
+            spans = [(a, b) for a, b in spans if b > a]
+            products = [_mm(g[:, a:b], cands[a:b], half, acc) for a, b in spans]
+            product = products[0] if len(products) == 1 else products[0].add_(products[1])  # (E c_inv) C: [m, D]
+            del products
+            rw = c * r_inv_blk
+            dscale += torch.dot(rw, (r_blk * product).sum(dim=1))  # r_blk promoted to acc, not copied
+            grads[i_rows][g0 : g0 + m].addcmul_(product, (sh * rw)[:, None])
             del product
-            w = c * _cap(r_inv_blk, fp16)
-            w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
-            weighted = (r_blk * (w / w_max)[:, None]).to(gemm_dtype)
+            if alone and not fp16:  # c = 1 / sum E >= 1 / N: the weighted rows need no rescaling for their range
+                weighted, factor = (r_blk * rw[:, None]).to(gemm_dtype), sh
+            else:
+                w = c * _cap(r_inv_blk, fp16)
+                w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
+                weighted, factor = (r_blk * (w / w_max)[:, None]).to(gemm_dtype), sh * w_max
             for a, b in spans:
-                if b > a:
-                    grads[i_cands][a:b].addcmul_(_mm(g[:, a:b].t(), weighted, half, acc), scale * h * w_max)
+                grads[i_cands][a:b].addcmul_(_mm(g[:, a:b].t(), weighted, half, acc), factor)
             del g, weighted
         del blocks
 
-    loss = row_loss.mean()
+    loss = (_softplus(row_loss) if alone else row_loss).mean()
     if grads is None:
         return loss, torch.zeros_like(q), torch.zeros_like(d), torch.zeros((), device=q.device, dtype=acc)
-    _add_positive_term(grads, q, d, q_inv, d_inv, -h * scale * separate_share, p, scaled=True)
-    dscale = dscale - h * (separate_share * _positive_sims(q, d, q_inv, d_inv, p)).sum()
-    dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True)
-    dd = _norm_backward(d, d_inv, grads[1], p.normalize, scaled=True)
+    _add_positive_term(grads, q, d, q_inv, d_inv, -sh * separate_share, p, scaled=True)
+    dscale = h * (dscale - (separate_share * _positive_sims(q, d, q_inv, d_inv, p)).sum())
+    fused = triton_rows(q)  # the normalisation backward as one Triton launch per tensor
+    dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused)
+    dd = _norm_backward(d, d_inv, grads[1], p.normalize, scaled=True, fused=fused)
     return loss, dq, dd, dscale
+
+
+def _one_direction_terms(top: Tensor, total: Tensor, neg: Tensor, positive: Tensor, joint: bool):
+    """positive_terms and the softmax weights of a block of rows of query_to_doc alone, in a few ops: ([pos_val, x]
+    [2, m], weights c = 1 / sum E [m]) with x = NLSE - positive, the row loss softplus(x) (positive_terms' value, to
+    the bit: its logsumexp over one direction is the NLSE itself). pos_val: -sigmoid(x), the positive's p - 1; in the
+    joint partition +inf where x > 0, where positive_terms keeps the -1 a separate term."""
+    out = torch.empty((2, top.shape[0]), device=top.device, dtype=top.dtype)
+    x = torch.sub(top + neg.log(), positive, out=out[1])
+    coefficient = torch.sigmoid(x, out=out[0]).neg_()
+    if joint:
+        coefficient.masked_fill_(x > 0.0, torch.inf)  # x is never NaN: the positive's logit and top are finite
+    return out, total.reciprocal()
 
 
 def _partner_entries(s: Tensor, r_inv: Tensor, c_inv: Tensor, offset: int, factor, ref: Tensor) -> Tensor:
