@@ -36,7 +36,7 @@ term, as in the other paths.
 Launches: on CUDA every torch op of a block is a kernel launch, ~10-25 us of host time each, and at the GPU target a
 256 MiB block (~700 rows) holds ~0.5 ms of GEMMs, so a block's launches bound its time unless they are few. With
 query_to_doc alone (the CUDA default in bf16/fp16) a block takes 24 launches: three GEMMs, two row passes and ~19
-small ops (_one_direction_terms; dL/dscale as one dot; the weighted rows not rescaled, c = 1 / sum E being >= 1 /
+small ops (one_direction_terms; dL/dscale as one dot; the weighted rows not rescaled, c = 1 / sum E being >= 1 /
 N); 89 before (2026-11-30: stacks of one [m] vector, the joint partition's logsumexps over one direction, the fold
 in ten torch ops). The H200 ran 256 MiB blocks 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms):
 49 blocks of 89 launches at ~20 us is about that time, the likely cause, not measured on a GPU since. A whole call
@@ -78,6 +78,7 @@ from fastloss.ops.mnrl import (
     _positive_sims,
     _softplus,
     directions,
+    one_direction_terms,
     positive_shares,
     positive_terms,
 )
@@ -254,7 +255,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         ref = torch.full((len(selected), p.batch), torch.inf, device=q.device, dtype=acc)  # max - log c per row
     h = 1.0 / p.batch
     sh = scale * h  # the gradients' common factor
-    alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): _one_direction_terms, no stacks
+    alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): one_direction_terms, no stacks
     # the row losses, or with one direction the x of softplus(x), which the loss takes once after the blocks
     row_loss = torch.empty(p.batch, device=q.device, dtype=acc)
     separate_share = torch.zeros(p.batch, device=q.device, dtype=acc)
@@ -282,10 +283,10 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             sums.append(total)
             negs.append(total if neg is None else neg)
             positives.append(positive)
-        if alone:
-            pos_val, weights = _one_direction_terms(row_max[0], sums[0], negs[0], positives[0], p.joint)
-            row_loss[start : start + m] = pos_val[1]
-            pos_val, weights = pos_val[:1], weights[None]
+        if alone:  # softmax weights c = 1 / sum E
+            terms = one_direction_terms(row_max[0] + negs[0].log(), positives[0], p.joint)
+            row_loss[start : start + m] = terms[1]
+            pos_val, weights = terms[:1], sums[0].reciprocal()[None]
         else:
             row_max, sums, negs = torch.stack(row_max), torch.stack(sums), torch.stack(negs)  # [n_dir, m]
             lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
@@ -339,19 +340,6 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused)
     dd = _norm_backward(d, d_inv, grads[1], p.normalize, scaled=True, fused=fused)
     return loss, dq, dd, dscale
-
-
-def _one_direction_terms(top: Tensor, total: Tensor, neg: Tensor, positive: Tensor, joint: bool):
-    """positive_terms and the softmax weights of a block of rows of query_to_doc alone, in a few ops: ([pos_val, x]
-    [2, m], weights c = 1 / sum E [m]) with x = NLSE - positive, the row loss softplus(x) (positive_terms' value, to
-    the bit: its logsumexp over one direction is the NLSE itself). pos_val: -sigmoid(x), the positive's p - 1; in the
-    joint partition +inf where x > 0, where positive_terms keeps the -1 a separate term."""
-    out = torch.empty((2, top.shape[0]), device=top.device, dtype=top.dtype)
-    x = torch.sub(top + neg.log(), positive, out=out[1])
-    coefficient = torch.sigmoid(x, out=out[0]).neg_()
-    if joint:
-        coefficient.masked_fill_(x > 0.0, torch.inf)  # x is never NaN: the positive's logit and top are finite
-    return out, total.reciprocal()
 
 
 def _partner_entries(s: Tensor, r_inv: Tensor, c_inv: Tensor, offset: int, factor, ref: Tensor) -> Tensor:
