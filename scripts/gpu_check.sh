@@ -76,15 +76,15 @@ rest=$(($(left) - 20))
 timeout "$rest" "${bench[@]}" --groups target --no-max-batch --time-limit "$((rest - 60))" >>"$OUT/bench.log" 2>&1
 note "bench --groups target: rc=$?"
 
-# the target MNRL case again with the row-block op's logits block at 4096 MiB instead of 1024 (on the H200 at
-# 30fe787: 39.8 ms with 1024, 100.6 ms with 256): whether a larger block closes more of the gap to the GEMM floor
-# (19.6 ms), for its 3 GiB more; a folder of its own, variants/ (the device tool returns 8 files at most), shared with
-# the next step's other ops
+# the target MNRL case again with the row-block op's logits block at 256 MiB instead of 1024 (on the H200 at
+# 30fe787: 39.8 ms with 1024, 100.6 ms with 256, when a block took 89 launches; 24 since 3ac9dc9): whether small
+# blocks now run near the default's time, for ~850 MiB less; a folder of its own, variants/ (the device tool returns
+# 8 files at most), shared with the next step's other ops
 t=$(cap 60)
 if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
-  FASTLOSS_MNRL_BLOCK_MIB=4096 timeout "$t" "${bench[@]}" --ops mnrl --impls fastloss_blocked --groups target \
+  FASTLOSS_MNRL_BLOCK_MIB=256 timeout "$t" "${bench[@]}" --ops mnrl --impls fastloss_blocked --groups target \
     --modes fwd+bwd --no-max-batch --out "$OUT/variants" >>"$OUT/bench.log" 2>&1
-  note "bench mnrl target FASTLOSS_MNRL_BLOCK_MIB=4096: rc=$?"
+  note "bench mnrl target FASTLOSS_MNRL_BLOCK_MIB=256: rc=$?"
 fi
 
 # the symmetric loss and GTE without merged tiles (FASTLOSS_FLASH_MERGE=0: doc_to_query in launches of its own,
