@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastloss.similarity import pairwise_cos_sim
+from fastloss.similarity import _float, pairwise_cos_sim
 
 
 def pairwise_angle_sim(x: Tensor, y: Tensor) -> Tensor:
@@ -22,10 +22,7 @@ def pairwise_angle_sim(x: Tensor, y: Tensor) -> Tensor:
     With halves ``x = (x1, x2)`` (an odd dim is padded with one zero) and ``x_hat = x / max(|x|, 1e-12)``:
     ``sin = <x2_hat, y1_hat> - <x1_hat, y2_hat>``. Half-precision inputs are promoted to fp32 first.
     """
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    if y.dtype in (torch.float16, torch.bfloat16):
-        y = y.float()
+    x, y = _float(x), _float(y)
     if x.shape[1] % 2 != 0:
         x = F.pad(x, (0, 1), mode="constant", value=0)
         y = F.pad(y, (0, 1), mode="constant", value=0)
@@ -38,15 +35,6 @@ def pairwise_angle_sim(x: Tensor, y: Tensor) -> Tensor:
     return torch.abs(cosines + sines)
 
 
-def _promoted(similarity_fct: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
-    """The similarity with sentence-transformers' fp16/bf16 -> fp32 input promotion (util's pairwise functions)."""
-    if a.dtype in (torch.float16, torch.bfloat16) and getattr(similarity_fct, "__module__", "").startswith(
-        ("fastloss.", "sentence_transformers.")
-    ):
-        a, b = a.float(), b.float()
-    return similarity_fct(a, b)
-
-
 def cosent_loss(
     a: Tensor,
     b: Tensor,
@@ -57,7 +45,7 @@ def cosent_loss(
 ) -> Tensor:
     """``log(1 + sum_{i, j: y_i < y_j} exp(s_i - s_j))`` with ``s = scale * similarity_fct(a, b)``."""
     labels = labels.reshape(-1)
-    scores = _promoted(similarity_fct, a, b)
+    scores = similarity_fct(a, b)  # sentence-transformers' and fastloss's pairwise functions promote half inputs
     if labels.shape != scores.shape:
         raise ValueError(f"Labels and scores must have the same shape, got {labels.shape} and {scores.shape}.")
     if scores.dtype in (torch.float16, torch.bfloat16):
