@@ -10,6 +10,10 @@ prints the loss stage's peak beyond its inputs, as the suite's peak_mib counts i
   opaque call), with the Triton launches replaced by no-ops. The kernels allocate nothing themselves, so every
   allocation of the op is in that host code. The window is the CUDA default for ``--sms`` SMs, and whole tensors for
   comparison.
+- fastloss row blocks (the CUDA default for one-direction bf16/fp16 MNRL): fastloss.ops.mnrl.mnrl's concatenation of
+  the columns, fastloss.ops.mnrl_blocked.mnrl_blocked as on CUDA (half GEMM operands with fp32 products, the Triton
+  row passes and normalisation backward as no-ops) and the op's backward, which scales the gradients it computed in
+  the forward; at the default 1024 MiB block and at 256 MiB.
 Then the largest batch (N = 2B) whose inputs and loss stage fit ``--gib``. A projection, not a measurement: the GPU
 sweep's records (benchmarks/results/) are the numbers of record.
 """
@@ -23,12 +27,13 @@ import os
 import torch
 
 from benchmarks.harness import LiveTensorBytes
-from fastloss.ops import l2norm, sim_lse
+from fastloss.ops import block_softmax, l2norm, mnrl_blocked, sim_lse
 from fastloss.ops import mnrl as mnrl_ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = [(sim_lse, name) for name in ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel")]
 KERNELS.append((l2norm, "l2norm_bwd_kernel"))
+KERNELS += [(block_softmax, name) for name in ("row_stats_kernel", "row_grad_kernel")]
 
 
 class _NoLaunch:
@@ -87,6 +92,48 @@ def fastloss_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype, window: 
     return memory.peak / 2**20
 
 
+@contextlib.contextmanager
+def _as_on_cuda():
+    """mnrl_blocked's CUDA choices for meta tensors: half GEMM operands (torch.mm with fp32 results runs on meta),
+    the Triton row passes, fused normalisation backward."""
+    saved = {name: getattr(mnrl_blocked, name) for name in ("half_gemms", "triton_rows", "_mm")}
+
+    def mm(a, b, half, acc):
+        return torch.mm(a, b, out_dtype=torch.float32) if half else torch.mm(a.to(acc), b.to(acc))
+
+    try:
+        mnrl_blocked.half_gemms = lambda x: x.dtype in (torch.float16, torch.bfloat16)
+        mnrl_blocked.triton_rows = lambda x: x.dtype != torch.float64
+        mnrl_blocked._mm = mm
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(mnrl_blocked, name, value)
+
+
+def blocked_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype, block_mib: float) -> float:
+    leaves = _inputs(batch, n_docs, dim, dtype)
+    params = mnrl_ops.MNRLParams(offset=0, batch=batch)
+    scale = torch.tensor(20.0, device="meta")
+    saved = os.environ.get("FASTLOSS_MNRL_BLOCK_MIB")
+    os.environ["FASTLOSS_MNRL_BLOCK_MIB"] = str(block_mib)
+    try:
+        with _flash_host_code(0), _as_on_cuda(), LiveTensorBytes() as memory:
+            q = leaves[0].detach()
+            d = torch.cat([x.detach() for x in leaves[1:]])  # as mnrl(): one tensor for the row-block op
+            loss, dq, dd, dscale = mnrl_blocked.mnrl_blocked(q, d, scale, params, True)
+            del d
+            g = torch.tensor(1.0, device="meta")  # the op's backward: its gradients scaled by the incoming one
+            grads = (dq * g.to(dq.dtype), dd * g.to(dd.dtype))
+            del dq, dd, grads
+    finally:
+        if saved is None:
+            os.environ.pop("FASTLOSS_MNRL_BLOCK_MIB", None)
+        else:
+            os.environ["FASTLOSS_MNRL_BLOCK_MIB"] = saved
+    return memory.peak / 2**20
+
+
 def _max_batch(fits, limit: int) -> int:
     """The largest B (a multiple of 1024) up to ``limit`` for which ``fits(B)`` holds (0 when none)."""
     lo, hi = 0, limit // 1024
@@ -119,6 +166,13 @@ def main(argv=None) -> int:
                 f"    fastloss, {label}: {mib:.1f} = {mib / st:.2%} of sentence-transformers'; beyond the gradients "
                 f"{mib - grads:.1f} = {(mib - grads) / (st - grads):.2%} of its {st - grads:.1f}"
             )
+        if dtype != torch.float32:  # the row-block op is the CUDA default in the half dtypes only
+            for block in (1024.0, 256.0):
+                mib = blocked_mib(batch, n_docs, dim, dtype, block)
+                print(
+                    f"    fastloss row blocks, {block:g} MiB block: {mib:.1f} = {mib / st:.2%}; beyond the gradients "
+                    f"{mib - grads:.1f} = {(mib - grads) / (st - grads):.2%}"
+                )
     dim = shapes[0][2]
 
     def fits(measure):

@@ -283,6 +283,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             sums.append(total)
             negs.append(total if neg is None else neg)
             positives.append(positive)
+        del s  # blocks holds it: every name of a block's logits is dropped before the next block's products
         if alone:  # softmax weights c = 1 / sum E
             terms = one_direction_terms(row_max[0] + negs[0].log(), positives[0], p.joint)
             row_loss[start : start + m] = terms[1]
@@ -298,16 +299,18 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             else:
                 weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
         if grads is None:
+            del blocks, transposed
             continue
         if merged:
             ref[:, start : start + m] = torch.where(sums > 0, row_max - weights.log(), torch.inf)
-        parts = zip(selected, blocks, row_max, weights, sums, pos_val, shares, partner, transposed)
-        for dir_, s, top, c, total, pv, share, k, entries in parts:
+        parts = zip(selected, row_max, weights, sums, pos_val, shares, partner, transposed)
+        for j, (dir_, top, c, total, pv, share, k, entries) in enumerate(parts):
             rows, r_inv, i_rows = side[dir_.rows_are_queries]
             cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
             r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
             fold = (pv, total, share, separate_share[start : start + m]) if share else None
-            g = rows_pass.grad(s, dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold)  # E c_inv
+            g = rows_pass.grad(blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold)  # E c_inv
+            blocks[j] = None  # the products need only G: the logits go (in fp32 G is their storage)
             spans = [(0, g.shape[1])]
             if k >= 0:  # the later local rows' columns are their blocks' (this block's rows as the partner's entries)
                 c = _add_partner_entries(g, c, entries, p.offset)
@@ -329,7 +332,9 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             for a, b in spans:
                 grads[i_cands][a:b].addcmul_(_mm(g[:, a:b].t(), weighted, half, acc), factor)
             del g, weighted
-        del blocks
+        # nothing of this block's may stay named into the next block's products: the last logits kept by a loop
+        # variable made two blocks of logits the op's peak (at the GPU target 682.5 MiB more; benchmarks/projection)
+        del blocks, transposed, parts, entries
 
     loss = (_softplus(row_loss) if alone else row_loss).mean()
     if grads is None:
