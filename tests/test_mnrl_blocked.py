@@ -479,10 +479,11 @@ def test_one_direction_launches_per_block(monkeypatch, dtype, joint):
     """On CUDA each launch costs the host ~10-25 us, and a block of ~700 rows at the GPU target (B = 32768, N =
     65536, D = 1024) is ~0.5 ms of GEMMs: the H200 run's 256 MiB blocks took 2.5x as long as 1024 MiB ones (100.6
     against 39.8 ms), as ~90 launches a block would. One-direction MNRL (the CUDA default for bf16/fp16) launches at
-    most 24 kernels per block (fp16: 30, whose weighted rows are rescaled for its range), and 66 for a whole call
-    of one block (72) at B = 8192; counted on fake CUDA tensors (FakeTensorMode)."""
+    most 29 kernels per block (fp16: 35, whose weighted rows are rescaled for its range), five of them to finish the
+    block's query rows, and 66 for a whole call of one block (72) at B = 8192; counted on fake CUDA tensors
+    (FakeTensorMode)."""
     p = MNRLParams(offset=0, batch=8192, directions=1, joint=joint)
     one = _cuda_launches(monkeypatch, p, dtype, 8192)
     per_block = (_cuda_launches(monkeypatch, p, dtype, 1024) - one) / 7
     extra = 6 if dtype == torch.float16 else 0
-    assert per_block <= 24 + extra and one <= 66 + extra
+    assert per_block <= 29 + extra and one <= 66 + extra

@@ -35,15 +35,15 @@ term, as in the other paths.
 
 Launches: on CUDA every torch op of a block is a kernel launch, ~10-25 us of host time each, and at the GPU target a
 256 MiB block (~700 rows) holds ~0.5 ms of GEMMs, so a block's launches bound its time unless they are few. With
-query_to_doc alone (the CUDA default in bf16/fp16) a block takes 24 launches: three GEMMs, two row passes and ~19
-small ops (one_direction_terms; dL/dscale as one dot; the weighted rows not rescaled, c = 1 / sum E being >= 1 /
-N); 89 before (2026-11-30: stacks of one [m] vector, the joint partition's logsumexps over one direction, the fold
-in ten torch ops). The H200 ran 256 MiB blocks 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms):
-49 blocks of 89 launches at ~20 us is about that time, the likely cause, not measured on a GPU since. A whole call
-of one block at B = 8192: 66 launches (188 before; the normalisation backward is one Triton launch per tensor
-instead of ~8 per 16 MiB chunk). tests/test_mnrl_blocked.py counts them on fake CUDA tensors. Several directions
-keep the general path (~100-170 launches a block); on CUDA they run in the flash kernels unless
-FASTLOSS_MNRL_ALGO=blocked.
+query_to_doc alone (the CUDA default in bf16/fp16) a block takes 29 launches: three GEMMs, two row passes, the
+normalisation backward of its query rows and ~23 small ops (one_direction_terms; dL/dscale as one dot; the weighted
+rows not rescaled, c = 1 / sum E being >= 1 / N); 89 before (2026-11-30: stacks of one [m] vector, the joint
+partition's logsumexps over one direction, the fold in ten torch ops). The H200 ran 256 MiB blocks 2.5x slower than
+1024 MiB ones at the target (100.6 against 39.8 ms): 49 blocks of 89 launches at ~20 us is about that time, the
+likely cause, not measured on a GPU since. A whole call of one block at B = 8192: 66 launches (188 before; the
+normalisation backward is one Triton launch per tensor instead of ~8 per 16 MiB chunk). tests/test_mnrl_blocked.py
+counts them on fake CUDA tensors. Several directions keep the general path (~100-170 launches a block); on CUDA they
+run in the flash kernels unless FASTLOSS_MNRL_ALGO=blocked.
 
 Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for the tensor-core GEMMs, the weights
 of the rows divided by their maximum so that they stay in fp16's range (in fp16, and with several directions, whose
@@ -52,10 +52,14 @@ in fp16 (only the terms of vectors of norm < 1.5e-5 are affected, in every gradi
 whose term is 0, are exact), as in the flash kernels. Elsewhere the products run in the accumulation dtype (fp32;
 fp64 for fp64 inputs, for gradcheck).
 
-Memory beyond the inputs and outputs: the fp32 gradient accumulators (O(W*D)), one product of the candidate side
-([N, D] fp32) and one block of logits: m rows of every direction's candidates in the accumulation dtype, plus one
-direction's G in the input dtype on CUDA. m follows FASTLOSS_MNRL_BLOCK_MIB (default 1024 MiB on CUDA, where a
-block should hold ~1000+ rows for the GEMMs to run near peak, 64 MiB elsewhere; at least one row).
+Memory beyond the inputs and outputs: the fp32 gradient accumulator of the docs ([kW, D]; of the queries too with
+several directions, while query_to_doc alone finishes a block's query rows in the block), the candidate product's
+fp32 temporary in chunks of rows of at most a quarter of the logits budget, and one block of logits: m rows of every
+direction's candidates in the accumulation dtype, plus one direction's G in the input dtype on CUDA, the logits
+dropped once G is written. m follows FASTLOSS_MNRL_BLOCK_MIB (default 1024 MiB on CUDA, where a block should hold
+~1000+ rows for the GEMMs to run near peak, 64 MiB elsewhere; at least one row). Projected at the GPU target
+(benchmarks/projection.py, which gives what the H200 measured for 30fe787: 1685.9 MiB beyond the gradients): 1280.5
+MiB, 512.4 with 256 MiB blocks (833.7 before).
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from fastloss.ops.mnrl import (
     QUERY_TO_DOC,
     Direction,
     MNRLParams,
-    _add_positive_term,
+    _add_positive_rows,
     _holds_positive,
     _inv_norms,
     _norm_backward,
@@ -255,14 +259,28 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         ref = torch.full((len(selected), p.batch), torch.inf, device=q.device, dtype=acc)  # max - log c per row
     h = 1.0 / p.batch
     sh = scale * h  # the gradients' common factor
+    neg_sh = -sh  # the positive's separate term's
     alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): one_direction_terms, no stacks
     # the row losses, or with one direction the x of softplus(x), which the loss takes once after the blocks
     row_loss = torch.empty(p.batch, device=q.device, dtype=acc)
     separate_share = torch.zeros(p.batch, device=q.device, dtype=acc)
     dscale = torch.zeros((), device=q.device, dtype=acc)  # / h: sums of c r_inv <r, G C> over the blocks
-    grads = None
+    grads = dq = None
+    fused = triton_rows(q)  # the normalisation backward as one Triton launch per tensor
+    # rows of the candidate product's temporary (acc dtype, [rows, D]): a quarter of the logits budget
+    chunk = max(1, block_bytes(q.device) // 4 // (torch.finfo(acc).bits // 8 * max(1, q.shape[1])))
     if need_grad:
-        grads = (torch.zeros(q.shape, device=q.device, dtype=acc), torch.zeros(d.shape, device=q.device, dtype=acc))
+        # query_to_doc alone: a block's query rows get all of their gradient in that block (their positive's separate
+        # term too), so dq is written block by block instead of through a [W, D] fp32 accumulator
+        dq = torch.empty_like(q) if alone else None
+        grads = (
+            None if alone else torch.zeros(q.shape, device=q.device, dtype=acc),
+            torch.zeros(d.shape, device=q.device, dtype=acc),
+        )
+        if alone and p.offset:  # gathered queries of other ranks: no direction has them as rows
+            dq[: p.offset].zero_()
+        if alone and p.offset + p.batch < q.shape[0]:
+            dq[p.offset + p.batch :].zero_()
 
     for start in range(0, p.batch, rows_per_block):
         m = min(rows_per_block, p.batch - start)
@@ -321,7 +339,15 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             del products
             rw = c * r_inv_blk
             dscale += torch.dot(rw, (r_blk * product).sum(dim=1))  # r_blk promoted to acc, not copied
-            grads[i_rows][g0 : g0 + m].addcmul_(product, (sh * rw)[:, None])
+            if dq is None:
+                grads[i_rows][g0 : g0 + m].addcmul_(product, (sh * rw)[:, None])
+            else:  # the accumulator's values (0 + product w, then the positive's separate term), normalised here
+                rows_acc = product.mul_((sh * rw)[:, None])
+                weight = (neg_sh * separate_share[start : start + m]) * d_inv[g0 : g0 + m] * q_inv[g0 : g0 + m]
+                rows_acc.addcmul_(d[g0 : g0 + m], weight[:, None])
+                out = dq[g0 : g0 + m]
+                _norm_backward(q[g0 : g0 + m], r_inv_blk, rows_acc, p.normalize, scaled=True, out=out, fused=fused)
+                del rows_acc
             del product
             if alone and not fp16:  # c = 1 / sum E >= 1 / N: the weighted rows need no rescaling for their range
                 weighted, factor = (r_blk * rw[:, None]).to(gemm_dtype), sh
@@ -330,7 +356,9 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
                 w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
                 weighted, factor = (r_blk * (w / w_max)[:, None]).to(gemm_dtype), sh * w_max
             for a, b in spans:
-                grads[i_cands][a:b].addcmul_(_mm(g[:, a:b].t(), weighted, half, acc), factor)
+                for a_ in range(a, b, chunk):
+                    b_ = min(a_ + chunk, b)
+                    grads[i_cands][a_:b_].addcmul_(_mm(g[:, a_:b_].t(), weighted, half, acc), factor)
             del g, weighted
         # nothing of this block's may stay named into the next block's products: the last logits kept by a loop
         # variable made two blocks of logits the op's peak (at the GPU target 682.5 MiB more; benchmarks/projection)
@@ -339,10 +367,12 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     loss = (_softplus(row_loss) if alone else row_loss).mean()
     if grads is None:
         return loss, torch.zeros_like(q), torch.zeros_like(d), torch.zeros((), device=q.device, dtype=acc)
-    _add_positive_term(grads, q, d, q_inv, d_inv, -sh * separate_share, p, scaled=True)
+    coef = neg_sh * separate_share
+    if dq is None:
+        _add_positive_rows(grads[0], 0, d, d_inv, q_inv, coef, p, scaled=True)
+        dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused)
+    _add_positive_rows(grads[1], 0, q, q_inv, d_inv, coef, p, scaled=True)
     dscale = h * (dscale - (separate_share * _positive_sims(q, d, q_inv, d_inv, p)).sum())
-    fused = triton_rows(q)  # the normalisation backward as one Triton launch per tensor
-    dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused)
     dd = _norm_backward(d, d_inv, grads[1], p.normalize, scaled=True, fused=fused)
     return loss, dq, dd, dscale
 
