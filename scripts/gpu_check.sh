@@ -77,9 +77,9 @@ timeout "$rest" "${bench[@]}" --groups target --no-max-batch --time-limit "$((re
 note "bench --groups target: rc=$?"
 
 # the target MNRL case again with the row-block op's logits block at 256 MiB instead of 1024 (on the H200 at
-# 30fe787: 39.8 ms with 1024, 100.6 ms with 256, when a block took 89 launches; 24 since 3ac9dc9): whether small
-# blocks now run near the default's time, for ~850 MiB less; a folder of its own, variants/ (the device tool returns
-# 8 files at most), shared with the next step's other ops
+# 30fe787: 39.8 ms with 1024, 100.6 ms with 256, when a block took 89 launches; 29 since 08eb590): whether small
+# blocks now run near the default's time, for ~770 MiB less (projected); a folder of its own, variants/ (the device
+# tool returns 8 files at most), shared with the next step's other ops
 t=$(cap 60)
 if [ "$dry" != 1 ] && [ "$t" -gt 30 ]; then
   FASTLOSS_MNRL_BLOCK_MIB=256 timeout "$t" "${bench[@]}" --ops mnrl --impls fastloss_blocked --groups target \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A short second device call after scripts/gpu_check.sh: the questions its first run left (2026-11-29, H200), and
-# since 3ac9dc9 / 586fcc7 (fewer launches: 24 per row block instead of 89, 68 per small flash call instead of 79,
+# since 3ac9dc9 / 586fcc7 (fewer launches: 29 per row block instead of 89, 68 per small flash call instead of 79,
 # counted on fake tensors) whether steps 2-4 now show small batches and 256 MiB blocks faster.
 #
 #   OUT=/some/dir bash scripts/gpu_followup.sh      # from the repository root; GPU_FOLLOWUP_BUDGET_S (default 250 s)
