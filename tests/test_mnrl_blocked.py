@@ -329,6 +329,9 @@ def test_triton_row_passes_match_the_torch_ones(monkeypatch, world, columns, p):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+# the interpreter casts with numpy, which warns where a value overflows fp16: here the folded entry of a zero
+# vector's positive (inverse norm 1e12), which overflows by design and so stays unfolded (as on a GPU, silently)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_row_passes_write_half_g(monkeypatch, dtype):
