@@ -94,17 +94,12 @@ def fastloss_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype, window: 
 
 @contextlib.contextmanager
 def _as_on_cuda():
-    """mnrl_blocked's CUDA choices for meta tensors: half GEMM operands (torch.mm with fp32 results runs on meta),
-    the Triton row passes, fused normalisation backward."""
-    saved = {name: getattr(mnrl_blocked, name) for name in ("half_gemms", "triton_rows", "_mm")}
-
-    def mm(a, b, half, acc):
-        return torch.mm(a, b, out_dtype=torch.float32) if half else torch.mm(a.to(acc), b.to(acc))
-
+    """mnrl_blocked's CUDA choices for meta tensors: half GEMM operands (torch.mm with fp32 results, which _mm takes
+    on meta tensors as on CUDA ones), the Triton row passes, fused normalisation backward."""
+    saved = {name: getattr(mnrl_blocked, name) for name in ("half_gemms", "triton_rows")}
     try:
         mnrl_blocked.half_gemms = lambda x: x.dtype in (torch.float16, torch.bfloat16)
         mnrl_blocked.triton_rows = lambda x: x.dtype != torch.float64
-        mnrl_blocked._mm = mm
         yield
     finally:
         for name, value in saved.items():

@@ -119,7 +119,7 @@ def half_gemms(x: Tensor) -> bool:
 def _mm(a: Tensor, b: Tensor, half: bool, acc: torch.dtype) -> Tensor:
     """a @ b in ``acc``: cuBLAS with fp32 results for half CUDA operands; otherwise in ``acc`` itself (CPU tensors
     with ``half`` set, which only the tests do, emulate the rounded operands this way)."""
-    if half and a.device.type == "cuda":
+    if half and a.device.type != "cpu":  # CUDA (and meta tensors: benchmarks.projection)
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.to(acc), b.to(acc))
 
@@ -339,12 +339,11 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
             del products
             rw = c * r_inv_blk
             dscale += torch.dot(rw, (r_blk * product).sum(dim=1))  # r_blk promoted to acc, not copied
-            if dq is None:
+            if not alone:
                 grads[i_rows][g0 : g0 + m].addcmul_(product, (sh * rw)[:, None])
             else:  # the accumulator's values (0 + product w, then the positive's separate term), normalised here
                 rows_acc = product.mul_((sh * rw)[:, None])
-                weight = (neg_sh * separate_share[start : start + m]) * d_inv[g0 : g0 + m] * q_inv[g0 : g0 + m]
-                rows_acc.addcmul_(d[g0 : g0 + m], weight[:, None])
+                _add_positive_rows(rows_acc, g0, d, d_inv, q_inv, neg_sh * separate_share, p, scaled=True)
                 out = dq[g0 : g0 + m]
                 _norm_backward(q[g0 : g0 + m], r_inv_blk, rows_acc, p.normalize, scaled=True, out=out, fused=fused)
                 del rows_acc
@@ -368,7 +367,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
     if grads is None:
         return loss, torch.zeros_like(q), torch.zeros_like(d), torch.zeros((), device=q.device, dtype=acc)
     coef = neg_sh * separate_share
-    if dq is None:
+    if not alone:
         _add_positive_rows(grads[0], 0, d, d_inv, q_inv, coef, p, scaled=True)
         dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused)
     _add_positive_rows(grads[1], 0, q, q_inv, d_inv, coef, p, scaled=True)
