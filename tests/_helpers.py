@@ -80,3 +80,26 @@ def confident_errors(noise: float, scale: float, partition: str, directions: tup
         return [float((a - t).abs().max() / t.abs().max()) for a, t in zip(result, truth)]
 
     return errors(run(Ours(None, **config), torch.float32)), errors(run(Theirs(None, **config), torch.float32))
+
+
+# ATen ops that launch nothing on CUDA (views, metadata, allocations, host scalars)
+NO_LAUNCH = {
+    "prim.device", "aten.view", "aten.as_strided", "aten.alias", "aten.t", "aten.transpose", "aten.slice",
+    "aten.diagonal", "aten.detach", "aten.expand", "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.unbind",
+    "aten.lift_fresh", "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.scalar_tensor",
+}  # fmt: skip
+
+
+def launch_counter(launches: list):
+    """A dispatch mode that appends to ``launches`` the name of each ATen op that would launch a CUDA kernel (for
+    fake CUDA tensors under FakeTensorMode; the Triton launches, which fake tensors cannot run, are the caller's
+    stubs to count). Tests using it are marked ``unpoisoned``: conftest's NaN fill of torch.empty would count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LaunchCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) not in NO_LAUNCH:
+                launches.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    return LaunchCounter()

@@ -12,7 +12,15 @@ import warnings
 
 import pytest
 import torch
-from _helpers import CONFIDENT, CONFIDENT_LAYOUTS, available_backends, confident_errors, leaf, rel_err
+from _helpers import (
+    CONFIDENT,
+    CONFIDENT_LAYOUTS,
+    available_backends,
+    confident_errors,
+    launch_counter,
+    leaf,
+    rel_err,
+)
 
 import fastloss.functional as FF
 import fastloss.ops.mnrl as mnrl_ops
@@ -26,6 +34,7 @@ st_util = pytest.importorskip("sentence_transformers.util")
 
 # "blocked": the row-block torch op (FASTLOSS_MNRL_ALGO=blocked), which runs on every device
 BACKENDS = available_backends() + ["blocked"]
+NO_TRITON_CPU = "Triton on CPU tensors needs it installed and TRITON_INTERPRET=1 (a GPU runs TestCUDA instead)"
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 LOSS_TOL = dict(rtol=2e-5, atol=1e-5)  # the loss is a difference of logits of size ~scale: a few fp32 ulps of 20
 LOW_PRECISION_TOL = 3e-3  # relative error of fp16 / bf16 inputs against the fp32 loss on the same rounded values
@@ -463,7 +472,7 @@ FLASH_PROBLEMS = pytest.mark.parametrize(
 FLASH_DIMS = pytest.mark.parametrize("dim", [20, 136], ids=["one-D-tile", "D-chunks"])
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
 @FLASH_DIMS
 @FLASH_PROBLEMS
 @pytest.mark.parametrize("rows", ["4", "5", "16"])
@@ -488,7 +497,7 @@ def test_flash_backward_in_windows_of_rows(monkeypatch, dtype, rows, offset, bat
         torch.testing.assert_close(got, want, **tol)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
 @FLASH_DIMS
 @FLASH_PROBLEMS
 @pytest.mark.parametrize("split", [(9, 18), (11, 16), (9, 10, 26)], ids=["columns", "uneven", "one-row-blocks"])
@@ -513,7 +522,7 @@ def test_flash_doc_blocks(split, offset, batch, directions, joint, dim):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
 @pytest.mark.parametrize("sms,blocks", [(None, True), (1, True), (2, False)], ids=["interpreter", "fills", "small"])
 def test_flash_takes_columns_that_fill_the_gpu_as_blocks(monkeypatch, sms, blocks):
     """mnrl_loss's doc columns reach the flash op uncopied where each has at least BLOCK_ROWS_PER_SM rows per SM (and
@@ -555,7 +564,7 @@ def test_flash_doc_blocks_must_start_with_the_positives():
         mnrl(q, [p[:4], p[4:]], torch.tensor(20.0), MNRLParams(offset=2, batch=4), "triton")
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
 @pytest.mark.parametrize("offset,batch", [(0, 9), (3, 4), (5, 4)], ids=["local", "gathered", "gathered-last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(
@@ -643,7 +652,7 @@ def test_flash_merges_tiles_between_directions(monkeypatch, directions, joint, d
                 assert rel_err(a, want) < 2e-3
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
 @pytest.mark.parametrize("offset,batch,world", [(0, 40, 40), (6, 33, 45)], ids=["local", "gathered"])
 @pytest.mark.parametrize("joint", [True, False], ids=["joint", "per-direction"])
 def test_flash_gram_blocks_over_several_programs(monkeypatch, offset, batch, world, joint):
@@ -665,7 +674,7 @@ def test_flash_gram_blocks_over_several_programs(monkeypatch, offset, batch, wor
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
 @pytest.mark.parametrize("directions", [1, 15], ids=["q2d", "all4"])
 def test_flash_backward_memory_is_one_window(monkeypatch, directions):
     """Beyond the returned gradients, the flash backward allocates one window of fp32 rows, the epilogues' chunks and
@@ -677,13 +686,76 @@ def test_flash_backward_memory_is_one_window(monkeypatch, directions):
     q, d = _embeddings(world, dim, 1, seed=1)[0], _embeddings(world, dim, 3, seed=2)  # the doc columns as blocks
     params = MNRLParams(offset=0, batch=world, directions=directions)
     scale = torch.tensor(20.0)
-    _, lse, log_z, pos_val = mnrl_module.mnrl_fwd(q, d, scale, params)
+    _, *saved = mnrl_module.mnrl_fwd(q, d, scale, params)
     monkeypatch.setattr(mnrl_module, "_EPILOGUE_BYTES", window * dim * 4)
     monkeypatch.setenv("FASTLOSS_FLASH_WINDOW_ROWS", str(window))
     with LiveTensorBytes() as memory:
-        mnrl_module.mnrl_bwd(torch.tensor(1.0), q, d, scale, lse, log_z, pos_val, params)
+        mnrl_module.mnrl_bwd(torch.tensor(1.0), q, d, scale, *saved, params)
     grads = (world + n_docs) * dim * 4
     assert memory.peak - grads <= 3 * window * dim * 4 + 16 * (world + n_docs) * 4
+
+
+@pytest.mark.unpoisoned
+def test_flash_launches(monkeypatch):
+    """The flash path's host side at B = 1024 (bf16, D = 768, one hard negative, the docs concatenated as on a GPU of
+    132 SMs), where the H200 ran a call in 4-5 ms against 0.77 ms of GPU time: at most 53 launches for forward and
+    backward (79 before 586fcc7; 66 before the forward handed the backward its inverse norms and positive
+    similarities), the five Triton ones stubbed and counted; counted on fake CUDA tensors (FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastloss.ops import l2norm, sim_lse
+
+    launches = []
+
+    def sim_lse_fwd(r, c, r_inv, c_inv, scale, positive_col=False, **kwargs):
+        launches.append("sim_lse_fwd")
+        return torch.empty(r.shape[0], device=r.device), torch.empty(r.shape[0], device=r.device)
+
+    class Backward:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def rows(self, out, *args, **kwargs):
+            launches.append("sim_lse_bwd_rows")
+
+        def candidates(self, out, *args, **kwargs):
+            launches.append("sim_lse_bwd_candidates")
+
+    monkeypatch.setattr(sim_lse, "sim_lse_fwd", sim_lse_fwd)
+    monkeypatch.setattr(sim_lse, "SimLseBackward", Backward)
+    monkeypatch.setattr(l2norm, "l2norm_bwd", lambda x, inv, grad, out, scaled=False: launches.append("l2norm") or out)
+    monkeypatch.setattr(mnrl_ops, "_sm_count", lambda x: 132)  # an H200's
+    with FakeTensorMode():
+        q, d = (torch.empty(n, 768, device="cuda", dtype=torch.bfloat16) for n in (1024, 2048))
+        scale = torch.empty((), device="cuda")
+        p = MNRLParams(offset=0, batch=1024)
+        with launch_counter(launches):
+            saved = mnrl_ops.mnrl_fwd(q, [d], scale, p)[1:]
+            mnrl_ops.mnrl_bwd(torch.empty((), device="cuda"), q, [d], scale, *saved, p)
+    assert launches.count("aten.linalg_vector_norm") == 2  # once per tensor, in the forward
+    assert len(launches) <= 53, launches
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "dot"])
+def test_flash_inverse_norms_computed_once(monkeypatch, normalize):
+    """The flash forward's inverse norms of q and each doc column, in one vector (each tensor's at an aligned offset,
+    the same bits as _inv_norms of it), are what its backward uses: no norm computed there. Odd rows, a zero row."""
+    monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+    xs = _embeddings(13, 9, 3, seed=4)
+    xs[1][2] = 0.0
+    inv = mnrl_ops._flat_inv_norms(xs, normalize)
+    for x, view in zip(xs, mnrl_ops._split_inv_norms(inv, xs)):
+        assert (view.data_ptr() - inv.data_ptr()) % 128 == 0
+        assert torch.equal(view, mnrl_ops._inv_norms(x, normalize))
+    leaves = [leaf(x) for x in xs]
+    p = MNRLParams(offset=0, batch=13, normalize=normalize)
+    loss = mnrl(leaves[0], leaves[1:], leaf(torch.tensor(20.0)), p, "triton")
+    norms = []
+    real = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: norms.append(1) or real(*a, **k))
+    loss.backward()
+    assert norms == [] and all(torch.isfinite(x.grad).all() for x in leaves)
 
 
 def test_flash_window_rows_setting(monkeypatch):
@@ -703,17 +775,16 @@ def test_flash_window_rows_setting(monkeypatch):
         mnrl_module.window_rows(x)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
 def test_flash_epilogues_give_the_same_bits_in_row_chunks(monkeypatch):
     """The flash path's O(B*D) epilogues (positive similarities, normalisation backward) run a chunk of rows at a
     time to bound their fp32 temporaries; the arithmetic per row is the same at any chunk size."""
     from fastloss.ops import mnrl as mnrl_module
 
-    q, p, n = _embeddings(37, 24, 3, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float16)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, p, n = _embeddings(37, 24, 3, dtype=torch.float16)  # CPU tensors: the interpreter (BACKENDS)
 
     def run():
-        args = (leaf(q.to(device)), leaf(torch.cat([p, n]).to(device)), leaf(torch.tensor(20.0, device=device)))
+        args = (leaf(q), leaf(torch.cat([p, n])), leaf(torch.tensor(20.0)))
         loss = mnrl(*args, MNRLParams(offset=0, batch=37, directions=15, hardness=3, alpha=0.3), "triton")
         loss.backward()
         return [loss.detach(), *(x.grad for x in args)]
@@ -815,6 +886,18 @@ class TestCUDA:
         [(7, 33, 0, "all4"), (256, 384, 1, "q2d"), (1000, 768, 2, "all4"), (300, 4096, 1, "q2d+d2q")],
     )
     def test_matches_sentence_transformers(self, dtype, batch, dim, n_neg, dname):
+        self._check_against_sentence_transformers(dtype, batch, dim, n_neg, dname)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    def test_one_direction_half_in_the_flash_kernels(self, monkeypatch, dtype):
+        """query_to_doc alone in fp16/bf16 runs the row-block op by default on CUDA; the flash kernels, which
+        FASTLOSS_MNRL_ALGO=flash keeps, against sentence-transformers too."""
+        monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "flash")
+        assert mnrl_backend(torch.empty(1, 8, device="cuda", dtype=dtype)) == "triton"
+        self._check_against_sentence_transformers(dtype, 256, 384, 1, "q2d")
+
+    @staticmethod
+    def _check_against_sentence_transformers(dtype, batch, dim, n_neg, dname):
         ours, theirs = _pair(
             dict(directions=DIRECTION_SETS[dname], hardness_mode="all_negatives", hardness_strength=0.3)
         )

@@ -36,7 +36,9 @@ dx = (dx_hat - x_hat <x_hat, dx_hat>) / max(|x|, eps) are O(B*D) epilogues here 
 fastloss.ops.l2norm, without temporaries; fastloss._C.l2norm_bwd on CUDA with FASTLOSS_CUDA_KERNELS=1). The backward
 runs per window of rows of q and of each block of d (window_rows): the kernels write or add that window's fp32 dx_hat
 into one buffer, the epilogues turn it into those rows of dx. Beyond the returned gradients it holds that buffer and
-O(B) vectors (dscale's positive row dots, a chunk of rows at a time, run after the buffer is freed).
+O(B) vectors. The forward hands the backward the inverse norms of q and each block of d and the positive pairs'
+similarities, O(B) fp32 vectors that the backward computed again before (2026-11-30: 13 of a call's 66 kernel
+launches with the doc columns concatenated, one hard negative, counted on fake CUDA tensors; 53 now).
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -96,6 +98,38 @@ def _inv_norms(x: Tensor, normalize: bool, dtype: torch.dtype = torch.float32) -
     if not normalize:
         return torch.ones(x.shape[0], device=x.device, dtype=dtype)
     return torch.linalg.vector_norm(x, dim=1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
+
+
+# Each tensor's inverse norms in the flash op's one vector start at a multiple of this many entries (128 bytes), so
+# that the kernels see the same pointer alignment as for vectors of their own
+_INV_ALIGN = 32
+
+
+def _inv_offsets(rows: Sequence[int]) -> list[int]:
+    """Where each tensor's inverse norms start in the flash op's vector of them, and last its length."""
+    offsets = [0]
+    for n in rows:
+        offsets.append(offsets[-1] + -(-n // _INV_ALIGN) * _INV_ALIGN)
+    return offsets
+
+
+def _flat_inv_norms(xs: Sequence[Tensor], normalize: bool) -> Tensor:
+    """The fp32 inverse norms of every tensor of ``xs`` in one vector (_inv_offsets; the padding unused, 1 so that the
+    op's output is deterministic), the same bits as _inv_norms of each: the flash forward computes them once and hands
+    them to the backward (O(B), 384 KiB at the GPU target), len(xs) + 3 launches instead of 3 len(xs), and none in the
+    backward (which recomputed them)."""
+    offsets = _inv_offsets([x.shape[0] for x in xs])
+    out = torch.ones(offsets[-1], device=xs[0].device, dtype=torch.float32)
+    if not normalize:
+        return out
+    for x, a in zip(xs, offsets):
+        torch.linalg.vector_norm(x, dim=1, dtype=torch.float32, out=out[a : a + x.shape[0]])
+    return out.clamp_min_(NORM_EPS).reciprocal_()
+
+
+def _split_inv_norms(inv: Tensor, xs: Sequence[Tensor]) -> list[Tensor]:
+    """The views of _flat_inv_norms' vector that hold each tensor's inverse norms."""
+    return [inv[a : a + x.shape[0]] for x, a in zip(xs, _inv_offsets([x.shape[0] for x in xs]))]
 
 
 # Rows per chunk of the O(B*D) epilogues below: about 16 MiB per fp32 temporary, so that at GPU batch sizes (65536 x
@@ -402,16 +436,19 @@ TRANSPOSED_FWD_BYTES = 128 * 2**20
 
 def mnrl_fwd(
     q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Flash-style forward of queries ``q`` [W, D] and docs ``d``: [kW, D] or blocks of its rows in order (the doc
     columns, uncopied); (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B], the backward's
-    pos_val fp32 [n_dir, B])."""
+    pos_val fp32 [n_dir, B]; for the backward, which would compute them again, the inverse norms of q and each block
+    (_flat_inv_norms) and the positive pairs' similarities fp32 [B])."""
     from fastloss.ops.sim_lse import sim_lse_fwd, transposed_bytes
 
     docs = _doc_blocks(d, p)
     xs = [q, *docs]
-    invs = [_inv_norms(x, p.normalize) for x in xs]
-    positive = scale.float() * _positive_sims(q, docs[0], invs[0], invs[1], p)
+    inv = _flat_inv_norms(xs, p.normalize)
+    invs = _split_inv_norms(inv, xs)
+    sims = _positive_sims(q, docs[0], invs[0], invs[1], p)
+    positive = scale.float() * sims
     lse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     # doc_to_query over the local queries from query_to_doc's tiles of the positives' block
@@ -432,7 +469,7 @@ def mnrl_fwd(
     nlse = torch.stack([_combine(parts) for parts in nlse_parts])
     log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
     row_loss, pos_val = positive_terms(lse, nlse, positive, p)
-    return row_loss.mean(), lse, log_z, pos_val
+    return row_loss.mean(), lse, log_z, pos_val, inv, sims
 
 
 # The flash backward holds the fp32 gradients of a window of rows at a time (one buffer for q's and d's windows): at
@@ -490,16 +527,19 @@ def mnrl_bwd(
     lse: Tensor,
     log_z: Tensor,
     pos_val: Tensor,
+    inv: Tensor,
+    sims: Tensor,
     p: MNRLParams,
 ) -> tuple[Tensor, list[Tensor], Tensor]:
-    """Flash-style backward: (dq, [dd of each block of docs], dscale) for the incoming scalar ``grad``. Per window of
-    rows of q, then of each block of docs, each launch whose rows or candidates are those rows adds its part of dx_hat
-    to one fp32 buffer, the positive's separate term joins, and the normalisation backward writes those rows of dx."""
+    """Flash-style backward: (dq, [dd of each block of docs], dscale) for the incoming scalar ``grad``, given the
+    forward's outputs (``inv``, ``sims``: its inverse norms and positive similarities). Per window of rows of q, then
+    of each block of docs, each launch whose rows or candidates are those rows adds its part of dx_hat to one fp32
+    buffer, the positive's separate term joins, and the normalisation backward writes those rows of dx."""
     from fastloss.ops.sim_lse import SimLseBackward
 
     docs = _doc_blocks(d, p)
     xs = [q, *docs]
-    invs = [_inv_norms(x, p.normalize) for x in xs]
+    invs = _split_inv_norms(inv, xs)
     h = grad.float() / p.batch
     if p.joint:
         shares = torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
@@ -571,7 +611,7 @@ def mnrl_bwd(
     del acc, buffer
     dscale = sum(ds.sum() * share for ds, share in dscales)
     if separate is not None:
-        dscale = dscale - h * (separate * _positive_sims(q, docs[0], invs[0], invs[1], p)).sum()
+        dscale = dscale - h * (separate * sims).sum()
     return dxs[0], dxs[1:], dscale.to(scale.dtype).reshape(scale.shape)
 
 
@@ -594,7 +634,7 @@ def _mnrl_fwd(
     hardness: int,
     alpha: float,
     normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return mnrl_fwd(q, docs, scale, _params(offset, batch, directions, joint, hardness, alpha, normalize))
 
 
@@ -605,6 +645,8 @@ def _mnrl_fwd_fake(q, docs, scale, offset, batch, directions, joint, hardness, a
         q.new_empty((n_dir, batch), dtype=torch.float32),
         q.new_empty((batch,), dtype=torch.float32),
         q.new_empty((n_dir, batch), dtype=torch.float32),
+        q.new_empty((_inv_offsets([q.shape[0], *(x.shape[0] for x in docs)])[-1],), dtype=torch.float32),
+        q.new_empty((batch,), dtype=torch.float32),
     )
 
 
@@ -616,6 +658,8 @@ def _mnrl_bwd(
     lse: Tensor,
     log_z: Tensor,
     pos_val: Tensor,
+    inv: Tensor,
+    sims: Tensor,
     offset: int,
     batch: int,
     directions: int,
@@ -624,13 +668,12 @@ def _mnrl_bwd(
     alpha: float,
     normalize: bool,
 ) -> tuple[Tensor, list[Tensor], Tensor]:
-    return mnrl_bwd(
-        grad, q, docs, scale, lse, log_z, pos_val, _params(offset, batch, directions, joint, hardness, alpha, normalize)
-    )
+    p = _params(offset, batch, directions, joint, hardness, alpha, normalize)
+    return mnrl_bwd(grad, q, docs, scale, lse, log_z, pos_val, inv, sims, p)
 
 
 def _mnrl_bwd_fake(
-    grad, q, docs, scale, lse, log_z, pos_val, offset, batch, directions, joint, hardness, alpha, normalize
+    grad, q, docs, scale, lse, log_z, pos_val, inv, sims, offset, batch, directions, joint, hardness, alpha, normalize
 ):
     return torch.empty_like(q), [torch.empty_like(x) for x in docs], torch.empty_like(scale)
 
@@ -640,14 +683,14 @@ _mnrl_bwd_op = custom_op("mnrl_bwd", _mnrl_bwd, fake=_mnrl_bwd_fake)
 
 def _fwd_setup_context(ctx, inputs, output):
     q, docs, scale, *args = inputs
-    _, lse, log_z, pos_val = output
-    ctx.save_for_backward(q, scale, lse, log_z, pos_val, *docs)
+    _, lse, log_z, pos_val, inv, sims = output
+    ctx.save_for_backward(q, scale, lse, log_z, pos_val, inv, sims, *docs)
     ctx.args = tuple(args)
 
 
-def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z, _grad_pos_val):
-    q, scale, lse, log_z, pos_val, *docs = ctx.saved_tensors
-    dq, dd, dscale = _mnrl_bwd_op(grad_loss, q, docs, scale, lse, log_z, pos_val, *ctx.args)
+def _fwd_backward(ctx, grad_loss, _grad_lse, _grad_log_z, _grad_pos_val, _grad_inv, _grad_sims):
+    q, scale, lse, log_z, pos_val, inv, sims, *docs = ctx.saved_tensors
+    dq, dd, dscale = _mnrl_bwd_op(grad_loss, q, docs, scale, lse, log_z, pos_val, inv, sims, *ctx.args)
     return (dq, dd, dscale) + (None,) * len(ctx.args)
 
 
