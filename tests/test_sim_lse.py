@@ -199,12 +199,12 @@ def test_candidate_blocks(poison, bounds, pen_mode, mask_own, dtype):
     stats = [sim_lse_fwd(r, cb, r_inv, ib, 20.0, positive_col=True, base=a, **opts) for cb, ib, a in blocks]
     assert_close(torch.logsumexp(torch.stack([lse for lse, _ in stats]), 0), lse_w, TOL[dtype], "lse")
     assert_close(torch.logsumexp(torch.stack([nlse for _, nlse in stats]), 0), nlse_w, TOL[dtype], "nlse")
-    dr = torch.empty(5, 20)
-    dc = torch.empty(24, 20)
-    dscale = torch.zeros(5)
+    dr = torch.empty(5, 20, device=DEVICE)
+    dc = torch.empty(24, 20, device=DEVICE)
+    dscale = torch.zeros(5, device=DEVICE)
     for k, (cb, ib, a) in enumerate(blocks):
         bwd = sim_lse.SimLseBackward(r, cb, r_inv, ib, 20.0, lse_w.float(), g, pos_val=pos_val, base=a, **opts)
-        part = torch.empty(5)
+        part = torch.empty(5, device=DEVICE)
         bwd.rows(dr, 0, 5, accumulate=k > 0, dscale=part)
         dscale += part
         bwd.candidates(dc[a : a + cb.shape[0]], 0, cb.shape[0], accumulate=False)
@@ -534,14 +534,14 @@ def test_transposed_direction(poison, pen_mode, dtype):
     bwd = sim_lse.SimLseBackward(
         r, c, r_inv, c_inv, 20.0, lse_a.float(), g, pos_val=pv_a + pv_b, lse_t=lse_b.float(), **opts
     )
-    dr, dscale = torch.empty(M, D), torch.empty(M)
+    dr, dscale = torch.empty(M, D, device=DEVICE), torch.empty(M, device=DEVICE)
     bwd.rows(dr, 0, 2, accumulate=False, dscale=dscale)
     dr[2:] = 0.0
     bwd.rows(dr[2:], 2, M, accumulate=True, dscale=dscale)
     dc_want = dc_a.clone()
     dc_want[offset : offset + M] += dr_b
     for split in (N, 6):
-        dc = torch.empty(N, D)
+        dc = torch.empty(N, D, device=DEVICE)
         bwd.candidates(dc[:split], 0, split, accumulate=False)
         bwd.candidates(dc[split:], split, N, accumulate=False)
         assert_close(dc, dc_want, TOL[dtype], f"dc_hat, split {split}")
@@ -563,7 +563,7 @@ def test_gram_block(poison, offset, M, N, dtype):
     opts = dict(period=N, offset=offset, mask_own=True, pen_mode=0, alpha=0.0)
     lse, dr_want, dc_want, dscale_want, _ = oracle(r, c, r_inv, c_inv, 20.0, g, **opts)
     dr_want = dr_want + dc_want[offset : offset + M]
-    dr, dc, dscale = torch.empty(M, 24), torch.zeros(N, 24), torch.empty(M)
+    dr, dc, dscale = torch.empty(M, 24, device=DEVICE), torch.zeros(N, 24, device=DEVICE), torch.empty(M, device=DEVICE)
     gram = sim_lse.SimLseBackward(r, r, r_inv, r_inv, 20.0, lse.float(), g, base=offset, lse_t=lse.float(), **opts)
     gram.rows(dr, 0, 2, accumulate=False, dscale=dscale)  # two windows of rows, the second added to
     dr[2:] = 0.0
@@ -588,16 +588,18 @@ def test_transposed_rows_must_lie_in_the_block(shape, base):
     r, c, r_inv, c_inv, g = make(5, 24, 20, torch.float32, seed=9)
     opts = dict(period=8, offset=3, mask_own=False, pen_mode=0, alpha=0.0, base=base)
     with pytest.raises(ValueError, match="lse_t"):
-        sim_lse.SimLseBackward(r, c[base:], r_inv, c_inv[base:], 20.0, g, g, lse_t=torch.zeros(shape), **opts)
+        sim_lse.SimLseBackward(
+            r, c[base:], r_inv, c_inv[base:], 20.0, g, g, lse_t=torch.zeros(shape, device=DEVICE), **opts
+        )
     with pytest.raises(ValueError, match="nlse_t"):
-        sim_lse_fwd(r, c[base:], r_inv, c_inv[base:], 20.0, nlse_t=torch.zeros(shape), **opts)
+        sim_lse_fwd(r, c[base:], r_inv, c_inv[base:], 20.0, nlse_t=torch.zeros(shape, device=DEVICE), **opts)
 
 
 def test_transposed_statistics_must_be_fp32():
     r, c, r_inv, c_inv, _ = make(5, 24, 20, torch.float32, seed=9)
     opts = dict(period=8, offset=3, mask_own=False, pen_mode=0, alpha=0.0)
     with pytest.raises(ValueError, match="^sim_lse: nlse_t must be fp32"):
-        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, nlse_t=torch.zeros(5, dtype=torch.float64), **opts)
+        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, nlse_t=torch.zeros(5, dtype=torch.float64, device=DEVICE), **opts)
 
 
 # (M, N, offset, n_t, base): the transposed rows as many as the rows (MNRL's symmetric loss), fewer, more (rows t >= M

@@ -127,11 +127,25 @@ def _truth(*args):
     return _oracle_fp64(*args) if x.dtype == torch.float64 else ops._batch_hard_bwd_torch(*args)
 
 
-def _assert_bwd_close(got, want, dtype):
+def _assert_bwd_close(got, want, dtype, atol_scale: float = 1.0):
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
     assert torch.isfinite(got).all()
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol * atol_scale)
+
+
+def _assert_cuda_close(got, args, dtype):
+    """The CUDA kernel's result against the truth. The torch path adds with atomics on CUDA (index_add_), in no fixed
+    order, so its fp32 sums are no reference to within fp32's tolerance: fp32 and fp64 take the fp64 oracle, fp32 with
+    atol relative to the largest entry (squared distances' gradients reach ~400 at these shapes, and cancel: against
+    the oracle the CPU kernel, the same sums in the same order, is within 0.28 of that bound; an unscaled atol fails
+    it by 5x). Half dtypes take the torch path, whose order moves nothing beyond their rounding."""
+    if dtype in (torch.float32, torch.float64):
+        want = _oracle_fp64(*args)
+        scale = max(1.0, float(want.abs().max())) if dtype == torch.float32 else 1.0
+        _assert_bwd_close(got, want.to(dtype), dtype, atol_scale=scale)
+    else:
+        _assert_bwd_close(got, ops._batch_hard_bwd_torch(*args), dtype)
 
 
 @pytest.fixture
@@ -376,7 +390,7 @@ def test_cuda_equals_torch_path(metric, selection, batch, dim, dtype):
     sel_idx, sel_d = _mined(x, labels, metric) if selection == "mined" else _synthetic(x, metric, seed=batch)
     grad_hp, grad_hn = _grads(batch, seed=batch, device="cuda")
     args = (grad_hp, grad_hn, x, sel_idx, sel_d, metric)
-    _assert_bwd_close(ops._batch_hard_bwd_cuda(*args), _truth(*args), dtype)
+    _assert_cuda_close(ops._batch_hard_bwd_cuda(*args), args, dtype)
 
 
 @needs_cuda_kernel
@@ -392,7 +406,7 @@ def test_cuda_many_rows_select_one_and_wide_rows(metric, dtype):
         sel_d = (torch.rand(3, batch, generator=torch.Generator().manual_seed(batch)) + 0.5).cuda()
         grad_hp, grad_hn = _grads(batch, seed=4, device="cuda")
         args = (grad_hp, grad_hn, x, sel_idx.cuda(), sel_d, metric)
-        _assert_bwd_close(ops._batch_hard_bwd_cuda(*args), _truth(*args), dtype)
+        _assert_cuda_close(ops._batch_hard_bwd_cuda(*args), args, dtype)
 
 
 @needs_cuda_kernel
