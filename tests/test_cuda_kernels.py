@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import leaf
+from _helpers import leaf, needs_interpreter
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastloss.functional as FF
@@ -32,12 +32,6 @@ MNRL_SHAPES = [(1, 33), (7, 384), (129, 768)]
 TRIPLET_SHAPES = [(1, 33), (7, 384), (129, 1000)]
 TRIPLET_LOSSES = ("batch_hard", "batch_hard_soft_margin", "batch_all", "batch_semi_hard")
 STREAMED = ("batch_all", "batch_semi_hard")
-# Triton kernels on CPU tensors: the interpreter, which conftest sets where CUDA is absent; a GPU machine runs the
-# GPU tests below instead
-needs_interpreter = pytest.mark.skipif(
-    not (_backend.triton_available() and _backend.triton_interpret()),
-    reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set where CUDA is absent; a GPU runs the GPU tests)",
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _helpers import CONFIDENT, CONFIDENT_LAYOUTS, confident_errors, launch_counter, leaf, rel_err
+from _helpers import CONFIDENT, CONFIDENT_LAYOUTS, confident_errors, launch_counter, leaf, needs_interpreter, rel_err
 
 import fastloss.functional as FF
 from fastloss import _backend
@@ -301,12 +301,9 @@ def _sim(normalize: bool):
     return cos_sim if normalize else dot_score
 
 
-# CPU tensors through the interpreter, against the torch row passes; on a GPU (compiled kernels: CPU tensors cannot
-# go in) the Triton row passes are the CUDA default, which TestCUDA checks against the flash path and the reference
-needs_triton = pytest.mark.skipif(
-    not (_backend.triton_available() and _backend.triton_interpret()),
-    reason="the Triton row passes on CPU tensors need TRITON_INTERPRET=1 (on a GPU: TestCUDA)",
-)
+# CPU tensors through the interpreter, against the torch row passes; on a GPU the Triton row passes are the CUDA
+# default, which TestCUDA checks against the flash path and the reference
+needs_triton = needs_interpreter
 
 
 @needs_triton

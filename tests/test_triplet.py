@@ -18,7 +18,7 @@ import re  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
-from _helpers import ST_EXACT_SEMI_HARD_TIES, force_configs, leaf  # noqa: E402
+from _helpers import ST_EXACT_SEMI_HARD_TIES, force_configs, leaf, require_interpreter  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as hyp  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -248,6 +248,8 @@ def test_fp16_cosine_zero_rows(monkeypatch, kind, path):
     backward at |x| < eps), overflow fp16 to +-inf as the fp32 values cast to fp16 do, never NaN."""
     if path == "native" and not ops._backend.native_has(NATIVE_OP):
         pytest.skip("fastloss._C lacks the triplet ops (not built)")
+    if path != "native":
+        require_interpreter()  # FASTLOSS_BACKEND=triton with CPU tensors
     if path != "triton":
         monkeypatch.setattr(ops, "_interpret", lambda: False)
     if path == "native":
@@ -491,8 +493,8 @@ def test_gradcheck_fp64(backend, kind, metric):
     """fp64 gradcheck of the public loss (an fp64 result for fp64 embeddings) at gradcheck's own step and
     tolerances: every path keeps fp64, the Triton batch-hard kernel's fp32 selections included (the selected
     pairs' distances are recomputed in fp64). The data keep every selection far from a tie."""
-    y = torch.tensor([0, 1, 0, 1, 2, 0, 2])
-    x = leaf(_x(len(y), 5, dtype=torch.float64, seed=9))
+    y = torch.tensor([0, 1, 0, 1, 2, 0, 2], device=DEVICE)
+    x = leaf(_x(len(y), 5, dtype=torch.float64, seed=9).to(DEVICE))
     fn = METRICS[metric][1]
     margin_args = () if kind == "soft" else (0.8,)
     loss = LOSSES[kind][2]
