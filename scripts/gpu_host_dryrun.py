@@ -5,10 +5,11 @@ forces FASTLOSS_BACKEND=triton on them) fails there, while CI, which has the int
 suite (the GPU-marked tests and test_cuda_kernels.py left out: they need the real device) with torch.cuda.is_available
 patched to True and the interpreter off, and sorts the failures:
 
-  cuda tensors   the test moves its tensors to CUDA, as it would on a GPU: fails here only for want of a driver
+  cuda tensors   the test moves its tensors to CUDA, as it would on a GPU (or makes fake CUDA tensors, which then
+                 ask for a driver): fails here only for want of one
   cpu tensors    FASTLOSS_BACKEND=triton or a Triton launch with CPU tensors, which a GPU machine refuses too:
                  such a test must skip without the interpreter (tests/_helpers.py: require_interpreter)
-  other          anything else, to read (fake CUDA tensors under FakeTensorMode fail here for want of a driver)
+  other          anything else, to read
 
     python3 scripts/gpu_host_dryrun.py [pytest args]      # exit 1 if any test falls under "cpu tensors"
 """
@@ -30,7 +31,7 @@ import torch
 torch.cuda.is_available = lambda: True
 """
 CPU_TENSORS = ("TRITON_INTERPRET=1 for CPU tensors", "0 active drivers", "libcuda.so cannot found")
-CUDA_TENSORS = ("Found no NVIDIA driver", "not compiled with CUDA")
+CUDA_TENSORS = ("Found no NVIDIA driver", "not compiled with CUDA", "CUDA driver version is insufficient")
 
 
 def main(args: list[str]) -> int:
@@ -49,8 +50,10 @@ def main(args: list[str]) -> int:
             message = bad.get("message") or ""
             kind = next((k for k, marks in (("cpu tensors", CPU_TENSORS), ("cuda tensors", CUDA_TENSORS))
                          if any(m in message for m in marks)), "other")  # fmt: skip
-            name = f"{case.get('classname')}::{re.sub(r'[[].*', '', case.get('name'))}"
-            kinds[kind][name if kind != "other" else f"{name}: {message[:120]}"] += 1
+            test = re.sub(r"\[.*", "", case.get("name"))  # its parameters dropped
+            name = f"{case.get('classname')}::{test}"
+            brief = " ".join(message.split())[:120]
+            kinds[kind][name if kind != "other" else f"{name}: {brief}"] += 1
     for kind in ("cpu tensors", "other", "cuda tensors"):
         print(f"{kind}: {sum(kinds[kind].values())} failed")
         for name, n in sorted(kinds[kind].items()):
