@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # A short second device call after scripts/gpu_check.sh: the questions its first run left (2026-11-29, H200), and
-# since 3ac9dc9 / 586fcc7 (fewer launches: 29 per row block instead of 89, 68 per small flash call instead of 79,
-# counted on fake tensors) whether steps 2-4 now show small batches and 256 MiB blocks faster.
+# since 3ac9dc9 / 586fcc7 / 601799d (fewer launches: 29 per row block instead of 89, 53 per small flash call instead
+# of 79, counted on fake tensors) whether steps 2-4 now show small batches and 256 MiB blocks faster.
 #
 #   OUT=/some/dir bash scripts/gpu_followup.sh      # from the repository root; GPU_FOLLOWUP_BUDGET_S (default 250 s)
 #
 # 1. The gpu-marked Triton tests, stopped with SIGINT at their time limit so that pytest still prints the names and
-#    reasons of the failures so far (scripts/gpu_check.sh's first run timed them out with SIGTERM: dots only).
+#    reasons of the failures so far (scripts/gpu_check.sh's first run timed them out with SIGTERM: dots only). With
+#    GPU_FOLLOWUP_ALL_TESTS=1 instead the whole suite but the slow tests: also the ~670 tests outside the gpu marker
+#    that run on CUDA tensors on a GPU (test_triplet.py's generic tests, test_sim_lse.py, test_l2norm.py, ...), never
+#    run on one yet; for a lease with the time (raise GPU_FOLLOWUP_BUDGET_S and GPU_FOLLOWUP_TESTS_S, the tests' share
+#    of it, default 100 s).
 # 2. Flash (Triton) against row-block (cuBLAS) MNRL, MNSRL and GTE over the batch sweep with sentence-transformers
 #    and the GEMM floor (at the target the row-block op ran 4.8x faster than the flash one): which should be the
 #    default on CUDA, and from which size (the 2026-11-29 run, at 30fe787, timed impl fastloss, then the flash kernels;
@@ -35,11 +39,12 @@ else
   note "install without the extension: rc=$?"
   tests=(-m gpu --ignore tests/test_cuda_kernels.py --ignore tests/test_native.py --ignore tests/test_triplet_bwd_native.py
     tests)
+  [ "${GPU_FOLLOWUP_ALL_TESTS:-0}" = 1 ] && tests=(-m "not slow" tests)
 fi
 
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n "${GPU_FOLLOWUP_WORKERS:-16}")
-FASTLOSS_AUTOTUNE=first timeout -s INT -k 15 "$(cap 100)" python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 "${xdist[@]}" \
+FASTLOSS_AUTOTUNE=first timeout -s INT -k 15 "$(cap "${GPU_FOLLOWUP_TESTS_S:-100}")" python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 "${xdist[@]}" \
   "${tests[@]}" >"$OUT/tests.log" 2>&1
 note "tests (${xdist[*]} ${tests[*]}): rc=$? $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"
 
