@@ -208,12 +208,6 @@ def _add_positive_rows(acc: Tensor, first: int, other: Tensor, other_inv: Tensor
     acc[a - first : b - first].addcmul_(other[a:b], weight[:, None])
 
 
-def _add_positive_term(grads: tuple[Tensor, Tensor], q, d, q_inv, d_inv, coef: Tensor, p, scaled: bool) -> None:
-    """_add_positive_rows for whole accumulators ``grads`` (dq, dd)."""
-    _add_positive_rows(grads[0], 0, d, d_inv, q_inv, coef, p, scaled)
-    _add_positive_rows(grads[1], 0, q, q_inv, d_inv, coef, p, scaled)
-
-
 @dataclass(frozen=True)
 class Direction:
     """One selected direction: whether its rows are the local queries (else the local positives) and its candidates
