@@ -301,12 +301,7 @@ def _sim(normalize: bool):
     return cos_sim if normalize else dot_score
 
 
-# CPU tensors through the interpreter, against the torch row passes; on a GPU the Triton row passes are the CUDA
-# default, which TestCUDA checks against the flash path and the reference
-needs_triton = needs_interpreter
-
-
-@needs_triton
+@needs_interpreter  # CPU tensors, against the torch row passes (on a GPU: TestCUDA)
 @pytest.mark.parametrize(
     "world,columns,p",
     [
@@ -332,7 +327,7 @@ def test_triton_row_passes_match_the_torch_ones(monkeypatch, world, columns, p):
 # the interpreter casts with numpy, which warns where a value overflows fp16: here the folded entry of a zero
 # vector's positive (inverse norm 1e12), which overflows by design and so stays unfolded (as on a GPU, silently)
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-@needs_triton
+@needs_interpreter  # CPU tensors, against the torch row passes (on a GPU: TestCUDA)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_row_passes_write_half_g(monkeypatch, dtype):
     """G written by the Triton kernel in the input dtype (fp16: the folded inverse norm capped) is as accurate as the
@@ -356,7 +351,7 @@ def test_triton_row_passes_write_half_g(monkeypatch, dtype):
         assert rel_err(a[keep], truth[keep]) <= bound
 
 
-@needs_triton
+@needs_interpreter  # CPU tensors, against the torch row passes (on a GPU: TestCUDA)
 @pytest.mark.parametrize("layout", ["qd", "all4"])
 def test_triton_row_passes_in_confident_rows(monkeypatch, layout):
     """The row-block op with its Triton row passes (the negatives' sum apart in row_stats; the positive's logit
