@@ -110,16 +110,51 @@ NO_LAUNCH = {
 }  # fmt: skip
 
 
+def _host_copy(func, args, kwargs) -> str | None:
+    """'host_to_device' / 'device_to_host' for an ATen copy between the CPU and another device (a host sync on CUDA:
+    torch.tensor(x, device="cuda") is one, torch.full is not), 'device_read' for a scalar read of a device tensor
+    (.item(), bool(), float()), else None."""
+    name = str(func.overloadpacket)
+    if name == "aten._local_scalar_dense":
+        return "device_read" if args[0].device.type != "cpu" else None
+    if name not in ("aten._to_copy", "aten.copy_"):
+        return None
+    src, dst = (args[0], kwargs.get("device")) if name == "aten._to_copy" else (args[1], args[0].device)
+    if dst is None or (torch.device(dst).type == "cpu") == (src.device.type == "cpu"):
+        return None
+    return "host_to_device" if src.device.type == "cpu" else "device_to_host"
+
+
 def launch_counter(launches: list):
     """A dispatch mode that appends to ``launches`` the name of each ATen op that would launch a CUDA kernel (for
     fake CUDA tensors under FakeTensorMode; the Triton launches, which fake tensors cannot run, are the caller's
-    stubs to count). Tests using it are marked ``unpoisoned``: conftest's NaN fill of torch.empty would count."""
+    stubs to count), and 'host_to_device' / 'device_to_host' for a copy between host and device (a host sync).
+    Tests using it are marked ``unpoisoned``: conftest's NaN fill of torch.empty would count."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class LaunchCounter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func.overloadpacket) not in NO_LAUNCH:
-                launches.append(str(func.overloadpacket))
+            copy = _host_copy(func, args, kwargs or {})
+            if copy is not None or str(func.overloadpacket) not in NO_LAUNCH:
+                launches.append(copy or str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
     return LaunchCounter()
+
+
+def host_syncs(syncs: list):
+    """A dispatch mode that appends to ``syncs`` each host sync an op on fake CUDA tensors would make: copies between
+    host and device and scalar reads of device tensors (_host_copy; a scalar read, of any tensor, returns True or 1.0,
+    so that the code goes on as with valid data)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SyncSpy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kind = _host_copy(func, args, kwargs or {})
+            if kind is not None:
+                syncs.append(kind)
+            if str(func.overloadpacket) == "aten._local_scalar_dense":  # fake tensors hold no values
+                return True if args[0].dtype == torch.bool else 1.0
+            return func(*args, **(kwargs or {}))
+
+    return SyncSpy()

@@ -452,6 +452,7 @@ def _cuda_launches(monkeypatch, p, dtype, rows_per_block):
         scale = torch.empty((), device="cuda")
         with launch_counter(launches):
             mnrl_blocked.mnrl_blocked(q, d, scale, p, True)
+    assert not {"host_to_device", "device_to_host"} & set(launches)  # no host sync
     return len(launches)
 
 

@@ -119,10 +119,10 @@ def mnrl_loss(
         name = f"docs[{k}]"
         check_embeddings(name, column, batch=batch, dim=dim)
         check_same(name, column, queries, "queries")
-    check_scale(scale)
+    check_scale(scale, device=queries.device)
     directions = validate_mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
     kind, similarity_fct = _similarity_kind(similarity)
-    check_finite([("queries", queries)] + [(f"docs[{k}]", c) for k, c in enumerate(docs)])
+    check_finite([("queries", queries)] + [(f"docs[{k}]", c) for k, c in enumerate(docs)], scale=scale)
 
     offset = 0
     if gather_across_devices:
@@ -166,7 +166,7 @@ def mnrl_loss(
     if isinstance(scale, Tensor):
         scale_t = scale.reshape(()).to(device=queries.device, dtype=acc)
     else:
-        scale_t = torch.tensor(float(scale), dtype=acc, device=queries.device)
+        scale_t = torch.full((), float(scale), dtype=acc, device=queries.device)  # a fill: no copy, no host sync
     # the columns go in as they are: the flash op takes them as blocks of candidates, uncopied where each fills the GPU
     # (at B = 32768, D = 1024 bf16: 64 MiB per column; fastloss.ops.mnrl.columns_as_blocks), the row-block ops
     # concatenate them (pairs: one column, not copied)
