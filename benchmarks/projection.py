@@ -10,8 +10,8 @@ prints the loss stage's peak beyond its inputs, as the suite's peak_mib counts i
   opaque call), with the Triton launches replaced by no-ops. The kernels allocate nothing themselves, so every
   allocation of the op is in that host code. The window is the CUDA default for ``--sms`` SMs, and whole tensors for
   comparison.
-- fastloss row blocks (the CUDA default for one-direction bf16/fp16 MNRL): fastloss.ops.mnrl.mnrl's concatenation of
-  the columns, fastloss.ops.mnrl_blocked.mnrl_blocked as on CUDA (half GEMM operands with fp32 products, the Triton
+- fastloss row blocks (the CUDA default for one-direction bf16/fp16 MNRL): the columns as fastloss.ops.mnrl.mnrl passes
+  them (uncopied), fastloss.ops.mnrl_blocked.mnrl_blocked as on CUDA (half GEMM operands with fp32 products, the Triton
   row passes and normalisation backward as no-ops) and the op's backward, which scales the gradients it computed in
   the forward; at the default 1024 MiB block and at 256 MiB.
 Then the largest batch (N = 2B) whose inputs and loss stage fit ``--gib``. A projection, not a measurement: the GPU
@@ -114,10 +114,9 @@ def blocked_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype, block_mib
     os.environ["FASTLOSS_MNRL_BLOCK_MIB"] = str(block_mib)
     try:
         with _flash_host_code(0), _as_on_cuda(), LiveTensorBytes() as memory:
-            q = leaves[0].detach()
-            d = torch.cat([x.detach() for x in leaves[1:]])  # as mnrl(): one tensor for the row-block op
-            loss, dq, dd, dscale = mnrl_blocked.mnrl_blocked(q, d, scale, params, True)
-            del d
+            q, docs = leaves[0].detach(), [x.detach() for x in leaves[1:]]  # as mnrl(): the columns as they come
+            loss, dq, dd, dscale = mnrl_blocked.mnrl_blocked(q, docs, scale, params, True)
+            del docs
             g = torch.tensor(1.0, device="meta")  # the op's backward: its gradients scaled by the incoming one
             grads = (dq * g.to(dq.dtype), dd * g.to(dd.dtype))
             del dq, dd, grads

@@ -39,6 +39,13 @@ def _run(q, d, p, scale=20.0):
     return [loss.detach(), *(x.grad for x in args)]
 
 
+def _block_mib(p: MNRLParams, rows: int, world: int = 13, columns: int = 3) -> str:
+    """FASTLOSS_MNRL_BLOCK_MIB for blocks of ``rows`` rows of _inputs' shapes (fp32 logits, the partners' entries)."""
+    widths = sum((columns if bit in (1, 8) else 1) * world for bit in (1, 2, 4, 8) if p.directions & bit)
+    widths += p.batch * sum(k >= 0 for k in mnrl_blocked.partners(directions(p)))  # the partners' entries
+    return str(rows * widths * 4 / 2**20)
+
+
 @pytest.mark.parametrize("p", CONFIGS)
 def test_any_block_size_gives_the_same_result(monkeypatch, p):
     """One block of all rows, blocks of 4 rows (the last shorter) and of one row: the same loss and gradients
@@ -48,10 +55,8 @@ def test_any_block_size_gives_the_same_result(monkeypatch, p):
     sizes = []
     mm = mnrl_blocked._mm
     monkeypatch.setattr(mnrl_blocked, "_mm", lambda a, b, *rest: sizes.append(tuple(a.shape)) or mm(a, b, *rest))
-    widths = sum((3 if bit in (1, 8) else 1) * 13 for bit in (1, 2, 4, 8) if p.directions & bit)
-    widths += p.batch * sum(k >= 0 for k in mnrl_blocked.partners(directions(p)))  # the partners' entries
     for rows in (4, 1):
-        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", str(rows * widths * 4 / 2**20))
+        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", _block_mib(p, rows))
         sizes.clear()
         got = _run(q, d, p)
         # the logits products [m, D] x [D, N] and the gradient products [m, N] x [N, D], [N, m] x [m, D]: a block of
@@ -214,6 +219,26 @@ def test_half_gemm_operands(monkeypatch, dtype, p, rows):
         keep = torch.isfinite(b.to(dtype)).all(dim=1)  # a zero vector's true gradient (1e12 x) overflows fp16
         assert torch.isfinite(a[keep]).all() and rel_err(a[keep], b[keep]) < bound
     assert rel_err(got[3], want[3]) < bound
+
+
+@pytest.mark.parametrize("rows", [None, 4, 1], ids=["one-block", "blocks-of-4", "blocks-of-1"])
+@pytest.mark.parametrize("p", CONFIGS)
+def test_columns_as_they_come(monkeypatch, p, rows):
+    """The doc columns go into the op uncopied, as mnrl() passes them (their concatenation was 128 MiB of the op's
+    memory at the GPU target): the logits' products write each column's part of a block, the gradient products sum
+    over the columns a span of candidates crosses (the shared products' spans too: blocks of 1 or 4 rows where
+    directions share them). The loss and every gradient are those of the concatenation, up to the order of sums."""
+    monkeypatch.setitem(mnrl_blocked.MERGE_MIN_ROWS, "other", 1)
+    if rows is not None:
+        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", _block_mib(p, rows))
+    q, d = _inputs()
+    whole = _run(q, d, p)
+    taken = [leaf(q), [leaf(x) for x in d.split(q.shape[0])], leaf(torch.tensor(20.0))]
+    loss = mnrl(taken[0], taken[1], taken[2], p, "blocked")
+    loss.backward()
+    got = [loss.detach(), taken[0].grad, torch.cat([x.grad for x in taken[1]]), taken[2].grad]
+    for a, b in zip(got, whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_without_grad_it_computes_only_the_loss(monkeypatch):

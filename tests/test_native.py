@@ -445,9 +445,9 @@ def test_gradcheck(params, similarity):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_opcheck(dtype):
     q, docs = make_inputs(6, 8, 2, "cos", dtype, seed=8)
-    q, d = q.requires_grad_(True), torch.cat(docs).requires_grad_(True)
+    q, docs = q.requires_grad_(True), [x.requires_grad_(True) for x in docs]  # the op takes the columns
     scale = torch.tensor(20.0, requires_grad=True)
-    args = (q, d, scale, 1, 4, 15, True, 3, ALPHA, True, True)
+    args = (q, docs, scale, 1, 4, 15, True, 3, ALPHA, True, True)
     torch.library.opcheck(torch.ops.fastloss.mnrl_fused.default, args)
 
 

@@ -93,11 +93,29 @@ class MNRLParams:
         return (self.offset, self.batch, self.directions, self.joint, self.hardness, self.alpha, self.normalize)
 
 
-def _inv_norms(x: Tensor, normalize: bool, dtype: torch.dtype = torch.float32) -> Tensor:
-    """1 / max(|x_i|, eps) in ``dtype`` (ones for dot-product similarity)."""
+def _inv_norms(x: Tensor | Sequence[Tensor], normalize: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    """1 / max(|x_i|, eps) in ``dtype`` (ones for dot-product similarity), of the rows of ``x`` or of several tensors
+    one after another (in one vector, each tensor's norms written into it)."""
+    if isinstance(x, Tensor):
+        if not normalize:
+            return torch.ones(x.shape[0], device=x.device, dtype=dtype)
+        return torch.linalg.vector_norm(x, dim=1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
+    starts = [0, *itertools.accumulate(t.shape[0] for t in x)]
+    return _inv_norms_at(x, starts, starts[-1], normalize, dtype)
+
+
+def _inv_norms_at(
+    xs: Sequence[Tensor], offsets: Sequence[int], length: int, normalize: bool, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The inverse norms of each tensor of ``xs`` at its offset in one vector of ``length`` (other entries 1), the same
+    bits as _inv_norms of each."""
+    padded = not normalize or sum(x.shape[0] for x in xs) < length
+    out = (torch.ones if padded else torch.empty)(length, device=xs[0].device, dtype=dtype)
     if not normalize:
-        return torch.ones(x.shape[0], device=x.device, dtype=dtype)
-    return torch.linalg.vector_norm(x, dim=1, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
+        return out
+    for x, a in zip(xs, offsets):
+        torch.linalg.vector_norm(x, dim=1, dtype=dtype, out=out[a : a + x.shape[0]])
+    return out.clamp_min_(NORM_EPS).reciprocal_()
 
 
 # Each tensor's inverse norms in the flash op's one vector start at a multiple of this many entries (128 bytes), so
@@ -119,12 +137,7 @@ def _flat_inv_norms(xs: Sequence[Tensor], normalize: bool) -> Tensor:
     them to the backward (O(B), 384 KiB at the GPU target), len(xs) + 3 launches instead of 3 len(xs), and none in the
     backward (which recomputed them)."""
     offsets = _inv_offsets([x.shape[0] for x in xs])
-    out = torch.ones(offsets[-1], device=xs[0].device, dtype=torch.float32)
-    if not normalize:
-        return out
-    for x, a in zip(xs, offsets):
-        torch.linalg.vector_norm(x, dim=1, dtype=torch.float32, out=out[a : a + x.shape[0]])
-    return out.clamp_min_(NORM_EPS).reciprocal_()
+    return _inv_norms_at(xs, offsets, offsets[-1], normalize)
 
 
 def _split_inv_norms(inv: Tensor, xs: Sequence[Tensor]) -> list[Tensor]:
@@ -693,9 +706,10 @@ _mnrl_fwd_op = custom_op(
 )
 
 
-def _run_native(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
+def _run_native(q: Tensor, docs: list[Tensor], scale: Tensor, p: MNRLParams, need_grad: bool):
     from fastloss._backend import native_module
 
+    d = docs[0] if len(docs) == 1 else torch.cat(docs, dim=0)  # the C++ op takes one tensor
     loss, dq, dd, dscale = native_module().mnrl_fused(
         q.contiguous(),
         d.contiguous(),
@@ -706,36 +720,40 @@ def _run_native(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: b
     return loss, dq.to(q.dtype), dd.to(d.dtype), dscale
 
 
-def _run_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
+def _run_blocked(q: Tensor, docs: list[Tensor], scale: Tensor, p: MNRLParams, need_grad: bool):
     from fastloss.ops.mnrl_blocked import mnrl_blocked
 
-    return mnrl_blocked(q, d, scale, p, need_grad)
+    return mnrl_blocked(q, docs, scale, p, need_grad)  # the columns as they come: no copy of them
 
 
-def _fused_fake(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad):
+def _fused_fake(q, docs, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad):
     loss = q.new_empty((), dtype=_backend.accumulation_dtype(q))
-    return loss, torch.empty_like(q), torch.empty_like(d), torch.empty_like(scale)
+    dd = q.new_empty((sum(x.shape[0] for x in docs), q.shape[1]))
+    return loss, torch.empty_like(q), dd, torch.empty_like(scale)
 
 
 def _fused_setup_context(ctx, inputs, output):
     _, dq, dd, dscale = output
     ctx.save_for_backward(dq, dd, dscale)
+    ctx.rows = [x.shape[0] for x in inputs[1]]
     ctx.n_args = len(inputs) - 3
 
 
 def _fused_backward(ctx, grad_loss, *_unused):
     dq, dd, dscale = ctx.saved_tensors
     g = grad_loss.float()
-    return (dq * g.to(dq.dtype), dd * g.to(dd.dtype), dscale * g.to(dscale.dtype)) + (None,) * ctx.n_args
+    dd = list((dd * g.to(dd.dtype)).split(ctx.rows))  # each doc column's rows
+    return (dq * g.to(dq.dtype), dd, dscale * g.to(dscale.dtype)) + (None,) * ctx.n_args
 
 
 def _gradient_in_forward_op(name: str, run):
-    """A ``fastloss::<name>`` op (loss, dq, dd, dscale) = run(q, d, scale, params, need_grad) of the row-block
-    algorithm: the gradients come out of the forward, and its backward only scales them by the incoming gradient."""
+    """A ``fastloss::<name>`` op (loss, dq, dd, dscale) = run(q, docs, scale, params, need_grad) of the row-block
+    algorithm over the doc columns ``docs`` (dd: [kW, D], their rows in order): the gradients come out of the forward,
+    and its backward only scales them by the incoming gradient."""
 
     def op(
         q: Tensor,
-        d: Tensor,
+        docs: list[Tensor],
         scale: Tensor,
         offset: int,
         batch: int,
@@ -747,7 +765,7 @@ def _gradient_in_forward_op(name: str, run):
         need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         p = _params(offset, batch, directions, joint, hardness, alpha, normalize)
-        loss, dq, dd, dscale = run(q, d, scale, p, need_grad)
+        loss, dq, dd, dscale = run(q, docs, scale, p, need_grad)
         return loss, dq, dd, dscale.to(device=scale.device, dtype=scale.dtype).reshape(scale.shape)
 
     op.__name__ = op.__qualname__ = name
@@ -761,15 +779,14 @@ _mnrl_blocked_op = _gradient_in_forward_op("mnrl_blocked", _run_blocked)  # torc
 def mnrl(q: Tensor, docs: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams, backend: str) -> Tensor:
     """The MNRL loss (fp32 scalar; fp64 from the row-block ops for fp64 inputs) of gathered queries ``q`` [W, D] and
     docs [kW, D], or its doc columns [W, D] in order, on a fused backend: ``triton`` (flash; it takes the columns as
-    they are where columns_as_blocks), ``native`` (fastloss._C) or ``blocked`` (torch ops), which take them as one
-    tensor."""
+    they are where columns_as_blocks), ``native`` (fastloss._C, which takes them as one tensor: a copy) or
+    ``blocked`` (the row-block op, which takes them as they are)."""
     docs = [docs] if isinstance(docs, Tensor) else list(docs)
     if backend in ("native", "blocked"):
-        # one column (pairs) goes in as it is: a cat would copy it
-        d = docs[0] if len(docs) == 1 else torch.cat(docs, dim=0)
-        need_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad or scale.requires_grad)
+        # the columns go in as they come: the row-block op takes them uncopied, the native op concatenates them
+        need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, scale, *docs))
         op = _mnrl_fused_op if backend == "native" else _mnrl_blocked_op
-        return op(q, d, scale, *p.as_args(), need_grad)[0]
+        return op(q, docs, scale, *p.as_args(), need_grad)[0]
     if backend == "triton":
         if len(docs) > 1:
             sms = _sm_count(q)

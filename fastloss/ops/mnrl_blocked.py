@@ -52,19 +52,23 @@ in fp16 (only the terms of vectors of norm < 1.5e-5 are affected, in every gradi
 whose term is 0, are exact), as in the flash kernels. Elsewhere the products run in the accumulation dtype (fp32;
 fp64 for fp64 inputs, for gradcheck).
 
-Memory beyond the inputs and outputs: the fp32 gradient accumulator of the docs ([kW, D]; of the queries too with
+Memory beyond the inputs and outputs (the doc columns are taken as they come, uncopied: _Stacked): the fp32 gradient
+accumulator of the docs ([kW, D]; of the queries too with
 several directions, while query_to_doc alone finishes a block's query rows in the block), the candidate product's
 fp32 temporary in chunks of rows of at most a quarter of the logits budget, and one block of logits: m rows of every
 direction's candidates in the accumulation dtype, plus one direction's G in the input dtype on CUDA, the logits
 dropped once G is written. m follows FASTLOSS_MNRL_BLOCK_MIB (default 1024 MiB on CUDA, where a block should hold
 ~1000+ rows for the GEMMs to run near peak, 64 MiB elsewhere; at least one row). Projected at the GPU target
-(benchmarks/projection.py, which gives what the H200 measured for 30fe787: 1685.9 MiB beyond the gradients): 1280.5
-MiB, 512.4 with 256 MiB blocks (833.7 before).
+(benchmarks/projection.py, which gives what the H200 measured for 30fe787: 1685.9 MiB beyond the gradients): 1152.5
+MiB, 384.4 with 256 MiB blocks (833.7 at 30fe787; 1280.5 and 512.4 with the columns concatenated, until 2026-11-30).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -116,12 +120,54 @@ def half_gemms(x: Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
 
 
-def _mm(a: Tensor, b: Tensor, half: bool, acc: torch.dtype) -> Tensor:
-    """a @ b in ``acc``: cuBLAS with fp32 results for half CUDA operands; otherwise in ``acc`` itself (CPU tensors
-    with ``half`` set, which only the tests do, emulate the rounded operands this way)."""
+def _mm(a: Tensor, b: Tensor, half: bool, acc: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """a @ b in ``acc`` (into ``out`` where given: a view of columns of a block of logits, whose row stride cuBLAS
+    takes as its leading dimension): cuBLAS with fp32 results for half CUDA operands; otherwise in ``acc`` itself
+    (CPU tensors with ``half`` set, which only the tests do, emulate the rounded operands this way)."""
     if half and a.device.type != "cpu":  # CUDA (and meta tensors: benchmarks.projection)
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.to(acc), b.to(acc))
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.to(acc), b.to(acc), out=out)
+
+
+class _Stacked:
+    """The rows of several tensors as one matrix without copying them (the doc columns, each [W, D], as the
+    concatenation docs_all [kW, D]): at the GPU target (B = 32768, N = 65536, D = 1024 bf16) their concatenation was
+    128 MiB of the op's memory. Products with it run per tensor, into columns of the block of logits or summed."""
+
+    def __init__(self, parts: list[Tensor]):
+        self.parts = parts
+        self.starts = [0, *itertools.accumulate(x.shape[0] for x in parts)]
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def rows(self, a: int, b: int) -> Tensor:
+        """Rows a .. b - 1, which lie in one tensor (the local rows: the first's)."""
+        k = bisect.bisect_right(self.starts, a) - 1
+        assert b <= self.starts[k + 1], "rows across two tensors"
+        return self.parts[k][a - self.starts[k] : b - self.starts[k]]
+
+    def logits(self, r: Tensor, half: bool, acc: torch.dtype) -> Tensor:
+        """r @ stacked^T [m, rows] in ``acc``: one GEMM per tensor into its columns."""
+        if len(self.parts) == 1:
+            return _mm(r, self.parts[0].t(), half, acc)
+        s = torch.empty((r.shape[0], len(self)), device=r.device, dtype=acc)  # acc is fp32 for half operands
+        for x, a in zip(self.parts, self.starts):
+            _mm(r, x.t(), half, acc, s[:, a : a + x.shape[0]])
+        return s
+
+    def product(self, g: Tensor, spans: list[tuple[int, int]], half: bool, acc: torch.dtype) -> Tensor:
+        """The sum over the column spans [a, b) of g[:, a:b] @ stacked[a:b]: [m, D] in ``acc``, a GEMM per span and
+        tensor."""
+        out = None
+        for a, b in spans:
+            for x, lo, hi in zip(self.parts, self.starts, self.starts[1:]):
+                a_, b_ = max(a, lo), min(b, hi)
+                if a_ < b_:
+                    part = _mm(g[:, a_:b_], x[a_ - lo : b_ - lo], half, acc)
+                    out = part if out is None else out.add_(part)
+                    del part
+        return out
 
 
 def block_rows(
@@ -230,17 +276,24 @@ class _TritonRows:
         return row_grad(s, r_inv, c_inv, self.scale, top, out, fold=fold, **self._opts(dir_, g0))
 
 
-def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: bool):
-    """(loss, dq, dd, dscale) of MNRL over gathered queries q [W, D] and docs d [kW, D] with the gradients computed
-    in the same pass (zeros without ``need_grad``); loss and dscale in the accumulation dtype."""
-    world, columns = q.shape[0], d.shape[0] // q.shape[0]
+def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams, need_grad: bool):
+    """(loss, dq, dd, dscale) of MNRL over gathered queries q [W, D] and docs d [kW, D], or the doc columns that make
+    it up in order (uncopied), with the gradients computed in the same pass (zeros without ``need_grad``; dd [kW, D]
+    whichever form d takes); loss and dscale in the accumulation dtype."""
+    doc_cols = [d] if isinstance(d, Tensor) else list(d)
+    n_docs = sum(x.shape[0] for x in doc_cols)
+    world, columns = q.shape[0], n_docs // q.shape[0]
+    if doc_cols[0].shape[0] < p.offset + p.batch:
+        raise ValueError(f"mnrl_blocked: the first docs tensor must hold the positives, rows [0, {p.offset + p.batch})")
     acc = _backend.accumulation_dtype(q)
     half = half_gemms(q)
     fp16 = half and q.dtype == torch.float16  # operands whose folded inverse norms are capped
     gemm_dtype = q.dtype if half else acc
-    x_q, x_d = q.to(gemm_dtype), d.to(gemm_dtype)  # the GEMM operands (no copy where they already are)
+    # the GEMM operands (no copy where they already are)
+    x_q, x_d = _Stacked([q.to(gemm_dtype)]), _Stacked([x.to(gemm_dtype) for x in doc_cols])
+    first_docs = doc_cols[0]  # the local positives' rows: offset .. offset + B - 1, in the first tensor
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
-    q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(d, p.normalize, acc)
+    q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(doc_cols, p.normalize, acc)
     selected = directions(p)
     shares = positive_shares(p)  # of the positive's -1: equal among query_to_doc and doc_to_query
     first = [dir_.bit for dir_ in selected].index(QUERY_TO_DOC)  # whose positive logit the joint loss takes
@@ -275,7 +328,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         dq = torch.empty_like(q) if alone else None
         grads = (
             None if alone else torch.zeros(q.shape, device=q.device, dtype=acc),
-            torch.zeros(d.shape, device=q.device, dtype=acc),
+            torch.zeros((n_docs, q.shape[1]), device=q.device, dtype=acc),
         )
         if alone and p.offset:  # gathered queries of other ranks: no direction has them as rows
             dq[: p.offset].zero_()
@@ -289,7 +342,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         for dir_, k in zip(selected, partner):
             rows, r_inv, _ = side[dir_.rows_are_queries]
             cands, c_inv, _ = side[not dir_.candidates_are_docs]
-            s = _mm(rows[g0 : g0 + m], cands.t(), half, acc)
+            s = cands.logits(rows.rows(g0, g0 + m), half, acc)
             if k >= 0 and start > 0:  # from the raw products, before the row pass
                 factor = _rule(p, columns, scale, selected[k])[0]  # no earlier row's column is its own
                 transposed.append(_partner_entries(s, r_inv[g0 : g0 + m], c_inv, p.offset, factor, ref[k, :start]))
@@ -325,7 +378,7 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         for j, (dir_, top, c, total, pv, share, k, entries) in enumerate(parts):
             rows, r_inv, i_rows = side[dir_.rows_are_queries]
             cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
-            r_blk, r_inv_blk = rows[g0 : g0 + m], r_inv[g0 : g0 + m]
+            r_blk, r_inv_blk = rows.rows(g0, g0 + m), r_inv[g0 : g0 + m]
             fold = (pv, total, share, separate_share[start : start + m]) if share else None
             g = rows_pass.grad(blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold)  # E c_inv
             blocks[j] = None  # the products need only G: the logits go (in fp32 G is their storage)
@@ -334,16 +387,14 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
                 c = _add_partner_entries(g, c, entries, p.offset)
                 spans = [(0, g0 + m), (p.offset + p.batch, g.shape[1])]
             spans = [(a, b) for a, b in spans if b > a]
-            products = [_mm(g[:, a:b], cands[a:b], half, acc) for a, b in spans]
-            product = products[0] if len(products) == 1 else products[0].add_(products[1])  # (E c_inv) C: [m, D]
-            del products
+            product = cands.product(g, spans, half, acc)  # (E c_inv) C: [m, D]
             rw = c * r_inv_blk
             dscale += torch.dot(rw, (r_blk * product).sum(dim=1))  # r_blk promoted to acc, not copied
             if not alone:
                 grads[i_rows][g0 : g0 + m].addcmul_(product, (sh * rw)[:, None])
             else:  # the accumulator's values (0 + product w, then the positive's separate term), normalised here
                 rows_acc = product.mul_((sh * rw)[:, None])
-                _add_positive_rows(rows_acc, g0, d, d_inv, q_inv, neg_sh * separate_share, p, scaled=True)
+                _add_positive_rows(rows_acc, g0, first_docs, d_inv, q_inv, neg_sh * separate_share, p, scaled=True)
                 out = dq[g0 : g0 + m]
                 _norm_backward(q[g0 : g0 + m], r_inv_blk, rows_acc, p.normalize, scaled=True, out=out, fused=fused)
                 del rows_acc
@@ -364,15 +415,17 @@ def mnrl_blocked(q: Tensor, d: Tensor, scale: Tensor, p: MNRLParams, need_grad: 
         del blocks, transposed, parts, entries
 
     loss = (_softplus(row_loss) if alone else row_loss).mean()
+    dd = (torch.empty if grads is not None else torch.zeros)((n_docs, q.shape[1]), device=q.device, dtype=q.dtype)
     if grads is None:
-        return loss, torch.zeros_like(q), torch.zeros_like(d), torch.zeros((), device=q.device, dtype=acc)
+        return loss, torch.zeros_like(q), dd, torch.zeros((), device=q.device, dtype=acc)
     coef = neg_sh * separate_share
     if not alone:
-        _add_positive_rows(grads[0], 0, d, d_inv, q_inv, coef, p, scaled=True)
+        _add_positive_rows(grads[0], 0, first_docs, d_inv, q_inv, coef, p, scaled=True)
         dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused)
     _add_positive_rows(grads[1], 0, q, q_inv, d_inv, coef, p, scaled=True)
-    dscale = h * (dscale - (separate_share * _positive_sims(q, d, q_inv, d_inv, p)).sum())
-    dd = _norm_backward(d, d_inv, grads[1], p.normalize, scaled=True, fused=fused)
+    dscale = h * (dscale - (separate_share * _positive_sims(q, first_docs, q_inv, d_inv, p)).sum())
+    for x, a, b in zip(doc_cols, x_d.starts, x_d.starts[1:]):  # each column's rows of dd
+        _norm_backward(x, d_inv[a:b], grads[1][a:b], p.normalize, scaled=True, out=dd[a:b], fused=fused)
     return loss, dq, dd, dscale
 
 
