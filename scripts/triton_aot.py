@@ -192,6 +192,13 @@ def record_launches(quick: bool) -> list[Launch]:
                 if not mask_own:  # the positive's coefficient folded into its entry
                     fold = (torch.zeros(48), torch.ones(48), 1.0, torch.zeros(48))
                     block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, fold=fold, **opts)
+                    # query_to_doc alone: the block's terms in the statistics' launch, the separate term's weight
+                    block_softmax.row_grad(
+                        s, inv_r, inv_c, scale, top, out, fold=fold, pos_w=(torch.zeros(48), 0.5), **opts
+                    )
+                    for joint in (True, False):
+                        terms = (torch.zeros(48), torch.zeros(48), torch.zeros(48), 0.5, joint)
+                        block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=True, terms=terms, **opts)
         if not quick:  # the ranking kernel's block grows with the number of pairs, up to 4096 with 16 warps
             for n_pairs in (600, 5000):
                 label[0] = f"cosent rank N={n_pairs}"

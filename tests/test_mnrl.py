@@ -696,9 +696,10 @@ def test_flash_backward_memory_is_one_window(monkeypatch, directions):
 @pytest.mark.unpoisoned
 def test_flash_launches(monkeypatch):
     """The flash path's host side at B = 1024 (bf16, D = 768, one hard negative, the docs concatenated as on a GPU of
-    132 SMs), where the H200 ran a call in 4-5 ms against 0.77 ms of GPU time: at most 53 launches for forward and
+    132 SMs), where the H200 ran a call in 4-5 ms against 0.77 ms of GPU time: at most 52 launches for forward and
     backward (79 before 586fcc7; 66 before the forward handed the backward its inverse norms and positive
-    similarities), the five Triton ones stubbed and counted; counted on fake CUDA tensors (FakeTensorMode)."""
+    similarities; 53 while their vector was filled with ones before the norms overwrote all of it), the five Triton
+    ones stubbed and counted; counted on fake CUDA tensors (FakeTensorMode)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastloss.ops import l2norm, sim_lse
@@ -732,7 +733,7 @@ def test_flash_launches(monkeypatch):
             mnrl_ops.mnrl_bwd(torch.empty((), device="cuda"), q, [d], scale, *saved, p)
     assert launches.count("aten.linalg_vector_norm") == 2  # once per tensor, in the forward
     assert not {"host_to_device", "device_to_host"} & set(launches)  # no host sync
-    assert len(launches) <= 53, launches
+    assert len(launches) <= 52, launches
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)

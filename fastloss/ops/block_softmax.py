@@ -5,9 +5,11 @@ ops. The logits are sim_lse's (``_logits``: scale, hardness penalty, own-column 
 t_ij = r_inv_i S_ij c_inv_j, for the block's rows i (global row ``offset + i``):
     row_stats:  top_i = max_j logit_ij (0 for a fully masked row, whose sum is 0), sum_i = sum_j exp(logit_ij - top_i),
                 with positive_col also neg_i, the same sum without column offset + i (the positive's), and pos_i =
-                scale t_i,offset+i, the positive's logit (never penalised nor masked)
+                scale t_i,offset+i, the positive's logit (never penalised nor masked); with ``terms`` (query_to_doc
+                alone) the row's loss term, softmax weight and positive coefficient from those (row_stats)
     row_grad:   G_ij = exp(logit_ij - top_i) c_inv_j (c_inv capped at 65504 for fp16), in G's dtype; with ``fold``
-                the positive's coefficient written into its entry (mnrl_blocked._fold_positive's rule)
+                the positive's coefficient written into its entry (mnrl_blocked._fold_positive's rule), with
+                ``pos_w`` also the weight of the positive's separate term where it was not folded
 S may be G's storage (fp32 G in place: each element is read before it is written, by the same program). What these
 kernels compute besides the passes (the positive's logit, its folded entry) saves the row-block op a few small torch
 ops per block and direction: each a launch on CUDA, where a block's GEMMs take about as long as ~50 launches at small
@@ -46,6 +48,13 @@ def row_stats_kernel(
     total,
     neg,
     pos,
+    x_out,
+    pos_val,
+    weight,
+    rw,
+    srw,
+    sims,
+    h,
     N,
     period,
     offset,
@@ -54,13 +63,16 @@ def row_stats_kernel(
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     POS_COL: tl.constexpr,
+    TERMS: tl.constexpr,
+    JOINT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     own = offset + row
     # the positive's logit in the order of _row_logits and _logits (t = s r_inv c_inv, then scale t)
     b_t_own = tl.load(s + row * stride_s + own) * tl.load(r_inv + row) * tl.load(c_inv + own)
-    tl.store(pos + row, tl.load(scale) * b_t_own)
+    b_pos = tl.load(scale) * b_t_own
+    tl.store(pos + row, b_pos)
     b_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     b_nsum = tl.zeros((BLOCK,), dtype=tl.float32)  # POS_COL: without column offset + row
@@ -77,10 +89,25 @@ def row_stats_kernel(
     b_top = tl.max(b_max, axis=0)
     b_top_ref = tl.where(b_top == float("-inf"), 0.0, b_top)
     b_lane = tl.where(b_max == float("-inf"), 0.0, tl.exp(b_max - b_top_ref))
+    b_total = tl.sum(b_sum * b_lane, axis=0)
     tl.store(top + row, b_top_ref)
-    tl.store(total + row, tl.sum(b_sum * b_lane, axis=0))
+    tl.store(total + row, b_total)
     if POS_COL:
-        tl.store(neg + row, tl.sum(b_nsum * b_lane, axis=0))
+        b_neg = tl.sum(b_nsum * b_lane, axis=0)
+        tl.store(neg + row, b_neg)
+        if TERMS:  # query_to_doc alone: mnrl.one_direction_terms and the row's weights, in their torch order
+            b_x = (b_top_ref + tl.log(b_neg)) - b_pos
+            b_coef = -(1.0 / (1.0 + tl.exp(-b_x)))
+            if JOINT:  # the -1 stays a separate term where the positive holds less than half the mass
+                b_coef = tl.where(b_x > 0.0, float("inf"), b_coef)
+            b_c = 1.0 / b_total
+            b_rw = b_c * tl.load(r_inv + row)
+            tl.store(x_out + row, b_x)
+            tl.store(pos_val + row, b_coef)
+            tl.store(weight + row, b_c)
+            tl.store(rw + row, b_rw)
+            tl.store(srw + row, (tl.load(scale) * h) * b_rw)
+            tl.store(sims + row, b_t_own)
 
 
 @triton.jit
@@ -95,6 +122,8 @@ def row_grad_kernel(
     total,
     left,
     share,
+    pos_w,
+    h,
     N,
     period,
     offset,
@@ -104,6 +133,7 @@ def row_grad_kernel(
     MASK_OWN: tl.constexpr,
     PEN_MODE: tl.constexpr,
     FOLD: tl.constexpr,
+    POS_W: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -122,7 +152,10 @@ def row_grad_kernel(
             if g.dtype.element_ty == tl.float16:
                 folded = folded & (inv <= 65504.0)
             b_g = tl.where(o_n == own, tl.where(folded, entry, b_g), b_g)
-            tl.store(left + row, tl.load(left + row) + tl.where(folded, 0.0, share))
+            b_left = tl.load(left + row) + tl.where(folded, 0.0, share)
+            tl.store(left + row, b_left)
+            if POS_W:  # the weight of the row's separate positive term, -scale h left c_inv r_inv (_add_positive_rows)
+                tl.store(pos_w + row, ((-(tl.load(scale) * h) * b_left) * inv) * tl.load(r_inv + row))
     tl.store(g + row * stride_g + o_n, b_g, mask=o_n < N)
 
 
@@ -131,15 +164,25 @@ def _on_device(x: Tensor):
 
 
 def row_stats(
-    s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha, positive_col=False
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha, positive_col=False, terms=None
+) -> tuple:
     """(top [m], sum [m], neg [m] or None, pos [m]) in fp32 of the logits of the block S [m, N] (fp32, rows
     contiguous); top is 0 for a fully masked row; neg (with ``positive_col``) the sum without each row's column
-    offset + i; pos the logit scale t of that column as it is (neither penalised nor masked)."""
+    offset + i; pos the logit scale t of that column as it is (neither penalised nor masked). With ``terms`` = (x
+    [m], rw [m], sims [m], h, joint) for query_to_doc alone (and ``positive_col``) also what the row-block op takes
+    from them: x = top + log neg - pos (the row loss is softplus(x)), rw = r_inv / sum and the positive's similarity t
+    written into those, and (pos_val, weight, srw) [m] each returned after the four: pos_val = -sigmoid(x) (joint:
+    +inf where x > 0), weight = 1 / sum, srw = scale h rw; in the torch ops' order of operations
+    (mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead of eleven."""
     m, n = s.shape
-    out = torch.empty((4 if positive_col else 3, m), device=s.device, dtype=torch.float32)  # one allocation
-    top, total, pos = out[0], out[1], out[-1]
+    rows = (4 if positive_col else 3) + (3 if terms is not None else 0)
+    out = torch.empty((rows, m), device=s.device, dtype=torch.float32)  # one allocation
+    top, total, pos = out[0], out[1], out[3 if positive_col else 2]
     neg = out[2] if positive_col else None
+    if terms is not None and not positive_col:
+        raise ValueError("row_stats: terms are query_to_doc's, which holds the positive (positive_col)")
+    x, rw, sims, h, joint = terms if terms is not None else (top, top, top, 0.0, False)
+    pos_val, weight, srw = (out[4], out[5], out[6]) if terms is not None else (top, top, top)
     with _on_device(s):
         row_stats_kernel[(m,)](
             s,
@@ -150,6 +193,13 @@ def row_stats(
             total,
             total if neg is None else neg,
             pos,
+            x,
+            pos_val,
+            weight,
+            rw,
+            srw,
+            sims,
+            float(h),
             n,
             period,
             offset,
@@ -158,18 +208,29 @@ def row_stats(
             MASK_OWN=bool(mask_own),
             PEN_MODE=pen_mode,
             POS_COL=bool(positive_col),
+            TERMS=terms is not None,
+            JOINT=bool(joint),
             BLOCK=BLOCK_N,
         )
+    if terms is not None:
+        return top, total, neg, pos, pos_val, weight, srw
     return top, total, neg, pos
 
 
-def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha, fold=None) -> Tensor:
+def row_grad(
+    s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha, fold=None, pos_w=None
+) -> Tensor:
     """``out`` [m, N] (fp32, which may be S itself, or fp16/bf16) = exp(logit - top) c_inv, for ``top`` from
     row_stats. With ``fold`` = (pos_val [m], sum [m], share, left [m]), all fp32 but ``share`` (a float): the entry of
     row i's column offset + i becomes c_inv (pos_val sum) rounded to G's dtype where that is finite (and, in fp16, c_inv
-    at most 65504), and ``left`` gains ``share`` in the rows where it is not (mnrl_blocked._fold_positive)."""
+    at most 65504), and ``left`` gains ``share`` in the rows where it is not (mnrl_blocked._fold_positive). With
+    ``pos_w`` = (w [m], h) as well, w = -scale h left c_inv_own r_inv: the weight of the positive's separate term in
+    the row's gradient (mnrl._add_positive_rows; 0 where it was folded)."""
     m, n = s.shape
     pos_val, total, share, left = fold if fold is not None else (top, top, 0.0, top)
+    if pos_w is not None and fold is None:
+        raise ValueError("row_grad: pos_w is the weight of what fold leaves")
+    w, h = pos_w if pos_w is not None else (top, 0.0)
     with _on_device(s):
         row_grad_kernel[(m, triton.cdiv(n, BLOCK_N))](
             s,
@@ -182,6 +243,8 @@ def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_
             total,
             left,
             float(share),
+            w,
+            float(h),
             n,
             period,
             offset,
@@ -191,6 +254,7 @@ def row_grad(s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_
             MASK_OWN=bool(mask_own),
             PEN_MODE=pen_mode,
             FOLD=fold is not None,
+            POS_W=pos_w is not None,
             BLOCK=BLOCK_N,
         )
     return out

@@ -35,15 +35,17 @@ term, as in the other paths.
 
 Launches: on CUDA every torch op of a block is a kernel launch, ~10-25 us of host time each, and at the GPU target a
 256 MiB block (~700 rows) holds ~0.5 ms of GEMMs, so a block's launches bound its time unless they are few. With
-query_to_doc alone (the CUDA default in bf16/fp16) a block takes 29 launches: three GEMMs, two row passes, the
-normalisation backward of its query rows and ~23 small ops (one_direction_terms; dL/dscale as one dot; the weighted
-rows not rescaled, c = 1 / sum E being >= 1 / N); 89 before (2026-11-30: stacks of one [m] vector, the joint
-partition's logsumexps over one direction, the fold in ten torch ops). The H200 ran 256 MiB blocks 2.5x slower than
-1024 MiB ones at the target (100.6 against 39.8 ms): 49 blocks of 89 launches at ~20 us is about that time, the
-likely cause, not measured on a GPU since. A whole call of one block at B = 8192: 66 launches (188 before; the
-normalisation backward is one Triton launch per tensor instead of ~8 per 16 MiB chunk). tests/test_mnrl_blocked.py
-counts them on fake CUDA tensors. Several directions keep the general path (~100-170 launches a block); on CUDA they
-run in the flash kernels unless FASTLOSS_MNRL_ALGO=blocked.
+query_to_doc alone (the CUDA default in bf16/fp16) and two doc columns a block takes 15 launches: a GEMM per column
+for the logits, the statistics' row pass (which also writes the block's terms: _block_terms), the gradient's row
+pass (which also writes the weight of the positive's separate term), a GEMM per column for the query rows' product
+(summed), dL/dscale's row dots (two; one dot for all rows after the blocks), the query rows finished (scaled, the
+positive's term added, normalised: three), the weighted rows (one, rounded once) and the candidates' GEMM and
+accumulation; 12 with one column (29 before 2026-11-30 with the columns concatenated, the terms in ~11 torch ops; 89
+before 3ac9dc9). The H200 ran 256 MiB blocks 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms):
+49 blocks of 89 launches at ~20 us is about that time, the likely cause, not measured on a GPU since. A whole call
+of one block at B = 8192: 39 launches (66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts them on fake
+CUDA tensors. Several directions keep the general path (~100-170 launches a block); on CUDA they run in the flash
+kernels unless FASTLOSS_MNRL_ALGO=blocked.
 
 Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for the tensor-core GEMMs, the weights
 of the rows divided by their maximum so that they stay in fp16's range (in fp16, and with several directions, whose
@@ -217,11 +219,14 @@ class _TorchRows:
     def __init__(self, p: MNRLParams, world: int, columns: int, scale: Tensor):
         self.p, self.world, self.columns, self.scale = p, world, columns, scale
 
-    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int):
+    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int, terms=None):
         """(top, sum E, sum E without column g0 + i (directions holding the positive, else None), the positive's
-        logit) of each row; S becomes E in place."""
+        logit) of each row; S becomes E in place. With ``terms`` (query_to_doc alone) what block_softmax.row_stats
+        computes from them too: _block_terms."""
         factor, except_factor, t_begin, t_end = _rule(self.p, self.columns, self.scale, dir_)
         s.mul_(r_inv[:, None]).mul_(c_inv[None, :])  # the similarities t
+        if terms is not None:
+            terms[2].copy_(s.diagonal(offset=g0))  # the positive's
         if t_end > t_begin:
             own = torch.arange(g0, g0 + s.shape[0], device=s.device)
             cols = own[:, None] + self.world * torch.arange(t_begin, t_end, device=s.device)[None, :]
@@ -241,15 +246,21 @@ class _TorchRows:
         own.zero_()
         neg = s.sum(dim=1)
         own.copy_(e_own)
-        return top, neg + e_own, neg, positive
+        stats = (top, neg + e_own, neg, positive)
+        return stats if terms is None else stats + _block_terms(*stats, r_inv, self.scale, *terms[:2], *terms[3:])
 
-    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None) -> Tensor:
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None) -> Tensor:
         """G = E c_inv in ``dtype``; with ``fold`` = (pos_val, sum E, share, left) the positive's coefficient in its
-        entry (_fold_positive), ``left`` gaining the share of the rows where it does not fit."""
+        entry (_fold_positive), ``left`` gaining the share of the rows where it does not fit; with ``pos_w`` = (w, h)
+        too, w = the weight of the positive's separate term in the rows' gradient (block_softmax.row_grad)."""
         g = s.mul_(_cap(c_inv, fp16)[None, :]).to(dtype)
         if fold is not None:
             pos_val, total, share, left = fold
             left += _fold_positive(g, g0, pos_val * total, c_inv, share, fp16)
+            if pos_w is not None:  # _add_positive_rows' weight, in its order
+                w, h = pos_w
+                own = c_inv[g0 : g0 + g.shape[0]]
+                torch.mul(-(self.scale * h) * left, own, out=w).mul_(r_inv)
         return g
 
 
@@ -262,18 +273,31 @@ class _TritonRows:
     def _opts(self, dir_: Direction, g0: int) -> dict:
         return dict(period=self.world, offset=g0, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=self.p.alpha)
 
-    def stats(self, s, dir_, r_inv, c_inv, g0):
+    def stats(self, s, dir_, r_inv, c_inv, g0, terms=None):
         from fastloss.ops.block_softmax import row_stats
 
         # top: 0 for a fully masked row; neg: the sum without column g0 + i; positive: that column's logit, never
-        # penalised
-        return row_stats(s, r_inv, c_inv, self.scale, positive_col=_holds_positive(dir_.bit), **self._opts(dir_, g0))
+        # penalised; with terms, _block_terms in the same launch
+        positive_col = _holds_positive(dir_.bit)
+        return row_stats(s, r_inv, c_inv, self.scale, positive_col=positive_col, terms=terms, **self._opts(dir_, g0))
 
-    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None) -> Tensor:
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None) -> Tensor:
         from fastloss.ops.block_softmax import row_grad
 
         out = s if dtype == s.dtype else torch.empty(s.shape, device=s.device, dtype=dtype)
-        return row_grad(s, r_inv, c_inv, self.scale, top, out, fold=fold, **self._opts(dir_, g0))
+        return row_grad(s, r_inv, c_inv, self.scale, top, out, fold=fold, pos_w=pos_w, **self._opts(dir_, g0))
+
+
+def _block_terms(top, total, neg, positive, r_inv, scale, x, rw, h, joint):
+    """For query_to_doc alone, from a block's row statistics: x = NLSE - positive into ``x`` (the row loss is
+    softplus(x)), rw = r_inv / sum E into ``rw``, and (pos_val: -sigmoid(x), +inf where joint and x > 0; the softmax
+    weight c = 1 / sum E; srw = scale h rw), as block_softmax.row_stats computes them in its launch (which also
+    writes the positive's similarity: _TorchRows.stats does that before the logits overwrite it)."""
+    terms = one_direction_terms(top + neg.log(), positive, joint)
+    x.copy_(terms[1])
+    c = total.reciprocal()
+    torch.mul(c, r_inv, out=rw)
+    return terms[0], c, (scale * h) * rw
 
 
 def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams, need_grad: bool):
@@ -312,12 +336,15 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
         ref = torch.full((len(selected), p.batch), torch.inf, device=q.device, dtype=acc)  # max - log c per row
     h = 1.0 / p.batch
     sh = scale * h  # the gradients' common factor
-    neg_sh = -sh  # the positive's separate term's
     alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): one_direction_terms, no stacks
     # the row losses, or with one direction the x of softplus(x), which the loss takes once after the blocks
     row_loss = torch.empty(p.batch, device=q.device, dtype=acc)
     separate_share = torch.zeros(p.batch, device=q.device, dtype=acc)
-    dscale = torch.zeros((), device=q.device, dtype=acc)  # / h: sums of c r_inv <r, G C> over the blocks
+    # / h: sums of c r_inv <r, G C> over the blocks (query_to_doc alone: one dot after them)
+    dscale = None if alone else torch.zeros((), device=q.device, dtype=acc)
+    if alone:  # per row: c r_inv and <r, G C> (dL/dscale's, dotted once after the blocks), the positive's similarity
+        # and its separate term's weight (-scale h share c_inv r_inv, for the docs' rows after the blocks)
+        rw_all, rowdots, sims_all, pos_w_all = torch.empty((4, p.batch), device=q.device, dtype=acc)
     grads = dq = None
     fused = triton_rows(q)  # the normalisation backward as one Triton launch per tensor
     # rows of the candidate product's temporary (acc dtype, [rows, D]): a quarter of the logits budget
@@ -348,7 +375,12 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
                 transposed.append(_partner_entries(s, r_inv[g0 : g0 + m], c_inv, p.offset, factor, ref[k, :start]))
             else:
                 transposed.append(None)
-            top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
+            if alone:  # the block's terms from its statistics, in the row pass's launch where it is Triton's
+                rows = slice(start, start + m)
+                terms = (row_loss[rows], rw_all[rows], sims_all[rows], h, p.joint)
+                top, total, neg, positive, pv, c, srw = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, terms)
+            else:
+                top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
             blocks.append(s)
             row_max.append(top)
             sums.append(total)
@@ -356,9 +388,7 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             positives.append(positive)
         del s  # blocks holds it: every name of a block's logits is dropped before the next block's products
         if alone:  # softmax weights c = 1 / sum E
-            terms = one_direction_terms(row_max[0] + negs[0].log(), positives[0], p.joint)
-            row_loss[start : start + m] = terms[1]
-            pos_val, weights = terms[:1], sums[0].reciprocal()[None]
+            pos_val, weights = pv[None], c[None]
         else:
             row_max, sums, negs = torch.stack(row_max), torch.stack(sums), torch.stack(negs)  # [n_dir, m]
             lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
@@ -380,7 +410,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
             r_blk, r_inv_blk = rows.rows(g0, g0 + m), r_inv[g0 : g0 + m]
             fold = (pv, total, share, separate_share[start : start + m]) if share else None
-            g = rows_pass.grad(blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold)  # E c_inv
+            pos_w = (pos_w_all[start : start + m], h) if alone else None  # the separate term's weights
+            g = rows_pass.grad(blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold, pos_w)  # E c_inv
             blocks[j] = None  # the products need only G: the logits go (in fp32 G is their storage)
             spans = [(0, g.shape[1])]
             if k >= 0:  # the later local rows' columns are their blocks' (this block's rows as the partner's entries)
@@ -388,19 +419,22 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
                 spans = [(0, g0 + m), (p.offset + p.batch, g.shape[1])]
             spans = [(a, b) for a, b in spans if b > a]
             product = cands.product(g, spans, half, acc)  # (E c_inv) C: [m, D]
-            rw = c * r_inv_blk
-            dscale += torch.dot(rw, (r_blk * product).sum(dim=1))  # r_blk promoted to acc, not copied
             if not alone:
+                rw = c * r_inv_blk
+                dscale += torch.dot(rw, (r_blk * product).sum(dim=1))  # r_blk promoted to acc, not copied
                 grads[i_rows][g0 : g0 + m].addcmul_(product, (sh * rw)[:, None])
             else:  # the accumulator's values (0 + product w, then the positive's separate term), normalised here
-                rows_acc = product.mul_((sh * rw)[:, None])
-                _add_positive_rows(rows_acc, g0, first_docs, d_inv, q_inv, neg_sh * separate_share, p, scaled=True)
+                rw = rw_all[start : start + m]
+                torch.sum(r_blk * product, dim=1, out=rowdots[start : start + m])  # dL/dscale's, dotted with rw after
+                rows_acc = product.mul_(srw[:, None])
+                rows_acc.addcmul_(first_docs[g0 : g0 + m], pos_w[0][:, None])  # _add_positive_rows' term
                 out = dq[g0 : g0 + m]
                 _norm_backward(q[g0 : g0 + m], r_inv_blk, rows_acc, p.normalize, scaled=True, out=out, fused=fused)
                 del rows_acc
             del product
             if alone and not fp16:  # c = 1 / sum E >= 1 / N: the weighted rows need no rescaling for their range
-                weighted, factor = (r_blk * rw[:, None]).to(gemm_dtype), sh
+                weighted = torch.empty(r_blk.shape, device=q.device, dtype=gemm_dtype)
+                weighted, factor = torch.mul(r_blk, rw[:, None], out=weighted), sh  # in acc, rounded once
             else:
                 w = c * _cap(r_inv_blk, fp16)
                 w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
@@ -418,12 +452,16 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     dd = (torch.empty if grads is not None else torch.zeros)((n_docs, q.shape[1]), device=q.device, dtype=q.dtype)
     if grads is None:
         return loss, torch.zeros_like(q), dd, torch.zeros((), device=q.device, dtype=acc)
-    coef = neg_sh * separate_share
-    if not alone:
+    if alone:  # the positive's separate term in the docs' rows, its share of dL/dscale
+        local = slice(p.offset, p.offset + p.batch)
+        grads[1][local].addcmul_(q[local], pos_w_all[:, None])
+        dscale = h * (torch.dot(rw_all, rowdots) - torch.dot(separate_share, sims_all))
+    else:
+        coef = -sh * separate_share  # the positive's separate term's
         _add_positive_rows(grads[0], 0, first_docs, d_inv, q_inv, coef, p, scaled=True)
         dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused)
-    _add_positive_rows(grads[1], 0, q, q_inv, d_inv, coef, p, scaled=True)
-    dscale = h * (dscale - (separate_share * _positive_sims(q, first_docs, q_inv, d_inv, p)).sum())
+        _add_positive_rows(grads[1], 0, q, q_inv, d_inv, coef, p, scaled=True)
+        dscale = h * (dscale - (separate_share * _positive_sims(q, first_docs, q_inv, d_inv, p)).sum())
     for x, a, b in zip(doc_cols, x_d.starts, x_d.starts[1:]):  # each column's rows of dd
         _norm_backward(x, d_inv[a:b], grads[1][a:b], p.normalize, scaled=True, out=dd[a:b], fused=fused)
     return loss, dq, dd, dscale
