@@ -642,3 +642,31 @@ def test_transposed_forward(poison, monkeypatch, dtype, shape, tiles):
     if not base:
         assert_close(lse, lse_want, TOL[dtype], "lse")
         assert_close(nlse, nlse_want, TOL[dtype], "nlse")
+
+
+@pytest.mark.parametrize("joint", [True, False], ids=["joint", "per_direction"])
+@pytest.mark.parametrize("b", [1, 7, 1024, 2500])
+def test_one_direction_terms(joint, b):
+    """MNRL's query_to_doc alone, in one launch: pos_val = -sigmoid(x) (joint: +inf where x > 0) and the mean of
+    softplus(x), x = NLSE - scale s, against fp64 over x from -200 to 200 (confident rows, whose loss ~e^x needs
+    log1p, and wrong ones), over one and several chunks of 1024 rows; x rounded to fp32 as the kernel forms it."""
+    g = torch.Generator().manual_seed(b)
+    nlse = torch.randn(b, generator=g) * 60
+    sims = torch.rand(b, generator=g) * 2 - 1
+    scale = torch.tensor(20.0)
+    loss, pos_val = sim_lse.one_direction_terms(nlse.to(DEVICE), sims.to(DEVICE), scale.to(DEVICE), joint)
+    x = (nlse - scale * sims).double()  # as the kernel rounds it: the truth of what follows
+    want = -torch.sigmoid(x)
+    if joint:
+        want = torch.where(x > 0, torch.inf, want)
+    assert pos_val.shape == (1, b) and loss.shape == () and loss.dtype == pos_val.dtype == torch.float32
+    got = pos_val[0].cpu().double()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert ((got - want).abs()[finite] <= 4e-7 * want.abs()[finite] + 1.5e-45).all()  # to fp32's subnormals
+    softplus = torch.nn.functional.softplus(x, threshold=1000)  # no threshold: log1p(e^x) exactly in fp64
+    assert abs(float(loss) - float(softplus.mean())) <= 2e-6 * float(softplus.mean())
+    confident = x < -30  # loss ~e^x: a log(1 + a) would give 0 there
+    if confident.any():
+        one = sim_lse.one_direction_terms(nlse[confident].to(DEVICE), sims[confident].to(DEVICE), scale, joint)[0]
+        assert abs(float(one) - float(softplus[confident].mean())) <= 2e-6 * float(softplus[confident].mean())

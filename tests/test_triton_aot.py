@@ -49,6 +49,7 @@ def test_kernels_compile_and_fit_sm90():
         "row_stats_kernel",
         "row_grad_kernel",
         "l2norm_bwd_kernel",
+        "one_direction_terms_kernel",
     ):
         assert kernel in done.stdout, f"{kernel} was never compiled"
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastloss.ops.sim_lse import _fold, _logits, _rebase
+from fastloss.ops.sim_lse import _fold, _logits, _positive_coefficient, _rebase, _softplus
 
 BLOCK_N = 1024  # columns per step of a row: 4 KiB of fp32 per load, a warp-friendly size for a streaming pass
 
@@ -97,13 +97,10 @@ def row_stats_kernel(
         tl.store(neg + row, b_neg)
         if TERMS:  # query_to_doc alone: mnrl.one_direction_terms and the row's weights, in their torch order
             b_x = (b_top_ref + tl.log(b_neg)) - b_pos
-            b_coef = -(1.0 / (1.0 + tl.exp(-b_x)))
-            if JOINT:  # the -1 stays a separate term where the positive holds less than half the mass
-                b_coef = tl.where(b_x > 0.0, float("inf"), b_coef)
             b_c = 1.0 / b_total
             b_rw = b_c * tl.load(r_inv + row)
-            tl.store(x_out + row, b_x)
-            tl.store(pos_val + row, b_coef)
+            tl.store(x_out + row, _softplus(b_x))  # the row's loss
+            tl.store(pos_val + row, _positive_coefficient(b_x, JOINT))
             tl.store(weight + row, b_c)
             tl.store(rw + row, b_rw)
             tl.store(srw + row, (tl.load(scale) * h) * b_rw)
@@ -170,10 +167,10 @@ def row_stats(
     contiguous); top is 0 for a fully masked row; neg (with ``positive_col``) the sum without each row's column
     offset + i; pos the logit scale t of that column as it is (neither penalised nor masked). With ``terms`` = (x
     [m], rw [m], sims [m], h, joint) for query_to_doc alone (and ``positive_col``) also what the row-block op takes
-    from them: x = top + log neg - pos (the row loss is softplus(x)), rw = r_inv / sum and the positive's similarity t
-    written into those, and (pos_val, weight, srw) [m] each returned after the four: pos_val = -sigmoid(x) (joint:
-    +inf where x > 0), weight = 1 / sum, srw = scale h rw; in the torch ops' order of operations
-    (mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead of eleven."""
+    from them: the row loss softplus(x) with x = top + log neg - pos, rw = r_inv / sum and the positive's similarity
+    t written into those, and (pos_val, weight, srw) [m] each returned after the four: pos_val = -sigmoid(x) (joint:
+    +inf where x > 0), weight = 1 / sum, srw = scale h rw; in the torch ops' order of operations but softplus's
+    log1p (sim_lse._softplus; mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead of seventeen."""
     m, n = s.shape
     rows = (4 if positive_col else 3) + (3 if terms is not None else 0)
     out = torch.empty((rows, m), device=s.device, dtype=torch.float32)  # one allocation

@@ -38,7 +38,10 @@ runs per window of rows of q and of each block of d (window_rows): the kernels w
 into one buffer, the epilogues turn it into those rows of dx. Beyond the returned gradients it holds that buffer and
 O(B) vectors. The forward hands the backward the inverse norms of q and each block of d and the positive pairs'
 similarities, O(B) fp32 vectors that the backward computed again before (2026-11-30: 13 of a call's 66 kernel
-launches with the doc columns concatenated, one hard negative, counted on fake CUDA tensors; 53 now).
+launches with the doc columns concatenated, one hard negative, counted on fake CUDA tensors; 53 then). With
+query_to_doc alone (the drop-ins' default) the loss and pos_val come from one Triton launch
+(sim_lse.one_direction_terms, in place of positive_terms' ~14 torch ops), its log_z is its LSE and its weight in the
+backward h itself: 32 launches a call.
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -448,6 +451,7 @@ def mnrl_fwd(
     columns, uncopied); (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B], the backward's
     pos_val fp32 [n_dir, B]; for the backward, which would compute them again, the inverse norms of q and each block
     (_flat_inv_norms) and the positive pairs' similarities fp32 [B])."""
+    from fastloss.ops.sim_lse import one_direction_terms as terms_in_one_launch
     from fastloss.ops.sim_lse import sim_lse_fwd, transposed_bytes
 
     docs = _doc_blocks(d, p)
@@ -455,7 +459,8 @@ def mnrl_fwd(
     inv = _flat_inv_norms(xs, p.normalize)
     invs = _split_inv_norms(inv, xs)
     sims = _positive_sims(q, docs[0], invs[0], invs[1], p)
-    positive = scale.float() * sims
+    alone = p.directions == QUERY_TO_DOC  # the drop-ins' default
+    positive = None if alone else scale.float() * sims
     lse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     # doc_to_query over the local queries from query_to_doc's tiles of the positives' block
@@ -472,6 +477,10 @@ def mnrl_fwd(
         if transposed:  # doc_to_query's local part: its negatives among the local queries, and its positive
             nlse_parts[back].append(transposed["nlse_t"])
             lse_parts[back].append(torch.logaddexp(transposed["nlse_t"], positive))
+    if alone:  # the loss and pos_val in one launch; log_z is the LSE itself (a logsumexp or mean over one direction)
+        lse = _combine(lse_parts[0])
+        loss, pos_val = terms_in_one_launch(_combine(nlse_parts[0]), sims, scale, p.joint)
+        return loss, lse[None], lse.clone(), pos_val, inv, sims
     lse = torch.stack([_combine(parts) for parts in lse_parts])
     nlse = torch.stack([_combine(parts) for parts in nlse_parts])
     log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
@@ -548,7 +557,9 @@ def mnrl_bwd(
     xs = [q, *docs]
     invs = _split_inv_norms(inv, xs)
     h = grad.float() / p.batch
-    if p.joint:
+    if p.directions == QUERY_TO_DOC:  # its share of the joint partition is exactly 1 (log_z is its LSE): weight h
+        weights = h.expand(1, p.batch)
+    elif p.joint:
         shares = torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
         weights = h * shares
     else:
@@ -616,9 +627,12 @@ def mnrl_bwd(
                 _add_positive_rows(acc, first, xs[1 - k], invs[1 - k], x_inv, coef, p, scaled=False)
             _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last], fused=True)
     del acc, buffer
-    dscale = sum(ds.sum() * share for ds, share in dscales)
+    dscale = None
+    for ds, share in dscales:
+        part = ds.sum() if share == 1.0 else ds.sum() * share
+        dscale = part if dscale is None else dscale + part
     if separate is not None:
-        dscale = dscale - h * (separate * sims).sum()
+        dscale = dscale - h * torch.dot(separate, sims)
     return dxs[0], dxs[1:], dscale.to(scale.dtype).reshape(scale.shape)
 
 

@@ -43,7 +43,7 @@ positive's term added, normalised: three), the weighted rows (one, rounded once)
 accumulation; 12 with one column (29 before 2026-11-30 with the columns concatenated, the terms in ~11 torch ops; 89
 before 3ac9dc9). The H200 ran 256 MiB blocks 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms):
 49 blocks of 89 launches at ~20 us is about that time, the likely cause, not measured on a GPU since. A whole call
-of one block at B = 8192: 39 launches (66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts them on fake
+of one block at B = 8192: 33 launches (66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts them on fake
 CUDA tensors. Several directions keep the general path (~100-170 launches a block); on CUDA they run in the flash
 kernels unless FASTLOSS_MNRL_ALGO=blocked.
 
@@ -61,8 +61,8 @@ fp32 temporary in chunks of rows of at most a quarter of the logits budget, and 
 direction's candidates in the accumulation dtype, plus one direction's G in the input dtype on CUDA, the logits
 dropped once G is written. m follows FASTLOSS_MNRL_BLOCK_MIB (default 1024 MiB on CUDA, where a block should hold
 ~1000+ rows for the GEMMs to run near peak, 64 MiB elsewhere; at least one row). Projected at the GPU target
-(benchmarks/projection.py, which gives what the H200 measured for 30fe787: 1685.9 MiB beyond the gradients): 1152.5
-MiB, 384.4 with 256 MiB blocks (833.7 at 30fe787; 1280.5 and 512.4 with the columns concatenated, until 2026-11-30).
+(benchmarks/projection.py, which gives what the H200 measured for 30fe787: 1685.9 MiB beyond the gradients): 1152.9
+MiB, 384.9 with 256 MiB blocks (833.7 at 30fe787; 1280.5 and 512.4 with the columns concatenated, until 2026-11-30).
 """
 
 from __future__ import annotations
@@ -289,12 +289,12 @@ class _TritonRows:
 
 
 def _block_terms(top, total, neg, positive, r_inv, scale, x, rw, h, joint):
-    """For query_to_doc alone, from a block's row statistics: x = NLSE - positive into ``x`` (the row loss is
-    softplus(x)), rw = r_inv / sum E into ``rw``, and (pos_val: -sigmoid(x), +inf where joint and x > 0; the softmax
+    """For query_to_doc alone, from a block's row statistics: the row loss softplus(x), x = NLSE - positive, into
+    ``x``, rw = r_inv / sum E into ``rw``, and (pos_val: -sigmoid(x), +inf where joint and x > 0; the softmax
     weight c = 1 / sum E; srw = scale h rw), as block_softmax.row_stats computes them in its launch (which also
     writes the positive's similarity: _TorchRows.stats does that before the logits overwrite it)."""
     terms = one_direction_terms(top + neg.log(), positive, joint)
-    x.copy_(terms[1])
+    x.copy_(_softplus(terms[1]))
     c = total.reciprocal()
     torch.mul(c, r_inv, out=rw)
     return terms[0], c, (scale * h) * rw
@@ -337,7 +337,7 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     h = 1.0 / p.batch
     sh = scale * h  # the gradients' common factor
     alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): one_direction_terms, no stacks
-    # the row losses, or with one direction the x of softplus(x), which the loss takes once after the blocks
+    # the row losses (query_to_doc alone: softplus(x), written by the statistics' row pass)
     row_loss = torch.empty(p.batch, device=q.device, dtype=acc)
     separate_share = torch.zeros(p.batch, device=q.device, dtype=acc)
     # / h: sums of c r_inv <r, G C> over the blocks (query_to_doc alone: one dot after them)
@@ -448,7 +448,7 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
         # variable made two blocks of logits the op's peak (at the GPU target 682.5 MiB more; benchmarks/projection)
         del blocks, transposed, parts, entries
 
-    loss = (_softplus(row_loss) if alone else row_loss).mean()
+    loss = row_loss.mean()
     dd = (torch.empty if grads is not None else torch.zeros)((n_docs, q.shape[1]), device=q.device, dtype=q.dtype)
     if grads is None:
         return loss, torch.zeros_like(q), dd, torch.zeros((), device=q.device, dtype=acc)

@@ -290,6 +290,28 @@ def _log_sum(b_max, b_sum):
 
 
 @triton.jit
+def _softplus(b_x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), log1p(a) as log(u) a / (u - 1) with u = 1 + a rounded (exact to a few
+    ulps for a tiny a, where log(1 + a) would lose it: the loss of a confident row)."""
+    b_a = tl.exp(-tl.abs(b_x))
+    b_u = 1.0 + b_a
+    b_log1p = tl.where(b_u == 1.0, b_a, tl.log(b_u) * (b_a / tl.where(b_u == 1.0, 1.0, b_u - 1.0)))
+    return tl.maximum(b_x, 0.0) + b_log1p
+
+
+@triton.jit
+def _positive_coefficient(b_x, JOINT: tl.constexpr):
+    """query_to_doc alone, x = NLSE - the positive's logit: the positive's p - 1 = -sigmoid(x), from e^-|x| (no
+    overflow; e^x / (1 + e^x) for x < 0 keeps a confident row's tiny coefficient); joint: +inf where x > 0, where the
+    -1 stays a separate term (fastloss.ops.mnrl.one_direction_terms)."""
+    b_e = tl.exp(-tl.abs(b_x))
+    b_coef = -(tl.where(b_x >= 0.0, 1.0, b_e) / (1.0 + b_e))
+    if JOINT:
+        b_coef = tl.where(b_x > 0.0, float("inf"), b_coef)
+    return b_coef
+
+
+@triton.jit
 def _fold_positive(b_p, m_pos, b_pv):
     """P with pos_val at each row's positive entry ``m_pos`` (rows whose pos_val is +inf keep P)."""
     return tl.where(m_pos & (b_pv != float("inf")), b_pv, b_p)
@@ -590,6 +612,19 @@ def sim_lse_bwd_dc_kernel(
 # host
 
 
+@triton.jit
+def one_direction_terms_kernel(nlse, sims, scale, pos_val, loss, B, JOINT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program over all B rows, in order: pos_val and the mean of the row losses softplus(x), x = NLSE - scale s."""
+    b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, B, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        m = o < B
+        b_x = tl.load(nlse + o, mask=m, other=0.0) - tl.load(scale) * tl.load(sims + o, mask=m, other=0.0)
+        tl.store(pos_val + o, _positive_coefficient(b_x, JOINT), mask=m)
+        b_sum += tl.where(m, _softplus(b_x), 0.0)
+    tl.store(loss, tl.sum(b_sum, axis=0) / B)
+
+
 def _operands(r: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     if r.ndim != 2 or c.ndim != 2 or r.shape[1] != c.shape[1]:
         raise ValueError(f"sim_lse: r [M, D] and c [N, D] must share D, got {tuple(r.shape)} and {tuple(c.shape)}")
@@ -888,3 +923,18 @@ def sim_lse_bwd(
     bwd.rows(dr, 0, bwd.M, accumulate=False, dscale=dscale)
     bwd.candidates(dc, 0, bwd.N, accumulate=False)
     return dr, dc, dscale
+
+
+def one_direction_terms(nlse: Tensor, sims: Tensor, scale: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
+    """(loss fp32 [], pos_val fp32 [1, B]) of MNRL's query_to_doc alone from the forward's NLSE [B] (fp32) and the
+    positive pairs' similarities ``sims`` [B]: x = NLSE - scale s, pos_val = -sigmoid(x) (joint: +inf where x > 0) and
+    the loss mean softplus(x), in one launch instead of about fourteen torch ops (fastloss.ops.mnrl.positive_terms)."""
+    b = nlse.shape[0]
+    # separate tensors: a torch.library op's outputs may not share a storage
+    pos_val = torch.empty((1, b), device=nlse.device, dtype=torch.float32)
+    loss = torch.empty((), device=nlse.device, dtype=torch.float32)
+    with _on_device(nlse):
+        one_direction_terms_kernel[(1,)](
+            nlse, sims, _scale(scale, nlse.device), pos_val, loss, b, JOINT=bool(joint), BLOCK=1024
+        )
+    return loss, pos_val
