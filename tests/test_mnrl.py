@@ -838,11 +838,12 @@ def test_gradcheck_reference_fp64():
     )
 
 
+@pytest.mark.parametrize("directions", [15, 1], ids=["all4", "query_to_doc"])  # alone: its own outputs' path
 @pytest.mark.parametrize("backend_name", _op_backends())
-def test_opcheck(backend_name):
+def test_opcheck(backend_name, directions):
     q, p = _embeddings(5, 16, 2)
     scale = torch.tensor(20.0)
-    args = (0, 5, 15, True, 3, 0.5, True)
+    args = (0, 5, directions, True, 3, 0.5, True)
     if backend_name in ("native", "blocked"):  # the doc columns as they come; dd [kW, D]
         op = torch.ops.fastloss.mnrl_fused if backend_name == "native" else torch.ops.fastloss.mnrl_blocked
         torch.library.opcheck(op, (leaf(q), [leaf(p), leaf(p.flip(0))], leaf(scale), *args, True))

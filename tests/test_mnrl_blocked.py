@@ -287,6 +287,23 @@ class TestCUDA:
         assert rel_err(got[0], ref_loss) < (1e-5 if dtype == torch.float32 else 1e-3)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    @pytest.mark.parametrize("p", [CONFIGS[0], CONFIGS[4]])  # all four directions; query_to_doc alone
+    def test_columns_as_they_come(self, monkeypatch, dtype, p):
+        """The doc columns as separate tensors on CUDA: cuBLAS writes each column's logits into its columns of the
+        block (torch.mm with out_dtype and out= a column slice, whose row stride is the leading dimension; fp32:
+        mm.out), in blocks of a few rows: the concatenation's loss and gradients, up to the GEMMs' summation order."""
+        monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", "0.05")  # blocks of a few rows
+        q, d = (x.cuda() for x in _inputs(world=300, dim=768, dtype=dtype))
+        whole = _run(q, d, p)
+        taken = [leaf(q), [leaf(x) for x in d.split(q.shape[0])], leaf(torch.tensor(20.0, device="cuda"))]
+        loss = mnrl(taken[0], taken[1], taken[2], p, "blocked")
+        loss.backward()
+        got = [loss.detach(), taken[0].grad, torch.cat([x.grad for x in taken[1]]), taken[2].grad]
+        bound = 1e-5 if dtype == torch.float32 else 1e-2
+        for a, b in zip(got, whole):
+            assert a.dtype == b.dtype and rel_err(a, b) < bound
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
     @pytest.mark.parametrize(
         "p",
         [

@@ -649,13 +649,15 @@ def test_transposed_forward(poison, monkeypatch, dtype, shape, tiles):
 def test_one_direction_terms(joint, b):
     """MNRL's query_to_doc alone, in one launch: pos_val = -sigmoid(x) (joint: +inf where x > 0) and the mean of
     softplus(x), x = NLSE - scale s, against fp64 over x from -200 to 200 (confident rows, whose loss ~e^x needs
-    log1p, and wrong ones), over one and several chunks of 1024 rows; x rounded to fp32 as the kernel forms it."""
+    log1p, and wrong ones), over one and several chunks of 1024 rows. On a GPU tl.exp is ex2.approx after rounding
+    x log2(e) (a relative error up to ~|x| 6e-8) and x may be one fused multiply-add: bounds of (|x| + 8) 2^-23."""
     g = torch.Generator().manual_seed(b)
     nlse = torch.randn(b, generator=g) * 60
     sims = torch.rand(b, generator=g) * 2 - 1
     scale = torch.tensor(20.0)
     loss, pos_val = sim_lse.one_direction_terms(nlse.to(DEVICE), sims.to(DEVICE), scale.to(DEVICE), joint)
-    x = (nlse - scale * sims).double()  # as the kernel rounds it: the truth of what follows
+    x = nlse.double() - scale.double() * sims.double()
+    err = (x.abs() + 8) * 2**-23  # relative
     want = -torch.sigmoid(x)
     if joint:
         want = torch.where(x > 0, torch.inf, want)
@@ -663,10 +665,11 @@ def test_one_direction_terms(joint, b):
     got = pos_val[0].cpu().double()
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
-    assert ((got - want).abs()[finite] <= 4e-7 * want.abs()[finite] + 1.5e-45).all()  # to fp32's subnormals
+    assert ((got - want).abs()[finite] <= (err * want.abs())[finite] + 1.5e-45).all()  # to fp32's subnormals
     softplus = torch.nn.functional.softplus(x, threshold=1000)  # no threshold: log1p(e^x) exactly in fp64
-    assert abs(float(loss) - float(softplus.mean())) <= 2e-6 * float(softplus.mean())
+    assert abs(float(loss) - float(softplus.mean())) <= float((err * softplus).mean()) + 1e-6 * float(softplus.mean())
     confident = x < -30  # loss ~e^x: a log(1 + a) would give 0 there
     if confident.any():
         one = sim_lse.one_direction_terms(nlse[confident].to(DEVICE), sims[confident].to(DEVICE), scale, joint)[0]
-        assert abs(float(one) - float(softplus[confident].mean())) <= 2e-6 * float(softplus[confident].mean())
+        part = softplus[confident]
+        assert abs(float(one) - float(part.mean())) <= float((err[confident] * part).mean()) + 1e-6 * float(part.mean())
