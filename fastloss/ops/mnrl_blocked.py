@@ -376,8 +376,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             else:
                 transposed.append(None)
             if alone:  # the block's terms from its statistics, in the row pass's launch where it is Triton's
-                rows = slice(start, start + m)
-                terms = (row_loss[rows], rw_all[rows], sims_all[rows], h, p.joint)
+                here = slice(start, start + m)  # the block's entries of the per-row vectors
+                terms = (row_loss[here], rw_all[here], sims_all[here], h, p.joint)
                 top, total, neg, positive, pv, c, srw = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, terms)
             else:
                 top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
