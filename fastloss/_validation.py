@@ -71,13 +71,14 @@ def check_finite(
     on_device = isinstance(scale, Tensor) and scale.device == device
     if on_device:
         read.append(scale.detach().reshape(()).double())
-    if labels is not None and labels.is_floating_point():
+    scores = labels is not None and labels.is_floating_point()  # integer and bool labels are finite
+    if scores:
         read.append(torch.isfinite(labels).all().double())
     values = torch.stack(read).cpu().tolist()  # the one host sync: one copy of 1-3 values
     total = values.pop(0)
     if on_device:
         _check_scale_value(values.pop(0), scale_name)
-    if labels is not None and labels.is_floating_point() and values.pop(0) != 1.0:
+    if scores and values.pop(0) != 1.0:
         raise ValueError(f"{labels_name} contains NaN or Inf; expected finite similarity scores")
     if math.isfinite(total):
         return

@@ -396,10 +396,8 @@ def positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -
     query_to_doc; per direction: [B] or each direction's own [n_dir, B]): pos_val is the positive entry's coefficient
     p - share divided by its direction's weight, i.e. what replaces the entry's softmax value P, and +inf where the
     -1 stays a separate term (shares: 1 / k for each of the k directions that hold the positive). Module docstring.
-    The flash kernels take pos_val as it is; the row-block ops scale it to their units."""
-    if lse.shape[0] == 1:  # query_to_doc alone: the same values in a few ops (one_direction_terms)
-        terms = one_direction_terms(nlse[0], positive.reshape(-1), p.joint)
-        return _softplus(terms[1]), terms[:1]
+    The flash kernels take pos_val as it is; the row-block ops scale it to their units. For several directions:
+    query_to_doc alone (the only single direction, since it holds the positive) takes one_direction_terms."""
     if not p.joint:  # every direction holds the positive, each with weight 1 / n_dir and its own -1 / n_dir
         x = nlse - positive
         return _softplus(x).mean(dim=0), -torch.sigmoid(x)
@@ -420,10 +418,11 @@ def positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -
 
 
 def one_direction_terms(nlse: Tensor, positive: Tensor, joint: bool) -> Tensor:
-    """positive_terms of query_to_doc alone as [pos_val, x] [2, B], x = NLSE - positive, the row loss being
-    softplus(x): the same bits in a few ops (each a launch on CUDA), since with one direction positive_terms'
-    logsumexp over the directions is the NLSE itself, log k = -0.0 and the direction's weight exactly 1. pos_val:
-    -sigmoid(x), the positive's p - 1; joint: +inf where x > 0, where the -1 stays a separate term."""
+    """positive_terms' values for query_to_doc alone as [pos_val, x] [2, B], x = NLSE - positive, the row loss being
+    softplus(x), in a few torch ops (the row-block op's torch row passes; the Triton paths compute the same in a
+    kernel: sim_lse.one_direction_terms, block_softmax.row_stats): with one direction positive_terms' logsumexp over
+    the directions is the NLSE itself, log k = -0.0 and the direction's weight exactly 1. pos_val: -sigmoid(x), the
+    positive's p - 1; joint: +inf where x > 0, where the -1 stays a separate term."""
     out = torch.empty((2, nlse.shape[0]), device=nlse.device, dtype=nlse.dtype)
     x = torch.sub(nlse, positive, out=out[1])
     coefficient = torch.sigmoid(x, out=out[0]).neg_()

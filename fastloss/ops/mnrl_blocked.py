@@ -67,7 +67,6 @@ MiB, 384.9 with 256 MiB blocks (833.7 at 30fe787; 1280.5 and 512.4 with the colu
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import os
 from collections.abc import Sequence
@@ -144,10 +143,9 @@ class _Stacked:
         return self.starts[-1]
 
     def rows(self, a: int, b: int) -> Tensor:
-        """Rows a .. b - 1, which lie in one tensor (the local rows: the first's)."""
-        k = bisect.bisect_right(self.starts, a) - 1
-        assert b <= self.starts[k + 1], "rows across two tensors"
-        return self.parts[k][a - self.starts[k] : b - self.starts[k]]
+        """Rows a .. b - 1 of the first tensor, where the local rows are (the positives among the docs)."""
+        assert b <= self.starts[1], "rows beyond the first tensor"
+        return self.parts[0][a:b]
 
     def logits(self, r: Tensor, half: bool, acc: torch.dtype) -> Tensor:
         """r @ stacked^T [m, rows] in ``acc``: one GEMM per tensor into its columns."""
