@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.cases import OPS, Skip, op_available
+from benchmarks import runner
+from benchmarks.cases import OPS, Impl, Skip, op_available
 from benchmarks.runner import ORACLE, Checker, Options
 from benchmarks.suites import Case
 
@@ -91,6 +92,32 @@ def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, 
     assert cli.main([*args, "--time-limit", "0", "--fresh"]) == 0
     assert "the time limit" in capsys.readouterr().out
     assert runner.load_records(path) == []
+
+
+def test_tf32_products_checked_at_fp16_tolerance(monkeypatch):
+    """fp32 cases whose products run in tf32 (an implementation's own choice; on CUDA, torch's TF32 setting or
+    FASTLOSS_FP32_DOT=tf32) get fp16's tolerance, others their dtype's."""
+    from fastloss import _backend
+
+    monkeypatch.delenv("FASTLOSS_FP32_DOT", raising=False)
+    monkeypatch.delenv("FASTLOSS_ALLOW_TF32", raising=False)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fp32, bf16 = (Case("mnrl", 64, 64, 32, dtype, ("fastloss",)) for dtype in ("fp32", "bf16"))
+    plain, own = Impl(lambda: torch.zeros(())), Impl(lambda: torch.zeros(()), tf32=True)
+    assert not runner._tf32_products(plain, fp32, cuda)
+    assert runner._tf32_products(own, fp32, cpu) and not runner._tf32_products(own, bf16, cuda)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert runner._tf32_products(plain, fp32, cuda)
+        assert not runner._tf32_products(plain, fp32, cpu) and not runner._tf32_products(plain, bf16, cuda)
+    finally:
+        matmul.fp32_precision = before
+    for value, want in (("tf32", True), ("tf32x3", False), ("ieee", False)):
+        monkeypatch.setenv("FASTLOSS_FP32_DOT", value)
+        assert runner._tf32_products(plain, fp32, cuda) == want, value
 
 
 def test_target_lines_judge_the_gpu_targets():

@@ -83,15 +83,30 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 FP32_DOTS = ("ieee", "tf32x3", "tf32")
 
 
+def torch_fp32_matmul_precision() -> str:
+    """``tf32`` where torch's own fp32 matmuls on CUDA take TF32 tensor cores, else ``ieee``: what
+    ``torch.backends.cuda.matmul.fp32_precision`` says (``torch.set_float32_matmul_precision("high")``,
+    ``torch.backends.cuda.matmul.allow_tf32 = True`` and transformers' ``tf32=True`` set it; read through the new
+    API, which the legacy getters refuse once both APIs were used), or the legacy global setting where a torch has no
+    such attribute."""
+    try:
+        return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
+    except (AttributeError, RuntimeError):
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision in the Triton kernels for operands of ``dtype``. fp32: ``FASTLOSS_FP32_DOT=ieee``
-    (default: fp32 FMAs, the parity of sentence-transformers' fp32 matmuls), ``tf32x3`` (three tf32 tensor-core
-    products per dot, close to fp32 accuracy) or ``tf32`` (one, ~1e-3 relative error); ``FASTLOSS_ALLOW_TF32=1`` is
-    the older spelling of ``tf32``. Half dtypes ignore the setting (``ieee``), and so does the interpreter, which has
-    no tf32; a bad value raises whatever the dtype."""
+    (fp32 FMAs), ``tf32x3`` (three tf32 tensor-core products per dot, close to fp32 accuracy) or ``tf32`` (one, ~1e-3
+    relative error); ``FASTLOSS_ALLOW_TF32=1`` is the older spelling of ``tf32``. Unset, torch's own setting for fp32
+    matmuls on CUDA (torch_fp32_matmul_precision: ``ieee`` by default, ``tf32`` where the caller allowed TF32), which
+    sentence-transformers' fp32 matmuls and the row-block op's cuBLAS GEMMs follow too: the same numbers and
+    tensor-core speed where a training script asks for TF32. Half dtypes ignore the setting (``ieee``), and so does
+    the interpreter, which has no tf32; a bad value raises whatever the dtype."""
     value = os.environ.get("FASTLOSS_FP32_DOT", "").strip().lower()
     if not value:
-        value = "tf32" if os.environ.get("FASTLOSS_ALLOW_TF32", "0") == "1" else "ieee"
+        allow = os.environ.get("FASTLOSS_ALLOW_TF32", "")
+        value = "tf32" if allow == "1" else "ieee" if allow == "0" else torch_fp32_matmul_precision()
     if value not in FP32_DOTS:
         raise ValueError(f"FASTLOSS_FP32_DOT must be one of {FP32_DOTS}, got {value!r}")
     return value if dtype == torch.float32 and not triton_interpret() else "ieee"

@@ -85,7 +85,7 @@ def _pairs_dataset(n: int):
     return Dataset.from_dict({"anchor": anchors, "positive": positives, "negative": negatives})
 
 
-def _train(minilm_path, loss_factory, tmp_path, seed=0):
+def _train(minilm_path, loss_factory, tmp_path, seed=0, **training_args):
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
@@ -105,6 +105,7 @@ def _train(minilm_path, loss_factory, tmp_path, seed=0):
         save_strategy="no",
         use_cpu=True,
         dataloader_drop_last=True,
+        **training_args,
     )
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=_pairs_dataset(8), loss=loss_factory(model)
@@ -125,6 +126,24 @@ def test_trainer_on_minilm_matches_sentence_transformers(minilm_path, tmp_path):
     assert len(ours) == 2 and all(torch.isfinite(torch.tensor(ours)))
     assert ours == pytest.approx(theirs, rel=1e-4)
     torch.testing.assert_close(w_ours, w_theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_trainer_mixed_precision_hands_the_loss_fp32(minilm_path, tmp_path):
+    """With bf16=True the trainer (through accelerate) runs the model's forward under autocast and hands its outputs
+    over in fp32: the loss computes outside autocast on fp32 embeddings, sentence-transformers' own as well. What the
+    README says of the drop-ins' dtype under mixed precision rests on this."""
+    pytest.importorskip("datasets")
+    seen = []
+
+    class Probe(losses.MultipleNegativesRankingLoss):
+        def compute_loss_from_embeddings(self, embeddings, labels):
+            seen.append((torch.is_autocast_enabled("cpu"), {e.dtype for e in embeddings}))
+            return super().compute_loss_from_embeddings(embeddings, labels)
+
+    logged, _ = _train(minilm_path, Probe, tmp_path, bf16=True)
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(logged)))
+    assert seen == [(False, {torch.float32})] * 2
 
 
 @pytest.mark.slow

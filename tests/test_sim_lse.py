@@ -404,23 +404,41 @@ def test_invalid_options(kwargs, match):
         sim_lse_fwd(r, c, r_inv, c_inv, 20.0, **opts)
 
 
+@pytest.fixture
+def torch_tf32():
+    """Sets torch's fp32 matmul precision for CUDA (the new API's flag) and restores it."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+
+    def set_(on: bool) -> None:
+        matmul.fp32_precision = "tf32" if on else before
+
+    yield set_
+    matmul.fp32_precision = before
+
+
 @pytest.mark.parametrize(
-    "env,want",
+    "env,tf32,want",
     [
-        ({}, "ieee"),
-        ({"FASTLOSS_ALLOW_TF32": "1"}, "tf32"),
-        ({"FASTLOSS_FP32_DOT": "tf32x3"}, "tf32x3"),
-        ({"FASTLOSS_FP32_DOT": " IEEE ", "FASTLOSS_ALLOW_TF32": "1"}, "ieee"),
+        ({}, False, "ieee"),
+        ({}, True, "tf32"),
+        ({"FASTLOSS_ALLOW_TF32": "1"}, False, "tf32"),
+        ({"FASTLOSS_ALLOW_TF32": "0"}, True, "ieee"),
+        ({"FASTLOSS_FP32_DOT": "tf32x3"}, False, "tf32x3"),
+        ({"FASTLOSS_FP32_DOT": "ieee"}, True, "ieee"),
+        ({"FASTLOSS_FP32_DOT": " IEEE ", "FASTLOSS_ALLOW_TF32": "1"}, False, "ieee"),
     ],
-    ids=["default", "allow_tf32", "tf32x3", "explicit_wins"],
+    ids=["default", "torch_tf32", "allow_tf32", "disallow_tf32", "tf32x3", "ieee_over_torch", "explicit_wins"],
 )
-def test_fp32_dot_precision_rule(monkeypatch, env, want):
-    """FASTLOSS_FP32_DOT picks tl.dot's precision for fp32 operands (FASTLOSS_ALLOW_TF32=1 is tf32); it reaches the
-    kernel launch for fp32 inputs only, and the interpreter always gets ieee."""
+def test_fp32_dot_precision_rule(monkeypatch, torch_tf32, env, tf32, want):
+    """FASTLOSS_FP32_DOT picks tl.dot's precision for fp32 operands (FASTLOSS_ALLOW_TF32=1 is tf32, =0 ieee); unset,
+    torch's own fp32 matmul precision for CUDA decides (TF32 where a script allowed it, as for its cuBLAS matmuls); it
+    reaches the kernel launch for fp32 inputs only, and the interpreter always gets ieee."""
     for name in ("FASTLOSS_FP32_DOT", "FASTLOSS_ALLOW_TF32"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    torch_tf32(tf32)
     monkeypatch.setattr(_backend, "triton_interpret", lambda: False)
     assert (_backend.dot_precision(torch.float32), _backend.dot_precision(torch.bfloat16)) == (want, "ieee")
     launches = []
@@ -437,6 +455,31 @@ def test_fp32_dot_precision_rule(monkeypatch, env, want):
     assert launches == [want, "ieee"]
     monkeypatch.setattr(_backend, "triton_interpret", lambda: True)
     assert _backend.dot_precision(torch.float32) == "ieee"
+
+
+def test_torch_fp32_matmul_precision(torch_tf32):
+    """Each way a script allows TF32 for torch's CUDA matmuls reads as tf32, and back as ieee."""
+    read = _backend.torch_fp32_matmul_precision
+    assert read() == "ieee"
+    torch_tf32(True)
+    assert read() == "tf32"
+    torch_tf32(False)
+    assert read() == "ieee"
+    # the root flag, which the matmul flag inherits while unset: transformers' TrainingArguments(tf32=True) sets it
+    root = torch.backends.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        assert read() == "tf32"
+    finally:
+        torch.backends.fp32_precision = root
+    assert read() == "ieee"
+    before = torch.get_float32_matmul_precision()
+    try:
+        for setting, want in (("high", "tf32"), ("medium", "tf32"), ("highest", "ieee")):
+            torch.set_float32_matmul_precision(setting)
+            assert read() == want, setting
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
