@@ -200,8 +200,8 @@ MNRL_VARIANTS = {
 
 def _mnrl_fastloss(variant: str, algorithm: str = "auto") -> Builder:
     """fastloss's MNRL as dispatched under FASTLOSS_MNRL_ALGO=``algorithm`` (``blocked``: the row-block torch op on
-    every device; ``flash``: the flash kernels wherever Triton runs, which ``auto`` leaves for one-direction bf16/fp16
-    CUDA tensors, fastloss.functional.mnrl.prefers_row_blocks)."""
+    every device; ``flash``: the flash kernels wherever Triton runs, which ``auto`` leaves for one-direction CUDA
+    tensors, fastloss.functional.mnrl.prefers_row_blocks)."""
 
     def build(p: Problem) -> Impl:
         mnrl_loss = _import("fastloss.functional.mnrl", "mnrl_loss")

@@ -10,7 +10,7 @@ prints the loss stage's peak beyond its inputs, as the suite's peak_mib counts i
   opaque call), with the Triton launches replaced by no-ops. The kernels allocate nothing themselves, so every
   allocation of the op is in that host code. The window is the CUDA default for ``--sms`` SMs, and whole tensors for
   comparison.
-- fastloss row blocks (the CUDA default for one-direction bf16/fp16 MNRL): the columns as fastloss.ops.mnrl.mnrl passes
+- fastloss row blocks (the CUDA default for one-direction MNRL): the columns as fastloss.ops.mnrl.mnrl passes
   them (uncopied), fastloss.ops.mnrl_blocked.mnrl_blocked as on CUDA (half GEMM operands with fp32 products, the Triton
   row passes and normalisation backward as no-ops) and the op's backward, which scales the gradients it computed in
   the forward; at the default 1024 MiB block and at 256 MiB.
@@ -163,13 +163,12 @@ def main(argv=None) -> int:
                 f"    fastloss, {label}: {mib:.1f} = {mib / st:.2%} of sentence-transformers'; beyond the gradients "
                 f"{mib - grads:.1f} = {(mib - grads) / (st - grads):.2%} of its {st - grads:.1f}"
             )
-        if dtype != torch.float32:  # the row-block op is the CUDA default in the half dtypes only
-            for block in (1024.0, 256.0):
-                mib = blocked_mib(batch, n_docs, dim, dtype, block)
-                print(
-                    f"    fastloss row blocks, {block:g} MiB block: {mib:.1f} = {mib / st:.2%}; beyond the gradients "
-                    f"{mib - grads:.1f} = {(mib - grads) / (st - grads):.2%}"
-                )
+        for block in (1024.0, 256.0):
+            mib = blocked_mib(batch, n_docs, dim, dtype, block)
+            print(
+                f"    fastloss row blocks, {block:g} MiB block: {mib:.1f} = {mib / st:.2%}; beyond the gradients "
+                f"{mib - grads:.1f} = {(mib - grads) / (st - grads):.2%}"
+            )
     dim = shapes[0][2]
 
     def fits(measure):

@@ -117,8 +117,8 @@ MNRL_ALGORITHMS = ("auto", "flash", "blocked")
 
 def mnrl_algorithm() -> str:
     """``FASTLOSS_MNRL_ALGO``: which algorithm the fused MNRL losses run. ``auto`` (default): on CUDA the row-block
-    op for one-direction MNRL (query_to_doc alone) in bf16/fp16, where an H200 measured it faster, and the flash
-    kernels otherwise (fastloss.functional.mnrl.prefers_row_blocks); the row-block algorithm on CPU tensors
+    op for one-direction MNRL (query_to_doc alone; faster on an H200 in bf16, fp32 by count), and the flash kernels
+    otherwise (fastloss.functional.mnrl.prefers_row_blocks); the row-block algorithm on CPU tensors
     (fastloss._C, or the torch op where the extension is not built). ``flash``: the flash kernels wherever Triton
     runs (fastloss.ops.mnrl: online logsumexp, a backward that recomputes; the least memory). ``blocked``: the
     row-block op in torch ops on every device (fastloss.ops.mnrl_blocked: the gradient inside the forward, cuBLAS

@@ -894,9 +894,9 @@ class TestCUDA:
     def test_matches_sentence_transformers(self, dtype, batch, dim, n_neg, dname):
         self._check_against_sentence_transformers(dtype, batch, dim, n_neg, dname)
 
-    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-    def test_one_direction_half_in_the_flash_kernels(self, monkeypatch, dtype):
-        """query_to_doc alone in fp16/bf16 runs the row-block op by default on CUDA; the flash kernels, which
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    def test_one_direction_in_the_flash_kernels(self, monkeypatch, dtype):
+        """query_to_doc alone runs the row-block op by default on CUDA; the flash kernels, which
         FASTLOSS_MNRL_ALGO=flash keeps, against sentence-transformers too."""
         monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "flash")
         assert mnrl_backend(torch.empty(1, 8, device="cuda", dtype=dtype)) == "triton"

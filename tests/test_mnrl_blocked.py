@@ -156,17 +156,18 @@ def test_which_backend_runs(monkeypatch):
     monkeypatch.setattr(_backend, "native_has", lambda op: False)
     assert mnrl_backend(q) == "blocked"
     cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # only the device and dtype are read
+    symmetric = ("query_to_doc", "doc_to_query")  # the flash kernels' by default where Triton runs
     monkeypatch.setattr(_backend, "triton_available", lambda: False)
-    assert mnrl_backend(cuda) == "blocked"
+    assert mnrl_backend(cuda, symmetric) == "blocked"
     monkeypatch.setattr(_backend, "triton_available", lambda: True)
-    assert mnrl_backend(cuda) == "triton"
+    assert mnrl_backend(cuda, symmetric) == "triton"
     # fp64, which the flash kernels do not take, runs the row-block op in fp64
     assert mnrl_backend(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) == "blocked"
 
 
 def test_auto_takes_row_blocks_where_an_h200_measured_them_faster(monkeypatch):
-    """On CUDA, FASTLOSS_MNRL_ALGO=auto runs one-direction MNRL in bf16/fp16 in row blocks (cuBLAS) and every other
-    direction set and fp32 in the flash kernels, unless FASTLOSS_BACKEND=triton names them; ``flash`` keeps the flash
+    """On CUDA, FASTLOSS_MNRL_ALGO=auto runs one-direction MNRL in bf16/fp16/fp32 in row blocks (cuBLAS) and every
+    other direction set in the flash kernels, unless FASTLOSS_BACKEND=triton names them; ``flash`` keeps the flash
     kernels, ``blocked`` takes row blocks; CPU tensors are not affected."""
     monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
     monkeypatch.delenv("FASTLOSS_MNRL_ALGO", raising=False)
@@ -177,18 +178,17 @@ def test_auto_takes_row_blocks_where_an_h200_measured_them_faster(monkeypatch):
 
     one, symmetric = ("query_to_doc",), ("query_to_doc", "doc_to_query")
     gte = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert mnrl_backend(on(dtype), one) == "blocked"
         assert mnrl_backend(on(dtype)) == "blocked"  # query_to_doc is the default direction
         assert mnrl_backend(on(dtype), ["query_to_doc", "query_to_doc"]) == "blocked"
         assert mnrl_backend(on(dtype), symmetric) == mnrl_backend(on(dtype), gte) == "triton"
         assert mnrl_backend(on(dtype), ("query_to_query",)) == "triton"
-    assert mnrl_backend(on(torch.float32), one) == "triton"
     monkeypatch.setenv("FASTLOSS_BACKEND", "triton")  # the Triton kernels asked for by name
-    assert mnrl_backend(on(torch.bfloat16), one) == "triton"
+    assert mnrl_backend(on(torch.bfloat16), one) == mnrl_backend(on(torch.float32), one) == "triton"
     monkeypatch.delenv("FASTLOSS_BACKEND")
     monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "flash")
-    assert mnrl_backend(on(torch.bfloat16), one) == "triton"
+    assert mnrl_backend(on(torch.bfloat16), one) == mnrl_backend(on(torch.float32), one) == "triton"
     assert mnrl_backend(on(torch.float64), one) == "blocked"  # the flash kernels do not take fp64
     monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
     assert mnrl_backend(on(torch.float32), gte) == "blocked"
@@ -506,7 +506,7 @@ def _cuda_launches(monkeypatch, p, dtype, rows_per_block):
 def test_one_direction_launches_per_block(monkeypatch, dtype, joint):
     """On CUDA each launch costs the host ~10-25 us, and a block of ~700 rows at the GPU target (B = 32768, N =
     65536, D = 1024) is ~0.5 ms of GEMMs: the H200 run's 256 MiB blocks took 2.5x as long as 1024 MiB ones (100.6
-    against 39.8 ms), as ~90 launches a block would. One-direction MNRL (the CUDA default for bf16/fp16) launches at
+    against 39.8 ms), as ~90 launches a block would. One-direction MNRL (the CUDA default) launches at
     most 15 kernels per block with two doc columns (a GEMM per column for the logits and for the query rows'
     product; fp16: 22, whose weighted rows are rescaled for its range): the GEMMs, the two row passes (the block's
     terms and the positive's separate weight written by them), the query rows finished in four, dL/dscale's row dots

@@ -57,17 +57,21 @@ def _similarity_kind(similarity: Similarity) -> tuple[str | None, Callable[[Tens
 
 def prefers_row_blocks(queries: Tensor, directions: Sequence[str]) -> bool:
     """Whether FASTLOSS_MNRL_ALGO=auto runs the row-block op where the flash kernels would run: CUDA tensors in
-    bf16/fp16 and query_to_doc alone. Measured on an H200 (benchmarks/results/cuda-nvidia-h200.json, 2026-11-29,
+    bf16/fp16/fp32 and query_to_doc alone. Measured on an H200 (benchmarks/results/cuda-nvidia-h200.json, 2026-11-29,
     fwd+bwd bf16): with one hard negative (N = 2B, D = 768) the row-block op's cuBLAS GEMMs took 3.9 / 3.9 / 4.1 /
     5.8 / 16.9 ms at B = 1024 / 2048 / 4096 / 8192 / 16384 against the flash kernels' 4.9 / 3.9 / 5.0 / 10.7 / 32.4,
     and 39.8 against 189.5 ms at the GPU target (B = 32768, N = 65536, D = 1024), for 1.7 GiB of loss-stage memory
     against 0.13 (FASTLOSS_MNRL_ALGO=flash keeps the least memory). With doc_to_query as well (the symmetric loss,
-    B = 1024 .. 16384) the flash kernels were 1.8-5.4x faster, so every other direction set stays with them; fp16 was
-    not timed (the same tensor-core rate as bf16), fp32 neither (its dots are not tensor-core ones in either path),
-    so fp32 stays with the flash kernels too."""
+    B = 1024 .. 16384) the flash kernels were 1.8-5.4x faster, so every other direction set stays with them. fp16 was
+    not timed (the same tensor-core rate as bf16). fp32 was not timed either (2026-11-30: the first GPU run never
+    reached its cases); it takes row blocks by count: the flash kernels multiply 5 GEMMs' worth (the forward's logits,
+    and each of the backward's two kernels recomputes them before its product: 1 + 2 + 2, the dot counts of their
+    sm_90 compiles) where the row-block op multiplies 3 (logits, dQ, dD), so on FMAs (fp32's default) they would need
+    5/3 of cuBLAS SGEMM's efficiency, more than the FMA peak, and with TF32 allowed (the Triton dots follow torch's
+    setting) the bf16 timings above apply. fp32 is what SentenceTransformerTrainer hands a loss under bf16=True."""
     return (
         queries.device.type == "cuda"
-        and queries.dtype in (torch.bfloat16, torch.float16)
+        and queries.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and set(directions) == {"query_to_doc"}
     )
 

@@ -1,7 +1,7 @@
 """The row-block MNRL op: the gradient computed inside the forward, no recompute (DESIGN.md's second design), on any
 device. On CUDA its products are cuBLAS GEMMs and its row passes over a block of logits two Triton kernels
-(fastloss.ops.block_softmax): the default there for one-direction MNRL in bf16/fp16, where an H200 measured it faster
-than the flash kernels (fastloss.functional.mnrl.prefers_row_blocks); elsewhere all of it is torch ops, the
+(fastloss.ops.block_softmax): the default there for one-direction MNRL in bf16/fp16/fp32 (an H200 measured it faster
+than the flash kernels in bf16) (fastloss.functional.mnrl.prefers_row_blocks); elsewhere all of it is torch ops, the
 memory-bounded fallback where fastloss._C is not built (the native op is the same algorithm in C++).
 
 For a block of m local rows and each selected direction (rows R, candidates C, as in fastloss.ops.mnrl):
@@ -35,7 +35,7 @@ term, as in the other paths.
 
 Launches: on CUDA every torch op of a block is a kernel launch, ~10-25 us of host time each, and at the GPU target a
 256 MiB block (~700 rows) holds ~0.5 ms of GEMMs, so a block's launches bound its time unless they are few. With
-query_to_doc alone (the CUDA default in bf16/fp16) and two doc columns a block takes 15 launches: a GEMM per column
+query_to_doc alone (the CUDA default) and two doc columns a block takes 15 launches: a GEMM per column
 for the logits, the statistics' row pass (which also writes the block's terms: _block_terms), the gradient's row
 pass (which also writes the weight of the positive's separate term), a GEMM per column for the query rows' product
 (summed), dL/dscale's row dots (two; one dot for all rows after the blocks), the query rows finished (scaled, the
