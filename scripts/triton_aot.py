@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastloss.ops import block_softmax, cosent, l2norm, sim_lse, triplet  # noqa: E402
 
 # Most dynamic shared memory one thread block may use (bytes), per compute capability.
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
 DTYPES = {
     "fp32": torch.float32,
     "fp32/tf32x3": torch.float32,
@@ -113,6 +113,18 @@ KERNELS = {
 
 
 @contextlib.contextmanager
+def shared_memory_of(arch: int) -> Iterator[None]:
+    """The kernels' choices that depend on the GPU's shared memory (sim_lse: one tile of D or chunks), made for
+    ``arch`` while its launches are compiled."""
+    saved = sim_lse.shared_memory
+    sim_lse.shared_memory = lambda device: SHARED_LIMIT[arch]
+    try:
+        yield
+    finally:
+        sim_lse.shared_memory = saved
+
+
+@contextlib.contextmanager
 def recording(sink: list[Launch], case: Callable[[], str]) -> Iterator[None]:
     saved = {(mod, name): getattr(mod, name) for mod, names in KERNELS.items() for name in names}
     try:
@@ -124,10 +136,13 @@ def recording(sink: list[Launch], case: Callable[[], str]) -> Iterator[None]:
             setattr(mod, name, kernel)
 
 
-def record_launches(quick: bool) -> list[Launch]:
-    """Call the host wrappers over the shapes and flags that select different kernel code, recording the launches."""
+def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
+    """Call the host wrappers over the shapes and flags that select different kernel code, recording the launches
+    (of the dims and dtypes given, where given)."""
     dims = (100, 256, 1000) if quick else (64, 100, 256, 768, 1000)
     dtypes = ("fp32", "fp32/tf32x3", "fp16") if quick else ("fp32", "fp32/tf32x3", "fp32/tf32", "fp16", "bf16")
+    dims = tuple(d for d in dims if d in only_dims) if only_dims else dims
+    dtypes = tuple(d for d in dtypes if d in only_dtypes) if only_dtypes else dtypes
     launches: list[Launch] = []
     label = [""]
     os.environ.pop("FASTLOSS_ALLOW_TF32", None)  # FASTLOSS_FP32_DOT is set per case below ("fp32/tf32x3": tf32x3)
@@ -353,12 +368,15 @@ def main() -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="repeatable")
     parser.add_argument("--quick", action="store_true", help="fewer dims/dtypes/flags (what the test runs)")
     parser.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
+    parser.add_argument("--dim", type=int, action="append", default=[], help="only these D (repeatable)")
+    parser.add_argument("--dtype", action="append", default=[], choices=sorted(DTYPES), help="only these (repeatable)")
     args = parser.parse_args()
-    launches = record_launches(args.quick)
+    launches = record_launches(args.quick, args.dim, args.dtype)
     failed = False
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches recorded")
     for arch in args.arch or (90, 80):
-        results = compile_launches(launches, arch, args.jobs)
+        with shared_memory_of(arch):
+            results = compile_launches(launches, arch, args.jobs)
         print(report(results, arch))
         found = problems(results, arch)
         stacked = sum(r.stack != 0 for r in results)

@@ -54,6 +54,30 @@ def test_kernels_compile_and_fit_sm90():
         assert kernel in done.stdout, f"{kernel} was never compiled"
 
 
+@pytest.mark.skipif(
+    not (NVIDIA_BIN / "ptxas").exists() or not (NVIDIA_BIN / "cuobjdump").exists(),
+    reason="this Triton build has no NVIDIA backend tools (ptxas, cuobjdump) to compile with",
+)
+def test_half_d256_fits_gpus_with_less_shared_memory():
+    """fp16 at D = 256, the largest single tile on sm_80/sm_90, fits sm_86 (A10, RTX 30xx; ~99 KB a block, as sm_89)
+    and sm_75 (T4, 64 KB): there D goes in chunks (sim_lse.SINGLE_D_MIN_SHARED), where one tile's backward needed
+    107-131 KB and no configuration fitted."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLOSS_ALLOW_TF32", "FASTLOSS_FP32_DOT")
+    }
+    args = ["--arch", "86", "--arch", "75", "--quick", "--dim", "256", "--dtype", "fp16"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "triton_aot.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
+    assert "sm_86: 0 problems" in done.stdout and "sm_75: 0 problems" in done.stdout
+    assert "sim_lse_bwd_dr_kernel" in done.stdout and "sim_lse fp16 D=256" in done.stdout
+
+
 def test_fp32_only_tiles_are_pruned_for_half_dtypes():
     """The tiles added for fp32 operands are neither compiled nor timed for half dtypes (each costs a compile on a
     kernel's first call for a given D), and fp32 keeps every tile."""
@@ -133,3 +157,36 @@ def test_fp32_operands_chunk_d_above_128():
         args = {"r": torch.empty(1, dtype=dtype)}
         assert single({**args, "D": largest}) and block_d({**args, "D": largest}) == largest
         assert not single({**args, "D": largest + 1}) and block_d({**args, "D": largest + 1}) == sim_lse.CHUNK_D
+
+
+def test_half_tiles_follow_the_gpus_shared_memory(monkeypatch):
+    """fp16/bf16 keep one tile of D up to SINGLE_D_MAX where a thread block may use SINGLE_D_MIN_SHARED bytes (sm_80,
+    sm_90) and chunk above SINGLE_D_MAX_FP32 where less (sm_86 / sm_89: 99 KB, sm_75: 64 KB); fp32 chunks above 128
+    everywhere; tensors off CUDA (the interpreter) take the large GPUs' choice."""
+    import torch
+
+    from fastloss.ops import sim_lse
+
+    single = sim_lse._HEURISTICS["SINGLE_D"]
+    cuda = torch.device("cuda")
+    for shared, largest_half in ((232448, 256), (166912, 256), (101376, 128), (65536, 128), (None, 256)):
+        monkeypatch.setattr(sim_lse, "shared_memory", lambda device, shared=shared: shared)
+        for dtype, largest in ((torch.float16, largest_half), (torch.bfloat16, largest_half), (torch.float32, 128)):
+            r = torch.empty(1, dtype=dtype, device="meta")  # only the dtype and the device are read
+            assert single({"r": r, "D": largest}) and not single({"r": r, "D": largest + 1}), (shared, dtype)
+    monkeypatch.undo()
+    assert sim_lse.shared_memory(torch.device("cpu")) is None
+    reads = []
+
+    def properties(index):
+        reads.append(index)
+        return type("Props", (), {"shared_memory_per_block_optin": 101376})()
+
+    sim_lse._device_shared.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    try:
+        assert sim_lse.shared_memory(cuda) == sim_lse.shared_memory(torch.device("cuda", 0)) == 101376
+        assert sim_lse.shared_memory(torch.device("cuda", 1)) == 101376 and reads == [0, 1]  # once per GPU
+    finally:
+        sim_lse._device_shared.cache_clear()

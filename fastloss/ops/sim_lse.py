@@ -39,6 +39,7 @@ wrong). Operands need contiguous rows (a row stride is fine); others are made co
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 
@@ -57,18 +58,40 @@ from fastloss.ops._autotune import drop_fp32_tiles, first_only, tune_bucket, wit
 SINGLE_D_MAX = 256
 SINGLE_D_MAX_FP32 = 128
 CHUNK_D = 64
+# One fp16/bf16 tile of D up to 256 takes more shared memory than GPUs with ~100 KB a thread block have: at D = 256 no
+# configuration of the backward fits sm_86 (A10, RTX 30xx; sm_89, L4 and RTX 40xx, alike: 107-109 KB needed, 99 KB
+# there), nor of the forward sm_75 (T4: 96 KB needed, 64 KB there; scripts/triton_aot.py --arch 86 / 75). There half
+# dtypes chunk D above SINGLE_D_MAX_FP32, as fp32 does; one tile up to SINGLE_D_MAX wants this much (sm_80: 163 KB,
+# sm_90: 227 KB).
+SINGLE_D_MIN_SHARED = 160 * 2**10
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _single_d(D: int, dtype: torch.dtype) -> bool:
-    return D <= (SINGLE_D_MAX_FP32 if dtype == torch.float32 else SINGLE_D_MAX)
+@functools.cache
+def _device_shared(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
-def _block_d(D: int, dtype: torch.dtype) -> int:
-    return max(16, triton.next_power_of_2(D)) if _single_d(D, dtype) else CHUNK_D
+def shared_memory(device: torch.device) -> int | None:
+    """The shared memory one thread block may use on ``device`` (bytes), None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _device_shared(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _single_d(D: int, x: Tensor) -> bool:
+    """Whether D stays in one tile for operands like ``x``: its dtype, and its GPU's shared memory."""
+    if x.dtype == torch.float32:
+        return D <= SINGLE_D_MAX_FP32
+    shared = shared_memory(x.device)
+    return D <= (SINGLE_D_MAX if shared is None or shared >= SINGLE_D_MIN_SHARED else SINGLE_D_MAX_FP32)
+
+
+def _block_d(D: int, x: Tensor) -> int:
+    return max(16, triton.next_power_of_2(D)) if _single_d(D, x) else CHUNK_D
 
 
 def _config(bm: int, bn: int, warps: int, stages: int = 3) -> triton.Config:
@@ -121,7 +144,7 @@ def _configs(kind: str) -> list[triton.Config]:
 def _drop_wide_tiles(configs: list[triton.Config], named_args: dict, wide: list[triton.Config]) -> list:
     """``configs`` without the tiles of ``wide`` unless the operands are fp16/bf16 and D is looped in chunks."""
     dtype = named_args["r"].dtype
-    if dtype in (torch.float16, torch.bfloat16) and not _single_d(named_args["D"], dtype):
+    if dtype in (torch.float16, torch.bfloat16) and not _single_d(named_args["D"], named_args["r"]):
         return configs
     return without_tiles(configs, wide)
 
@@ -132,7 +155,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 def _prune_bwd(configs, named_args, **kwargs):
     """Also drop tiles whose [BLOCK, BLOCK_D] fp32 gradient accumulator would spill (2048 elements per warp)."""
-    block_d = _block_d(named_args["D"], named_args["r"].dtype)
+    block_d = _block_d(named_args["D"], named_args["r"])
     kept = [
         cfg
         for cfg in _drop_wide_tiles(drop_fp32_tiles(configs, named_args["r"], _FP32_BWD), named_args, _WIDE_BWD)
@@ -142,9 +165,9 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 
 _HEURISTICS = {
-    "BLOCK_D": lambda args: _block_d(args["D"], args["r"].dtype),
-    "SINGLE_D": lambda args: _single_d(args["D"], args["r"].dtype),
-    "EVEN_D": lambda args: args["D"] % _block_d(args["D"], args["r"].dtype) == 0,
+    "BLOCK_D": lambda args: _block_d(args["D"], args["r"]),
+    "SINGLE_D": lambda args: _single_d(args["D"], args["r"]),
+    "EVEN_D": lambda args: args["D"] % _block_d(args["D"], args["r"]) == 0,
 }
 
 
