@@ -20,23 +20,32 @@ triton = pytest.importorskip("triton")
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-@pytest.mark.skipif(
+needs_nvidia_tools = pytest.mark.skipif(
     not (NVIDIA_BIN / "ptxas").exists() or not (NVIDIA_BIN / "cuobjdump").exists(),
     reason="this Triton build has no NVIDIA backend tools (ptxas, cuobjdump) to compile with",
 )
-def test_kernels_compile_and_fit_sm90():
+
+
+def _triton_aot(*args: str) -> str:
+    """scripts/triton_aot.py's output with ``args``, asserting it exits 0."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLOSS_ALLOW_TF32", "FASTLOSS_FP32_DOT")
     }
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "triton_aot.py"), "--arch", "90", "--quick"],
+        [sys.executable, str(ROOT / "scripts" / "triton_aot.py"), *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
-    assert "sm_90: 0 problems" in done.stdout
+    return done.stdout
+
+
+@needs_nvidia_tools
+def test_kernels_compile_and_fit_sm90():
+    stdout = _triton_aot("--arch", "90", "--quick")
+    assert "sm_90: 0 problems" in stdout
     # every host wrapper launched its kernels: a recording that silently missed one would check nothing
     for kernel in (
         "sim_lse_fwd_kernel",
@@ -51,31 +60,17 @@ def test_kernels_compile_and_fit_sm90():
         "l2norm_bwd_kernel",
         "one_direction_terms_kernel",
     ):
-        assert kernel in done.stdout, f"{kernel} was never compiled"
+        assert kernel in stdout, f"{kernel} was never compiled"
 
 
-@pytest.mark.skipif(
-    not (NVIDIA_BIN / "ptxas").exists() or not (NVIDIA_BIN / "cuobjdump").exists(),
-    reason="this Triton build has no NVIDIA backend tools (ptxas, cuobjdump) to compile with",
-)
+@needs_nvidia_tools
 def test_half_d256_fits_gpus_with_less_shared_memory():
     """fp16 at D = 256, the largest single tile on sm_80/sm_90, fits sm_86 (A10, RTX 30xx; ~99 KB a block, as sm_89)
     and sm_75 (T4, 64 KB): there D goes in chunks (sim_lse.SINGLE_D_MIN_SHARED), where one tile's backward needed
     107-131 KB and no configuration fitted."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLOSS_ALLOW_TF32", "FASTLOSS_FP32_DOT")
-    }
-    args = ["--arch", "86", "--arch", "75", "--quick", "--dim", "256", "--dtype", "fp16"]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "triton_aot.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
-    assert "sm_86: 0 problems" in done.stdout and "sm_75: 0 problems" in done.stdout
-    assert "sim_lse_bwd_dr_kernel" in done.stdout and "sim_lse fp16 D=256" in done.stdout
+    stdout = _triton_aot("--arch", "86", "--arch", "75", "--quick", "--dim", "256", "--dtype", "fp16")
+    assert "sm_86: 0 problems" in stdout and "sm_75: 0 problems" in stdout
+    assert "sim_lse_bwd_dr_kernel" in stdout and "sim_lse fp16 D=256" in stdout
 
 
 def test_fp32_only_tiles_are_pruned_for_half_dtypes():
