@@ -1,7 +1,7 @@
 """The row-block MNRL op: the gradient computed inside the forward, no recompute (DESIGN.md's second design), on any
 device. On CUDA its products are cuBLAS GEMMs and its row passes over a block of logits two Triton kernels
-(fastloss.ops.block_softmax): the default there for one-direction MNRL in bf16/fp16/fp32 (an H200 measured it faster
-than the flash kernels in bf16) (fastloss.functional.mnrl.prefers_row_blocks); elsewhere all of it is torch ops, the
+(fastloss.ops.block_softmax): the default there for one-direction MNRL, which an H200 ran faster than the flash
+kernels in bf16 (fastloss.functional.mnrl.prefers_row_blocks: fp32 too, by count); elsewhere all of it is torch ops, the
 memory-bounded fallback where fastloss._C is not built (the native op is the same algorithm in C++).
 
 For a block of m local rows and each selected direction (rows R, candidates C, as in fastloss.ops.mnrl):
