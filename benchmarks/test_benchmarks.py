@@ -107,11 +107,14 @@ def test_tf32_products_checked_at_fp16_tolerance(monkeypatch):
     plain, own = Impl(lambda: torch.zeros(())), Impl(lambda: torch.zeros(()), tf32=True)
     assert not runner._tf32_products(plain, fp32, cuda)
     assert runner._tf32_products(own, fp32, cpu) and not runner._tf32_products(own, bf16, cuda)
-    with monkeypatch.context() as patch:  # torch's TF32 flag, restored on leaving
-        patch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
         assert runner._tf32_products(plain, fp32, cuda)
         assert not runner._tf32_products(plain, fp32, cpu) and not runner._tf32_products(plain, bf16, cuda)
-    assert torch.backends.cuda.matmul.fp32_precision != "tf32"
+    finally:
+        matmul.fp32_precision = before
     for value, want in (("tf32", True), ("tf32x3", False), ("ieee", False)):
         monkeypatch.setenv("FASTLOSS_FP32_DOT", value)
         assert runner._tf32_products(plain, fp32, cuda) == want, value
