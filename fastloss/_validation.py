@@ -55,10 +55,12 @@ def check_finite(
     scale_name: str = "scale",
     labels: Tensor | None = None,
     labels_name: str = "labels",
+    cast_from: Sequence[Tensor] | None = None,
 ) -> None:
     """NaN/Inf in the embeddings ``tensors`` ((name, tensor) pairs, on one device), and with them, in the same read:
     the value of a ``scale`` tensor on their device (finite and > 0; check_scale takes every other scale) and NaN/Inf
-    in floating ``labels``. Errors in the order scale, labels, embeddings."""
+    in floating ``labels``. Errors in the order scale, labels, embeddings. ``cast_from``: the tensors as the caller
+    gave them, where ``tensors`` are their casts to autocast's dtype (whose range fp16's 65504 may not hold)."""
     if not tensors or not reads_data():
         return
     device = tensors[0][1].device
@@ -82,8 +84,14 @@ def check_finite(
         raise ValueError(f"{labels_name} contains NaN or Inf; expected finite similarity scores")
     if math.isfinite(total):
         return
-    for (name, x), fast in zip(tensors, sums):
+    for k, ((name, x), fast) in enumerate(zip(tensors, sums)):
         if not bool(torch.isfinite(fast)) and not bool(torch.isfinite(x.sum(dtype=torch.float64))):
+            if cast_from is not None and bool(torch.isfinite(cast_from[k]).all()):
+                raise ValueError(
+                    f"{name} holds values beyond {x.dtype}'s range ({torch.finfo(x.dtype).max:g}), the dtype "
+                    "torch.autocast multiplies it in; expected embeddings that fit it (normalise them first, or "
+                    "compute the loss outside autocast)"
+                )
             raise ValueError(f"{name} contains NaN or Inf; expected finite embeddings")
 
 

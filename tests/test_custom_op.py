@@ -226,12 +226,14 @@ AUTOCAST = [
 @pytest.mark.parametrize("device, dtype", AUTOCAST)
 @pytest.mark.parametrize("backend", ["default", "blocked"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_losses_ignore_autocast(case, backend, device, dtype, monkeypatch):
-    """Under the caller's autocast the fused losses compute as without it (ATen's matmuls in the C++ and torch-op
-    paths would otherwise run in half precision), values and gradients bit for bit. Except batch-hard's gradient on
-    CUDA, whose default backward (torch ops; fastloss._C's gathering kernel only with FASTLOSS_CUDA_KERNELS=1)
-    scatters with index_add_: its atomic adds make two runs of one call differ in the last bits (seen on an H200:
-    3e-8 absolute, 1.6e-6 relative), far below the ~1e-3 of a half-precision product."""
+def test_losses_under_autocast(case, backend, device, dtype, monkeypatch):
+    """Under the caller's autocast the MNRL family computes as on its embeddings cast to autocast's dtype (where
+    sentence-transformers' similarity matmul runs under it: fastloss.functional.mnrl.autocast_dtype), the other fused
+    losses as without autocast (ATen's matmuls in the C++ and torch-op paths would otherwise run in half precision),
+    values and gradients bit for bit. Except batch-hard's gradient on CUDA, whose default backward (torch ops;
+    fastloss._C's gathering kernel only with FASTLOSS_CUDA_KERNELS=1) scatters with index_add_: its atomic adds make
+    two runs of one call differ in the last bits (seen on an H200: 3e-8 absolute, 1.6e-6 relative), far below the
+    ~1e-3 of a half-precision product."""
     if backend == "blocked":
         if not case.startswith(("mnrl", "gte")):
             pytest.skip("the row-block op is MNRL's")
@@ -242,7 +244,10 @@ def test_losses_ignore_autocast(case, backend, device, dtype, monkeypatch):
     def loss(*xs):
         return (fn(*xs),)
 
-    out, grads, _ = _run(loss, *inputs)
+    def cast_loss(*xs):
+        return (fn(*(x.to(dtype) for x in xs)),)
+
+    out, grads, _ = _run(cast_loss if case.startswith(("mnrl", "gte")) else loss, *inputs)
     with torch.autocast(device, dtype=dtype):
         out_ac, grads_ac, _ = _run(loss, *inputs)
     for a, b in zip(out + grads, out_ac + grads_ac):

@@ -55,6 +55,21 @@ def _similarity_kind(similarity: Similarity) -> tuple[str | None, Callable[[Tens
     return kernel_kind(similarity), similarity
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast multiplies ``x`` in on its device, where that is not ``x``'s own (None without
+    autocast, on devices without it, and for fp64, which autocast leaves alone). Inside an autocast block
+    sentence-transformers' similarity matmul (cos_sim's and dot_score's torch.mm) runs in it, so the fused paths cast
+    the embeddings to it first: the same products' precision and tensor-core speed, where they would otherwise
+    multiply fp32 embeddings (what a model's LayerNorm or pooling hands over under autocast) in fp32."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+        return None
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if dtype == x.dtype else dtype
+
+
 def prefers_row_blocks(queries: Tensor, directions: Sequence[str]) -> bool:
     """Whether FASTLOSS_MNRL_ALGO=auto runs the row-block op where the flash kernels would run: CUDA tensors in
     bf16/fp16/fp32 and query_to_doc alone. Measured on an H200 (benchmarks/results/cuda-nvidia-h200.json, 2026-11-29,
@@ -112,7 +127,8 @@ def mnrl_loss(
     ``similarity`` are fused; any other callable runs the plain-PyTorch reference). ``scale`` is a float or a
     1-element tensor (a learnable inverse temperature gets its gradient). The options are those of
     sentence-transformers' MultipleNegativesRankingLoss; the result equals it to fp32 rounding and is fp32 (fp64 for
-    fp64 embeddings).
+    fp64 embeddings). Inside a ``torch.autocast`` block the embeddings are multiplied in its dtype, as
+    sentence-transformers' matmul would be (:func:`autocast_dtype`).
     """
     docs = [docs] if isinstance(docs, Tensor) else list(docs)
     check_embeddings("queries", queries)
@@ -126,7 +142,15 @@ def mnrl_loss(
     check_scale(scale, device=queries.device)
     directions = validate_mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
     kind, similarity_fct = _similarity_kind(similarity)
-    check_finite([("queries", queries)] + [(f"docs[{k}]", c) for k, c in enumerate(docs)], scale=scale)
+    # under autocast the fused paths take the embeddings in its dtype (autocast_dtype); the reference follows it as
+    # sentence-transformers does, through its matmul
+    cast = autocast_dtype(queries) if kind is not None and mnrl_backend(queries, directions) != "torch" else None
+    given = None
+    if cast is not None:
+        given = [queries, *docs]
+        queries, docs = queries.to(cast), [column.to(cast) for column in docs]
+    names = ["queries"] + [f"docs[{k}]" for k in range(len(docs))]
+    check_finite(list(zip(names, [queries, *docs])), scale=scale, cast_from=given)
 
     offset = 0
     if gather_across_devices:
