@@ -10,6 +10,7 @@ differentiable embeddings plus labels), and ``impls`` maps an implementation nam
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import os
@@ -25,7 +26,9 @@ IMPLS = (
     "fastloss",
     "fastloss_blocked",
     "fastloss_flash",
+    "fastloss_autocast",
     "sentence_transformers",
+    "st_autocast",
     "torch_compile",
     "gemm_floor",
     "inf_cl",
@@ -63,6 +66,7 @@ class Impl:
     is_loss: bool = True
     note: str | None = None
     tf32: bool = False  # multiplies fp32 operands in tf32 (its own choice): checked at fp16's tolerance in fp32
+    autocast: str | None = None  # runs its forward under torch.autocast in this dtype: checked at its tolerance
 
 
 Builder = Callable[[Problem], Impl]
@@ -231,6 +235,24 @@ def _mnrl_st(variant: str) -> Builder:
     return build
 
 
+def _under_autocast(builder: Builder, dtype: str = "bf16") -> Builder:
+    """``builder``'s implementation with its forward inside torch.autocast(dtype) and the backward outside, as a
+    hand-written mixed-precision loop runs a loss: on fp32 embeddings sentence-transformers' similarity matmul then
+    multiplies in bf16, and fastloss's MNRL casts the embeddings to bf16 (fastloss.functional.mnrl.autocast_dtype)."""
+
+    def build(p: Problem) -> Impl:
+        impl = builder(p)
+        device, forward = p.inputs[0].device.type, impl.fn
+
+        def fn() -> Tensor:
+            with torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]):
+                return forward()
+
+        return dataclasses.replace(impl, fn=fn, autocast=dtype, note=f"forward under torch.autocast({dtype})")
+
+    return build
+
+
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -312,7 +334,9 @@ MNRL = OpSpec(
         "fastloss": _mnrl_fastloss("mnrl"),
         "fastloss_blocked": _mnrl_fastloss("mnrl", "blocked"),
         "fastloss_flash": _mnrl_fastloss("mnrl", "flash"),
+        "fastloss_autocast": _under_autocast(_mnrl_fastloss("mnrl")),
         "sentence_transformers": _mnrl_st("mnrl"),
+        "st_autocast": _under_autocast(_mnrl_st("mnrl")),
         "torch_compile": _mnrl_compile("mnrl"),
         "gemm_floor": _gemm_floor(lambda p: p.inputs[0], _docs, 2),
         "inf_cl": _inf_cl,

@@ -13,6 +13,8 @@ ORDER = {name: i for i, name in enumerate(IMPLS)}
 GPU_TARGET_SHAPE, GPU_MIN_TFLOPS, GPU_MAX_FLOOR_RATIO = (32768, 65536, 1024, "bf16"), 400.0, 1.5
 # fastloss's MNRL impls: the default dispatch, and the row-block and flash algorithms forced (FASTLOSS_MNRL_ALGO)
 FASTLOSS_MNRL = ("fastloss", "fastloss_blocked", "fastloss_flash")
+# the "vs ST" column's sentence-transformers row, where it is not sentence_transformers: the same autocast
+ST_BASELINE = {"fastloss_autocast": "st_autocast"}
 TARGETS = (
     # (label, device type, op, B, N, D, dtype, min speedup over sentence-transformers, max share of its extra memory)
     (
@@ -72,9 +74,9 @@ def summary_table(records: list[dict]) -> str:
     rows = [head]
     for key in sorted(by_shape):
         impls = by_shape[key]
-        st, floor = impls.get("sentence_transformers"), impls.get("gemm_floor")
+        floor = impls.get("gemm_floor")
         for name in sorted(impls, key=lambda n: ORDER.get(n, 99)):
-            r = impls[name]
+            r, st = impls[name], impls.get(ST_BASELINE.get(name, "sentence_transformers"))
             ms = r.get("ms")
             speed = mem = ratio = None
             vs_st = name not in ("sentence_transformers", "gemm_floor")

@@ -30,6 +30,12 @@ SHAPE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 ORACLE = "sentence_transformers"
 
 
+def _precision(impl: Impl, case: Case, device: torch.device) -> str:
+    """The dtype whose tolerances an implementation is checked at: its autocast's, fp16's for fp32 products in tf32
+    (_tf32_products), else the case's."""
+    return impl.autocast or ("fp16" if _tf32_products(impl, case, device) else case.dtype)
+
+
 def _tf32_products(impl: Impl, case: Case, device: torch.device) -> bool:
     """Whether an fp32 case multiplies in tf32, and is checked at fp16's tolerance (tf32 keeps fp16's 10 mantissa
     bits): by the implementation's own choice (inf_cl), or on CUDA where torch's fp32 matmuls take TF32 (cuBLAS:
@@ -125,7 +131,7 @@ class Checker:
         p = spec.make(b, n, case.D, dtype, dev, seed)
         impl = spec.impls[impl_name](p)
         loss, grads = _run_once(impl, p)
-        tol_loss, tol_grad = TOLERANCE["fp16" if _tf32_products(impl, case, dev) else case.dtype]
+        tol_loss, tol_grad = TOLERANCE[_precision(impl, case, dev)]
         if dtype != torch.float32 and impl_name != ORACLE:
             st_p = spec.make(b, n, case.D, dtype, dev, seed)
             st_loss, st_grads = _run_once(spec.impls[ORACLE](st_p), st_p)
@@ -153,6 +159,7 @@ class Prepared:
     impl: Impl
     state: dict
     is_loss: bool = True
+    precision: str = "fp32"  # _precision: the tolerance of the check at the timed shape
 
     def step(self) -> None:
         _clear_grads(self.p)
@@ -302,7 +309,8 @@ class Runner:
                         return rec, None
             elif impl_name == ORACLE:
                 rec["check"] = "oracle"
-            return None, Prepared(impl_name, rec, p, impl, {}, impl.is_loss)
+            precision = _precision(impl, case, self.opts.device)
+            return None, Prepared(impl_name, rec, p, impl, {}, impl.is_loss, precision)
         except Skip as exc:
             self._skip(f"{case.op}/{impl_name}: {exc}")
             return None, None
@@ -351,7 +359,8 @@ class Runner:
                 rec["ms"] = None
             else:
                 if "loss" in prep.state:
-                    self._shape_check(case, prep.name, prep.is_loss, rec, float(prep.state["loss"].double()))
+                    loss = float(prep.state["loss"].double())
+                    self._shape_check(case, prep.name, prep.is_loss, rec, loss, prep.precision)
                 flops = spec.flops(case.B, case.N, case.D) if spec.flops else None
                 if flops and rec.get("ms"):
                     rec["tflops"] = flops / (rec["ms"] * 1e-3) / 1e12
@@ -366,7 +375,7 @@ class Runner:
         self.opts.log(f"{tag} {time.perf_counter() - t0:.1f}s")
         return sorted(out, key=lambda r: case.impls.index(r["impl"]))
 
-    def _shape_check(self, case: Case, impl_name: str, is_loss: bool, rec: dict, loss: float) -> None:
+    def _shape_check(self, case: Case, impl_name: str, is_loss: bool, rec: dict, loss: float, precision: str) -> None:
         key = (case.op, case.B, case.N, case.D, case.dtype)
         if impl_name == ORACLE:
             self.oracle_loss[key] = loss
@@ -379,7 +388,7 @@ class Runner:
             return
         err = _rel(loss, ref)
         rec["shape_loss_err"] = err
-        if err > SHAPE_TOLERANCE[case.dtype]:
+        if err > SHAPE_TOLERANCE[precision]:
             rec["check"] = "MISMATCH_AT_SHAPE"
             self.opts.log(
                 f"  flagged: {case.op}/{impl_name} loss {loss:.6g} vs sentence-transformers {ref:.6g} "

@@ -77,7 +77,10 @@ def gpu_default(compile_cases: bool = True) -> list[Case]:
     cases.append(Case("mnrl", 32768, 65536, 1024, "bf16", impls, group="target"))
     eager = tuple(i for i in impls if i != "torch_compile")  # one compilation per shape: the batch sweep only
     cases += [Case("mnrl", 8192, 16384, d, "bf16", eager, group="dim") for d in (256, 384, 1024, 4096)]
-    cases += _sweep("mnrl", (1024, 4096, 8192), 768, "fp32", eager, ratio=2, group="dtype")
+    # fp32 embeddings as a hand-written bf16 autocast loop hands them over (LayerNorm, pooling): both losses' forward
+    # under torch.autocast, where sentence-transformers' matmul and fastloss's products take bf16
+    autocast = ("fastloss_autocast", "st_autocast")
+    cases += _sweep("mnrl", (1024, 4096, 8192), 768, "fp32", eager + autocast, ratio=2, group="dtype")
     cases += _sweep("mnrl", (4096, 8192), 768, "fp16", eager, ratio=2, group="dtype")
     mnsrl_impls = tuple(i for i in impls if i not in ("inf_cl", "cce_exact"))
     cases += _sweep("mnsrl", (1024, 4096, 16384), 768, "bf16", mnsrl_impls)
@@ -100,6 +103,7 @@ def gpu_default(compile_cases: bool = True) -> list[Case]:
 
 def quick() -> list[Case]:
     cases = _sweep("mnrl", (32, 64), 32, "fp32", MNRL_IMPLS + ("fastloss_blocked",), ratio=2)
+    cases.append(Case("mnrl", 64, 128, 32, "fp32", ("sentence_transformers", "fastloss_autocast", "st_autocast")))
     cases += _sweep("mnsrl", (32, 64), 32, "fp32", MNRL_IMPLS)
     cases += _sweep("gte", (32, 64), 32, "fp32", MNRL_IMPLS)
     cases += _other_ops((32, 64), (16, 32), 32, "fp32", None)

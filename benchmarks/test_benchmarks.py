@@ -20,7 +20,8 @@ PARAMS = [
     pytest.param(op, impl, id=f"{op}-{impl}")
     for op, spec in OPS.items()
     for impl in spec.impls
-    if impl in ("fastloss", "fastloss_blocked", ORACLE, "gemm_floor", "inf_cl", "cce_exact")
+    if impl in ("fastloss", "fastloss_blocked", ORACLE, "gemm_floor", "inf_cl", "cce_exact", "fastloss_autocast")
+    or impl == "st_autocast"
     or (impl == "fastloss_flash" and DEVICE.type == "cuda")  # elsewhere the same path as fastloss
 ]
 
@@ -56,6 +57,21 @@ def test_fwd_bwd(benchmark, checker, op, impl):
             torch.cuda.synchronize()
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+
+
+def test_autocast_impls_run_the_forward_under_autocast():
+    """fastloss_autocast and st_autocast: the loss of the fp32 problem as inside torch.autocast(bf16), checked at
+    bf16's tolerance; fastloss's equals its loss on the embeddings cast to bf16 (what it does under autocast)."""
+    from fastloss.functional import mnrl_loss
+
+    spec = OPS["mnrl"]
+    p = spec.make(16, 32, 8, torch.float32, torch.device("cpu"), 0)
+    ours, st = spec.impls["fastloss_autocast"](p), spec.impls["st_autocast"](p)
+    assert ours.autocast == st.autocast == "bf16"
+    cast = [x.detach().bfloat16() for x in p.inputs]
+    assert torch.equal(ours.fn().detach(), mnrl_loss(cast[0], cast[1:], 20.0))
+    assert not torch.equal(ours.fn().detach(), spec.impls["fastloss"](p).fn().detach())
+    assert not torch.equal(st.fn().detach().float(), spec.impls[ORACLE](p).fn().detach())  # its matmul in bf16
 
 
 def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, monkeypatch):
@@ -96,7 +112,8 @@ def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, 
 
 def test_tf32_products_checked_at_fp16_tolerance(monkeypatch):
     """fp32 cases whose products run in tf32 (an implementation's own choice; on CUDA, torch's TF32 setting or
-    FASTLOSS_FP32_DOT=tf32) get fp16's tolerance, others their dtype's."""
+    FASTLOSS_FP32_DOT=tf32) get fp16's tolerance, implementations under autocast their autocast's, others their
+    dtype's (runner._precision, for the check at a small batch and the one at the timed shape)."""
     from fastloss import _backend
 
     monkeypatch.delenv("FASTLOSS_FP32_DOT", raising=False)
@@ -107,6 +124,8 @@ def test_tf32_products_checked_at_fp16_tolerance(monkeypatch):
     plain, own = Impl(lambda: torch.zeros(())), Impl(lambda: torch.zeros(()), tf32=True)
     assert not runner._tf32_products(plain, fp32, cuda)
     assert runner._tf32_products(own, fp32, cpu) and not runner._tf32_products(own, bf16, cuda)
+    assert [runner._precision(impl, fp32, cpu) for impl in (plain, own)] == ["fp32", "fp16"]
+    assert runner._precision(Impl(lambda: torch.zeros(()), tf32=True, autocast="bf16"), fp32, cpu) == "bf16"
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
     try:

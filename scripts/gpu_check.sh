@@ -90,8 +90,9 @@ fi
 # fp32 MNRL (B = 1024 .. 8192, one hard negative, D = 768): what SentenceTransformerTrainer hands a loss under bf16=True
 # (the model's outputs in fp32, the loss outside autocast), where sentence-transformers multiplies in fp32 too; the
 # flash kernels' FMA dots (fastloss_flash) against the row-block op's cuBLAS GEMMs (fastloss: FASTLOSS_MNRL_ALGO=auto's
-# fp32 default since 2026-11-30, chosen by the GEMM count, not yet timed). Here, not in the sweep below, which the first
-# H200 run never reached
+# fp32 default since 2026-11-30, chosen by the GEMM count, not yet timed); and both losses with their forward under bf16
+# autocast (fastloss_autocast, st_autocast: a hand-written mixed-precision loop, where both multiply in bf16). Here,
+# not in the sweep below, which the first H200 run never reached
 t=$(cap 90)
 if [ "$t" -gt 30 ]; then
   timeout "$t" "${bench[@]}" --ops mnrl --dtypes fp32 --groups dtype --modes fwd+bwd --no-max-batch \
