@@ -42,6 +42,14 @@ def _gloo_worker(rank: int, world: int, port: int, backend: str, directions, res
             )
             loss.backward()
             out[name] = (loss.detach(), [x.grad.clone() for x in leaves])
+        # under autocast the embeddings are cast to bf16 before the gather: as the loss on bf16 embeddings
+        ours = losses.MultipleNegativesRankingLoss(None, gather_across_devices=True, directions=directions)
+        for name, cast in (("autocast", False), ("bf16", True)):
+            leaves = [c.clone().requires_grad_(True) for c in cols]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cast):
+                loss = ours.compute_loss_from_embeddings([x.bfloat16() if cast else x for x in leaves], None)
+            loss.backward()
+            out[name] = (loss.detach(), [x.grad.clone() for x in leaves])
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -68,6 +76,8 @@ def test_gather_across_devices_two_gloo_processes(directions):
         torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=2e-6)
         for g, ref in zip(grads, ref_grads):
             torch.testing.assert_close(g, ref, rtol=2e-5, atol=2e-6)
+        (loss, grads), (ref_loss, ref_grads) = results[rank]["autocast"], results[rank]["bf16"]
+        assert torch.equal(loss, ref_loss) and all(torch.equal(g, ref) for g, ref in zip(grads, ref_grads))
 
 
 @pytest.fixture(scope="module")
