@@ -238,7 +238,7 @@ def _mnrl_st(variant: str) -> Builder:
 def _under_autocast(builder: Builder, dtype: str = "bf16") -> Builder:
     """``builder``'s implementation with its forward inside torch.autocast(dtype) and the backward outside, as a
     hand-written mixed-precision loop runs a loss: on fp32 embeddings sentence-transformers' similarity matmul then
-    multiplies in bf16, and fastloss's MNRL casts the embeddings to bf16 (fastloss.functional.mnrl.autocast_dtype)."""
+    multiplies in bf16, and fastloss's MNRL casts the same operands to bf16 (functional.mnrl.autocast_dtype)."""
 
     def build(p: Problem) -> Impl:
         impl = builder(p)

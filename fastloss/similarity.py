@@ -21,7 +21,7 @@ def normalize_embeddings(x: Tensor) -> Tensor:
     return F.normalize(x, p=2, dim=-1, eps=NORM_EPS)
 
 
-def _float(x: Tensor) -> Tensor:
+def promote_half(x: Tensor) -> Tensor:
     """fp32 for a floating tensor narrower than fp32 (fp16, bf16, fp8), as sentence-transformers 6.x's similarity
     functions promote their inputs (its util's _convert_to_float_tensor): a half-precision matmul rounds every
     similarity to the input dtype (bf16: up to 2e-3 near 1, 0.04 in a logit at scale 20), as much as a confident
@@ -30,19 +30,19 @@ def _float(x: Tensor) -> Tensor:
 
 
 def cos_sim(a: Tensor, b: Tensor) -> Tensor:
-    return torch.mm(normalize_embeddings(_float(a)), normalize_embeddings(_float(b)).transpose(0, 1))
+    return torch.mm(normalize_embeddings(promote_half(a)), normalize_embeddings(promote_half(b)).transpose(0, 1))
 
 
 def dot_score(a: Tensor, b: Tensor) -> Tensor:
-    return torch.mm(_float(a), _float(b).transpose(0, 1))
+    return torch.mm(promote_half(a), promote_half(b).transpose(0, 1))
 
 
 def pairwise_cos_sim(a: Tensor, b: Tensor) -> Tensor:
-    return (normalize_embeddings(_float(a)) * normalize_embeddings(_float(b))).sum(dim=-1)
+    return (normalize_embeddings(promote_half(a)) * normalize_embeddings(promote_half(b))).sum(dim=-1)
 
 
 def pairwise_dot_score(a: Tensor, b: Tensor) -> Tensor:
-    return (_float(a) * _float(b)).sum(dim=-1)
+    return (promote_half(a) * promote_half(b)).sum(dim=-1)
 
 
 _MATRIX_NAMES = {"cos_sim": "cos", "pytorch_cos_sim": "cos", "dot_score": "dot"}

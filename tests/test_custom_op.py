@@ -178,6 +178,15 @@ CASES = {
 }
 
 
+# the MNRL cases with dot-product similarity: what they compute on unit vectors under autocast
+AS_DOT = {
+    "mnrl": lambda q, p, n: mnrl_loss(q, [p, n], 20.0, similarity="dot"),
+    "gte": lambda q, p: mnrl_loss(
+        q, p, 20.0, similarity="dot", directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+    ),
+}
+
+
 def _graph(x: Tensor) -> set[str]:
     """The names of the autograd nodes x comes from."""
     seen, todo = {}, [x.grad_fn]  # seen holds the nodes: a freed node's id may come back for another
@@ -227,8 +236,9 @@ AUTOCAST = [
 @pytest.mark.parametrize("backend", ["default", "blocked"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_losses_under_autocast(case, backend, device, dtype, monkeypatch):
-    """Under the caller's autocast the MNRL family computes as on its embeddings cast to autocast's dtype (where
-    sentence-transformers' similarity matmul runs under it: fastloss.functional.mnrl.autocast_dtype), the other fused
+    """Under the caller's autocast the MNRL family computes as on its similarity's operands (cosine: the unit
+    vectors) cast to autocast's dtype (where sentence-transformers' similarity matmul runs under it:
+    fastloss.functional.mnrl.autocast_dtype), the other fused
     losses as without autocast (ATen's matmuls in the C++ and torch-op paths would otherwise run in half precision),
     values and gradients bit for bit. Except batch-hard's gradient on CUDA, whose default backward (torch ops;
     fastloss._C's gathering kernel only with FASTLOSS_CUDA_KERNELS=1) scatters with index_add_: its atomic adds make
@@ -244,10 +254,11 @@ def test_losses_under_autocast(case, backend, device, dtype, monkeypatch):
     def loss(*xs):
         return (fn(*xs),)
 
-    def cast_loss(*xs):
-        return (fn(*(x.to(dtype) for x in xs)),)
+    def as_autocast(*xs):  # sentence-transformers' cos_sim under autocast: unit vectors (fp32) multiplied in dtype
+        units = [torch.nn.functional.normalize(x, dim=-1).to(dtype) for x in xs]
+        return (AS_DOT[case](*units),)
 
-    out, grads, _ = _run(cast_loss if case.startswith(("mnrl", "gte")) else loss, *inputs)
+    out, grads, _ = _run(as_autocast if case in AS_DOT else loss, *inputs)
     with torch.autocast(device, dtype=dtype):
         out_ac, grads_ac, _ = _run(loss, *inputs)
     for a, b in zip(out + grads, out_ac + grads_ac):

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from _helpers import rel_err
 
 from fastloss import losses
+from fastloss.similarity import cos_sim, dot_score
 
 st = pytest.importorskip("sentence_transformers")
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
@@ -42,12 +43,15 @@ def _gloo_worker(rank: int, world: int, port: int, backend: str, directions, res
             )
             loss.backward()
             out[name] = (loss.detach(), [x.grad.clone() for x in leaves])
-        # under autocast the embeddings are cast to bf16 before the gather: as the loss on bf16 embeddings
-        ours = losses.MultipleNegativesRankingLoss(None, gather_across_devices=True, directions=directions)
+        # under autocast the unit vectors are cast to bf16 before the gather: as the dot-product loss on them
         for name, cast in (("autocast", False), ("bf16", True)):
+            ours = losses.MultipleNegativesRankingLoss(
+                None, gather_across_devices=True, directions=directions, similarity_fct=dot_score if cast else cos_sim
+            )
             leaves = [c.clone().requires_grad_(True) for c in cols]
+            units = [torch.nn.functional.normalize(x, dim=-1).bfloat16() for x in leaves] if cast else leaves
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not cast):
-                loss = ours.compute_loss_from_embeddings([x.bfloat16() if cast else x for x in leaves], None)
+                loss = ours.compute_loss_from_embeddings(units, None)
             loss.backward()
             out[name] = (loss.detach(), [x.grad.clone() for x in leaves])
         results[rank] = out

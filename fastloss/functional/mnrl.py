@@ -11,7 +11,7 @@ from fastloss import _backend, distributed
 from fastloss._validation import check_embeddings, check_finite, check_same, check_scale
 from fastloss.ops.mnrl import DIRECTION_BITS, HARDNESS_MODES, MNRLParams, mnrl
 from fastloss.reference.mnrl import mnrl_loss as reference_mnrl_loss
-from fastloss.similarity import cos_sim, dot_score, kernel_kind
+from fastloss.similarity import cos_sim, dot_score, kernel_kind, normalize_embeddings, promote_half
 
 Similarity = str | Callable[[Tensor, Tensor], Tensor]
 
@@ -59,8 +59,9 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype torch.autocast multiplies ``x`` in on its device, where that is not ``x``'s own (None without
     autocast, on devices without it, and for fp64, which autocast leaves alone). Inside an autocast block
     sentence-transformers' similarity matmul (cos_sim's and dot_score's torch.mm) runs in it, so the fused paths cast
-    the embeddings to it first: the same products' precision and tensor-core speed, where they would otherwise
-    multiply fp32 embeddings (what a model's LayerNorm or pooling hands over under autocast) in fp32."""
+    its operands to it first (cosine's: the embeddings normalised in fp32): the same products' precision and
+    tensor-core speed, where they would otherwise multiply fp32 embeddings (what a model's LayerNorm or pooling hands
+    over under autocast) in fp32."""
     device = x.device.type
     if x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
         return None
@@ -127,7 +128,7 @@ def mnrl_loss(
     ``similarity`` are fused; any other callable runs the plain-PyTorch reference). ``scale`` is a float or a
     1-element tensor (a learnable inverse temperature gets its gradient). The options are those of
     sentence-transformers' MultipleNegativesRankingLoss; the result equals it to fp32 rounding and is fp32 (fp64 for
-    fp64 embeddings). Inside a ``torch.autocast`` block the embeddings are multiplied in its dtype, as
+    fp64 embeddings). Inside a ``torch.autocast`` block the similarity is multiplied in its dtype, as
     sentence-transformers' matmul would be (:func:`autocast_dtype`).
     """
     docs = [docs] if isinstance(docs, Tensor) else list(docs)
@@ -142,13 +143,17 @@ def mnrl_loss(
     check_scale(scale, device=queries.device)
     directions = validate_mnrl_options(directions, partition_mode, hardness_mode, hardness_strength)
     kind, similarity_fct = _similarity_kind(similarity)
-    # under autocast the fused paths take the embeddings in its dtype (autocast_dtype); the reference follows it as
+    # under autocast the fused paths take the embeddings in its dtype (autocast_dtype) as sentence-transformers'
+    # similarity matmul takes its operands: cosine's normalised in fp32 first (then multiplied as dot products, so
+    # unit vectors are what is rounded, whatever the embeddings' scale); the reference follows autocast as
     # sentence-transformers does, through its matmul
     cast = autocast_dtype(queries) if kind is not None and mnrl_backend(queries, directions) != "torch" else None
     given = None
     if cast is not None:
         given = [queries, *docs]
-        queries, docs = queries.to(cast), [column.to(cast) for column in docs]
+        operand = (lambda x: normalize_embeddings(promote_half(x))) if kind == "cos" else (lambda x: x)
+        queries, docs = operand(queries).to(cast), [operand(column).to(cast) for column in docs]
+        kind = "dot"
     names = ["queries"] + [f"docs[{k}]" for k in range(len(docs))]
     check_finite(list(zip(names, [queries, *docs])), scale=scale, cast_from=given)
 

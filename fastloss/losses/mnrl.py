@@ -42,7 +42,8 @@ _CITATION_GTE = """
 
 class MultipleNegativesRankingLoss(nn.Module):
     """sentence-transformers' MultipleNegativesRankingLoss on fastloss's fused kernels: the same constructor,
-    validation and results (fp32 loss; fp64 for fp64 embeddings), without the B x N similarity matrices.
+    validation and results (fp32 loss; fp64 for fp64 embeddings), without the B x N similarity matrices. Inside a
+    ``torch.autocast`` block the similarity is multiplied in its dtype, as sentence-transformers' matmul would be.
 
     Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples; labels are unused.
     ``scale`` may be a float or a 1-element tensor (e.g. an ``nn.Parameter``: a learnable inverse temperature).

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastloss.similarity import _float, pairwise_cos_sim
+from fastloss.similarity import pairwise_cos_sim, promote_half
 
 
 def pairwise_angle_sim(x: Tensor, y: Tensor) -> Tensor:
@@ -22,7 +22,7 @@ def pairwise_angle_sim(x: Tensor, y: Tensor) -> Tensor:
     With halves ``x = (x1, x2)`` (an odd dim is padded with one zero) and ``x_hat = x / max(|x|, 1e-12)``:
     ``sin = <x2_hat, y1_hat> - <x1_hat, y2_hat>``. Half-precision inputs are promoted to fp32 first.
     """
-    x, y = _float(x), _float(y)
+    x, y = promote_half(x), promote_half(y)
     if x.shape[1] % 2 != 0:
         x = F.pad(x, (0, 1), mode="constant", value=0)
         y = F.pad(y, (0, 1), mode="constant", value=0)
