@@ -918,8 +918,11 @@ def test_opcheck(backend_name, directions):
         torch.library.opcheck(torch.ops.fastloss.mnrl_fwd, (leaf(q), docs, leaf(scale), *args))
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
 @pytest.mark.parametrize("backend_name", _op_backends())
-def test_torch_compile_fullgraph_matches_eager(backend_name, monkeypatch):
+def test_torch_compile_fullgraph_matches_eager(backend_name, autocast, monkeypatch):
+    """Also with the loss under bf16 autocast (its cast to autocast's dtype traced into the graph: torch 2.11's
+    dynamo cannot trace torch.amp.is_autocast_available, which made it a graph break there)."""
     use_backend(monkeypatch, backend_name)
     monkeypatch.setenv("FASTLOSS_CHECK_FINITE", "0")  # a data-dependent check is a graph break by design
     import torch._dynamo
@@ -929,7 +932,9 @@ def test_torch_compile_fullgraph_matches_eager(backend_name, monkeypatch):
     x, y = _embeddings(6, 16, 2)
 
     def loss_fn(x, y):
-        return FF.mnrl_loss(model(x), [model(y)], 20.0, directions=DIRECTION_SETS["all4"])
+        q, d = model(x), model(y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return FF.mnrl_loss(q, [d], 20.0, directions=DIRECTION_SETS["all4"])
 
     results = []
     with warnings.catch_warnings(record=True) as caught:
@@ -944,6 +949,8 @@ def test_torch_compile_fullgraph_matches_eager(backend_name, monkeypatch):
     ours = [str(w.message) for w in caught if str(w.filename).startswith(package) or "_backend.py" in str(w.message)]
     assert not ours, ours
     (eager, eager_grad), (compiled, compiled_grad) = results
+    if autocast:  # the loss in bf16 products, not the fp32 one
+        assert rel_err(FF.mnrl_loss(model(x), [model(y)], 20.0, directions=DIRECTION_SETS["all4"]), eager) > 1e-6
     torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
     torch.testing.assert_close(compiled_grad, eager_grad, **TOL[torch.float32])
 

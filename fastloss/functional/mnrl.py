@@ -14,6 +14,7 @@ from fastloss.reference.mnrl import mnrl_loss as reference_mnrl_loss
 from fastloss.similarity import cos_sim, dot_score, kernel_kind, normalize_embeddings, promote_half
 
 Similarity = str | Callable[[Tensor, Tensor], Tensor]
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def validate_mnrl_options(
@@ -63,9 +64,8 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     tensor-core speed, where they would otherwise multiply fp32 embeddings (what a model's LayerNorm or pooling hands
     over under autocast) in fp32."""
     device = x.device.type
-    if x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
-        return None
-    if not torch.is_autocast_enabled(device):
+    # the device types torch.autocast takes (torch.amp.is_autocast_available, which torch 2.11's dynamo cannot trace)
+    if x.dtype == torch.float64 or device not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
         return None
     dtype = torch.get_autocast_dtype(device)
     return None if dtype == x.dtype else dtype
