@@ -28,6 +28,9 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 TOLERANCE = {"fp32": (1e-4, 1e-3), "bf16": (2e-2, 5e-2), "fp16": (5e-3, 1e-2)}
 SHAPE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 ORACLE = "sentence_transformers"
+# sentence-transformers under autocast: a baseline, not a candidate; its errors against fp64 are recorded, never
+# refused (under CPU bf16 autocast its cross-entropy runs in bf16: a loss 86% off at B = 96, D = 256)
+ORACLE_AUTOCAST = "st_autocast"
 
 
 def _precision(impl: Impl, case: Case, device: torch.device) -> str:
@@ -295,7 +298,11 @@ class Runner:
             rec["backend"] = impl.backend
             if impl.note:
                 rec["note"] = impl.note
-            if impl.is_loss and impl_name != ORACLE:
+            if impl_name == ORACLE_AUTOCAST:
+                chk = self.checker.check(spec, impl_name, case)
+                rec["check"] = "oracle"
+                rec["check_loss_err"], rec["check_grad_err"] = chk["loss_err"], chk["grad_err"]
+            elif impl.is_loss and impl_name != ORACLE:
                 chk = self.checker.check(spec, impl_name, case)
                 rec["check"] = "ok" if chk["ok"] else "FAILED"
                 rec["check_loss_err"], rec["check_grad_err"] = chk["loss_err"], chk["grad_err"]
@@ -388,7 +395,7 @@ class Runner:
             return
         err = _rel(loss, ref)
         rec["shape_loss_err"] = err
-        if err > SHAPE_TOLERANCE[precision]:
+        if err > SHAPE_TOLERANCE[precision] and impl_name != ORACLE_AUTOCAST:
             rec["check"] = "MISMATCH_AT_SHAPE"
             self.opts.log(
                 f"  flagged: {case.op}/{impl_name} loss {loss:.6g} vs sentence-transformers {ref:.6g} "

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import runner
 from benchmarks.cases import OPS, Impl, Skip, op_available
-from benchmarks.runner import ORACLE, Checker, Options
+from benchmarks.runner import ORACLE, ORACLE_AUTOCAST, Checker, Options
 from benchmarks.suites import Case
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -21,7 +21,7 @@ PARAMS = [
     for op, spec in OPS.items()
     for impl in spec.impls
     if impl in ("fastloss", "fastloss_blocked", ORACLE, "gemm_floor", "inf_cl", "cce_exact", "fastloss_autocast")
-    or impl == "st_autocast"
+    or impl == ORACLE_AUTOCAST
     or (impl == "fastloss_flash" and DEVICE.type == "cuda")  # elsewhere the same path as fastloss
 ]
 
@@ -44,7 +44,7 @@ def test_fwd_bwd(benchmark, checker, op, impl):
         run = spec.impls[impl](p)
     except Skip as exc:
         pytest.skip(str(exc))
-    if run.is_loss and impl != ORACLE:
+    if run.is_loss and impl not in (ORACLE, ORACLE_AUTOCAST):  # the baselines are not refused
         result = checker.check(spec, impl, case)
         assert result["ok"], f"{op}/{impl} does not match sentence-transformers: {result}"
     benchmark.extra_info.update(backend=run.backend, B=B, N=N, D=32, dtype="fp32")
@@ -73,6 +73,17 @@ def test_autocast_impls_run_the_forward_under_autocast():
     assert torch.equal(ours.fn().detach(), mnrl_loss(cast[0], cast[1:], 20.0, similarity="dot"))
     assert not torch.equal(ours.fn().detach(), spec.impls["fastloss"](p).fn().detach())
     assert not torch.equal(st.fn().detach().float(), spec.impls[ORACLE](p).fn().detach())  # its matmul in bf16
+
+
+def test_st_autocast_is_a_baseline():
+    """st_autocast is timed whatever its error (sentence-transformers itself under autocast), with its errors
+    against fp64 recorded; fastloss_autocast is checked."""
+    opts = Options(device=torch.device("cpu"), budget_s=0.01, memory=False, log=lambda _msg: None)
+    impls = (ORACLE, "fastloss_autocast", ORACLE_AUTOCAST)
+    records = {r["impl"]: r for r in runner.Runner(opts).run([Case("mnrl", 16, 32, 8, "fp32", impls)])}
+    assert records[ORACLE_AUTOCAST]["check"] == "oracle" and records[ORACLE_AUTOCAST]["ms"] is not None
+    assert records[ORACLE_AUTOCAST]["check_loss_err"] > 0.0
+    assert records["fastloss_autocast"]["check"] == "ok"
 
 
 def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, monkeypatch):
