@@ -42,6 +42,7 @@ IMPLS = (
     "norm_triton",
 )
 SCALE = 20.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Skip(Exception):
@@ -245,7 +246,7 @@ def _under_autocast(builder: Builder, dtype: str = "bf16") -> Builder:
         device, forward = p.inputs[0].device.type, impl.fn
 
         def fn() -> Tensor:
-            with torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]):
+            with torch.autocast(device, dtype=DTYPES[dtype]):
                 return forward()
 
         return dataclasses.replace(impl, fn=fn, autocast=dtype, note=f"forward under torch.autocast({dtype})")

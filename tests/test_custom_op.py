@@ -164,12 +164,10 @@ def _x(*shape, dtype=torch.float32):
 
 
 LABELS = torch.tensor([0, 1, 0, 2, 1, 2, 0, 3, 3])
+GTE_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 CASES = {
     "mnrl": (lambda q, p, n: mnrl_loss(q, [p, n], 20.0), 3),
-    "gte": (
-        lambda q, p: mnrl_loss(q, p, 20.0, directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
-        2,
-    ),
+    "gte": (lambda q, p: mnrl_loss(q, p, 20.0, directions=GTE_DIRECTIONS), 2),
     "cosent": (lambda a, b: cosent_loss(a, b, torch.linspace(0, 1, a.shape[0], device=a.device), 20.0), 2),
     "angle": (lambda a, b: angle_loss(a, b, torch.linspace(0, 1, a.shape[0], device=a.device), 20.0), 2),
     "batch_hard": (lambda x: batch_hard_triplet_loss(x, LABELS.to(x.device), 0.5), 1),
@@ -181,9 +179,7 @@ CASES = {
 # the MNRL cases with dot-product similarity: what they compute on unit vectors under autocast
 AS_DOT = {
     "mnrl": lambda q, p, n: mnrl_loss(q, [p, n], 20.0, similarity="dot"),
-    "gte": lambda q, p: mnrl_loss(
-        q, p, 20.0, similarity="dot", directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-    ),
+    "gte": lambda q, p: mnrl_loss(q, p, 20.0, similarity="dot", directions=GTE_DIRECTIONS),
 }
 
 
@@ -238,12 +234,11 @@ AUTOCAST = [
 def test_losses_under_autocast(case, backend, device, dtype, monkeypatch):
     """Under the caller's autocast the MNRL family computes as on its similarity's operands (cosine: the unit
     vectors) cast to autocast's dtype (where sentence-transformers' similarity matmul runs under it:
-    fastloss.functional.mnrl.autocast_dtype), the other fused
-    losses as without autocast (ATen's matmuls in the C++ and torch-op paths would otherwise run in half precision),
-    values and gradients bit for bit. Except batch-hard's gradient on CUDA, whose default backward (torch ops;
-    fastloss._C's gathering kernel only with FASTLOSS_CUDA_KERNELS=1) scatters with index_add_: its atomic adds make
-    two runs of one call differ in the last bits (seen on an H200: 3e-8 absolute, 1.6e-6 relative), far below the
-    ~1e-3 of a half-precision product."""
+    fastloss.functional.mnrl.autocast_dtype), the other fused losses as without autocast (ATen's matmuls in the C++
+    and torch-op paths would otherwise run in half precision), values and gradients bit for bit. Except batch-hard's
+    gradient on CUDA, whose default backward (torch ops; fastloss._C's gathering kernel only with
+    FASTLOSS_CUDA_KERNELS=1) scatters with index_add_: its atomic adds make two runs of one call differ in the last
+    bits (seen on an H200: 3e-8 absolute, 1.6e-6 relative), far below the ~1e-3 of a half-precision product."""
     if backend == "blocked":
         if not case.startswith(("mnrl", "gte")):
             pytest.skip("the row-block op is MNRL's")
