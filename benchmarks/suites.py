@@ -57,7 +57,10 @@ def cpu_default(compile_cases: bool = True) -> list[Case]:
     # the target case also times the row-block torch op, which CPU tensors take where fastloss._C is not built
     cases.append(Case("mnrl", 4096, 8192, 256, "fp32", MNRL_IMPLS + ("fastloss_blocked",), group="target"))
     cases += [Case("mnrl", 1024, 1024, d, "fp32", MNRL_IMPLS, group="dim") for d in (64, 768)]
-    cases.append(Case("mnrl", 1024, 1024, 256, "bf16", MNRL_IMPLS, group="dtype"))
+    # bf16 inputs (MKL's bf16 GEMMs on an AMX CPU), and fp32 ones under torch.autocast(bf16), which multiplies in bf16
+    autocast = ("fastloss_autocast", "st_autocast")
+    cases += [Case("mnrl", b, n, 256, "bf16", MNRL_IMPLS, group="dtype") for b, n in ((1024, 1024), (4096, 8192))]
+    cases += [Case("mnrl", b, n, 256, "fp32", autocast, group="dtype") for b, n in ((1024, 1024), (4096, 8192))]
     # the largest symmetric and GTE cases also time the row-block torch op, whose products two directions share
     with_blocked = MNRL_IMPLS + ("fastloss_blocked",)
     cases += _sweep("mnsrl", (256, 1024, 2048), 256, "fp32", MNRL_IMPLS) + _sweep(

@@ -1,5 +1,6 @@
 // fastloss._C: CPU kernels for the fused ops (and CUDA kernels where built). Python registers them with
 // torch.library in fastloss/ops; this module only exposes plain functions.
+#include "bf16_gemm.h"
 #include "fastloss.h"
 
 #ifdef _OPENMP
@@ -20,6 +21,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     info["cuda"] = false;
 #endif
+    // the CPU MNRL op's bf16 GEMMs (bf16_gemm.h): what FASTLOSS_NATIVE_BF16_GEMM=auto needs, and whether it is on now
+    info["mkl_bf16_gemm"] = fastloss::bf16_gemm_linked();
+    info["amx_bf16"] = fastloss::cpu_has_amx_bf16();
+    info["bf16_gemm"] = fastloss::bf16_gemm_enabled();
     return info;
   });
   fastloss::register_mnrl(m);

@@ -1,0 +1,25 @@
+// bf16 x bf16 -> fp32 GEMMs for the CPU MNRL op, on CPUs whose bf16 matrix units (AMX-BF16) multiply bf16 several
+// times faster than fp32. torch's x86-64 Linux builds carry MKL, whose cblas_gemm_bf16bf16f32 takes bf16 operands
+// and accumulates into fp32 (torch's own mm on bf16 rounds its result to bf16, and its out_dtype is CUDA-only).
+// Where torch has no such MKL, or the CPU no AMX-BF16, the op keeps fp32 GEMMs.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace fastloss {
+
+// Whether bf16 inputs take bf16 GEMMs now: FASTLOSS_NATIVE_BF16_GEMM = auto (default: where MKL's bf16 GEMM is
+// linked and the CPU has AMX-BF16) | 1 (wherever it is linked; an error where it is not) | 0 (fp32 GEMMs).
+bool bf16_gemm_enabled();
+
+// Whether MKL's bf16 GEMM is linked, and whether the CPU has AMX-BF16 (build_info reports both).
+bool bf16_gemm_linked();
+bool cpu_has_amx_bf16();
+
+// c = op(a) op(b) + beta * c on row-major matrices: c [m, n] fp32 with row stride ldc, op(a) [m, k], op(b) [k, n];
+// trans_a: a is stored [k, m] (row stride lda), else [m, k]; the same for b.
+void gemm_bf16_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const at::BFloat16* a, int64_t lda,
+                   const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+}  // namespace fastloss
