@@ -129,11 +129,18 @@ def assert_matches(got, want, dtype):
     torch.testing.assert_close(dscale.double(), ref_dscale, rtol=rtol, atol=atol)
     rtol, atol = GRAD_TOL[dtype]
     for grad, ref_grad in ((dq, ref_dq), (dd, ref_dd)):
+        want_grad = ref_grad.to(dtype).double()
         if dtype == torch.bfloat16 and bf16_gemms():
-            # both gradient GEMMs take G rounded to bf16 (2**-9 relative per entry): errors up to about twice that of
-            # the gradient's scale, on top of the output's own rounding
-            atol = max(GRAD_TOL[dtype][1], 2**-8 * ref_grad.abs().max().item())
-        torch.testing.assert_close(grad.double(), ref_grad.to(dtype).double(), rtol=rtol, atol=atol)
+            # Both gradient GEMMs take G rounded to bf16 (2**-9 relative per entry). A row whose terms cancel (the
+            # positive's against the negatives', then the normalisation's projection) keeps errors of its terms'
+            # scale, so the bound is normwise, as for the CUDA row-block op's rounding of G
+            # (test_mnrl_blocked.py::test_half_gemm_operands); the worst seen over 1920 gradients of odd shapes was
+            # 8.1e-3 (5.0e-4 with fp32 GEMMs).
+            err = torch.linalg.vector_norm(grad.double() - want_grad) / torch.linalg.vector_norm(want_grad)
+            small = want_grad.abs().max() <= atol and grad.abs().max() <= atol  # e.g. cosine at D = 1: zero
+            assert torch.isfinite(grad).all() and (err < 2e-2 or small), float(err)
+            continue
+        torch.testing.assert_close(grad.double(), want_grad, rtol=rtol, atol=atol)
 
 
 def bf16_gemms() -> bool:
@@ -415,6 +422,27 @@ def test_bf16_gemms(monkeypatch, directions, partition, similarity, rows, block_
     for i in (0, 3):
         torch.testing.assert_close(got[i], fp32[i], rtol=1e-5, atol=1e-6)
     assert not (torch.equal(got[1], fp32[1]) and torch.equal(got[2], fp32[2]))
+
+
+@pytest.mark.parametrize("world,dim,columns", [(1, 5, 3), (7, 1, 2), (2, 3, 1), (3, 2, 2)])
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("directions,partition", PARTITIONS, ids=[_ids(*p) for p in PARTITIONS])
+def test_bf16_gemms_odd_shapes(monkeypatch, directions, partition, similarity, world, dim, columns):
+    """bf16 GEMMs of one row, of D = 1, of two and three rows, for every direction set and partition."""
+    if not _C.build_info()["mkl_bf16_gemm"]:
+        pytest.skip("this torch carries no MKL bf16 GEMM (cblas_gemm_bf16bf16f32): the op keeps fp32 GEMMs")
+    monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "1")
+    check_case(
+        world,
+        dim,
+        columns,
+        torch.bfloat16,
+        similarity=similarity,
+        directions=directions,
+        partition=partition,
+        hardness=3,
+        seed=world + dim,
+    )
 
 
 def test_bf16_gemm_env(monkeypatch):
