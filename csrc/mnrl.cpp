@@ -945,7 +945,7 @@ directions (else the mean of per-direction log-partitions); hardness: 0 none | 1
 2 hard_negatives | 3 all_negatives with strength alpha; normalize: cosine (else dot product).
 Returns loss (0-d), dq, dd (the dtype of q) and dscale (0-d): fp64 for fp64 inputs, else fp32 accumulation.
 bf16 inputs take bf16 GEMMs with fp32 results where FASTLOSS_NATIVE_BF16_GEMM allows (auto: MKL's bf16 GEMM on a CPU
-with AMX-BF16; build_info() says whether), their gradient GEMMs' weights rounded to bf16.
+with AMX-BF16; bf16_gemm_enabled() says whether), their gradient GEMMs' weights rounded to bf16.
 need_grad=False computes only the loss; dq, dd and dscale are then zeros.
 Memory beyond inputs and outputs: the normalised inputs and gradients (O(W*D)), one block of logits of at most
 FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row; with bf16 GEMMs its weights in bf16 as well)

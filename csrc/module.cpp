@@ -21,12 +21,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     info["cuda"] = false;
 #endif
-    // the CPU MNRL op's bf16 GEMMs (bf16_gemm.h): what FASTLOSS_NATIVE_BF16_GEMM=auto needs, and whether it is on now
+    // what the CPU MNRL op's bf16 GEMMs need (bf16_gemm.h; FASTLOSS_NATIVE_BF16_GEMM=auto takes them where both hold)
     info["mkl_bf16_gemm"] = fastloss::bf16_gemm_linked();
     info["amx_bf16"] = fastloss::cpu_has_amx_bf16();
-    info["bf16_gemm"] = fastloss::bf16_gemm_enabled();
     return info;
   });
+  m.def("bf16_gemm_enabled", &fastloss::bf16_gemm_enabled,
+        "Whether the CPU MNRL op multiplies bf16 inputs in bf16 GEMMs now (FASTLOSS_NATIVE_BF16_GEMM; a bad value "
+        "raises)");
   fastloss::register_mnrl(m);
   fastloss::register_triplet(m);
   fastloss::register_triplet_streamed(m);

@@ -123,6 +123,7 @@ note "tests, Triton (${xdist[*]} ${select[*]}): rc=$? $(tail -1 "$OUT/tests.log"
 wait "$build_pid"
 note "extension build: rc=$(cat "$build_rc" 2>/dev/null || echo '?') $(python3 -c \
   "import fastloss._C as c; print(c.build_info())" 2>&1 | tail -1)"
+timeout 60 python3 -m fastloss >>"$OUT/build.log" 2>&1  # what the installation runs, into the build's log
 select=(-k "gpu or test_cuda_build_requested" "${native_tests[@]}")  # -k matches marker names too
 FASTLOSS_AUTOTUNE=first FASTLOSS_EXPECT_CUDA_BUILD=$((1 - dry)) timeout -s INT -k 15 "$(cap 90)" "${pytest_[@]}" \
   "${xdist[@]}" "${select[@]}" >>"$OUT/tests.log" 2>&1

@@ -145,7 +145,7 @@ def assert_matches(got, want, dtype):
 
 def bf16_gemms() -> bool:
     """Whether the op multiplies bf16 inputs in MKL's bf16 GEMM now (FASTLOSS_NATIVE_BF16_GEMM; auto: an AMX CPU)."""
-    return bool(_C.build_info()["bf16_gemm"])
+    return bool(_C.bf16_gemm_enabled())
 
 
 def check_case(
