@@ -40,15 +40,6 @@ constexpr int64_t kCos = 1;
 constexpr int64_t kAngle = 2;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// The bits of a value as another type of the same size (std::bit_cast before C++20; GCC folds it to a register move).
-template <typename To, typename From>
-[[gnu::always_inline]] inline To bits_as(From x) {
-  static_assert(sizeof(To) == sizeof(From));
-  To out;
-  std::memcpy(&out, &x, sizeof(out));
-  return out;
-}
-
 template <typename T>
 struct PairSums {
   T dot;  // <a, b> (+ <a2, b1> - <a1, b2> for AnglE)
@@ -187,8 +178,7 @@ void widen_f16c(const at::Half*, float*, int64_t) {}
 void narrow_f16c(const float*, at::Half*, int64_t) {}
 #endif
 
-// bf16 <-> fp32 rows in vectorised loops: the widening is a shift, the narrowing rounds to nearest even exactly as
-// c10::BFloat16 does (NaN -> 0x7fc0), on the integer bits so that the loop has no floating-point select.
+// bf16 <-> fp32 rows in vectorised loops: the widening is a shift, the narrowing bf16_bits (fastloss.h).
 FASTLOSS_SIMD_CLONES void widen_bf16(const at::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
 #pragma omp simd
@@ -197,11 +187,7 @@ FASTLOSS_SIMD_CLONES void widen_bf16(const at::BFloat16* src, float* dst, int64_
 FASTLOSS_SIMD_CLONES void narrow_bf16(const float* src, at::BFloat16* dst, int64_t n) {
   uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t u = bits_as<uint32_t>(src[j]);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    bits[j] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-  }
+  for (int64_t j = 0; j < n; ++j) bits[j] = bf16_bits(src[j]);
 }
 
 // A row of the input in the accumulation type T: the row itself when the types agree, else widened into buf.

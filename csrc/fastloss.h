@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "normalize_rows.h"  // kNormEps, normalize_rows
 
@@ -30,6 +31,23 @@ void register_cuda(pybind11::module_& m);
 template <typename T>
 T softplus(T x) {
   return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+// The bits of a value as another type of the same size (std::bit_cast before C++20; GCC folds it to a register move).
+template <typename To, typename From>
+[[gnu::always_inline]] inline To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
+}
+
+// x rounded to bf16, as its bits: to nearest even exactly as c10::BFloat16 does (NaN -> 0x7fc0), on the integer bits
+// so that a loop of it has no floating-point select (cosent's narrowed gradients, the MNRL op's bf16 weights).
+[[gnu::always_inline]] inline uint16_t bf16_bits(float x) {
+  const uint32_t u = bits_as<uint32_t>(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
 }
 
 constexpr int64_t kDefaultBlockBytes = int64_t{16} << 20;  // MNRL: m = 512 rows at N = 8192, GEMMs still efficient

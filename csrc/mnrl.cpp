@@ -486,26 +486,17 @@ inline void products(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
                 b.const_data_ptr<at::BFloat16>(), b.stride(0), 0.0f, out.mutable_data_ptr<float>(), out.stride(0));
 }
 
-// out_j = bf16(g_j * w), rounded to nearest even as torch's conversion (NaN stays NaN)
-[[gnu::always_inline]] inline void round_scaled(const float* g, float w, uint16_t* out, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = g[j] * w;
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    out[j] = static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-  }
-}
+// out_j = bf16(g_j * w), as its bits
 FASTLOSS_SIMD_CLONES void round_scaled_bf16(const float* g, float w, uint16_t* out, int64_t n) {
-  round_scaled(g, w, out, n);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits(g[j] * w);
 }
 
 // The two gradient GEMMs of a block of weights g = E diag(inv_c) (what a row pass leaves) over its raw rows R and
 // candidates C, each row i weighted by w_i (its softmax factor * scale / B * inv_r_i; [m, 1]):
 // inv_r * dL/dr_hat = diag(w) g C into d_rows and inv_c * dL/dc_hat += g^T diag(w) R into d_cands.
 // With bf16 operands both take G' = diag(w) g rounded to bf16 (as the CUDA row-block op rounds G for its tensor-core
-// GEMMs), held in ``scratch``, and accumulate in fp32.
+// GEMMs), in a scratch buffer kept across the op's blocks, and accumulate in fp32.
 class GradientProducts {
  public:
   void add(const at::Tensor& g, const at::Tensor& rows, const at::Tensor& cands, const at::Tensor& w,
