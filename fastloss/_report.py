@@ -78,12 +78,12 @@ def _extension() -> list[str]:
 
 
 def _fp32_reason(info: dict) -> str:
-    """Why bf16_gemm_enabled() said no, from what auto needs (build_info); where both hold, the variable said 0."""
+    """Why bf16_gemm_enabled() said no: FASTLOSS_NATIVE_BF16_GEMM=0, else what auto needs and lacks (build_info)."""
+    if os.environ.get("FASTLOSS_NATIVE_BF16_GEMM") == "0":
+        return "FASTLOSS_NATIVE_BF16_GEMM=0"
     if not info.get("mkl_bf16_gemm"):
         return "this torch carries no MKL bf16 GEMM"
-    if not info.get("amx_bf16"):
-        return "the CPU has no AMX-BF16; FASTLOSS_NATIVE_BF16_GEMM=1 uses MKL's bf16 GEMM anyway"
-    return "FASTLOSS_NATIVE_BF16_GEMM=0"
+    return "the CPU has no AMX-BF16; FASTLOSS_NATIVE_BF16_GEMM=1 uses MKL's bf16 GEMM anyway"  # auto, linked: off
 
 
 def _cuda() -> str:

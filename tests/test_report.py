@@ -75,6 +75,18 @@ def test_settings_change_the_table(monkeypatch):
     assert "FASTLOSS_MNRL_ALGO=sideways" in settings.removeprefix("settings: ").split(", ")
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+def test_bf16_gemm_off_reason(monkeypatch, amx):
+    """Why the CPU's bf16 MNRL GEMMs are fp32, on any machine: the variable first (a CPU without AMX-BF16 reported
+    its lack of AMX for FASTLOSS_NATIVE_BF16_GEMM=0), then what auto needs."""
+    monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "0")
+    assert _report._fp32_reason({"mkl_bf16_gemm": True, "amx_bf16": amx}) == "FASTLOSS_NATIVE_BF16_GEMM=0"
+    monkeypatch.delenv("FASTLOSS_NATIVE_BF16_GEMM")
+    assert _report._fp32_reason({"mkl_bf16_gemm": False, "amx_bf16": amx}) == "this torch carries no MKL bf16 GEMM"
+    if not amx:  # with both, auto turns them on: no reason to give
+        assert _report._fp32_reason({"mkl_bf16_gemm": True, "amx_bf16": amx}).startswith("the CPU has no AMX-BF16")
+
+
 @pytest.mark.skipif(_backend.native_module() is None, reason="fastloss._C is not built: the report says so instead")
 def test_bf16_gemm_line(monkeypatch):
     monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "0")
