@@ -415,36 +415,53 @@ std::vector<Direction<T>> select_directions(const Options& o, int64_t columns, T
   return out;
 }
 
-// An embedding matrix in the accumulation dtype (the input itself when it already is one), its rows' inverse
-// norms 1 / max(|x_i|, eps) (ones for dot product): cosine similarity is (x_i . y_j) * inv_x_i * inv_y_j, so no
-// normalised copy is made; and the GEMMs' operand: x, or the bf16 input itself where bf16 GEMMs run (bf16_gemm.h).
+// An embedding matrix as the op reads it, and its rows' inverse norms 1 / max(|x_i|, eps) (ones for dot product):
+// cosine similarity is (x_i . y_j) * inv_x_i * inv_y_j, so no normalised copy is made. x is the GEMMs' operand: the
+// input itself where it is in the accumulation dtype or bf16 GEMMs take it (bf16_gemm.h: no fp32 copy then), else
+// the input in the accumulation dtype.
 struct Embeddings {
   at::Tensor x;
   at::Tensor inv;
-  at::Tensor operand;
+  // zeros for the gradient accumulators, [rows, D] in the accumulation dtype
+  at::Tensor zeros() const { return at::zeros(x.sizes(), inv.options()); }
 };
+
+// f(the entries of x as accumulation-dtype values T or as bf16, whichever x holds), and of x and y (one dtype)
+template <typename T, typename F>
+void with_rows(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kBFloat16) {
+    f(x.const_data_ptr<at::BFloat16>());
+  } else {
+    f(x.const_data_ptr<T>());
+  }
+}
+template <typename T, typename F>
+void with_rows(const at::Tensor& x, const at::Tensor& y, F&& f) {
+  TORCH_INTERNAL_ASSERT(x.scalar_type() == y.scalar_type());
+  with_rows<T>(x, [&](const auto* xp) { f(xp, reinterpret_cast<decltype(xp)>(y.const_data_ptr())); });
+}
 
 template <typename T>
 Embeddings prepare(const at::Tensor& input, bool normalize, bool bf16_operands) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  Embeddings out{input.scalar_type() == acc ? input : input.to(acc), at::empty({input.size(0)},
-                                                                               input.options().dtype(acc))};
-  out.operand = bf16_operands ? input : out.x;
+  const bool as_is = input.scalar_type() == acc || bf16_operands;
+  Embeddings out{as_is ? input : input.to(acc), at::empty({input.size(0)}, input.options().dtype(acc))};
   if (!normalize) {
     out.inv.fill_(1);
     return out;
   }
   const int64_t rows = input.size(0), dim = input.size(1);
-  const T* x = out.x.const_data_ptr<T>();
   T* inv = out.inv.mutable_data_ptr<T>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * dim;
-      T ss = 0;
+  with_rows<T>(out.x, [&](const auto* x) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const auto* xr = x + r * dim;
+        T ss = 0;
 #pragma omp simd reduction(+ : ss)
-      for (int64_t k = 0; k < dim; ++k) ss += xr[k] * xr[k];
-      inv[r] = T(1) / std::max(std::sqrt(ss), static_cast<T>(kNormEps));
-    }
+        for (int64_t k = 0; k < dim; ++k) ss += static_cast<T>(xr[k]) * static_cast<T>(xr[k]);
+        inv[r] = T(1) / std::max(std::sqrt(ss), static_cast<T>(kNormEps));
+      }
+    });
   });
   return out;
 }
@@ -455,21 +472,22 @@ Embeddings prepare(const at::Tensor& input, bool normalize, bool bf16_operands) 
 template <typename T>
 void normalize_backward(const at::Tensor& embeddings, T* a) {
   const int64_t rows = embeddings.size(0), dim = embeddings.size(1);
-  const T* x = embeddings.const_data_ptr<T>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * dim;
-      T* ar = a + r * dim;
-      T ss = 0;
+  with_rows<T>(embeddings, [&](const auto* x) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const auto* xr = x + r * dim;
+        T* ar = a + r * dim;
+        T ss = 0;
 #pragma omp simd reduction(+ : ss)
-      for (int64_t k = 0; k < dim; ++k) ss += xr[k] * xr[k];
-      const T norm = std::sqrt(ss);
-      if (norm < static_cast<T>(kNormEps)) continue;
-      T projection = 0;
+        for (int64_t k = 0; k < dim; ++k) ss += static_cast<T>(xr[k]) * static_cast<T>(xr[k]);
+        const T norm = std::sqrt(ss);
+        if (norm < static_cast<T>(kNormEps)) continue;
+        T projection = 0;
 #pragma omp simd reduction(+ : projection)
-      for (int64_t k = 0; k < dim; ++k) projection += (xr[k] / norm) * ar[k];
-      for (int64_t k = 0; k < dim; ++k) ar[k] -= (xr[k] / norm) * projection;
-    }
+        for (int64_t k = 0; k < dim; ++k) projection += (static_cast<T>(xr[k]) / norm) * ar[k];
+        for (int64_t k = 0; k < dim; ++k) ar[k] -= (static_cast<T>(xr[k]) / norm) * projection;
+      }
+    });
   });
 }
 
@@ -545,11 +563,11 @@ void scale_row(T* row, T c, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] *= c;
 }
 
-// to += from * factor
-template <typename T>
-void add_scaled(T* to, const T* from, T factor, int64_t n) {
+// to += from * factor (from widened to T as it is read: bf16 rows)
+template <typename T, typename S>
+void add_scaled(T* to, const S* from, T factor, int64_t n) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) to[j] += from[j] * factor;
+  for (int64_t j = 0; j < n; ++j) to[j] += static_cast<T>(from[j]) * factor;
 }
 
 // The op's outputs from the rows' losses and dL/dscale (already over B) and the accumulators dq, dd
@@ -563,7 +581,7 @@ Outputs finish(const std::vector<T>& row_loss, const std::vector<T>& row_dscale,
     loss_sum += row_loss[i];
     dscale_sum += row_dscale[i];
   }
-  const auto acc_options = q.x.options();
+  const auto acc_options = q.inv.options();
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(o.batch), acc_options);
   if (!o.need_grad) return {loss, at::zeros_like(q_in), at::zeros_like(d_in), at::zeros({}, acc_options)};
   if (o.normalize) {
@@ -590,13 +608,13 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
   const T* q_inv = q.inv.const_data_ptr<T>();
   const T* d_inv = d.inv.const_data_ptr<T>();
   const T* p_inv = d_inv + offset;
-  const at::Tensor positives = d.operand.narrow(0, offset, batch);  // GEMM operands
+  const at::Tensor positives = d.x.narrow(0, offset, batch);  // GEMM operands
   const T inv_batch = T(1) / static_cast<T>(batch);
   const int64_t bytes = block_bytes(), elem = static_cast<int64_t>(sizeof(T));
   const int64_t column_rows = std::clamp<int64_t>(bytes / (batch * elem), 1, world);  // blocks of Q P^T
   const int64_t full_rows = std::clamp<int64_t>(bytes / (width * elem), 1, batch);    // blocks of Q_local D^T
-  at::Tensor buffer = at::empty({std::max(column_rows * batch, full_rows * width)}, q.x.options());
-  at::Tensor weight = at::empty({std::max(column_rows, full_rows)}, q.x.options());
+  at::Tensor buffer = at::empty({std::max(column_rows * batch, full_rows * width)}, q.inv.options());
+  at::Tensor weight = at::empty({std::max(column_rows, full_rows)}, q.inv.options());
 
   std::vector<T> factor(batch);
   for (int64_t i = 0; i < batch; ++i) factor[i] = scale * p_inv[i];
@@ -608,7 +626,7 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
   for (int64_t j0 = 0; j0 < world; j0 += column_rows) {
     const int64_t m = std::min(column_rows, world - j0);
     at::Tensor block = buffer.narrow(0, 0, m * batch).view({m, batch});
-    products(block, q.operand.narrow(0, j0, m), positives);
+    products(block, q.x.narrow(0, j0, m), positives);
     const T* s = block.const_data_ptr<T>();
     at::parallel_for(0, batch, kColumnGrain, [&](int64_t c0, int64_t c1) {
       std::vector<T> block_max(c1 - c0, -std::numeric_limits<T>::infinity());
@@ -665,14 +683,14 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
   at::Tensor dq, dd;  // inv_i * dL/dx_hat_i until normalize_backward
   GradientProducts gradients;
   if (o.need_grad) {
-    dq = at::zeros_like(q.x);
-    dd = at::zeros_like(d.x);
+    dq = q.zeros();
+    dd = d.zeros();
   }
   for (int64_t i0 = 0; i0 < batch; i0 += full_rows) {
     const int64_t m = std::min(full_rows, batch - i0);
-    const at::Tensor rows = q.operand.narrow(0, offset + i0, m);
+    const at::Tensor rows = q.x.narrow(0, offset + i0, m);
     at::Tensor block = buffer.narrow(0, 0, m * width).view({m, width});
-    products(block, rows, d.operand);
+    products(block, rows, d.x);
     T* s = block.mutable_data_ptr<T>();
     T* w = weight.mutable_data_ptr<T>();
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
@@ -695,14 +713,14 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
       }
     });
     if (!o.need_grad) continue;
-    gradients.add(block, rows, d.operand, weight.narrow(0, 0, m).unsqueeze(1), dq.narrow(0, offset + i0, m), dd);
+    gradients.add(block, rows, d.x, weight.narrow(0, 0, m).unsqueeze(1), dq.narrow(0, offset + i0, m), dd);
   }
   // The other ranks' queries (gathered) are candidates of doc_to_query only: their softmax entries of Q P^T.
   const int64_t segments[2][2] = {{0, offset}, {offset + batch, world}};
   for (const auto& segment : segments) {
     for (int64_t j0 = segment[0]; o.need_grad && j0 < segment[1]; j0 += column_rows) {
       const int64_t m = std::min(column_rows, segment[1] - j0);
-      const at::Tensor rows = q.operand.narrow(0, j0, m);
+      const at::Tensor rows = q.x.narrow(0, j0, m);
       at::Tensor block = buffer.narrow(0, 0, m * batch).view({m, batch});
       products(block, rows, positives);
       T* s = block.mutable_data_ptr<T>();
@@ -788,28 +806,28 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
 
   std::vector<at::Tensor> logits;
   for (const auto& dir : dirs)
-    logits.push_back(at::empty({rows_per_block, dir.candidates_are_docs ? columns * world : world}, q.x.options()));
-  at::Tensor coef = at::empty({n_dir, rows_per_block}, q.x.options());
+    logits.push_back(at::empty({rows_per_block, dir.candidates_are_docs ? columns * world : world}, q.inv.options()));
+  at::Tensor coef = at::empty({n_dir, rows_per_block}, q.inv.options());
   std::vector<T> row_loss(batch), row_dscale(batch), separate_share(batch, T(0));
 
   at::Tensor dq, dd;  // inv_i * dL/dx_hat_i until normalize_backward
   GradientProducts gradients;
   if (o.need_grad) {
-    dq = at::zeros_like(q.x);
-    dd = at::zeros_like(d.x);
+    dq = q.zeros();
+    dd = d.zeros();
   }
   const T inv_batch = T(1) / static_cast<T>(batch);
 
   for (int64_t i0 = 0; i0 < batch; i0 += rows_per_block) {
     const int64_t m = std::min(rows_per_block, batch - i0);
     const int64_t g0 = o.offset + i0;
-    const at::Tensor q_blk = q.operand.narrow(0, g0, m);
-    const at::Tensor d_blk = d.operand.narrow(0, g0, m);
+    const at::Tensor q_blk = q.x.narrow(0, g0, m);
+    const at::Tensor d_blk = d.x.narrow(0, g0, m);
     std::vector<T*> rows_ptr(n_dir);
     std::vector<int64_t> widths(n_dir);
     for (int k = 0; k < n_dir; ++k) {
       at::Tensor block = logits[k].narrow(0, 0, m);
-      products(block, dirs[k].rows_are_queries ? q_blk : d_blk, dirs[k].candidates_are_docs ? d.operand : q.operand);
+      products(block, dirs[k].rows_are_queries ? q_blk : d_blk, dirs[k].candidates_are_docs ? d.x : q.x);
       rows_ptr[k] = block.mutable_data_ptr<T>();
       widths[k] = block.size(1);
     }
@@ -862,7 +880,7 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
     for (int k = 0; k < n_dir; ++k) {
       const at::Tensor g = logits[k].narrow(0, 0, m);
       const at::Tensor& rows = dirs[k].rows_are_queries ? q_blk : d_blk;
-      const at::Tensor& cands = dirs[k].candidates_are_docs ? d.operand : q.operand;
+      const at::Tensor& cands = dirs[k].candidates_are_docs ? d.x : q.x;
       const at::Tensor w = coef[k].narrow(0, 0, m).unsqueeze(1);
       at::Tensor d_rows = (dirs[k].rows_are_queries ? dq : dd).narrow(0, g0, m);
       at::Tensor d_cands = dirs[k].candidates_are_docs ? dd : dq;
@@ -880,12 +898,21 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
     // The positive terms not folded into E': the positive logit scale * <q_hat_i, d_hat_i> with weight
     // -separate_share_i / B, i.e. with w_i = -separate_share_i * scale / B * inv_q_i * inv_d_i,
     // inv_q * dL/dq_hat += w d and inv_d * dL/dd_hat += w q over the local rows.
-    const at::Tensor w = (q.inv.narrow(0, o.offset, batch) * d.inv.narrow(0, o.offset, batch))
-                             .mul_(at::from_blob(separate_share.data(), {batch}, q.inv.options()))
-                             .mul_(-scale_value * inv_batch)
-                             .unsqueeze(1);
-    dq.narrow(0, o.offset, batch).addcmul_(d.x.narrow(0, o.offset, batch), w);
-    dd.narrow(0, o.offset, batch).addcmul_(q.x.narrow(0, o.offset, batch), w);
+    // (x read as it is: bf16 inputs that bf16 GEMMs take are never widened whole)
+    const T unit = static_cast<T>(-scale_value * inv_batch);
+    const int64_t dim = q.x.size(1);
+    T* dq_local = dq.mutable_data_ptr<T>() + o.offset * dim;
+    T* dd_local = dd.mutable_data_ptr<T>() + o.offset * dim;
+    with_rows<T>(q.x, d.x, [&](const auto* qx, const auto* dx) {
+      at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t own = o.offset + i;
+          const T w = q_inv[own] * d_inv[own] * separate_share[i] * unit;
+          add_scaled(dq_local + i * dim, dx + own * dim, w, dim);
+          add_scaled(dd_local + i * dim, qx + own * dim, w, dim);
+        }
+      });
+    });
   }
   return finish(row_loss, row_dscale, q, d, dq, dd, q_in, d_in, o);
 }
@@ -938,7 +965,8 @@ Returns loss (0-d), dq, dd (the dtype of q) and dscale (0-d): fp64 for fp64 inpu
 bf16 inputs take bf16 GEMMs with fp32 results where FASTLOSS_NATIVE_BF16_GEMM allows (auto: MKL's bf16 GEMM on a CPU
 with AMX-BF16; bf16_gemm_enabled() says whether), their gradient GEMMs' weights rounded to bf16.
 need_grad=False computes only the loss; dq, dd and dscale are then zeros.
-Memory beyond inputs and outputs: the normalised inputs and gradients (O(W*D)), one block of logits of at most
+Memory beyond inputs and outputs: fp32 gradient accumulators and fp32 copies of fp16/bf16 inputs (none where bf16
+GEMMs take them) (O(W*D)), one block of logits of at most
 FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row; with bf16 GEMMs its weights in bf16 as well)
 and, where directions share products, O(B) values per direction and per thread.)doc",
         pybind11::arg("q"), pybind11::arg("d"), pybind11::arg("scale"), pybind11::arg("offset"),

@@ -445,6 +445,32 @@ def test_bf16_gemms_odd_shapes(monkeypatch, directions, partition, similarity, w
     )
 
 
+@pytest.mark.parametrize("directions,joint", [(1, True), (5, False), (15, True)], ids=["q2d", "symmetric", "all4"])
+def test_bf16_gemms_copy_no_inputs(monkeypatch, directions, joint):
+    """Where bf16 GEMMs take bf16 inputs, the op reads them as they are: the norms and the normalisation's backward
+    widen each entry as they read it, so its only conversions are its bf16 outputs' (counted in the bytes that
+    torch's profiler sees aten::_to_copy allocate); fp32 GEMMs copy both inputs to fp32 besides (12 MiB at the CPU
+    target shape, B = 4096 with 8192 docs, D = 256)."""
+    if not _C.build_info()["mkl_bf16_gemm"]:
+        pytest.skip("this torch carries no MKL bf16 GEMM (cblas_gemm_bf16bf16f32): the op keeps fp32 GEMMs")
+    from torch.profiler import ProfilerActivity, profile
+
+    world, dim, columns = 16, 8, 3
+    q = torch.randn(world, dim).bfloat16()
+    d = torch.randn(columns * world, dim).bfloat16()
+    outputs = (q.numel() + d.numel()) * 2
+
+    def copied_bytes() -> int:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            _C.mnrl_fused(q, d, torch.tensor(20.0), 0, world, directions, joint, 3, 0.4, True, True)
+        return sum(e.cpu_memory_usage for e in prof.events() if e.name == "aten::_to_copy")
+
+    monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "1")
+    assert copied_bytes() == outputs
+    monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "0")
+    assert copied_bytes() == outputs + (q.numel() + d.numel()) * 4
+
+
 def test_bf16_gemm_env(monkeypatch):
     """auto is MKL's bf16 GEMM where torch carries it and the CPU has AMX-BF16; other values than auto, 0 and 1 are
     refused by name."""
