@@ -158,6 +158,9 @@ def _finish(records, all_records, args, name: str, skipped) -> None:
     print(report.summary_table(records))
     for line in report.targets_report(records):
         print(line)
+    mixed = report.machines_line(all_records)
+    if mixed:
+        print(mixed)
     if skipped:
         print("\nskipped:")
         for note in skipped:

@@ -244,6 +244,40 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the x86 extensions that decide how fast the native kernels and torch's GEMMs run (F16C: fp16 rows; AVX-512 /
+# AVX-512-BF16 / AMX-BF16: MKL's GEMMs and the bf16 path of FASTLOSS_NATIVE_BF16_GEMM)
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def parse_cpuinfo(text: str) -> str | None:
+    """``<vendor> <family>/<model>/<stepping> <flags of ISA_FLAGS>`` of the first processor in /proc/cpuinfo's
+    text (None without a vendor line), e.g. ``AuthenticAMD 25/1/1 avx2 fma f16c``."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block only
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "vendor_id" not in fields:
+        return None
+    flags = set(fields.get("flags", "").split())
+    ident = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return " ".join([fields["vendor_id"], ident, *(f for f in ISA_FLAGS if f in flags)])
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_identity() -> str | None:
+    """The CPU as the ``cpu`` key of CPU records: more than the model name of device_name, which a hypervisor may
+    cut to "AMD EPYC" for different CPUs (one file, cpu-amd-epyc-2c.json, holds the records of each then)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return parse_cpuinfo(f.read())
+    except OSError:
+        return platform.processor() or None
+
+
 def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -280,6 +314,14 @@ def git_commit() -> str | None:
         return commit + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def record_env(device: torch.device) -> dict:
+    """The keys of a record that say where and with what it ran (``cpu`` on CPUs only)."""
+    env = {"device": device_name(device), **versions(), "commit": git_commit()}
+    if device.type == "cpu":
+        env["cpu"] = cpu_identity()
+    return env
 
 
 def versions() -> dict:

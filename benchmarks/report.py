@@ -197,6 +197,19 @@ def _target_line(label: str, name: str, fl: dict, st: dict, min_speed: float, ma
     return line
 
 
+def machines_line(records: list[dict]) -> str | None:
+    """A note where a file's CPU records come from more than one CPU (their ``cpu`` key; records from before the
+    key count as one CPU, unrecorded): a hypervisor may give different CPUs one model name, so one file name."""
+    cpus: dict[str, int] = defaultdict(int)
+    for r in records:
+        if str(r.get("device", "")).startswith("cpu-"):
+            cpus[r.get("cpu") or "unrecorded"] += 1
+    if len(cpus) < 2:
+        return None
+    parts = ", ".join(f"{n} from {cpu}" for cpu, n in sorted(cpus.items(), key=lambda kv: -kv[1]))
+    return f"note: the file's CPU records come from {len(cpus)} CPUs ({parts}); compare times within one `cpu` only"
+
+
 def _plot_groups(records: list[dict]) -> dict[str, list[dict]]:
     """Per op, the records of its largest batch sweep: the (D, dtype, N/B) with the most distinct batch sizes."""
     by_op: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))

@@ -224,7 +224,7 @@ class Runner:
     def __init__(self, opts: Options):
         self.opts = opts
         self.checker = Checker(opts)
-        self.env = {"device": harness.device_name(opts.device), **harness.versions(), "commit": harness.git_commit()}
+        self.env = harness.record_env(opts.device)
         self.oracle_loss: dict[tuple, float] = {}
         self.skipped: list[str] = []
         self.records: list[dict] = []
@@ -471,7 +471,7 @@ def max_batch_search(
 ) -> dict:
     """Doubling then bisection on B (N = ratio * B) for one fwd+bwd that does not raise OOM."""
     spec = OPS[op]
-    env = {"device": harness.device_name(opts.device), **harness.versions(), "commit": harness.git_commit()}
+    env = harness.record_env(opts.device)
 
     def fits(b: int) -> tuple[bool, float, float]:
         p = impl = None

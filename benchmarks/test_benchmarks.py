@@ -114,6 +114,7 @@ def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, 
     assert saved == [*range(1, n_cases + 1), n_cases]  # after each case, then the final save
     path = str(tmp_path / f"{harness.device_name(torch.device('cpu'))}.json")
     assert len(runner.load_records(path)) == n_cases
+    assert {r["cpu"] for r in runner.load_records(path)} == {harness.cpu_identity()}
 
     # another machine's records: the plots and the table from the file alone
     other = tmp_path / "cuda-test-gpu.json"
@@ -128,6 +129,52 @@ def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, 
     assert cli.main([*args, "--time-limit", "0", "--fresh"]) == 0
     assert "the time limit" in capsys.readouterr().out
     assert runner.load_records(path) == []
+
+
+AMD_VM = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse2 avx f16c fma avx2 sha_ni
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+"""
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        (AMD_VM, "AuthenticAMD 25/1/1 avx2 fma f16c"),  # the first processor's block only
+        (
+            "vendor_id : GenuineIntel\ncpu family : 6\nmodel : 143\nstepping : 8\n"
+            "flags : avx512f avx2 amx_tile amx_bf16 avx512_bf16 avx512_fp16 fma f16c\n",
+            "GenuineIntel 6/143/8 avx2 fma f16c avx512f avx512_bf16 avx512_fp16 amx_bf16",
+        ),
+        ("vendor_id : SomeCPU\n", "SomeCPU ?/?/?"),
+        ("processor : 0\nBogoMIPS : 50.00\n", None),  # no vendor line (arm64)
+    ],
+    ids=["amd-vm", "intel-amx", "bare", "no-vendor"],
+)
+def test_cpu_identity(text, want):
+    """The ``cpu`` key of CPU records tells apart CPUs that share a model name (and so a results file)."""
+    from benchmarks import harness
+
+    assert harness.parse_cpuinfo(text) == want
+
+
+def test_machines_line_names_each_cpu():
+    from benchmarks import report
+
+    base = {"device": "cpu-amd-epyc-2c"}
+    one = [{**base, "cpu": "AuthenticAMD 25/1/1 avx2"}] * 3
+    assert report.machines_line(one) is None
+    assert report.machines_line([*one, {"device": "cuda-nvidia-h200"}]) is None  # GPU records carry no cpu
+    line = report.machines_line([*one, base, {**base, "cpu": "AuthenticAMD 25/17/1 avx2 avx512f"}])
+    assert line is not None
+    assert "3 CPUs (3 from AuthenticAMD 25/1/1 avx2, 1 from unrecorded, 1 from AuthenticAMD 25/17/1" in line
 
 
 def test_tf32_products_checked_at_fp16_tolerance(monkeypatch):
