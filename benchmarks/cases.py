@@ -152,14 +152,32 @@ class _GemmFloor(torch.autograd.Function):
         return dr, dc, None, None
 
 
+def _floor_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the floor's GEMMs: x's, except half inputs on CPU, multiplied in fp32 there (exact products and
+    fp32 sums, what a half GEMM with fp32 accumulation computes) as the native ops do, unless the native MNRL op
+    takes bf16 GEMMs on this CPU (AMX-BF16, FASTLOSS_NATIVE_BF16_GEMM) or there is no native op (fastloss then runs
+    torch's half GEMMs itself). Torch's half GEMMs on a CPU without bf16 / fp16 instructions are no floor: see
+    benchmarks/README.md (gemm_floor)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return x.dtype
+    from fastloss import _backend
+
+    module = _backend.native_module()
+    if module is None or (x.dtype == torch.bfloat16 and module.bf16_gemm_enabled()):
+        return x.dtype
+    return torch.float32
+
+
 def _gemm_floor(rows: Callable[[Problem], Tensor], cands: Callable[[Problem], Tensor], backward_gemms: int) -> Builder:
     def build(p: Problem) -> Impl:
         r = rows(p)
-        c = cands(p).detach().contiguous().requires_grad_(backward_gemms >= 2)
-        if r is c or backward_gemms < 2:
-            r = r.detach().requires_grad_(True)
+        dtype = _floor_dtype(r)
+        backend = "matmul" if dtype == r.dtype else "matmul_fp32"
+        c = cands(p).detach().to(dtype).contiguous().requires_grad_(backward_gemms >= 2)
+        if r is c or backward_gemms < 2 or dtype != r.dtype:
+            r = r.detach().to(dtype).requires_grad_(True)
         g = (torch.randn(r.shape[0], c.shape[0], device=r.device, dtype=torch.float32) / c.shape[0]).to(r.dtype)
-        return Impl(lambda: _GemmFloor.apply(r, c, g, backward_gemms), backend="matmul", is_loss=False)
+        return Impl(lambda: _GemmFloor.apply(r, c, g, backward_gemms), backend=backend, is_loss=False)
 
     return build
 
@@ -368,8 +386,9 @@ def _gemm_floors(*builders: Builder) -> Builder:
     several similarity matrices."""
 
     def build(p: Problem) -> Impl:
-        fns = [impl.fn for impl in (b(p) for b in builders) if impl is not None]
-        return Impl(lambda: sum(fn() for fn in fns), backend="matmul", is_loss=False)
+        impls = [impl for impl in (b(p) for b in builders) if impl is not None]
+        fns = [impl.fn for impl in impls]
+        return Impl(lambda: sum(fn() for fn in fns), backend=impls[0].backend, is_loss=False)
 
     return build
 

@@ -177,6 +177,32 @@ def test_machines_line_names_each_cpu():
     assert "3 CPUs (3 from AuthenticAMD 25/1/1 avx2, 1 from unrecorded, 1 from AuthenticAMD 25/17/1" in line
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("setting", ["native-fp32-gemms", "native-bf16-gemms", "no-native"])
+@pytest.mark.parametrize("op", ["mnrl", "gte", "batch_all_triplet"])
+def test_cpu_floor_of_half_inputs(monkeypatch, op, dtype, setting):
+    """On CPU the floor multiplies half inputs in fp32 (backend matmul_fp32), as the native ops do, except bf16
+    where the native MNRL op takes bf16 GEMMs and where there is no native op (fastloss runs torch's half GEMMs
+    then)."""
+    from fastloss import _backend
+
+    module = _backend.native_module()
+    if setting != "no-native" and module is None:
+        pytest.skip("fastloss._C is not built")
+    if setting == "native-bf16-gemms" and not module.build_info().get("mkl_bf16_gemm"):
+        pytest.skip("this torch carries no MKL bf16 GEMM")
+    monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "1" if setting == "native-bf16-gemms" else "0")
+    if setting == "no-native":
+        monkeypatch.setattr(_backend, "native_module", lambda: None)
+    p = OPS[op].make(24, 48 if op == "mnrl" else 24, 16, dtype, torch.device("cpu"), 0)
+    impl = OPS[op].impls["gemm_floor"](p)
+    in_dtype = setting == "no-native" or (setting == "native-bf16-gemms" and dtype == torch.bfloat16)
+    assert impl.backend == ("matmul" if in_dtype else "matmul_fp32")
+    impl.fn().backward()  # runs, on the floor's own fp32 copies where it made them
+    if op != "batch_all_triplet":  # (a Gram matrix's floor multiplies copies of the rows in any case)
+        assert (p.inputs[0].grad is not None) == in_dtype
+
+
 def test_tf32_products_checked_at_fp16_tolerance(monkeypatch):
     """fp32 cases whose products run in tf32 (an implementation's own choice; on CUDA, torch's TF32 setting or
     FASTLOSS_FP32_DOT=tf32) get fp16's tolerance, implementations under autocast their autocast's, others their
