@@ -131,6 +131,20 @@ def test_cli_saves_after_each_case_and_honours_the_time_limit(tmp_path, capsys, 
     assert runner.load_records(path) == []
 
 
+def test_long_calls_timed_once():
+    """An implementation whose warm-up call outlasts long_call_s is timed once; the others as before (min_reps)."""
+    import time
+
+    from benchmarks import harness
+
+    calls = {"fast": (None, lambda: None), "slow": (None, lambda: time.sleep(0.03))}
+    out = harness.time_cpu_interleaved(calls, min_reps=3, budget_s=0.0, long_call_s=0.02)
+    assert (out["fast"].reps, out["slow"].reps) == (3, 1)
+    assert out["slow"].ms >= 30
+    out = harness.time_cpu_interleaved(calls, min_reps=3, budget_s=0.0, long_call_s=1.0)
+    assert (out["fast"].reps, out["slow"].reps) == (3, 3)
+
+
 AMD_VM = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 25
