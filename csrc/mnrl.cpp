@@ -50,16 +50,21 @@ constexpr int kDocToDoc = 8;
 constexpr int kDirectionOrder[] = {kQueryToDoc, kQueryToQuery, kDocToQuery, kDocToDoc};  // sentence-transformers'
 
 // exp(x) for x <= 0, branch-free so that the row loops vectorise: Cody-Waite reduction x = n ln2 + r with
-// |r| <= ln2 / 2 and Cephes' degree-6 polynomial for exp(r) (about 1 ulp); x below -87.3 gives 0.
+// |r| <= ln2 / 2 and Cephes' degree-6 polynomial for exp(r) (about 1 ulp), 2^n built in the exponent bits from the
+// low bits of x log2(e) + 1.5 * 2^23. x below -87.3 (and -inf) gives 0, decided on the bits of x (NaN stays NaN):
+// a floating-point compare and select, as this was written until 2026-11-30, GCC vectorises for AVX-512 (masks)
+// but not for AVX2 under -ftrapping-math, so every exp loop of the AVX2 clones ran one lane at a time.
 [[gnu::always_inline]] inline float exp_nonpositive(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  constexpr float kMin = -87.33654f;
-  const bool underflow = x < kMin;
-  x = underflow ? kMin : x;
-  const float n = (x * kLog2e + kRound) - kRound;
+  constexpr int32_t kMinBits = static_cast<int32_t>(0xc2aeac4fu);  // the bits of -87.33654f
+  const int32_t xb = bits_as<int32_t>(x);
+  // kept: x >= 0 (sign bit clear), -87.33654 <= x < 0 (as signed integers, more negative floats are larger), NaN
+  const uint32_t keep = -static_cast<uint32_t>((xb >= 0) | (xb <= kMinBits) | ((xb & 0x7fffffff) > 0x7f800000));
+  const float k = x * kLog2e + kRound;
+  const float n = k - kRound;
   const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -68,10 +73,8 @@ constexpr int kDirectionOrder[] = {kQueryToDoc, kQueryToQuery, kDocToQuery, kDoc
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return underflow ? 0.0f : p * two_n;
+  const float two_n = bits_as<float>((bits_as<uint32_t>(k) + 127u) << 23);  // k's low bits: n + 1.5 * 2^23
+  return bits_as<float>(bits_as<uint32_t>(p * two_n) & keep);
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
