@@ -239,26 +239,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# the x86 extensions that decide how fast the native kernels and torch's GEMMs run (F16C: fp16 rows; AVX-512 /
-# AVX-512-BF16 / AMX-BF16: MKL's GEMMs and the bf16 path of FASTLOSS_NATIVE_BF16_GEMM)
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
-
-
-def parse_cpuinfo(text: str) -> str | None:
-    """``<vendor> <family>/<model>/<stepping> <flags of ISA_FLAGS>`` of the first processor in /proc/cpuinfo's
-    text (None without a vendor line), e.g. ``AuthenticAMD 25/1/1 avx2 fma f16c``."""
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo's text."""
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -267,6 +249,31 @@ def parse_cpuinfo(text: str) -> str | None:
             continue
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str] | None:
+    """parse_cpuinfo of this machine's /proc/cpuinfo (None where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return parse_cpuinfo(f.read())
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    return (_cpuinfo() or {}).get("model name") or platform.processor() or platform.machine()
+
+
+# the x86 extensions that decide how fast the native kernels and torch's GEMMs run (F16C: fp16 rows; AVX-512 /
+# AVX-512-BF16 / AMX-BF16: MKL's GEMMs and the bf16 path of FASTLOSS_NATIVE_BF16_GEMM)
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def identity_of(fields: dict[str, str]) -> str | None:
+    """``<vendor> <family>/<model>/<stepping> <flags of ISA_FLAGS>`` of parse_cpuinfo's fields (None without a
+    vendor), e.g. ``AuthenticAMD 25/1/1 avx2 fma f16c``."""
     if "vendor_id" not in fields:
         return None
     flags = set(fields.get("flags", "").split())
@@ -274,15 +281,11 @@ def parse_cpuinfo(text: str) -> str | None:
     return " ".join([fields["vendor_id"], ident, *(f for f in ISA_FLAGS if f in flags)])
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_identity() -> str | None:
     """The CPU as the ``cpu`` key of CPU records: more than the model name of device_name, which a hypervisor may
     cut to "AMD EPYC" for different CPUs (one file, cpu-amd-epyc-2c.json, holds the records of each then)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return parse_cpuinfo(f.read())
-    except OSError:
-        return platform.processor() or None
+    fields = _cpuinfo()
+    return identity_of(fields) if fields is not None else platform.processor() or None
 
 
 def cpu_count() -> int:

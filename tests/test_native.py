@@ -641,14 +641,14 @@ def test_cuda_build_requested():
     assert _C.build_info()["cuda"] is True
 
 
+_HOT_LOOPS = ("segment_max_f32", "segment_exp_f32", "column_max_f32", "column_exp_f32", "column_softmax_f32")
+
+
 def _clones(suffix: str) -> dict[str, str]:
     """{function name: symbol} of the extension's per-extension clones (FASTLOSS_SIMD_CLONES) with this suffix."""
     out = subprocess.run(["nm", _C.__file__], capture_output=True, text=True, check=True).stdout
     symbols = [line.split()[-1] for line in out.splitlines() if line.endswith(suffix)]
     return {name: sym for sym in symbols for name in _HOT_LOOPS if f"{len(name)}{name}E" in sym}
-
-
-_HOT_LOOPS = ("segment_max_f32", "segment_exp_f32", "column_max_f32", "column_exp_f32", "column_softmax_f32")
 
 
 @pytest.mark.skipif(
