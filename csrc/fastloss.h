@@ -42,6 +42,15 @@ template <typename To, typename From>
   return out;
 }
 
+// All ones where x > 0 (not NaN; +inf included), else 0, decided on the bits of x: a loop that selects with it has no
+// floating-point compare, which GCC (-ftrapping-math) if-converts for AVX-512's mask registers but not for AVX2, so
+// such a loop's AVX2 clone would run one lane at a time (the triplet ops' hinge and coefficient passes until
+// 2026-11-30; tests/test_native.py::test_hot_loops_vectorise).
+[[gnu::always_inline]] inline int32_t positive_mask(float x) {
+  const int32_t b = bits_as<int32_t>(x);
+  return -static_cast<int32_t>((b > 0) & (b <= 0x7f800000));
+}
+
 // x rounded to bf16, as its bits: to nearest even exactly as c10::BFloat16 does (NaN -> 0x7fc0), on the integer bits
 // so that a loop of it has no floating-point select (cosent's narrowed gradients, the MNRL op's bf16 weights).
 [[gnu::always_inline]] inline uint16_t bf16_bits(float x) {

@@ -129,9 +129,41 @@ template <typename T>
   at_most += a;
 }
 
+// The same in fp32 with its predicates on the bits of h (positive_mask; h >= 0: h > 0 or h = +-0), so that the AVX2
+// clone vectorises (bits_as and positive_mask are always_inline), and int32 counts per chunk of 2^30 negatives.
+template <bool kReach>
+[[gnu::always_inline]] inline void hinge_chunk_f32(const float* s, int64_t n, float dp, float margin, float* reach,
+                                                   double& sum, int64_t& counted, int64_t& at_most) {
+  const int32_t tiny = bits_as<int32_t>(1e-16f);  // h > 1e-16: h > 0 with bits above these
+  double acc = 0.0;
+  int32_t c = 0, a = 0;
+#pragma omp simd reduction(+ : acc, c, a)
+  for (int64_t k = 0; k < n; ++k) {
+    const float h = (dp - s[k]) + margin;
+    const int32_t hb = bits_as<int32_t>(h), positive = positive_mask(h);
+    const int32_t reached = (positive | -static_cast<int32_t>((hb & 0x7fffffff) == 0)) & 1;
+    acc += static_cast<double>(bits_as<float>(hb & positive));
+    c += positive & static_cast<int32_t>(hb > tiny);
+    if constexpr (kReach) {
+      a += reached;
+      reach[k] += bits_as<float>(reached * bits_as<int32_t>(1.0f));
+    }
+  }
+  sum += acc;
+  counted += c;
+  at_most += a;
+}
+
 FASTLOSS_SIMD_CLONES void hinge_pass_f32(const float* s, int64_t n, float dp, float margin, float* reach, double& sum,
                                          int64_t& counted, int64_t& at_most) {
-  hinge_pass<float>(s, n, dp, margin, reach, sum, counted, at_most);
+  constexpr int64_t kChunk = int64_t{1} << 30;
+  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - k0);
+    if (reach == nullptr)
+      hinge_chunk_f32<false>(s + k0, len, dp, margin, nullptr, sum, counted, at_most);
+    else
+      hinge_chunk_f32<true>(s + k0, len, dp, margin, reach + k0, sum, counted, at_most);
+  }
 }
 inline void hinge_pass_any(const float* s, int64_t n, float dp, float margin, float* reach, double& sum,
                            int64_t& counted, int64_t& at_most) {
@@ -324,8 +356,29 @@ template <typename T>
   return sum;
 }
 
+// The same in fp32 with d > 0 decided on the bits of d (positive_mask), so that the AVX2 clone vectorises.
 FASTLOSS_SIMD_CLONES float coefficients_f32(float* g, const float* w, int64_t n, int64_t metric) {
-  return coefficients<float>(g, w, n, metric);
+  if (metric == kCosine) return coefficients<float>(g, w, n, metric);
+  const int32_t one = bits_as<int32_t>(1.0f);
+  float sum = 0;
+  if (metric == kEuclidean) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t keep = positive_mask(g[j]);
+      const float d = bits_as<float>((bits_as<int32_t>(g[j]) & keep) | (one & ~keep));  // d, else 1
+      const float c = bits_as<float>(bits_as<int32_t>(w[j] / d) & keep);
+      g[j] = c;
+      sum += c;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const float c = bits_as<float>(bits_as<int32_t>(2.0f * w[j]) & positive_mask(g[j]));
+      g[j] = c;
+      sum += c;
+    }
+  }
+  return sum;
 }
 inline float coefficients_any(float* g, const float* w, int64_t n, int64_t metric) {
   return coefficients_f32(g, w, n, metric);
