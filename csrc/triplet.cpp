@@ -72,13 +72,53 @@ inline RowExtremes<double> extremes(const double* d, const int64_t* labels, int6
   return row_extremes<double>(d, labels, own, n);
 }
 
-// The first j whose masked value (d_j where keep(j), else fill) equals best: torch's index of a max / min. A row
-// whose every masked value is the fill (e.g. no negative) gets 0, as torch's argmin of an all-inf row.
-template <typename T, typename Keep>
-int64_t first_index(const T* d, int64_t n, T best, T fill, Keep keep) {
-  for (int64_t j = 0; j < n; ++j)
-    if ((keep(j) ? d[j] : fill) == best) return j;
-  return 0;  // only a NaN best gets here; torch would return the NaN's index
+// The first j with d_j == best among the kept columns (labels == nullptr: every column; else those whose label is
+// `label` (same) or is not (!same), but skip), n if none: in chunks of 64 columns, each with one vectorised any-of,
+// then a scan of the chunk that holds it (a row's first-index searches, one lane at a time, were the mining pass's
+// largest cost after its extremes).
+template <typename T>
+[[gnu::always_inline]] inline int64_t first_match(const T* d, const int64_t* labels, int64_t n, T best, int64_t label,
+                                                  bool same, int64_t skip) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    int hit = 0;
+    if (labels == nullptr) {
+#pragma omp simd reduction(| : hit)
+      for (int64_t j = c0; j < c1; ++j) hit |= d[j] == best;
+    } else {
+#pragma omp simd reduction(| : hit)
+      for (int64_t j = c0; j < c1; ++j) hit |= (d[j] == best) & ((labels[j] == label) == same) & (j != skip);
+    }
+    if (!hit) continue;
+    for (int64_t j = c0; j < c1; ++j)
+      if (d[j] == best && (labels == nullptr || ((labels[j] == label) == same && j != skip))) return j;
+  }
+  return n;
+}
+
+FASTLOSS_SIMD_CLONES int64_t first_match_f32(const float* d, const int64_t* labels, int64_t n, float best,
+                                             int64_t label, bool same, int64_t skip) {
+  return first_match<float>(d, labels, n, best, label, same, skip);
+}
+inline int64_t first_match_any(const float* d, const int64_t* labels, int64_t n, float best, int64_t label, bool same,
+                               int64_t skip) {
+  return first_match_f32(d, labels, n, best, label, same, skip);
+}
+inline int64_t first_match_any(const double* d, const int64_t* labels, int64_t n, double best, int64_t label,
+                               bool same, int64_t skip) {
+  return first_match<double>(d, labels, n, best, label, same, skip);
+}
+
+// The first j whose masked value (d_j where kept, as first_match keeps, else fill) equals best, the masked values'
+// extreme: torch's index of a max / min. A best equal to the fill means every masked value is the fill (e.g. no
+// negative): 0, as torch's argmin of an all-inf row.
+template <typename T>
+int64_t first_index(const T* d, int64_t n, T best, T fill, const int64_t* labels, int64_t label, bool same,
+                    int64_t skip = -1) {
+  if (best == fill) return 0;
+  const int64_t j = first_match_any(d, labels, n, best, label, same, skip);
+  return j < n ? j : 0;  // only a NaN best finds none; torch would return the NaN's index
 }
 
 template <typename T>
@@ -94,34 +134,32 @@ template <typename T>
 void select_row(const T* d, const int64_t* labels, int64_t i, int64_t n, const Outputs<T>& o) {
   const RowExtremes<T> e = extremes(d, labels, i, n);
   const int64_t label = labels[i];
-  auto is_same = [&](int64_t j) { return labels[j] == label; };
-  auto is_negative = [&](int64_t j) { return labels[j] != label; };
   const T shifted = e.same_min + e.top;
   bool use_neg = e.neg < shifted;
   int64_t neg_i = -1, same_i = -1;
   if (e.neg == shifted) {  // a tie: the earlier index wins, as sentence-transformers' min over d + rowmax * same
-    neg_i = first_index(d, n, e.neg, kInf<T>, is_negative);
-    same_i = first_index(d, n, e.same_min, kInf<T>, is_same);
+    neg_i = first_index(d, n, e.neg, kInf<T>, labels, label, false);
+    same_i = first_index(d, n, e.same_min, kInf<T>, labels, label, true);
     use_neg = neg_i < same_i;
   }
   const T hp = e.pos < T(0) ? T(0) : e.pos;  // clamp_min(0): -inf (no positive) -> 0
   int64_t pos_i = -1;
-  if (e.pos > T(0)) pos_i = first_index(d, n, e.pos, -kInf<T>, [&](int64_t j) { return j != i && labels[j] == label; });
+  if (e.pos > T(0)) pos_i = first_index(d, n, e.pos, -kInf<T>, labels, label, true, i);
   o.hp[i] = hp;
   o.sel_idx[i] = pos_i;
   o.sel_d[i] = hp;
   if (use_neg) {
-    if (neg_i < 0) neg_i = first_index(d, n, e.neg, kInf<T>, is_negative);
+    if (neg_i < 0) neg_i = first_index(d, n, e.neg, kInf<T>, labels, label, false);
     o.hn[i] = e.neg;
     o.sel_idx[n + i] = neg_i;
     o.sel_idx[2 * n + i] = -1;
     o.sel_d[n + i] = e.neg;
     o.sel_d[2 * n + i] = T(0);
   } else {
-    if (same_i < 0) same_i = first_index(d, n, e.same_min, kInf<T>, is_same);
+    if (same_i < 0) same_i = first_index(d, n, e.same_min, kInf<T>, labels, label, true);
     o.hn[i] = shifted;
     o.sel_idx[n + i] = same_i;
-    o.sel_idx[2 * n + i] = first_index(d, n, e.top, -kInf<T>, [](int64_t) { return true; });
+    o.sel_idx[2 * n + i] = first_index<T>(d, n, e.top, -kInf<T>, nullptr, 0, true);
     o.sel_d[n + i] = e.same_min;
     o.sel_d[2 * n + i] = e.top;
   }

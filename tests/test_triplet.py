@@ -687,10 +687,14 @@ def test_native_mining_in_runs_of_rows_equals_blocked(metric, batch):
 
 
 @needs_native
-@pytest.mark.parametrize("batch", [7, 37, 130])
+@pytest.mark.parametrize("layout", ["cyclic", "contiguous"])
+@pytest.mark.parametrize("batch", [7, 37, 130, 300])
 @pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
-def test_native_mining_ties_equal_blocked(metric, batch):
-    y = torch.arange(batch) % 7
+def test_native_mining_ties_equal_blocked(metric, batch, layout):
+    """Exact ties decided by first indices, which the native op finds in chunks of 64 columns (first_match): with
+    contiguous classes of 50 a row's positives and same-label columns start past its first chunks, and columns of the
+    other kind (same label for a negative, and the reverse) tie with the best value inside the chunk that holds it."""
+    y = torch.arange(batch) % 7 if layout == "cyclic" else torch.arange(batch) // 50
     x = _integer_embeddings(batch, metric, seed=batch)
     code = NATIVE_METRICS[metric]
     _assert_same_mining(ops._batch_hard_fwd_native(x, y, code), ops._batch_hard_fwd_blocked(x, y, code))
