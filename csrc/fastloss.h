@@ -103,4 +103,42 @@ inline void dist_row(float* g, const float* sq, int64_t own, int64_t n, int64_t 
 inline void dist_row(double* g, const double* sq, int64_t own, int64_t n, int64_t metric) {
   distance_row<double>(g, sq, own, n, metric);
 }
+
+// The first j with d_j == best among the kept columns (labels == nullptr: every column; else those whose label is
+// `label` (same) or is not (!same), but skip), n if none: in chunks of 64 columns, each with one vectorised any-of,
+// then a scan of the chunk that holds it. The triplet ops' first-index searches (batch-hard mining's extremes,
+// semi-hard's chosen negative), which one lane at a time were the mining pass's largest cost after its extremes.
+template <typename T>
+[[gnu::always_inline]] inline int64_t first_match(const T* d, const int64_t* labels, int64_t n, T best, int64_t label,
+                                                  bool same, int64_t skip) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    int hit = 0;
+    if (labels == nullptr) {
+#pragma omp simd reduction(| : hit)
+      for (int64_t j = c0; j < c1; ++j) hit |= d[j] == best;
+    } else {
+#pragma omp simd reduction(| : hit)
+      for (int64_t j = c0; j < c1; ++j) hit |= (d[j] == best) & ((labels[j] == label) == same) & (j != skip);
+    }
+    if (!hit) continue;
+    for (int64_t j = c0; j < c1; ++j)
+      if (d[j] == best && (labels == nullptr || ((labels[j] == label) == same && j != skip))) return j;
+  }
+  return n;
+}
+
+// SIMD clones, triplet.cpp
+int64_t first_match_f32(const float* d, const int64_t* labels, int64_t n, float best, int64_t label, bool same,
+                        int64_t skip);
+
+inline int64_t find_first(const float* d, const int64_t* labels, int64_t n, float best, int64_t label, bool same,
+                          int64_t skip) {
+  return first_match_f32(d, labels, n, best, label, same, skip);
+}
+inline int64_t find_first(const double* d, const int64_t* labels, int64_t n, double best, int64_t label, bool same,
+                          int64_t skip) {
+  return first_match<double>(d, labels, n, best, label, same, skip);
+}
 }  // namespace fastloss

@@ -27,6 +27,11 @@ FASTLOSS_SIMD_CLONES void distance_row_f32(float* g, const float* sq, int64_t ow
   distance_row<float>(g, sq, own, n, metric);
 }
 
+FASTLOSS_SIMD_CLONES int64_t first_match_f32(const float* d, const int64_t* labels, int64_t n, float best,
+                                             int64_t label, bool same, int64_t skip) {
+  return first_match<float>(d, labels, n, best, label, same, skip);
+}
+
 namespace {
 
 template <typename T>
@@ -72,44 +77,6 @@ inline RowExtremes<double> extremes(const double* d, const int64_t* labels, int6
   return row_extremes<double>(d, labels, own, n);
 }
 
-// The first j with d_j == best among the kept columns (labels == nullptr: every column; else those whose label is
-// `label` (same) or is not (!same), but skip), n if none: in chunks of 64 columns, each with one vectorised any-of,
-// then a scan of the chunk that holds it (a row's first-index searches, one lane at a time, were the mining pass's
-// largest cost after its extremes).
-template <typename T>
-[[gnu::always_inline]] inline int64_t first_match(const T* d, const int64_t* labels, int64_t n, T best, int64_t label,
-                                                  bool same, int64_t skip) {
-  constexpr int64_t kChunk = 64;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    int hit = 0;
-    if (labels == nullptr) {
-#pragma omp simd reduction(| : hit)
-      for (int64_t j = c0; j < c1; ++j) hit |= d[j] == best;
-    } else {
-#pragma omp simd reduction(| : hit)
-      for (int64_t j = c0; j < c1; ++j) hit |= (d[j] == best) & ((labels[j] == label) == same) & (j != skip);
-    }
-    if (!hit) continue;
-    for (int64_t j = c0; j < c1; ++j)
-      if (d[j] == best && (labels == nullptr || ((labels[j] == label) == same && j != skip))) return j;
-  }
-  return n;
-}
-
-FASTLOSS_SIMD_CLONES int64_t first_match_f32(const float* d, const int64_t* labels, int64_t n, float best,
-                                             int64_t label, bool same, int64_t skip) {
-  return first_match<float>(d, labels, n, best, label, same, skip);
-}
-inline int64_t first_match_any(const float* d, const int64_t* labels, int64_t n, float best, int64_t label, bool same,
-                               int64_t skip) {
-  return first_match_f32(d, labels, n, best, label, same, skip);
-}
-inline int64_t first_match_any(const double* d, const int64_t* labels, int64_t n, double best, int64_t label,
-                               bool same, int64_t skip) {
-  return first_match<double>(d, labels, n, best, label, same, skip);
-}
-
 // The first j whose masked value (d_j where kept, as first_match keeps, else fill) equals best, the masked values'
 // extreme: torch's index of a max / min. A best equal to the fill means every masked value is the fill (e.g. no
 // negative): 0, as torch's argmin of an all-inf row.
@@ -117,7 +84,7 @@ template <typename T>
 int64_t first_index(const T* d, int64_t n, T best, T fill, const int64_t* labels, int64_t label, bool same,
                     int64_t skip = -1) {
   if (best == fill) return 0;
-  const int64_t j = first_match_any(d, labels, n, best, label, same, skip);
+  const int64_t j = find_first(d, labels, n, best, label, same, skip);
   return j < n ? j : 0;  // only a NaN best finds none; torch would return the NaN's index
 }
 

@@ -289,11 +289,8 @@ RowSums semi_hard_row(Scratch<T>& s, const T* d, const int64_t* labels, int64_t 
       chosen_j = s.chosen[p].second;
     } else {
       chosen = min_above_any(s.neg.data(), n_neg, dp);
-      if (chosen < std::numeric_limits<T>::infinity()) {
-        int64_t k = 0;
-        while (s.neg[k] != chosen) ++k;
-        chosen_j = s.neg_j[k];
-      }
+      if (chosen < std::numeric_limits<T>::infinity())  // one of the negatives: found
+        chosen_j = s.neg_j[find_first(s.neg.data(), nullptr, n_neg, chosen, 0, true, -1)];
     }
     const bool outside = chosen < std::numeric_limits<T>::infinity();
     if (!outside && !have_fallback) {

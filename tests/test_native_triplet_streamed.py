@@ -198,6 +198,16 @@ def test_ties(kind, metric, layout, margin):
 @pytest.mark.parametrize("margin", [0.0, 1.0])
 @pytest.mark.parametrize("metric", ["euclidean", "squared"])
 @pytest.mark.parametrize("kind", list(KINDS))
+def test_ties_across_chunks(kind, metric, margin):
+    """As test_ties with ~200 negatives per anchor: semi-hard's chosen negative is the first of its equal distances,
+    which the native op finds in chunks of 64 negatives (first_match in csrc/fastloss.h), here often past the first."""
+    y = _labels("random", 211, seed=4)
+    _check_all(kind, _integer_x(211, 3, seed=5), y, margin, metric, EXACT)
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+@pytest.mark.parametrize("metric", ["euclidean", "squared"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_ties_with_many_positives(kind, metric, margin):
     """About 75 positives per anchor: both ops take their searched evaluation (more positives than either
     threshold in csrc/triplet_streamed.cpp), here with duplicate rows and equal distances."""
