@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 #include "normalize_rows.h"  // kNormEps, normalize_rows
 
@@ -42,13 +44,19 @@ template <typename To, typename From>
   return out;
 }
 
+// The signed integer type of a floating-point type's bits.
+template <typename T>
+using BitsOf = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
 // All ones where x > 0 (not NaN; +inf included), else 0, decided on the bits of x: a loop that selects with it has no
 // floating-point compare, which GCC (-ftrapping-math) if-converts for AVX-512's mask registers but not for AVX2, so
 // such a loop's AVX2 clone would run one lane at a time (the triplet ops' hinge and coefficient passes until
 // 2026-11-30; tests/test_native.py::test_hot_loops_vectorise).
-[[gnu::always_inline]] inline int32_t positive_mask(float x) {
-  const int32_t b = bits_as<int32_t>(x);
-  return -static_cast<int32_t>((b > 0) & (b <= 0x7f800000));
+template <typename T>
+[[gnu::always_inline]] inline BitsOf<T> positive_mask(T x) {
+  using B = BitsOf<T>;
+  const B b = bits_as<B>(x);
+  return -static_cast<B>((b > 0) & (b <= bits_as<B>(std::numeric_limits<T>::infinity())));
 }
 
 // x rounded to bf16, as its bits: to nearest even exactly as c10::BFloat16 does (NaN -> 0x7fc0), on the integer bits

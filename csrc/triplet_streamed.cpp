@@ -99,54 +99,27 @@ template <typename T, typename Before>
 }
 
 // One positive of batch-all against the negatives s: with h_k = (dp - s_k) + margin in T, adds sum max(h_k, 0)
-// (fp64) to sum, #{h_k > 1e-16} to counted, #{h_k >= 0} to at_most, and 1 to reach[k] where h_k >= 0 (reach given).
-template <typename T>
-[[gnu::always_inline]] inline void hinge_pass(const T* s, int64_t n, T dp, T margin, T* reach, double& sum,
-                                              int64_t& counted, int64_t& at_most) {
-  const T tiny = static_cast<T>(1e-16);
-  double acc = 0.0;
-  int64_t c = 0, a = 0;
-  if (reach == nullptr) {
-#pragma omp simd reduction(+ : acc, c)
-    for (int64_t k = 0; k < n; ++k) {
-      const T h = (dp - s[k]) + margin;
-      acc += h > T(0) ? static_cast<double>(h) : 0.0;
-      c += h > tiny ? 1 : 0;
-    }
-  } else {
-#pragma omp simd reduction(+ : acc, c, a)
-    for (int64_t k = 0; k < n; ++k) {
-      const T h = (dp - s[k]) + margin;
-      const bool reached = h >= T(0);
-      acc += h > T(0) ? static_cast<double>(h) : 0.0;
-      c += h > tiny ? 1 : 0;
-      a += reached ? 1 : 0;
-      reach[k] += reached ? T(1) : T(0);
-    }
-  }
-  sum += acc;
-  counted += c;
-  at_most += a;
-}
-
-// The same in fp32 with its predicates on the bits of h (positive_mask; h >= 0: h > 0 or h = +-0), so that the AVX2
-// clone vectorises (bits_as and positive_mask are always_inline), and int32 counts per chunk of 2^30 negatives.
-template <bool kReach>
-[[gnu::always_inline]] inline void hinge_chunk_f32(const float* s, int64_t n, float dp, float margin, float* reach,
-                                                   double& sum, int64_t& counted, int64_t& at_most) {
-  const int32_t tiny = bits_as<int32_t>(1e-16f);  // h > 1e-16: h > 0 with bits above these
+// (fp64) to sum, #{h_k > 1e-16} to counted, #{h_k >= 0} to at_most and 1 to reach[k] where h_k >= 0 (kReach only;
+// at_most then too). The predicates are on the bits of h (positive_mask; h >= 0: h > 0 or h = +-0), so that the AVX2
+// clone vectorises; int32 counts, so at most 2^31 - 1 negatives a call (hinge_pass takes chunks).
+template <typename T, bool kReach>
+[[gnu::always_inline]] inline void hinge_chunk(const T* s, int64_t n, T dp, T margin, T* reach, double& sum,
+                                               int64_t& counted, int64_t& at_most) {
+  using B = BitsOf<T>;
+  const B tiny = bits_as<B>(static_cast<T>(1e-16));  // h > 1e-16: h > 0 with bits above these
+  const B magnitude = std::numeric_limits<B>::max();  // every bit but the sign
   double acc = 0.0;
   int32_t c = 0, a = 0;
 #pragma omp simd reduction(+ : acc, c, a)
   for (int64_t k = 0; k < n; ++k) {
-    const float h = (dp - s[k]) + margin;
-    const int32_t hb = bits_as<int32_t>(h), positive = positive_mask(h);
-    const int32_t reached = (positive | -static_cast<int32_t>((hb & 0x7fffffff) == 0)) & 1;
-    acc += static_cast<double>(bits_as<float>(hb & positive));
-    c += positive & static_cast<int32_t>(hb > tiny);
+    const T h = (dp - s[k]) + margin;
+    const B hb = bits_as<B>(h), positive = positive_mask(h);
+    const B reached = (positive | -static_cast<B>((hb & magnitude) == 0)) & 1;
+    acc += static_cast<double>(bits_as<T>(hb & positive));
+    c += static_cast<int32_t>(positive & static_cast<B>(hb > tiny));
     if constexpr (kReach) {
-      a += reached;
-      reach[k] += bits_as<float>(reached * bits_as<int32_t>(1.0f));
+      a += static_cast<int32_t>(reached);
+      reach[k] += bits_as<T>(reached * bits_as<B>(T(1)));
     }
   }
   sum += acc;
@@ -154,16 +127,23 @@ template <bool kReach>
   at_most += a;
 }
 
-FASTLOSS_SIMD_CLONES void hinge_pass_f32(const float* s, int64_t n, float dp, float margin, float* reach, double& sum,
-                                         int64_t& counted, int64_t& at_most) {
+// hinge_chunk over chunks of 2^30 negatives, reach (nullptr: none) picking the variant.
+template <typename T>
+[[gnu::always_inline]] inline void hinge_pass(const T* s, int64_t n, T dp, T margin, T* reach, double& sum,
+                                              int64_t& counted, int64_t& at_most) {
   constexpr int64_t kChunk = int64_t{1} << 30;
   for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
     const int64_t len = std::min(kChunk, n - k0);
     if (reach == nullptr)
-      hinge_chunk_f32<false>(s + k0, len, dp, margin, nullptr, sum, counted, at_most);
+      hinge_chunk<T, false>(s + k0, len, dp, margin, nullptr, sum, counted, at_most);
     else
-      hinge_chunk_f32<true>(s + k0, len, dp, margin, reach + k0, sum, counted, at_most);
+      hinge_chunk<T, true>(s + k0, len, dp, margin, reach + k0, sum, counted, at_most);
   }
+}
+
+FASTLOSS_SIMD_CLONES void hinge_pass_f32(const float* s, int64_t n, float dp, float margin, float* reach, double& sum,
+                                         int64_t& counted, int64_t& at_most) {
+  hinge_pass<float>(s, n, dp, margin, reach, sum, counted, at_most);
 }
 inline void hinge_pass_any(const float* s, int64_t n, float dp, float margin, float* reach, double& sum,
                            int64_t& counted, int64_t& at_most) {
@@ -333,19 +313,23 @@ template <typename T>
     std::copy(w, w + n, g);
     return T(0);
   }
+  // d > 0 decided on the bits of d (positive_mask), so that the AVX2 clone vectorises
+  using B = BitsOf<T>;
+  const B one = bits_as<B>(T(1));
   T sum = 0;
   if (metric == kEuclidean) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
-      const T d = g[j];
-      const T c = d > T(0) ? w[j] / (d > T(0) ? d : T(1)) : T(0);
+      const B keep = positive_mask(g[j]);
+      const T d = bits_as<T>((bits_as<B>(g[j]) & keep) | (one & ~keep));  // d, else 1
+      const T c = bits_as<T>(bits_as<B>(w[j] / d) & keep);
       g[j] = c;
       sum += c;
     }
   } else {
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
-      const T c = g[j] > T(0) ? T(2) * w[j] : T(0);
+      const T c = bits_as<T>(bits_as<B>(T(2) * w[j]) & positive_mask(g[j]));
       g[j] = c;
       sum += c;
     }
@@ -353,29 +337,8 @@ template <typename T>
   return sum;
 }
 
-// The same in fp32 with d > 0 decided on the bits of d (positive_mask), so that the AVX2 clone vectorises.
 FASTLOSS_SIMD_CLONES float coefficients_f32(float* g, const float* w, int64_t n, int64_t metric) {
-  if (metric == kCosine) return coefficients<float>(g, w, n, metric);
-  const int32_t one = bits_as<int32_t>(1.0f);
-  float sum = 0;
-  if (metric == kEuclidean) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t keep = positive_mask(g[j]);
-      const float d = bits_as<float>((bits_as<int32_t>(g[j]) & keep) | (one & ~keep));  // d, else 1
-      const float c = bits_as<float>(bits_as<int32_t>(w[j] / d) & keep);
-      g[j] = c;
-      sum += c;
-    }
-  } else {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      const float c = bits_as<float>(bits_as<int32_t>(2.0f * w[j]) & positive_mask(g[j]));
-      g[j] = c;
-      sum += c;
-    }
-  }
-  return sum;
+  return coefficients<float>(g, w, n, metric);
 }
 inline float coefficients_any(float* g, const float* w, int64_t n, int64_t metric) {
   return coefficients_f32(g, w, n, metric);
