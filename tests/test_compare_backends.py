@@ -7,6 +7,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_backends.py"
 
 
@@ -40,3 +42,19 @@ def test_a_raising_backend_is_an_error(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "ERROR native torch.float32" in out and "RuntimeError: boom" in out
     assert out.rstrip().endswith(" 3 errors")  # one per case: every case runs the native backend
+
+
+def test_duplicate_tie_needs_equal_sums_over_the_duplicates():
+    """A gradient moved between two equal rows is a tie; one that changes a row's group sum, or a flagged loss, is
+    not; nor is a flag on an input without duplicates."""
+    module = _load()
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]], dtype=torch.float64)
+    truth = [torch.tensor(1.0), torch.tensor([[0.5, 0.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64), None]
+    names = ["loss", "d0", "dscale"]
+    moved = [truth[0], torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.0]], dtype=torch.float64), None]
+    changed = [truth[0], torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.4, 0.0]], dtype=torch.float64), None]
+    flag = [("d0", 0.5, 1e-6, 1.0)]
+    assert module.duplicate_tie(flag, moved, truth, [x], names)
+    assert not module.duplicate_tie(flag, changed, truth, [x], names)
+    assert not module.duplicate_tie([("loss", 1.0, 1e-6, 1.0), *flag], moved, truth, [x], names)
+    assert not module.duplicate_tie(flag, moved, truth, [x[:2]], names)
