@@ -331,7 +331,9 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     if merged:
         least = MERGE_MIN_ROWS["cuda" if q.device.type == "cuda" else "other"]
         rows_per_block = min(rows_per_block, max(least, -(-p.batch // MERGE_BLOCKS)))
-        ref = torch.full((len(selected), p.batch), torch.inf, device=q.device, dtype=acc)  # max - log c per row
+        # per row: max and -log c (inf, 0 where c = 0) apart: max - log c would carry max's rounding (_partner_entries)
+        ref_max = torch.full((len(selected), p.batch), torch.inf, device=q.device, dtype=acc)
+        ref_lnorm = torch.zeros((len(selected), p.batch), device=q.device, dtype=acc)
     h = 1.0 / p.batch
     sh = scale * h  # the gradients' common factor
     alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): one_direction_terms, no stacks
@@ -370,7 +372,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             s = cands.logits(rows.rows(g0, g0 + m), half, acc)
             if k >= 0 and start > 0:  # from the raw products, before the row pass
                 factor = _rule(p, columns, scale, selected[k])[0]  # no earlier row's column is its own
-                transposed.append(_partner_entries(s, r_inv[g0 : g0 + m], c_inv, p.offset, factor, ref[k, :start]))
+                ref = (ref_max[k, :start], ref_lnorm[k, :start])
+                transposed.append(_partner_entries(s, r_inv[g0 : g0 + m], c_inv, p.offset, factor, ref))
             else:
                 transposed.append(None)
             if alone:  # the block's terms from its statistics, in the row pass's launch where it is Triton's
@@ -392,16 +395,20 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
             positive = positives[first] if p.joint else torch.stack(positives)  # each direction's own, per direction
             row_loss[start : start + m], pos_val = positive_terms(lse, row_max + negs.log(), positive, p)
-            if p.joint:  # softmax = c E with c = exp(top - log_z)
+            if (
+                p.joint
+            ):  # softmax = c E, c = exp(row_max - log_z) as (row_max - top) - log(z e^-top): top's rounding apart
                 top = torch.where(sums > 0, row_max, -torch.inf).amax(dim=0)
-                weights = torch.exp(row_max - (top + (sums * torch.exp(row_max - top)).sum(dim=0).log()))
+                shifted = row_max - top
+                weights = torch.exp(shifted - (sums * torch.exp(shifted)).sum(dim=0).log())
             else:
                 weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
         if grads is None:
             del blocks, transposed
             continue
         if merged:
-            ref[:, start : start + m] = torch.where(sums > 0, row_max - weights.log(), torch.inf)
+            ref_max[:, start : start + m] = torch.where(sums > 0, row_max, torch.inf)
+            ref_lnorm[:, start : start + m] = torch.where(sums > 0, -weights.log(), 0.0)
         parts = zip(selected, row_max, weights, sums, pos_val, shares, partner, transposed)
         for j, (dir_, top, c, total, pv, share, k, entries) in enumerate(parts):
             rows, r_inv, i_rows = side[dir_.rows_are_queries]
@@ -465,13 +472,20 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     return loss, dq, dd, dscale
 
 
-def _partner_entries(s: Tensor, r_inv: Tensor, c_inv: Tensor, offset: int, factor, ref: Tensor) -> Tensor:
-    """The partner direction's softmax entries of the earlier local rows j (their reference points ``ref``: max -
-    log c) at this block's rows, in G's units before the row weight (E c_inv): exp(t factor - ref_j) c_inv_j, t the
-    similarity of the raw product in column offset + j of ``s``; c_inv_j > 0 goes into the exponent."""
-    inv = c_inv[offset : offset + ref.shape[0]]
-    x = s[:, offset : offset + ref.shape[0]] * (r_inv * factor)[:, None]
-    return x.mul_(inv[None, :]).add_((inv.log() - ref)[None, :]).exp_()
+def _partner_entries(
+    s: Tensor, r_inv: Tensor, c_inv: Tensor, offset: int, factor, ref: tuple[Tensor, Tensor]
+) -> Tensor:
+    """The partner direction's softmax entries of the earlier local rows j (``ref``: their max and lnorm = -log c)
+    at this block's rows, in G's units before the row weight (E c_inv): exp((t factor - max_j) - lnorm_j) c_inv_j, t
+    the similarity of the raw product in column offset + j of ``s``; c_inv_j > 0 goes into the exponent. The logit is
+    rounded as the partner's row pass rounds it ((s c_inv_j) r_inv factor), so that logit - max is exact where the
+    entry matters; one reference point max + lnorm would carry max's rounding into the exponent (0.1% of the entry at
+    fp32 logits of 3e4)."""
+    row_max, lnorm = ref
+    inv = c_inv[offset : offset + row_max.shape[0]]
+    x = s[:, offset : offset + row_max.shape[0]] * inv[None, :]
+    x.mul_(r_inv[:, None]).mul_(factor).sub_(row_max[None, :])
+    return x.add_((inv.log() - lnorm)[None, :]).exp_()
 
 
 def _add_partner_entries(
