@@ -348,21 +348,23 @@ Combined<T> combine(const RowStats<T>* st, int n_dir, const bool* holds, int hol
       total += st[k].sum * rescale;
       negatives += (holds[k] ? st[k].neg : st[k].sum) * rescale;
     }
-    const T log_z = top + std::log(total);
+    // differences of logits first (exact where they are close), then the logs of the sums: top's rounding, ulp(|top|)
+    // / 2, stays out of x and of each c = exp((max - top) - log(total))
+    const T log_total = std::log(total);
     const T log_k = std::log(static_cast<T>(holders));
-    const T x = std::log(negatives) + top - st[k_first].pos_logit - log_k;
+    const T x = (top - st[k_first].pos_logit) + (std::log(negatives) - log_k);
     cb.loss = log_k + softplus(x);
     // folded where the copies hold at least half the row's mass (x <= 0): each copy's weight c E_own is then
     // >= 1 / (2 holders); elsewhere p - 1 <= -1/2 and the -1 stays a separate term
     cb.fold = x <= 0;
     const T coefficient = -sigmoid(x) / static_cast<T>(holders);
     for (int k = 0; k < n_dir; ++k) {
-      cb.c[k] = st[k].sum > 0 ? std::exp(st[k].max - log_z) : T(0);
+      cb.c[k] = st[k].sum > 0 ? std::exp((st[k].max - top) - log_total) : T(0);
       cb.entry[k] = coefficient;
     }
   } else {  // every direction holds the positive, with weight 1 / n_dir and its own -1 / n_dir
     for (int k = 0; k < n_dir; ++k) {
-      const T x = std::log(st[k].neg) + st[k].max - st[k].pos_logit;
+      const T x = (st[k].max - st[k].pos_logit) + std::log(st[k].neg);
       cb.loss += softplus(x);
       cb.c[k] = T(1) / (static_cast<T>(n_dir) * st[k].sum);
       cb.entry[k] = -sigmoid(x) / static_cast<T>(n_dir);
@@ -664,8 +666,8 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
       }
     });
   }
-  // doc_to_query's rows' statistics, as row_pass gives them, and lnorm_i = -log of their softmax factor (combine's
-  // 1 / (2 sum) per direction) less the max
+  // doc_to_query's rows' statistics, as row_pass gives them, and lnorm_i = log(2 sum): their softmax entries are
+  // exp((logit - max_i) - lnorm_i), combine's 1 / (2 sum) per direction
   std::vector<RowStats<T>> back(batch);
   std::vector<T> lnorm(batch);
   for (int64_t i = 0; i < batch; ++i) {
