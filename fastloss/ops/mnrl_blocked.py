@@ -395,9 +395,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
             positive = positives[first] if p.joint else torch.stack(positives)  # each direction's own, per direction
             row_loss[start : start + m], pos_val = positive_terms(lse, row_max + negs.log(), positive, p)
-            if (
-                p.joint
-            ):  # softmax = c E, c = exp(row_max - log_z) as (row_max - top) - log(z e^-top): top's rounding apart
+            # joint: softmax = c E, c = exp(row_max - log_z) as (row_max - top) - log(z e^-top), top's rounding apart
+            if p.joint:
                 top = torch.where(sums > 0, row_max, -torch.inf).amax(dim=0)
                 shifted = row_max - top
                 weights = torch.exp(shifted - (sums * torch.exp(shifted)).sum(dim=0).log())
@@ -478,9 +477,9 @@ def _partner_entries(
     """The partner direction's softmax entries of the earlier local rows j (``ref``: their max and lnorm = -log c)
     at this block's rows, in G's units before the row weight (E c_inv): exp((t factor - max_j) - lnorm_j) c_inv_j, t
     the similarity of the raw product in column offset + j of ``s``; c_inv_j > 0 goes into the exponent. The logit is
-    rounded as the partner's row pass rounds it ((s c_inv_j) r_inv factor), so that logit - max is exact where the
-    entry matters; one reference point max + lnorm would carry max's rounding into the exponent (0.1% of the entry at
-    fp32 logits of 3e4)."""
+    rounded as the torch row pass rounds the partner's ((s c_inv_j) r_inv factor), so that logit - max is exact where
+    the entry matters; one reference point max + lnorm would carry max's rounding into the exponent (0.1% of the
+    entry at fp32 logits of 3e4)."""
     row_max, lnorm = ref
     inv = c_inv[offset : offset + row_max.shape[0]]
     x = s[:, offset : offset + row_max.shape[0]] * inv[None, :]
