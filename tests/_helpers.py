@@ -67,6 +67,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def max_relative_errors(got: list[torch.Tensor], truth: list[torch.Tensor]) -> list[float]:
+    """Each result's largest absolute error against its truth over the truth's largest magnitude."""
+    return [float((a - t).abs().max() / t.abs().max()) for a, t in zip(got, truth)]
+
+
 # A trained model's batch: each positive far above its negatives (noise added to the positives, scale), so the loss
 # is tiny and every softmax row nearly one-hot: losses ~2e-5, ~5e-6 and ~7e-16 at B = 256, D = 128.
 CONFIDENT = {"loss2e-5": (0.6, 20.0), "loss5e-6": (0.4, 20.0), "loss7e-16": (0.5, 50.0)}
@@ -95,11 +100,8 @@ def confident_errors(noise: float, scale: float, partition: str, directions: tup
         return [loss.detach().double(), *(x.double() for x in torch.autograd.grad(loss, leaves))]
 
     truth = run(Theirs(None, **config), torch.float64)
-
-    def errors(result):
-        return [float((a - t).abs().max() / t.abs().max()) for a, t in zip(result, truth)]
-
-    return errors(run(Ours(None, **config), torch.float32)), errors(run(Theirs(None, **config), torch.float32))
+    ours, theirs = run(Ours(None, **config), torch.float32), run(Theirs(None, **config), torch.float32)
+    return max_relative_errors(ours, truth), max_relative_errors(theirs, truth)
 
 
 # ATen ops that launch nothing on CUDA (views, metadata, allocations, host scalars)
