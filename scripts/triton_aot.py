@@ -151,26 +151,27 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
             dtype = DTYPES[name]
             r, c = torch.zeros(48, dim, dtype=dtype), torch.zeros(96, dim, dtype=dtype)
             flags = dict(period=48, offset=0, mask_own=False, pen_mode=3, alpha=0.1)
-            ones_r, ones_c, lse = torch.ones(48), torch.ones(96), torch.zeros(48)
+            ones_r, ones_c, lse, g = torch.ones(48), torch.ones(96), torch.zeros(2, 48), torch.zeros(48)
             os.environ["FASTLOSS_FP32_DOT"] = name.split("/")[1] if "/" in name else "ieee"
             for positive in (False, True):  # MNRL's directions without / with the positive pair
                 label[0] = f"sim_lse {name} D={dim}" + (" positive" if positive else "")
                 sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, positive_col=positive, **flags)
                 if positive:  # the symmetric loss's forward: doc_to_query's statistics from the same tiles
                     label[0] += " transposed"
-                    sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, positive_col=True, nlse_t=torch.empty(48), **flags)
+                    nlse_t = torch.empty(2, 48)
+                    sim_lse.sim_lse_fwd(r, c, ones_r, ones_c, 20.0, positive_col=True, nlse_t=nlse_t, **flags)
                     label[0] = f"sim_lse {name} D={dim} positive"
-                pos_val = lse if positive else None
-                sim_lse.sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, lse, need_dscale=True, pos_val=pos_val, **flags)
+                pos_val = g if positive else None
+                sim_lse.sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, g, need_dscale=True, pos_val=pos_val, **flags)
                 if positive:  # a window of MNRL's backward that a second direction adds into (ACCUMULATE)
                     label[0] += " accumulate"
-                    bwd = sim_lse.SimLseBackward(r, c, ones_r, ones_c, 20.0, lse, lse, pos_val=pos_val, **flags)
+                    bwd = sim_lse.SimLseBackward(r, c, ones_r, ones_c, 20.0, lse, g, pos_val=pos_val, **flags)
                     bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
                     bwd.candidates(torch.zeros(96, dim), 0, 96, accumulate=True)
                     # the symmetric loss: doc_to_query's softmax in query_to_doc's launch (TRANSPOSED), written and,
                     # in full, added into a window (gathered queries: doc_to_query's other launches share it)
                     label[0] = f"sim_lse {name} D={dim} positive transposed"
-                    bwd = sim_lse.SimLseBackward(r, c, ones_r, ones_c, 20.0, lse, lse, pos_val=lse, lse_t=lse, **flags)
+                    bwd = sim_lse.SimLseBackward(r, c, ones_r, ones_c, 20.0, lse, g, pos_val=g, lse_t=lse, **flags)
                     for accumulate in (False,) if quick else (False, True):
                         bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=accumulate, dscale=torch.zeros(48))
                         bwd.candidates(torch.zeros(96, dim), 0, 96, accumulate=accumulate)
@@ -179,7 +180,7 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
             label[0] = f"sim_lse {name} D={dim} gram"
             own = dict(flags, mask_own=True, pen_mode=0, alpha=0.0)
             sim_lse.sim_lse_fwd(r, r, ones_r, ones_r, 20.0, **own)
-            bwd = sim_lse.SimLseBackward(r, r, ones_r, ones_r, 20.0, lse, lse, lse_t=lse, **own)
+            bwd = sim_lse.SimLseBackward(r, r, ones_r, ones_r, 20.0, lse, g, lse_t=lse, **own)
             bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
             label[0] = f"l2norm {name} D={dim}"  # the flash MNRL backward's epilogue
             x = torch.zeros(48, dim, dtype=dtype)
@@ -215,7 +216,7 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                         terms = (torch.zeros(48), torch.zeros(48), torch.zeros(48), 0.5, joint)
                         block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=True, terms=terms, **opts)
                         # the flash path's loss and pos_val of query_to_doc alone
-                        sim_lse.one_direction_terms(torch.zeros(48), torch.zeros(48), scale, joint)
+                        sim_lse.one_direction_terms(torch.zeros(2, 48), torch.zeros(48), scale, joint)
         if not quick:  # the ranking kernel's block grows with the number of pairs, up to 4096 with 16 warps
             for n_pairs in (600, 5000):
                 label[0] = f"cosent rank N={n_pairs}"

@@ -17,6 +17,7 @@ from _helpers import force_configs  # noqa: E402
 from fastloss import _backend  # noqa: E402
 from fastloss.ops import sim_lse  # noqa: E402
 from fastloss.ops.sim_lse import sim_lse_bwd, sim_lse_fwd  # noqa: E402
+from fastloss.ops.two_part import logsumexp2  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -51,6 +52,18 @@ def oracle(r, c, r_inv, c_inv, scale, g, *, period, offset, mask_own, pen_mode, 
     dr = (grad * c_inv[None, :]) @ c
     dc = (grad * r_inv[:, None]).T @ r
     return lse, dr, dc, g * (p * s).sum(dim=1), nlse
+
+
+def value(x: torch.Tensor) -> torch.Tensor:
+    """A two-part LSE [2, ...] (fastloss.ops.two_part) as one fp64 value, hi + lo."""
+    assert x.dtype == torch.float32 and x.shape[0] == 2
+    return x[0].double() + x[1].double()
+
+
+def two_parts(x: torch.Tensor) -> torch.Tensor:
+    """An fp64 LSE as the two fp32 parts that the kernels take: hi = x rounded, lo = x - hi rounded."""
+    hi = x.float()
+    return torch.stack([hi, torch.where(torch.isfinite(x), x - hi.double(), 0.0).float()])
 
 
 def make(M, N, D, dtype, *, normalize=True, seed=0):
@@ -102,11 +115,11 @@ def check(r, c, r_inv, c_inv, scale, g, tol, positive=False, **opts):
     expected = oracle(r, c, r_inv, c_inv, float(scale), g, pos_val=pos_val, **opts)
     scale_t = torch.tensor(float(scale), device=r.device)
     lse, nlse = sim_lse_fwd(r, c, r_inv, c_inv, scale_t, positive_col=positive, **opts)
-    assert lse.dtype == torch.float32 and lse.shape == (r.shape[0],)
-    assert_close(lse, expected[0], tol, "lse")
+    assert lse.shape == (2, r.shape[0])
+    assert_close(value(lse), expected[0], tol, "lse")
     if positive:
-        assert nlse.dtype == torch.float32 and nlse.shape == (r.shape[0],)
-        assert_close(nlse, expected[4], tol, "nlse")
+        assert nlse.shape == (2, r.shape[0])
+        assert_close(value(nlse), expected[4], tol, "nlse")
     else:
         assert nlse is None
     dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, scale_t, lse, g, need_dscale=True, pos_val=pos_val, **opts)
@@ -114,7 +127,7 @@ def check(r, c, r_inv, c_inv, scale, g, tol, positive=False, **opts):
     assert dr.dtype == dc.dtype == dscale.dtype == torch.float32
     for name, actual, want in zip(("dr_hat", "dc_hat", "dscale"), (dr, dc, dscale), expected[1:4]):
         assert_close(actual, want, tol, name)
-    return lse, dr, dc, dscale
+    return value(lse), dr, dc, dscale
 
 
 def shape_id(shape):
@@ -186,7 +199,7 @@ def test_masks_and_penalties(poison, pen_mode, mask_own, offset, dtype):
 @pytest.mark.parametrize("bounds", [(8, 16), (5, 13, 19)], ids=["columns", "uneven"])
 def test_candidate_blocks(poison, bounds, pen_mode, mask_own, dtype):
     """The candidates as separate blocks (MNRL's doc columns, not concatenated), each launched with the global index
-    ``base`` of its first row: the blocks' LSEs combined by logsumexp, their rows' dr_hat and dscale summed (the
+    ``base`` of its first row: the blocks' LSEs combined by logsumexp2, their rows' dr_hat and dscale summed (the
     second block on adds with accumulate) and their dc_hat side by side equal the oracle on the whole candidates,
     with masks, penalties and the positive fold at their global columns. The uneven split cuts the positive column's
     tiles, the first period and a 16-candidate interpreter tile."""
@@ -197,13 +210,13 @@ def test_candidate_blocks(poison, bounds, pen_mode, mask_own, dtype):
     edges = [0, *bounds, c.shape[0]]
     blocks = [(c[a:b], c_inv[a:b], a) for a, b in zip(edges, edges[1:])]
     stats = [sim_lse_fwd(r, cb, r_inv, ib, 20.0, positive_col=True, base=a, **opts) for cb, ib, a in blocks]
-    assert_close(torch.logsumexp(torch.stack([lse for lse, _ in stats]), 0), lse_w, TOL[dtype], "lse")
-    assert_close(torch.logsumexp(torch.stack([nlse for _, nlse in stats]), 0), nlse_w, TOL[dtype], "nlse")
+    assert_close(value(logsumexp2(torch.stack([lse for lse, _ in stats], dim=1), 1)), lse_w, TOL[dtype], "lse")
+    assert_close(value(logsumexp2(torch.stack([nlse for _, nlse in stats], dim=1), 1)), nlse_w, TOL[dtype], "nlse")
     dr = torch.empty(5, 20, device=DEVICE)
     dc = torch.empty(24, 20, device=DEVICE)
     dscale = torch.zeros(5, device=DEVICE)
     for k, (cb, ib, a) in enumerate(blocks):
-        bwd = sim_lse.SimLseBackward(r, cb, r_inv, ib, 20.0, lse_w.float(), g, pos_val=pos_val, base=a, **opts)
+        bwd = sim_lse.SimLseBackward(r, cb, r_inv, ib, 20.0, two_parts(lse_w), g, pos_val=pos_val, base=a, **opts)
         part = torch.empty(5, device=DEVICE)
         bwd.rows(dr, 0, 5, accumulate=k > 0, dscale=part)
         dscale += part
@@ -381,8 +394,8 @@ def test_empty(M, N):
     opts = dict(period=max(N, 1), offset=0, mask_own=False, pen_mode=0, alpha=0.0)
     lse, nlse = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, positive_col=True, **opts)
     dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, 20.0, lse, g, need_dscale=True, pos_val=g, **opts)
-    assert (nlse == float("-inf")).all()
-    assert lse.shape == (M,) and (lse == float("-inf")).all()
+    for x in (lse, nlse):
+        assert x.shape == (2, M) and (x[0] == float("-inf")).all() and (x[1] == 0).all()
     assert dr.shape == (M, 8) and dc.shape == (N, 8) and dscale.shape == (M,)
     assert (dr == 0).all() and (dc == 0).all() and (dscale == 0).all()
 
@@ -575,7 +588,7 @@ def test_transposed_direction(poison, pen_mode, dtype):
         t_rows, r, t_inv, r_inv, 20.0, g, pos_val=pv_b, period=M, offset=0, mask_own=False, pen_mode=0, alpha=0.0
     )
     bwd = sim_lse.SimLseBackward(
-        r, c, r_inv, c_inv, 20.0, lse_a.float(), g, pos_val=pv_a + pv_b, lse_t=lse_b.float(), **opts
+        r, c, r_inv, c_inv, 20.0, two_parts(lse_a), g, pos_val=pv_a + pv_b, lse_t=two_parts(lse_b), **opts
     )
     dr, dscale = torch.empty(M, D, device=DEVICE), torch.empty(M, device=DEVICE)
     bwd.rows(dr, 0, 2, accumulate=False, dscale=dscale)
@@ -607,14 +620,15 @@ def test_gram_block(poison, offset, M, N, dtype):
     lse, dr_want, dc_want, dscale_want, _ = oracle(r, c, r_inv, c_inv, 20.0, g, **opts)
     dr_want = dr_want + dc_want[offset : offset + M]
     dr, dc, dscale = torch.empty(M, 24, device=DEVICE), torch.zeros(N, 24, device=DEVICE), torch.empty(M, device=DEVICE)
-    gram = sim_lse.SimLseBackward(r, r, r_inv, r_inv, 20.0, lse.float(), g, base=offset, lse_t=lse.float(), **opts)
+    lse = two_parts(lse)
+    gram = sim_lse.SimLseBackward(r, r, r_inv, r_inv, 20.0, lse, g, base=offset, lse_t=lse, **opts)
     gram.rows(dr, 0, 2, accumulate=False, dscale=dscale)  # two windows of rows, the second added to
     dr[2:] = 0.0
     gram.rows(dr[2:], 2, M, accumulate=True, dscale=dscale)
     total = dscale.sum() / 2
     for a, b in ((0, offset), (offset + M, N)):
         if b > a:
-            rest = sim_lse.SimLseBackward(r, c[a:b], r_inv, c_inv[a:b], 20.0, lse.float(), g, base=a, **opts)
+            rest = sim_lse.SimLseBackward(r, c[a:b], r_inv, c_inv[a:b], 20.0, lse, g, base=a, **opts)
             rest.rows(dr, 0, M, accumulate=True, dscale=dscale)
             rest.candidates(dc[a:b], 0, b - a, accumulate=False)
             total += dscale.sum()
@@ -625,14 +639,17 @@ def test_gram_block(poison, offset, M, N, dtype):
 
 
 @pytest.mark.parametrize(
-    "shape,base", [((5, 1), 0), ((22,), 0), ((5,), 4)], ids=["2-d", "past-the-end", "before-block"]
+    "shape,base",
+    [((5,), 0), ((5, 2), 0), ((2, 22), 0), ((2, 5), 4)],
+    ids=["one-part", "transposed", "past-the-end", "before-block"],
 )
 def test_transposed_rows_must_lie_in_the_block(shape, base):
     r, c, r_inv, c_inv, g = make(5, 24, 20, torch.float32, seed=9)
     opts = dict(period=8, offset=3, mask_own=False, pen_mode=0, alpha=0.0, base=base)
+    lse = torch.zeros(2, 5, device=DEVICE)
     with pytest.raises(ValueError, match="lse_t"):
         sim_lse.SimLseBackward(
-            r, c[base:], r_inv, c_inv[base:], 20.0, g, g, lse_t=torch.zeros(shape, device=DEVICE), **opts
+            r, c[base:], r_inv, c_inv[base:], 20.0, lse, g, lse_t=torch.zeros(shape, device=DEVICE), **opts
         )
     with pytest.raises(ValueError, match="nlse_t"):
         sim_lse_fwd(r, c[base:], r_inv, c_inv[base:], 20.0, nlse_t=torch.zeros(shape, device=DEVICE), **opts)
@@ -642,7 +659,7 @@ def test_transposed_statistics_must_be_fp32():
     r, c, r_inv, c_inv, _ = make(5, 24, 20, torch.float32, seed=9)
     opts = dict(period=8, offset=3, mask_own=False, pen_mode=0, alpha=0.0)
     with pytest.raises(ValueError, match="^sim_lse: nlse_t must be fp32"):
-        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, nlse_t=torch.zeros(5, dtype=torch.float64, device=DEVICE), **opts)
+        sim_lse_fwd(r, c, r_inv, c_inv, 20.0, nlse_t=torch.zeros(2, 5, dtype=torch.float64, device=DEVICE), **opts)
 
 
 # (M, N, offset, n_t, base): the transposed rows as many as the rows (MNRL's symmetric loss), fewer, more (rows t >= M
@@ -679,12 +696,12 @@ def test_transposed_forward(poison, monkeypatch, dtype, shape, tiles):
     *_, want = oracle(t_rows, r, t_inv, r_inv, 20.0, torch.ones(n_t, device=r.device), **t_opts)
     if base:  # the same candidates as a block from row base on
         c, c_inv = c[base:], c_inv[base:]
-    nlse_t = torch.empty(n_t, device=r.device)
+    nlse_t = torch.empty(2, n_t, device=r.device)
     lse, nlse = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, positive_col=True, base=base, nlse_t=nlse_t, **opts)
-    assert_close(nlse_t, want, TOL[dtype], "nlse_t")
+    assert_close(value(nlse_t), want, TOL[dtype], "nlse_t")
     if not base:
-        assert_close(lse, lse_want, TOL[dtype], "lse")
-        assert_close(nlse, nlse_want, TOL[dtype], "nlse")
+        assert_close(value(lse), lse_want, TOL[dtype], "lse")
+        assert_close(value(nlse), nlse_want, TOL[dtype], "nlse")
 
 
 @pytest.mark.parametrize("joint", [True, False], ids=["joint", "per_direction"])
@@ -692,14 +709,15 @@ def test_transposed_forward(poison, monkeypatch, dtype, shape, tiles):
 def test_one_direction_terms(joint, b):
     """MNRL's query_to_doc alone, in one launch: pos_val = -sigmoid(x) (joint: +inf where x > 0) and the mean of
     softplus(x), x = NLSE - scale s, against fp64 over x from -200 to 200 (confident rows, whose loss ~e^x needs
-    log1p, and wrong ones), over one and several chunks of 1024 rows. On a GPU tl.exp is ex2.approx after rounding
-    x log2(e) (a relative error up to ~|x| 6e-8) and x may be one fused multiply-add: bounds of (|x| + 8) 2^-23."""
+    log1p, and wrong ones), over one and several chunks of 1024 rows, NLSE in two parts (fp64 values). On a GPU tl.exp
+    is ex2.approx after rounding x log2(e) (a relative error up to ~|x| 6e-8) and x may be one fused multiply-add:
+    bounds of (|x| + 8) 2^-23."""
     g = torch.Generator().manual_seed(b)
-    nlse = torch.randn(b, generator=g) * 60
+    nlse = two_parts(torch.randn(b, generator=g, dtype=torch.float64) * 60)
     sims = torch.rand(b, generator=g) * 2 - 1
     scale = torch.tensor(20.0)
     loss, pos_val = sim_lse.one_direction_terms(nlse.to(DEVICE), sims.to(DEVICE), scale.to(DEVICE), joint)
-    x = nlse.double() - scale.double() * sims.double()
+    x = value(nlse) - scale.double() * sims.double()
     err = (x.abs() + 8) * 2**-23  # relative
     want = -torch.sigmoid(x)
     if joint:
@@ -713,6 +731,30 @@ def test_one_direction_terms(joint, b):
     assert abs(float(loss) - float(softplus.mean())) <= float((err * softplus).mean()) + 1e-6 * float(softplus.mean())
     confident = x < -30  # loss ~e^x: a log(1 + a) would give 0 there
     if confident.any():
-        one = sim_lse.one_direction_terms(nlse[confident].to(DEVICE), sims[confident].to(DEVICE), scale, joint)[0]
+        one = sim_lse.one_direction_terms(nlse[:, confident].to(DEVICE), sims[confident].to(DEVICE), scale, joint)[0]
         part = softplus[confident]
         assert abs(float(one) - float(part.mean())) <= float((err[confident] * part).mean()) + 1e-6 * float(part.mean())
+
+
+def test_softmax_exact_at_large_logits(poison):
+    """The backward's softmax entries from the LSE's two parts at fp32 logits of 2e4 .. 4e4, each row's top entries
+    5 .. 10 apart (dot similarity on values whose products and logits fp32 holds exactly): dr_hat, dc_hat and dscale
+    within 2e-6 of the fp64 oracle's size. From the rounded LSE alone, exp(logit - hi), an entry carries hi's
+    rounding, up to ulp(4e4) / 2 = 2e-3 of it: the same computation in torch errs by more than 1e-4 here."""
+    M, N = 8, 40
+    r = (1.0 + torch.arange(M, dtype=torch.float32) / 8)[:, None]
+    c = (1000.0 + torch.arange(N, dtype=torch.float32) / 4)[:, None]
+    g = torch.linspace(0.5, 1.5, M)
+    ones_r, ones_c = torch.ones(M), torch.ones(N)
+    opts = dict(period=N, offset=0, mask_own=False, pen_mode=0, alpha=0.0)
+    lse_w, *want = oracle(r, c, ones_r, ones_c, 20.0, g, **opts)[:4]
+    logits = 20.0 * (r.double() @ c.double().T)
+    assert torch.equal(logits.float().double(), logits) and logits.max() < 4e4  # exact in fp32
+    one_part = torch.exp(logits.float() - lse_w.float()[:, None]).double()
+    assert float((one_part - torch.softmax(logits, dim=1)).abs().max()) > 1e-4
+    r, c, ones_r, ones_c, g = (x.to(DEVICE) for x in (r, c, ones_r, ones_c, g))
+    lse, _ = sim_lse_fwd(r, c, ones_r, ones_c, 20.0, **opts)
+    assert (value(lse).cpu() - lse_w).abs().max() <= 1e-6
+    got = sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, g, need_dscale=True, **opts)
+    for name, actual, expected in zip(("dr_hat", "dc_hat", "dscale"), got, want):
+        assert_close(actual.cpu(), expected, 2e-6, name)

@@ -8,7 +8,8 @@ they fill the GPU, columns_as_blocks):
   doc_to_query    rows = local positives, candidates = all queries
   doc_to_doc      rows = local positives, candidates = docs_all, the own query's docs masked
 Each is one call of the masked scaled-similarity logsumexp primitive (fastloss.ops.sim_lse), which keeps only
-the per-row LSE. With pos_i = scale * s(q_i, d_i):
+the per-row LSE (in two fp32 parts, fastloss.ops.two_part: the backward's softmax entries then as exact at large
+logits as the forward's). With pos_i = scale * s(q_i, d_i):
   joint:          loss = mean_i(logaddexp_d(LSE_d,i) - pos_i)
   per_direction:  loss = mean_i(mean_d(LSE_d,i) - pos_i)
 Backward: dLSE_d,i = grad / B * softmax_d(LSE_d,i) (joint) or grad / (B * n_dir); the primitive recomputes the
@@ -62,6 +63,7 @@ from torch import Tensor
 
 from fastloss import _backend
 from fastloss.ops._custom_op import custom_op
+from fastloss.ops.two_part import exact, logsumexp2
 from fastloss.similarity import NORM_EPS
 
 QUERY_TO_DOC, QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC = 1, 2, 4, 8
@@ -390,24 +392,37 @@ def _softplus(x: Tensor) -> Tensor:
     return x.clamp_min(0.0) + torch.log1p(torch.exp(-x.abs()))
 
 
-def positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor]:
+def positive_terms(
+    lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams, lo: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """(row losses [B], pos_val [n_dir, B]) from each direction's LSE [n_dir, B], its NLSE (the LSE without the
     positive's column; rows of directions without the positive unused) and the positive logits (joint: [B], from
     query_to_doc; per direction: [B] or each direction's own [n_dir, B]): pos_val is the positive entry's coefficient
     p - share divided by its direction's weight, i.e. what replaces the entry's softmax value P, and +inf where the
     -1 stays a separate term (shares: 1 / k for each of the k directions that hold the positive). Module docstring.
+    ``lo``: the lo parts of LSE and NLSE where they come in two parts (the flash op: fastloss.ops.two_part).
     The flash kernels take pos_val as it is; the row-block ops scale it to their units. For several directions:
     query_to_doc alone (the only single direction, since it holds the positive) takes one_direction_terms."""
     if not p.joint:  # every direction holds the positive, each with weight 1 / n_dir and its own -1 / n_dir
-        x = nlse - positive
+        x = nlse - positive if lo is None else (nlse - positive) + lo[1]
         return _softplus(x).mean(dim=0), -torch.sigmoid(x)
     # joint: k directions hold a copy of the positive logit, so Z = k e^pos + N, the loss is log Z - pos =
     # log k + softplus(x - log k) and each copy takes -1 / k: e^pos / Z - 1 / k = -sigmoid(x - log k) / k
     shares = positive_shares(p)
     share = max(shares)  # 1 / k
     log_k = -math.log(share)
-    x = torch.logsumexp(torch.stack([n if s else a for n, a, s in zip(nlse, lse, shares)]), dim=0) - positive
-    weight = torch.exp(lse - torch.logsumexp(lse, dim=0))  # each direction's share of the row's mass
+
+    def held(a: Tensor, n: Tensor) -> Tensor:  # the row's mass without one copy of the positive, per direction
+        return torch.stack([n_k if s else a_k for a_k, n_k, s in zip(a, n, shares)])
+
+    if lo is None:
+        x = torch.logsumexp(held(lse, nlse), dim=0) - positive
+        weight = torch.exp(lse - torch.logsumexp(lse, dim=0))  # each direction's share of the row's mass
+    else:  # from both parts: x = (hi - positive) + lo, weight exp((hi - z_hi) + (lo - z_lo)), z the row's joint LSE
+        x_hi, x_lo = logsumexp2(torch.stack([held(lse, nlse), held(*lo)]), dim=1)
+        x = (x_hi - positive) + x_lo
+        z_hi, z_lo = logsumexp2(torch.stack([lse, lo[0]]), dim=1)
+        weight = torch.exp((lse - z_hi) + (lo[0] - z_lo))
     coefficient = -torch.sigmoid(x - log_k) * share
     # folded where the copies hold at least half the mass (x <= log k): there every copy's weight is >= 1 / (2k),
     # so |pos_val| <= 1; elsewhere the -1 stays separate (p - 1 <= -1/2: nothing cancels)
@@ -432,24 +447,24 @@ def one_direction_terms(nlse: Tensor, positive: Tensor, joint: bool) -> Tensor:
 
 
 def _combine(parts: list[Tensor]) -> Tensor:
-    """The LSE over several blocks of candidates from each block's LSE."""
-    return parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
+    """The LSE over several blocks of candidates from each block's LSE, in two parts [2, B] (fastloss.ops.two_part)."""
+    return parts[0] if len(parts) == 1 else logsumexp2(torch.stack(parts, dim=1), dim=1)
 
 
 # With query_to_doc and doc_to_query (the symmetric loss, GTE's four directions) the forward takes doc_to_query's
 # logsumexp over the local queries from query_to_doc's tiles (sim_lse_fwd's nlse_t) while their partial statistics,
-# B fp32 values per 32 local queries (128 MiB at B = 32768), stay within this; beyond it doc_to_query runs its own
-# launch over every query, as the other directions do.
-TRANSPOSED_FWD_BYTES = 128 * 2**20
+# 2B fp32 values per 32 local queries (two parts: 256 MiB at B = 32768), stay within this; beyond it doc_to_query runs
+# its own launch over every query, as the other directions do.
+TRANSPOSED_FWD_BYTES = 256 * 2**20
 
 
 def mnrl_fwd(
     q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Flash-style forward of queries ``q`` [W, D] and docs ``d``: [kW, D] or blocks of its rows in order (the doc
-    columns, uncopied); (loss fp32 [], per-direction LSE fp32 [n_dir, B], log-partition fp32 [B], the backward's
-    pos_val fp32 [n_dir, B]; for the backward, which would compute them again, the inverse norms of q and each block
-    (_flat_inv_norms) and the positive pairs' similarities fp32 [B])."""
+    columns, uncopied); (loss fp32 [], per-direction LSE fp32 [2, n_dir, B], log-partition fp32 [2, B] (both in two
+    parts: fastloss.ops.two_part), the backward's pos_val fp32 [n_dir, B]; for the backward, which would compute them
+    again, the inverse norms of q and each block (_flat_inv_norms) and the positive pairs' similarities fp32 [B])."""
     from fastloss.ops.sim_lse import one_direction_terms as terms_in_one_launch
     from fastloss.ops.sim_lse import sim_lse_fwd, transposed_bytes
 
@@ -467,23 +482,25 @@ def mnrl_fwd(
     for launch in _launches(xs, invs, p, merged=merged):
         transposed, back = {}, launch.transposed
         if back >= 0:
-            transposed = dict(nlse_t=torch.empty(p.batch, device=q.device, dtype=torch.float32))
+            transposed = dict(nlse_t=torch.empty((2, p.batch), device=q.device, dtype=torch.float32))
         lse_b, nlse_b = sim_lse_fwd(
             *launch.operands, scale, positive_col=launch.positive, **launch.options, **transposed
         )
         lse_parts[launch.direction].append(lse_b)
         nlse_parts[launch.direction].append(lse_b if nlse_b is None else nlse_b)  # without the positive: its LSE
         if transposed:  # doc_to_query's local part: its negatives among the local queries, and its positive
-            nlse_parts[back].append(transposed["nlse_t"])
-            lse_parts[back].append(torch.logaddexp(transposed["nlse_t"], positive))
+            nlse_t = transposed["nlse_t"]
+            nlse_parts[back].append(nlse_t)
+            lse_parts[back].append(logsumexp2(torch.stack([nlse_t, exact(positive)], dim=1), dim=1))
     if alone:  # the loss and pos_val in one launch; log_z is the LSE itself (a logsumexp or mean over one direction)
         lse = _combine(lse_parts[0])
         loss, pos_val = terms_in_one_launch(_combine(nlse_parts[0]), sims, scale, p.joint)
-        return loss, lse[None], lse.clone(), pos_val, inv, sims
-    lse = torch.stack([_combine(parts) for parts in lse_parts])
-    nlse = torch.stack([_combine(parts) for parts in nlse_parts])
-    log_z = torch.logsumexp(lse, dim=0) if p.joint else lse.mean(dim=0)
-    row_loss, pos_val = positive_terms(lse, nlse, positive, p)
+        return loss, lse[:, None], lse.clone(), pos_val, inv, sims
+    lse = torch.stack([_combine(parts) for parts in lse_parts], dim=1)  # [2, n_dir, B]
+    nlse = torch.stack([_combine(parts) for parts in nlse_parts], dim=1)
+    # per direction log_z is the mean of the LSEs (of each part): the backward reads it in the joint partition only
+    log_z = logsumexp2(lse, dim=1) if p.joint else lse.mean(dim=1)
+    row_loss, pos_val = positive_terms(lse[0], nlse[0], positive, p, lo=(lse[1], nlse[1]))
     return row_loss.mean(), lse, log_z, pos_val, inv, sims
 
 
@@ -558,22 +575,22 @@ def mnrl_bwd(
     h = grad.float() / p.batch
     if p.directions == QUERY_TO_DOC:  # its share of the joint partition is exactly 1 (log_z is its LSE): weight h
         weights = h.expand(1, p.batch)
-    elif p.joint:
-        shares = torch.exp(lse - log_z[None, :]).nan_to_num(nan=0.0)  # rows with LSE = -inf get 0
+    elif p.joint:  # exp(lse - log_z) from both parts; rows with LSE = -inf get 0
+        shares = torch.exp((lse[0] - log_z[0]) + (lse[1] - log_z[1])).nan_to_num(nan=0.0)
         weights = h * shares
     else:
-        weights = (h / p.n_directions).expand_as(lse)
+        weights = (h / p.n_directions).expand(p.n_directions, p.batch)
     # each tensor's parts: (launcher, its dscale for a rows part else None, first row of the tensor it covers, rows)
     parts: list[list] = [[] for _ in xs]
     dscales = []  # (each rows launch's dscale, the share of it that is its own: a Gram block counts each entry twice)
     for launch in _launches(xs, invs, p, merged=merges_transposed(p), gram=merges_gram(p)):
         i, back = launch.direction, launch.transposed
-        lse_i, g_i, pv, transposed = lse[i], weights[i], pos_val[i], {}
+        lse_i, g_i, pv, transposed = lse[:, i], weights[i], pos_val[i], {}
         if back >= 0:  # another direction's rows (doc_to_query in query_to_doc) or its own (a Gram block) with it
             if p.joint:  # exp(logit - log_z) of either row's joint softmax, weight h
                 lse_i, g_i, transposed = log_z, h.expand(p.batch), dict(lse_t=log_z)
             else:
-                transposed = dict(lse_t=lse[back])
+                transposed = dict(lse_t=lse[:, back])
         if launch.positive and back >= 0:  # the positive entry takes both directions' coefficients
             if p.joint:  # pos_val times each direction's weight
                 pv = pos_val[i] * shares[i] + pos_val[back] * shares[back]
@@ -662,8 +679,8 @@ def _mnrl_fwd_fake(q, docs, scale, offset, batch, directions, joint, hardness, a
     n_dir = bin(directions).count("1")
     return (
         q.new_empty((), dtype=torch.float32),
-        q.new_empty((n_dir, batch), dtype=torch.float32),
-        q.new_empty((batch,), dtype=torch.float32),
+        q.new_empty((2, n_dir, batch), dtype=torch.float32),
+        q.new_empty((2, batch), dtype=torch.float32),
         q.new_empty((n_dir, batch), dtype=torch.float32),
         q.new_empty((_inv_offsets([q.shape[0], *(x.shape[0] for x in docs)])[-1],), dtype=torch.float32),
         q.new_empty((batch,), dtype=torch.float32),

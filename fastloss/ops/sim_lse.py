@@ -8,6 +8,10 @@ Rows r [M, D], candidates c [N, D], inverse norms r_inv [M], c_inv [N] (ones for
     lse_i    = log sum_j exp(logit_ij)                                (-inf when the whole row is masked)
     nlse_i   = log sum_{j != i + offset} exp(logit_ij)                 (positive_col: the row without its own first
                                                                         column, the positive pair of MNRL)
+Every LSE is kept in two fp32 parts (fastloss.ops.two_part): hi_i, lse_i rounded, and lo_i, what the rounding left
+off, from the row's running max and sum, so that a softmax entry recomputed from them, exp((logit_ij - hi_i) - lo_i),
+is as exact at large logits as the forward's exp(logit_ij - max_i) / sum_i (exp(logit_ij - hi_i) alone would carry
+hi_i's rounding, ulp(|lse_i|) / 2: 1e-3 of the entry at logits of 2e4).
 Backward for g_i = dL/dlse_i, the penalty a stop-gradient term, P_ij = exp(logit_ij - lse_i) (0 where masked),
 x_hat = x * x_inv:
     dr_hat_i = scale * g_i * sum_j P_ij c_hat_j
@@ -50,6 +54,7 @@ from torch import Tensor
 
 from fastloss import _backend
 from fastloss.ops._autotune import drop_fp32_tiles, first_only, tune_bucket, without_tiles
+from fastloss.ops.two_part import logsumexp2
 
 # D up to this stays in one BLOCK_D tile (accumulator in registers); above it D is looped in CHUNK_D chunks. fp32
 # operands hold twice the bytes per element (and tf32x3 dots split each tile in three): with one tile up to D = 256
@@ -308,8 +313,30 @@ def _rebase(b_max, b_new):
 
 @triton.jit
 def _log_sum(b_max, b_sum):
-    """max + log(sum) of a row's running max and sum of exp(logit - max): -inf where the sum is 0."""
-    return tl.where(b_sum > 0.0, b_max + tl.log(tl.where(b_sum > 0.0, b_sum, 1.0)), float("-inf"))
+    """max + log(sum) of a row's running max and sum of exp(logit - max): -inf where the sum is 0 (the value alone, as
+    CoSENT's loss takes it; _log_sum_parts' hi)."""
+    b_hi, _ = _log_sum_parts(b_max, b_sum)
+    return b_hi
+
+
+@triton.jit
+def _log_sum_parts(b_max, b_sum):
+    """max + log(sum) of a row's running max and sum of exp(logit - max) in two parts (fastloss.ops.two_part): hi,
+    the value rounded, and lo = (max - hi) + log(sum), what the rounding left off (max - hi is exact where it matters:
+    hi lies within log(sum) of max); (-inf, 0) where the sum is 0."""
+    m_any = b_sum > 0.0
+    b_log = tl.log(tl.where(m_any, b_sum, 1.0))
+    b_ref = tl.where(m_any, b_max, 0.0)  # finite: no -inf - -inf
+    b_hi = b_ref + b_log
+    return tl.where(m_any, b_hi, float("-inf")), tl.where(m_any, (b_ref - b_hi) + b_log, 0.0)
+
+
+@triton.jit
+def _store_log_sum(hi, lo, o, mask, b_max, b_sum):
+    """Store _log_sum_parts' two parts at o of hi and lo."""
+    b_hi, b_lo = _log_sum_parts(b_max, b_sum)
+    tl.store(hi + o, b_hi, mask=mask)
+    tl.store(lo + o, b_lo, mask=mask)
 
 
 @triton.jit
@@ -342,27 +369,30 @@ def _fold_positive(b_p, m_pos, b_pv):
 
 
 @triton.jit
-def _transposed_p(b_s, b_scale, lse_t, o_t, n_t, b_logit, MASK_OWN: tl.constexpr):
+def _transposed_p(b_s, b_scale, lse_t, lse_t_lo, o_t, n_t, b_logit, MASK_OWN: tl.constexpr):
     """The softmax of the transposed direction (doc_to_query beside query_to_doc; a Gram block's own rows) at a
     tile's entries: its rows are the candidates whose index less offset, ``o_t`` (broadcast to the tile's shape), is
-    in 0 .. n_t - 1, with LSE lse_t[o_t] and logits scale * s, unpenalised; 0 at every other candidate, and with
-    MASK_OWN also where the direct logit ``b_logit`` is masked (a Gram block: the transposed row's own entry is the
-    row's own entry)."""
+    in 0 .. n_t - 1, with LSE lse_t[o_t] + lse_t_lo[o_t] and logits scale * s, unpenalised; 0 at every other
+    candidate, and with MASK_OWN also where the direct logit ``b_logit`` is masked (a Gram block: the transposed row's
+    own entry is the row's own entry)."""
     m_t = (o_t >= 0) & (o_t < n_t)
     b_lt = tl.load(lse_t + o_t, mask=m_t, other=float("inf"))
+    b_lt_lo = tl.load(lse_t_lo + o_t, mask=m_t, other=0.0)
     if MASK_OWN:  # after the load: a load masked by the dot's result breaks sm_90's pipeliner (Triton 3.8)
         m_t = m_t & (b_logit != float("-inf"))
-    return tl.where(m_t, tl.exp(b_scale * b_s - b_lt), 0.0)
+    return tl.where(m_t, tl.exp((b_scale * b_s - b_lt) - b_lt_lo), 0.0)
 
 
 @triton.jit
-def _transposed_part(b_s, b_scale, nlse_t, o_m, o_t, M, n_t, rows_t, BLOCK_M: tl.constexpr, PART_M: tl.constexpr):
+def _transposed_part(
+    b_s, b_scale, nlse_t, nlse_t_lo, o_m, o_t, M, n_t, rows_t, BLOCK_M: tl.constexpr, PART_M: tl.constexpr
+):
     """The forward's share of the transposed direction (doc_to_query beside query_to_doc): its rows are the
     candidates whose index less offset, ``o_t``, is in 0 .. n_t - 1, with logits scale * s (unpenalised) against
     these rows o_m as candidates, their own positive (o_m == o_t) left out. Writes this tile's log-sum-exp of each
-    such column over the program's rows into row pid * R of nlse_t [rows_t, n_t] and -inf into the next R - 1
-    (R = BLOCK_M / PART_M), so that every row a grid covers is written whatever BLOCK_M the autotuner chose, and the
-    host's logsumexp down the columns gives the transposed rows' NLSE over all of r."""
+    such column over the program's rows, in two parts, into row pid * R of nlse_t and nlse_t_lo [rows_t, n_t] and
+    (-inf, 0) into the next R - 1 (R = BLOCK_M / PART_M), so that every row a grid covers is written whatever BLOCK_M
+    the autotuner chose, and the host's logsumexp down the columns gives the transposed rows' NLSE over all of r."""
     m_t = (o_t >= 0) & (o_t < n_t)
     m_in = (o_m[:, None] < M) & m_t[None, :] & (o_m[:, None] != o_t[None, :])
     b_lt = tl.where(m_in, b_scale * b_s, float("-inf"))
@@ -370,15 +400,18 @@ def _transposed_part(b_s, b_scale, nlse_t, o_m, o_t, M, n_t, rows_t, BLOCK_M: tl
     b_tsum = tl.sum(tl.exp(b_lt - _reference(b_tmax)[None, :]), axis=0)
     o_p = tl.arange(0, BLOCK_M // PART_M)
     row = tl.program_id(0).to(tl.int64) * (BLOCK_M // PART_M) + o_p
-    b_part = tl.where(o_p[:, None] == 0, _log_sum(b_tmax, b_tsum)[None, :], float("-inf"))
-    tl.store(nlse_t + row[:, None] * n_t + o_t[None, :], b_part, mask=(row[:, None] < rows_t) & m_t[None, :])
+    b_sums = tl.where(o_p[:, None] == 0, b_tsum[None, :], 0.0)  # a sum of 0: (-inf, 0) in the other R - 1 rows
+    o_part = row[:, None] * n_t + o_t[None, :]
+    m_part = (row[:, None] < rows_t) & m_t[None, :]
+    _store_log_sum(nlse_t, nlse_t_lo, o_part, m_part, tl.broadcast_to(b_tmax[None, :], b_sums.shape), b_sums)
 
 
 @triton.jit
-def _load_lse(lse, o_m, M):
-    """LSE of rows o_m with rows that carry no probability (fully masked, or past M) as +inf, so P = 0 there."""
+def _load_lse(lse, lse_lo, o_m, M):
+    """The two parts of the LSE of rows o_m, rows that carry no probability (fully masked, or past M) as (+inf, 0), so
+    that P = exp((logit - hi) - lo) = 0 there."""
     b_lse = tl.load(lse + o_m, mask=o_m < M, other=float("-inf"))
-    return tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    return tl.where(b_lse == float("-inf"), float("inf"), b_lse), tl.load(lse_lo + o_m, mask=o_m < M, other=0.0)
 
 
 @_autotuned("fwd")
@@ -389,9 +422,12 @@ def sim_lse_fwd_kernel(
     r_inv,
     c_inv,
     scale,
-    lse,
+    lse,  # the rows' LSE in two parts (fastloss.ops.two_part): hi and lo, each [M]
+    lse_lo,
     nlse,
-    nlse_t,  # TRANSPOSED: [rows_t, n_t] partial NLSE of the transposed rows, one row per PART_M rows of r
+    nlse_lo,
+    nlse_t,  # TRANSPOSED: [rows_t, n_t] partial NLSE of the transposed rows, one row per PART_M rows of r (and its lo)
+    nlse_t_lo,
     M,
     N,
     D,
@@ -450,10 +486,10 @@ def sim_lse_fwd_kernel(
         b_max = b_new
         if TRANSPOSED:
             if (start_n < offset + n_t) & (start_n + BLOCK_N > offset):
-                _transposed_part(b_s, b_scale, nlse_t, o_m, o_n - offset, M, n_t, rows_t, BLOCK_M, PART_M)
-    tl.store(lse + o_m, _log_sum(b_max, b_sum), mask=m_m)
+                _transposed_part(b_s, b_scale, nlse_t, nlse_t_lo, o_m, o_n - offset, M, n_t, rows_t, BLOCK_M, PART_M)
+    _store_log_sum(lse, lse_lo, o_m, m_m, b_max, b_sum)
     if POS_COL:
-        tl.store(nlse + o_m, _log_sum(b_max, b_nsum), mask=m_m)
+        _store_log_sum(nlse, nlse_lo, o_m, m_m, b_max, b_nsum)
 
 
 @_autotuned("bwd", restore="dr")
@@ -464,10 +500,12 @@ def sim_lse_bwd_dr_kernel(
     r_inv,
     c_inv,
     scale,
-    lse,
+    lse,  # the rows' LSE in two parts: hi and lo
+    lse_lo,
     g,
     pos_val,
     lse_t,  # TRANSPOSED: the LSE of the rows of the transposed direction (candidates offset .. offset + n_t - 1)
+    lse_t_lo,
     dr,
     dscale,
     first,  # the rows first .. M - 1: dr holds them from its row 0 (dscale, like the inputs, from row first)
@@ -502,7 +540,7 @@ def sim_lse_bwd_dr_kernel(
     m_m = o_m < M
     b_scale = tl.load(scale).to(tl.float32)
     b_rinv = tl.load(r_inv + o_m, mask=m_m, other=0.0)
-    b_lse = _load_lse(lse, o_m, M)
+    b_lse, b_lse_lo = _load_lse(lse, lse_lo, o_m, M)
     b_g = tl.load(g + o_m, mask=m_m, other=0.0)
     b_coef = b_g * b_scale  # [BM]: dr_hat = coef * P c_hat
     if FOLD_POS:
@@ -523,9 +561,9 @@ def sim_lse_bwd_dr_kernel(
             )
         b_s = b_dot * b_rinv[:, None] * b_cinv[None, :]  # [BM, BN]
         b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
-        b_p = tl.exp(b_logit - b_lse[:, None])  # [BM, BN]
+        b_p = tl.exp((b_logit - b_lse[:, None]) - b_lse_lo[:, None])  # [BM, BN]
         if TRANSPOSED:
-            b_p += _transposed_p(b_s, b_scale, lse_t, o_n[None, :] - offset, n_t, b_logit, MASK_OWN)
+            b_p += _transposed_p(b_s, b_scale, lse_t, lse_t_lo, o_n[None, :] - offset, n_t, b_logit, MASK_OWN)
         if FOLD_POS:
             b_p = _fold_positive(b_p, o_n[None, :] == o_m[:, None] + offset, b_pv[:, None])
         if NEED_DSCALE:
@@ -554,11 +592,13 @@ def sim_lse_bwd_dc_kernel(
     r_inv,
     c_inv,
     scale,
-    lse,
+    lse,  # the rows' LSE in two parts: hi and lo
+    lse_lo,
     g,
     g_max,
     pos_val,
     lse_t,  # TRANSPOSED: as in sim_lse_bwd_dr_kernel
+    lse_t_lo,
     dc,
     first,  # the candidates first .. N - 1: dc holds them from its row 0
     n_t,
@@ -600,7 +640,7 @@ def sim_lse_bwd_dc_kernel(
         o_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
         m_m = o_m < M
         b_rinv = tl.load(r_inv + o_m, mask=m_m, other=0.0)
-        b_lse = _load_lse(lse, o_m, M)
+        b_lse, b_lse_lo = _load_lse(lse, lse_lo, o_m, M)
         b_g = tl.load(g + o_m, mask=m_m, other=0.0)
         if SINGLE_D:
             b_r = _load_rows(r, start_m, M, 0, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)  # [BM, BD]
@@ -612,9 +652,9 @@ def sim_lse_bwd_dc_kernel(
         b_s = b_dot * b_cinv[:, None] * b_rinv[None, :]  # [BN, BM]: the transposed tile
         b_logit = _logits(b_s, o_m[None, :], o_n[:, None], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_w = b_g / b_gmax * _fold(b_rinv, r.dtype.element_ty)  # |g / max|g|| <= 1: w * P stays in fp16 range
-        b_p = tl.exp(b_logit - b_lse[None, :])  # [BN, BM]
+        b_p = tl.exp((b_logit - b_lse[None, :]) - b_lse_lo[None, :])  # [BN, BM]
         if TRANSPOSED:
-            b_p += _transposed_p(b_s, b_scale, lse_t, o_n[:, None] - offset, n_t, b_logit, MASK_OWN)
+            b_p += _transposed_p(b_s, b_scale, lse_t, lse_t_lo, o_n[:, None] - offset, n_t, b_logit, MASK_OWN)
         if FOLD_POS:
             b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
             b_p = _fold_positive(b_p, o_n[:, None] == o_m[None, :] + offset, b_pv[None, :])
@@ -637,13 +677,15 @@ def sim_lse_bwd_dc_kernel(
 
 
 @triton.jit
-def one_direction_terms_kernel(nlse, sims, scale, pos_val, loss, B, JOINT: tl.constexpr, BLOCK: tl.constexpr):
-    """One program over all B rows, in order: pos_val and the mean of the row losses softplus(x), x = NLSE - scale s."""
+def one_direction_terms_kernel(nlse, nlse_lo, sims, scale, pos_val, loss, B, JOINT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program over all B rows, in order: pos_val and the mean of the row losses softplus(x), x = NLSE - scale s
+    (NLSE in two parts: (hi - scale s) + lo)."""
     b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, B, BLOCK):
         o = start + tl.arange(0, BLOCK)
         m = o < B
         b_x = tl.load(nlse + o, mask=m, other=0.0) - tl.load(scale) * tl.load(sims + o, mask=m, other=0.0)
+        b_x += tl.load(nlse_lo + o, mask=m, other=0.0)
         tl.store(pos_val + o, _positive_coefficient(b_x, JOINT), mask=m)
         b_sum += tl.where(m, _softplus(b_x), 0.0)
     tl.store(loss, tl.sum(b_sum, axis=0) / B)
@@ -664,6 +706,13 @@ def _operands(r: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         r, c = r.float(), c.float()
     # the kernels take a row stride only: rows may be strided (a slice), elements within a row contiguous
     return (r if r.stride(1) == 1 else r.contiguous()), (c if c.stride(1) == 1 else c.contiguous())
+
+
+def _two_part(x: Tensor, n: int, name: str) -> tuple[Tensor, Tensor]:
+    """The parts (hi, lo) of a two-part LSE ``x`` fp32 [2, n] (fastloss.ops.two_part), each contiguous."""
+    if x.shape != (2, n) or x.dtype != torch.float32:
+        raise ValueError(f"sim_lse: {name} must be fp32 [2, {n}] (two parts), got {x.dtype} {tuple(x.shape)}")
+    return _vector(x[0], n, name), _vector(x[1], n, name)
 
 
 def _vector(x: Tensor, n: int, name: str) -> Tensor:
@@ -713,14 +762,14 @@ def sim_lse_fwd(
     base: int = 0,
     nlse_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """(lse, nlse): lse_i = logsumexp_j logit_ij (fp32 [M]; -inf for a fully masked row) and with
-    ``positive_col`` the same without column i + offset (else None). ``c`` may be a block of the candidates whose
-    first row is candidate ``base``: the masks, the penalty and the positive column take the global index j + base,
-    and blocks' LSEs combine by logsumexp. See the module docstring.
-    ``nlse_t`` (fp32 [n_t], written): the transposed direction's NLSE from the same tiles, for its rows the candidates
-    offset .. offset + n_t - 1 of this block (doc_to_query's local positives beside query_to_doc): logsumexp over
-    these rows i != t of scale * s_i,offset+t, unpenalised (-inf with no such row). It takes n_t fp32 values per
-    transposed_rows() rows of r: transposed_bytes()."""
+    """(lse, nlse): lse_i = logsumexp_j logit_ij (fp32 [2, M], two parts: fastloss.ops.two_part; (-inf, 0) for a
+    fully masked row) and with ``positive_col`` the same without column i + offset (else None). ``c`` may be a block
+    of the candidates whose first row is candidate ``base``: the masks, the penalty and the positive column take the
+    global index j + base, and blocks' LSEs combine by two_part.logsumexp2. See the module docstring.
+    ``nlse_t`` (fp32 [2, n_t], written): the transposed direction's NLSE from the same tiles, for its rows the
+    candidates offset .. offset + n_t - 1 of this block (doc_to_query's local positives beside query_to_doc):
+    logsumexp over these rows i != t of scale * s_i,offset+t, unpenalised ((-inf, 0) with no such row). It takes
+    2 n_t fp32 values per transposed_rows() rows of r: transposed_bytes()."""
     r, c = _operands(r, c)
     (M, D), N = r.shape, c.shape[0]
     r_inv, c_inv = _vector(r_inv, M, "r_inv"), _vector(c_inv, N, "c_inv")
@@ -728,14 +777,16 @@ def sim_lse_fwd(
     n_t = _transposed_rows_of(nlse_t, offset, base, N, "nlse_t")
     if nlse_t is not None and (nlse_t.dtype != torch.float32 or nlse_t.device != r.device):
         raise ValueError(f"sim_lse: nlse_t must be fp32 on {r.device}, got {nlse_t.dtype} on {nlse_t.device}")
-    lse = torch.empty(M, device=r.device, dtype=torch.float32)
-    nlse = torch.empty(M, device=r.device, dtype=torch.float32) if positive_col else None
+    lse = torch.empty((2, M), device=r.device, dtype=torch.float32)
+    nlse = torch.empty((2, M), device=r.device, dtype=torch.float32) if positive_col else None
     if M == 0 or N == 0:
-        if nlse_t is not None:
-            nlse_t.fill_(float("-inf"))
-        return lse.fill_(float("-inf")), (None if nlse is None else nlse.fill_(float("-inf")))
+        for x in (lse, nlse, nlse_t):
+            if x is not None:
+                x[0].fill_(float("-inf"))
+                x[1].zero_()
+        return lse, nlse
     part_m = transposed_rows() if n_t else 1  # PART_M is unused without TRANSPOSED
-    parts = torch.empty((triton.cdiv(M, part_m) if n_t else 1, max(1, n_t)), device=r.device, dtype=torch.float32)
+    parts = torch.empty((2, triton.cdiv(M, part_m) if n_t else 1, max(1, n_t)), device=r.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     with _on_device(r):
         sim_lse_fwd_kernel[grid](
@@ -744,9 +795,9 @@ def sim_lse_fwd(
             r_inv,
             c_inv,
             _scale(scale, r.device),
-            lse,
-            lse if nlse is None else nlse,
-            parts,
+            *lse,
+            *(lse if nlse is None else nlse),
+            *parts,
             M,
             N,
             D,
@@ -757,7 +808,7 @@ def sim_lse_fwd(
             r.stride(0),
             c.stride(0),
             n_t,
-            parts.shape[0],
+            parts.shape[1],
             tune_bucket(M),
             tune_bucket(N),
             MASK_OWN=bool(mask_own),
@@ -768,7 +819,7 @@ def sim_lse_fwd(
             DOT_PRECISION=precision,
         )
     if n_t:
-        torch.logsumexp(parts, dim=0, out=nlse_t)
+        nlse_t.copy_(logsumexp2(parts, dim=1, overwrite=True))
     return lse, nlse
 
 
@@ -780,8 +831,8 @@ def transposed_rows() -> int:
 
 
 def transposed_bytes(m: int, n_t: int) -> int:
-    """Bytes of the partial statistics sim_lse_fwd holds for ``nlse_t`` [n_t] over ``m`` rows of r."""
-    return 4 * triton.cdiv(m, transposed_rows()) * n_t
+    """Bytes of the partial statistics sim_lse_fwd holds for ``nlse_t`` [2, n_t] over ``m`` rows of r."""
+    return 8 * triton.cdiv(m, transposed_rows()) * n_t
 
 
 def _transposed_rows_of(x: Tensor | None, offset: int, base: int, n: int, name: str) -> int:
@@ -789,10 +840,10 @@ def _transposed_rows_of(x: Tensor | None, offset: int, base: int, n: int, name: 
     this block of candidates [base, base + n)."""
     if x is None:
         return 0
-    n_t = x.shape[0] if x.ndim == 1 else -1
+    n_t = x.shape[1] if x.ndim == 2 and x.shape[0] == 2 else -1
     if not (n_t >= 0 and base <= offset and offset + n_t <= base + n):
         raise ValueError(
-            f"sim_lse: {name} must be [n_t] for the transposed rows, candidates offset .. offset + n_t - 1 of this "
+            f"sim_lse: {name} must be [2, n_t] for the transposed rows, candidates offset .. offset + n_t - 1 of this "
             f"block [{base}, {base + n}) (offset {offset}), got {tuple(x.shape)}"
         )
     return n_t
@@ -804,7 +855,8 @@ class SimLseBackward:
     dc_hat of those candidates, each into (or with ``accumulate`` added to) an fp32 ``out`` whose row 0 is ``first``,
     so that a caller can hold a window of the fp32 gradients at a time. ``pos_val`` [M] replaces P at each row's
     column i + offset (+inf: that row keeps P). ``c`` may be a block of the candidates, from candidate ``base`` on
-    (sim_lse_fwd): rows() of every block add up to the rows' dr_hat. ``lse_t`` [n_t]: P also takes the softmax of
+    (sim_lse_fwd): rows() of every block add up to the rows' dr_hat. ``lse`` [2, M] and ``lse_t`` [2, n_t] hold two
+    parts (fastloss.ops.two_part), P = exp((logit - hi) - lo). ``lse_t``: P also takes the softmax of
     the transposed direction, whose rows are the candidates offset .. offset + n_t - 1 against these rows as its
     candidates (doc_to_query beside query_to_doc), with logits scale * s, that LSE and the same g (a constant: the
     caller's per-direction weights); the two directions' gradients then come from one pair of launches, and pos_val
@@ -835,15 +887,15 @@ class SimLseBackward:
         self.r, self.c = _operands(r, c)
         (self.M, self.D), self.N = self.r.shape, self.c.shape[0]
         self.r_inv, self.c_inv = _vector(r_inv, self.M, "r_inv"), _vector(c_inv, self.N, "c_inv")
-        self.lse, self.g = _vector(lse, self.M, "lse"), _vector(g, self.M, "g")
+        self.lse, self.g = _two_part(lse, self.M, "lse"), _vector(g, self.M, "g")
         self.pos_val = self.g if pos_val is None else _vector(pos_val, self.M, "pos_val")
         self.n_t = _transposed_rows_of(lse_t, offset, base, self.N, "lse_t")
-        self.lse_t = self.lse if lse_t is None else _vector(lse_t, self.n_t, "lse_t")
+        self.lse_t = self.lse if lse_t is None else _two_part(lse_t, self.n_t, "lse_t")
         pen_mode, precision = _options(period, base, pen_mode, alpha, self.r.dtype)
         self.scale = _scale(scale, self.r.device)
         self.g_max = None
         # the kernels' leading arguments, shared by both
-        self.operands = (self.r, self.c, self.r_inv, self.c_inv, self.scale, self.lse, self.g)
+        self.operands = (self.r, self.c, self.r_inv, self.c_inv, self.scale, *self.lse, self.g)
         self.sizes = (period, offset, base, float(alpha), self.r.stride(0), self.c.stride(0))
         self.flags = {
             "MASK_OWN": bool(mask_own),
@@ -879,7 +931,7 @@ class SimLseBackward:
             sim_lse_bwd_dr_kernel[lambda meta: (triton.cdiv(last - first, meta["BLOCK_M"]),)](
                 *self.operands,
                 self.pos_val,
-                self.lse_t,
+                *self.lse_t,
                 out,
                 out if dscale is None else dscale,
                 first,
@@ -911,7 +963,7 @@ class SimLseBackward:
                 *self.operands,
                 self.g_max,
                 self.pos_val,
-                self.lse_t,
+                *self.lse_t,
                 out,
                 first,
                 self.n_t,
@@ -950,15 +1002,23 @@ def sim_lse_bwd(
 
 
 def one_direction_terms(nlse: Tensor, sims: Tensor, scale: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
-    """(loss fp32 [], pos_val fp32 [1, B]) of MNRL's query_to_doc alone from the forward's NLSE [B] (fp32) and the
-    positive pairs' similarities ``sims`` [B]: x = NLSE - scale s, pos_val = -sigmoid(x) (joint: +inf where x > 0) and
-    the loss mean softplus(x), in one launch instead of about fourteen torch ops (fastloss.ops.mnrl.positive_terms)."""
-    b = nlse.shape[0]
+    """(loss fp32 [], pos_val fp32 [1, B]) of MNRL's query_to_doc alone from the forward's NLSE [2, B] (fp32, two
+    parts) and the positive pairs' similarities ``sims`` [B]: x = NLSE - scale s, pos_val = -sigmoid(x) (joint: +inf
+    where x > 0) and the loss mean softplus(x), in one launch instead of about fourteen torch ops
+    (fastloss.ops.mnrl.positive_terms)."""
+    b = nlse.shape[1]
     # separate tensors: a torch.library op's outputs may not share a storage
     pos_val = torch.empty((1, b), device=nlse.device, dtype=torch.float32)
     loss = torch.empty((), device=nlse.device, dtype=torch.float32)
     with _on_device(nlse):
         one_direction_terms_kernel[(1,)](
-            nlse, sims, _scale(scale, nlse.device), pos_val, loss, b, JOINT=bool(joint), BLOCK=1024
+            *_two_part(nlse, b, "nlse"),
+            sims,
+            _scale(scale, nlse.device),
+            pos_val,
+            loss,
+            b,
+            JOINT=bool(joint),
+            BLOCK=1024,
         )
     return loss, pos_val
