@@ -1,9 +1,10 @@
 """Projected peak memory of the MNRL loss stage at GPU shapes, on a machine without a GPU.
 
-``python3 -m benchmarks.projection [--shape B,N,D] [--sms 132]`` runs each implementation's host code on meta tensors
-(no data, any size) under a dispatch mode that counts the tensor storages alive (harness.LiveTensorBytes:
-torch.cuda.max_memory_allocated's accounting, without the caching allocator's rounding or cuBLAS workspaces), and
-prints the loss stage's peak beyond its inputs, as the suite's peak_mib counts it, against sentence-transformers':
+``python3 -m benchmarks.projection [--shape B,N,D] [--sms 132] [--directions query_to_doc,doc_to_query]`` runs each
+implementation's host code on meta tensors (no data, any size) under a dispatch mode that counts the tensor storages
+alive (harness.LiveTensorBytes: torch.cuda.max_memory_allocated's accounting, without the caching allocator's
+rounding or cuBLAS workspaces), and prints the loss stage's peak beyond its inputs, as the suite's peak_mib counts it,
+against sentence-transformers' (the same directions and partition: --directions, --partition):
 - sentence-transformers: its MultipleNegativesRankingLoss.compute_loss_from_embeddings and backward, as they are.
 - fastloss: the flash path's host code as fastloss.functional.mnrl_loss runs it on CUDA (the doc columns as blocks,
   uncopied, into fastloss.ops.mnrl.mnrl_fwd / mnrl_bwd, called directly: to a dispatch mode a torch.library op is one
@@ -73,19 +74,33 @@ def _inputs(batch: int, n_docs: int, dim: int, dtype: torch.dtype) -> list[torch
     return [torch.empty(batch, dim, dtype=dtype, device="meta", requires_grad=True) for _ in range(1 + n_docs // batch)]
 
 
-def sentence_transformers_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype) -> float:
+# The loss's directions and partition (sentence-transformers' names), for all three projections; query_to_doc alone,
+# the drop-ins' default, unless --directions says otherwise (the symmetric loss: query_to_doc,doc_to_query)
+DIRECTIONS = ("query_to_doc",)
+
+
+def _params(batch: int, directions: tuple[str, ...], partition: str) -> mnrl_ops.MNRLParams:
+    bits = sum(mnrl_ops.DIRECTION_BITS[name] for name in directions)
+    return mnrl_ops.MNRLParams(offset=0, batch=batch, directions=bits, joint=partition == "joint")
+
+
+def sentence_transformers_mib(
+    batch: int, n_docs: int, dim: int, dtype: torch.dtype, directions=DIRECTIONS, partition="joint"
+) -> float:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    loss_fn = MultipleNegativesRankingLoss(None)
+    loss_fn = MultipleNegativesRankingLoss(None, directions=directions, partition_mode=partition)
     leaves = _inputs(batch, n_docs, dim, dtype)
     with LiveTensorBytes() as memory:
         loss_fn.compute_loss_from_embeddings(leaves, None).backward()
     return memory.peak / 2**20
 
 
-def fastloss_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype, window: int) -> float:
+def fastloss_mib(
+    batch: int, n_docs: int, dim: int, dtype: torch.dtype, window: int, directions=DIRECTIONS, partition="joint"
+) -> float:
     leaves = _inputs(batch, n_docs, dim, dtype)
-    params = mnrl_ops.MNRLParams(offset=0, batch=batch)
+    params = _params(batch, directions, partition)
     scale = torch.tensor(20.0, device="meta")
     with _flash_host_code(window), LiveTensorBytes() as memory:
         q, docs = leaves[0].detach(), [x.detach() for x in leaves[1:]]  # as mnrl_loss: the columns as blocks
@@ -109,9 +124,11 @@ def _as_on_cuda():
             setattr(mnrl_blocked, name, value)
 
 
-def blocked_mib(batch: int, n_docs: int, dim: int, dtype: torch.dtype, block_mib: float) -> float:
+def blocked_mib(
+    batch: int, n_docs: int, dim: int, dtype: torch.dtype, block_mib: float, directions=DIRECTIONS, partition="joint"
+) -> float:
     leaves = _inputs(batch, n_docs, dim, dtype)
-    params = mnrl_ops.MNRLParams(offset=0, batch=batch)
+    params = _params(batch, directions, partition)
     scale = torch.tensor(20.0, device="meta")
     saved = os.environ.get("FASTLOSS_MNRL_BLOCK_MIB")
     os.environ["FASTLOSS_MNRL_BLOCK_MIB"] = str(block_mib)
@@ -147,24 +164,42 @@ def main(argv=None) -> int:
     ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU the default window is for (H100/H200: 132)")
     ap.add_argument("--gib", type=float, default=80.0, help="memory for the largest-batch search (H100: 80)")
     ap.add_argument("--max-batch-limit", type=int, default=1 << 24, help="stop the largest-batch search at this B")
+    ap.add_argument(
+        "--directions",
+        default=",".join(DIRECTIONS),
+        help="the loss's directions, comma-separated (sentence-transformers' names; the symmetric loss: "
+        "query_to_doc,doc_to_query; GTE: all four)",
+    )
+    ap.add_argument("--partition", choices=("joint", "per_direction"), default="joint")
     args = ap.parse_args(argv)
+    loss = dict(directions=tuple(args.directions.split(",")), partition=args.partition)
+    unknown = [name for name in loss["directions"] if name not in mnrl_ops.DIRECTION_BITS]
+    if unknown or "query_to_doc" not in loss["directions"]:
+        ap.error(
+            f"--directions must include query_to_doc, from {sorted(mnrl_ops.DIRECTION_BITS)}; got {args.directions}"
+        )
     dtype = DTYPES[args.dtype]
     size = torch.finfo(dtype).bits // 8
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape or ["32768,65536,1024"]]
-    print(f"projected loss-stage peak beyond the inputs (MiB), {args.dtype}, default window for {args.sms} SMs:")
+    print(
+        f"projected loss-stage peak beyond the inputs (MiB), {args.dtype}, default window for {args.sms} SMs, "
+        f"directions {args.directions} ({args.partition}):"
+    )
     for batch, n_docs, dim in shapes:
         window = mnrl_ops.default_window_rows(dim, args.sms)
-        st = sentence_transformers_mib(batch, n_docs, dim, dtype)
+        st = sentence_transformers_mib(batch, n_docs, dim, dtype, **loss)
         grads = (batch + n_docs) * dim * size / 2**20
         print(f"  B={batch} N={n_docs} D={dim}: sentence-transformers {st:.1f}; the inputs' gradients {grads:.1f}")
         for label, rows in ((f"window {window} rows", window), ("whole tensors", 0)):
-            mib = fastloss_mib(batch, n_docs, dim, dtype, rows)
+            mib = fastloss_mib(batch, n_docs, dim, dtype, rows, **loss)
             print(
                 f"    fastloss, {label}: {mib:.1f} = {mib / st:.2%} of sentence-transformers'; beyond the gradients "
                 f"{mib - grads:.1f} = {(mib - grads) / (st - grads):.2%} of its {st - grads:.1f}"
             )
-        for block in (1024.0, 256.0):
-            mib = blocked_mib(batch, n_docs, dim, dtype, block)
+        # the row-block op is the CUDA default for query_to_doc alone (more directions take the flash op); its
+        # merged blocks' data-dependent branch needs values, which meta tensors lack
+        for block in (1024.0, 256.0) if loss["directions"] == DIRECTIONS else ():
+            mib = blocked_mib(batch, n_docs, dim, dtype, block, **loss)
             print(
                 f"    fastloss row blocks, {block:g} MiB block: {mib:.1f} = {mib / st:.2%}; beyond the gradients "
                 f"{mib - grads:.1f} = {(mib - grads) / (st - grads):.2%}"
@@ -176,8 +211,8 @@ def main(argv=None) -> int:
 
     window = mnrl_ops.default_window_rows(dim, args.sms)
     for name, measure in (
-        ("sentence-transformers", lambda b: sentence_transformers_mib(b, 2 * b, dim, dtype)),
-        ("fastloss", lambda b: fastloss_mib(b, 2 * b, dim, dtype, window)),
+        ("sentence-transformers", lambda b: sentence_transformers_mib(b, 2 * b, dim, dtype, **loss)),
+        ("fastloss", lambda b: fastloss_mib(b, 2 * b, dim, dtype, window, **loss)),
     ):
         best = _max_batch(fits(measure), args.max_batch_limit)
         print(f"largest B (N = 2B, D={dim}) whose inputs and loss stage fit {args.gib:g} GiB: {name} {best}")

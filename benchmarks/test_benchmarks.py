@@ -329,6 +329,32 @@ def test_memory_projection(capsys, monkeypatch):
     assert "fit 1 GiB: sentence-transformers " in out and "fit 1 GiB: fastloss 65536" in out
 
 
+def test_memory_projection_symmetric(capsys, monkeypatch):
+    """--directions: the symmetric loss (per direction, as sentence-transformers' MNSRL) on meta tensors. Its merged
+    forward holds doc_to_query's partial column statistics, two fp32 parts per doc per 32 local queries (4 MiB at
+    B = N = 4096), which set the peak there; without the merged forward (TRANSPOSED_FWD_BYTES = 0) they are gone. An
+    unknown direction, or none that holds the positive, is refused."""
+    pytest.importorskip("sentence_transformers")
+    from benchmarks import projection
+    from fastloss.ops import mnrl as mnrl_ops
+
+    batch, dim = 4096, 64
+    loss = dict(directions=("query_to_doc", "doc_to_query"), partition="per_direction")
+    partials = 2 * 4 * (batch // 32) * batch / 2**20
+    merged = projection.fastloss_mib(batch, batch, dim, torch.bfloat16, window=1024, **loss)
+    monkeypatch.setattr(mnrl_ops, "TRANSPOSED_FWD_BYTES", 0)
+    apart = projection.fastloss_mib(batch, batch, dim, torch.bfloat16, window=1024, **loss)
+    assert partials <= merged < partials + 1.0 and apart < partials / 2
+    assert projection.sentence_transformers_mib(batch, batch, dim, torch.bfloat16, **loss) > 50 * merged
+    args = ["--shape", f"{batch},{batch},{dim}", "--gib", "1", "--max-batch-limit", "1024"]
+    assert projection.main([*args, "--directions", "query_to_doc,doc_to_query", "--partition", "per_direction"]) == 0
+    out = capsys.readouterr().out
+    assert "directions query_to_doc,doc_to_query (per_direction)" in out and "row blocks" not in out
+    for bad in ("query_to_query", "query_to_doc,doc_to_doc_2"):
+        with pytest.raises(SystemExit):
+            projection.main([*args, "--directions", bad])
+
+
 def test_row_block_memory_projection():
     """benchmarks.projection's row-block op (as on CUDA, bf16; on an H200 it measured 1685.9 and 834.7 MiB beyond
     the gradients at the target with 1024 and 256 MiB blocks, what the projection gives for 30fe787's code): one
