@@ -72,6 +72,18 @@ def max_relative_errors(got: list[torch.Tensor], truth: list[torch.Tensor]) -> l
     return [float((a - t).abs().max() / t.abs().max()) for a, t in zip(got, truth)]
 
 
+def two_part_value(x: torch.Tensor) -> torch.Tensor:
+    """A two-part LSE [2, ...] (fastloss.ops.two_part) as one fp64 value, hi + lo."""
+    assert x.dtype == torch.float32 and x.shape[0] == 2
+    return x[0].double() + x[1].double()
+
+
+def two_parts(x: torch.Tensor) -> torch.Tensor:
+    """An fp64 LSE as the two fp32 parts that the kernels take: hi = x rounded, lo = x - hi rounded."""
+    hi = x.float()
+    return torch.stack([hi, torch.where(torch.isfinite(x), x - hi.double(), 0.0).float()])
+
+
 # A trained model's batch: each positive far above its negatives (noise added to the positives, scale), so the loss
 # is tiny and every softmax row nearly one-hot: losses ~2e-5, ~5e-6 and ~7e-16 at B = 256, D = 128.
 CONFIDENT = {"loss2e-5": (0.6, 20.0), "loss5e-6": (0.4, 20.0), "loss7e-16": (0.5, 50.0)}

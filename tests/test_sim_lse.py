@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from _helpers import force_configs  # noqa: E402
+from _helpers import force_configs, two_part_value, two_parts  # noqa: E402
 
 from fastloss import _backend  # noqa: E402
 from fastloss.ops import sim_lse  # noqa: E402
@@ -52,18 +52,6 @@ def oracle(r, c, r_inv, c_inv, scale, g, *, period, offset, mask_own, pen_mode, 
     dr = (grad * c_inv[None, :]) @ c
     dc = (grad * r_inv[:, None]).T @ r
     return lse, dr, dc, g * (p * s).sum(dim=1), nlse
-
-
-def value(x: torch.Tensor) -> torch.Tensor:
-    """A two-part LSE [2, ...] (fastloss.ops.two_part) as one fp64 value, hi + lo."""
-    assert x.dtype == torch.float32 and x.shape[0] == 2
-    return x[0].double() + x[1].double()
-
-
-def two_parts(x: torch.Tensor) -> torch.Tensor:
-    """An fp64 LSE as the two fp32 parts that the kernels take: hi = x rounded, lo = x - hi rounded."""
-    hi = x.float()
-    return torch.stack([hi, torch.where(torch.isfinite(x), x - hi.double(), 0.0).float()])
 
 
 def make(M, N, D, dtype, *, normalize=True, seed=0):
@@ -116,10 +104,10 @@ def check(r, c, r_inv, c_inv, scale, g, tol, positive=False, **opts):
     scale_t = torch.tensor(float(scale), device=r.device)
     lse, nlse = sim_lse_fwd(r, c, r_inv, c_inv, scale_t, positive_col=positive, **opts)
     assert lse.shape == (2, r.shape[0])
-    assert_close(value(lse), expected[0], tol, "lse")
+    assert_close(two_part_value(lse), expected[0], tol, "lse")
     if positive:
         assert nlse.shape == (2, r.shape[0])
-        assert_close(value(nlse), expected[4], tol, "nlse")
+        assert_close(two_part_value(nlse), expected[4], tol, "nlse")
     else:
         assert nlse is None
     dr, dc, dscale = sim_lse_bwd(r, c, r_inv, c_inv, scale_t, lse, g, need_dscale=True, pos_val=pos_val, **opts)
@@ -127,7 +115,7 @@ def check(r, c, r_inv, c_inv, scale, g, tol, positive=False, **opts):
     assert dr.dtype == dc.dtype == dscale.dtype == torch.float32
     for name, actual, want in zip(("dr_hat", "dc_hat", "dscale"), (dr, dc, dscale), expected[1:4]):
         assert_close(actual, want, tol, name)
-    return value(lse), dr, dc, dscale
+    return two_part_value(lse), dr, dc, dscale
 
 
 def shape_id(shape):
@@ -210,8 +198,10 @@ def test_candidate_blocks(poison, bounds, pen_mode, mask_own, dtype):
     edges = [0, *bounds, c.shape[0]]
     blocks = [(c[a:b], c_inv[a:b], a) for a, b in zip(edges, edges[1:])]
     stats = [sim_lse_fwd(r, cb, r_inv, ib, 20.0, positive_col=True, base=a, **opts) for cb, ib, a in blocks]
-    assert_close(value(logsumexp2(torch.stack([lse for lse, _ in stats], dim=1), 1)), lse_w, TOL[dtype], "lse")
-    assert_close(value(logsumexp2(torch.stack([nlse for _, nlse in stats], dim=1), 1)), nlse_w, TOL[dtype], "nlse")
+    assert_close(two_part_value(logsumexp2(torch.stack([lse for lse, _ in stats], dim=1), 1)), lse_w, TOL[dtype], "lse")
+    assert_close(
+        two_part_value(logsumexp2(torch.stack([nlse for _, nlse in stats], dim=1), 1)), nlse_w, TOL[dtype], "nlse"
+    )
     dr = torch.empty(5, 20, device=DEVICE)
     dc = torch.empty(24, 20, device=DEVICE)
     dscale = torch.zeros(5, device=DEVICE)
@@ -698,10 +688,10 @@ def test_transposed_forward(poison, monkeypatch, dtype, shape, tiles):
         c, c_inv = c[base:], c_inv[base:]
     nlse_t = torch.empty(2, n_t, device=r.device)
     lse, nlse = sim_lse_fwd(r, c, r_inv, c_inv, 20.0, positive_col=True, base=base, nlse_t=nlse_t, **opts)
-    assert_close(value(nlse_t), want, TOL[dtype], "nlse_t")
+    assert_close(two_part_value(nlse_t), want, TOL[dtype], "nlse_t")
     if not base:
-        assert_close(value(lse), lse_want, TOL[dtype], "lse")
-        assert_close(value(nlse), nlse_want, TOL[dtype], "nlse")
+        assert_close(two_part_value(lse), lse_want, TOL[dtype], "lse")
+        assert_close(two_part_value(nlse), nlse_want, TOL[dtype], "nlse")
 
 
 @pytest.mark.parametrize("joint", [True, False], ids=["joint", "per_direction"])
@@ -717,7 +707,7 @@ def test_one_direction_terms(joint, b):
     sims = torch.rand(b, generator=g) * 2 - 1
     scale = torch.tensor(20.0)
     loss, pos_val = sim_lse.one_direction_terms(nlse.to(DEVICE), sims.to(DEVICE), scale.to(DEVICE), joint)
-    x = value(nlse) - scale.double() * sims.double()
+    x = two_part_value(nlse) - scale.double() * sims.double()
     err = (x.abs() + 8) * 2**-23  # relative
     want = -torch.sigmoid(x)
     if joint:
@@ -754,7 +744,7 @@ def test_softmax_exact_at_large_logits(poison):
     assert float((one_part - torch.softmax(logits, dim=1)).abs().max()) > 1e-4
     r, c, ones_r, ones_c, g = (x.to(DEVICE) for x in (r, c, ones_r, ones_c, g))
     lse, _ = sim_lse_fwd(r, c, ones_r, ones_c, 20.0, **opts)
-    assert (value(lse).cpu() - lse_w).abs().max() <= 1e-6
+    assert (two_part_value(lse).cpu() - lse_w).abs().max() <= 1e-6
     got = sim_lse_bwd(r, c, ones_r, ones_c, 20.0, lse, g, need_dscale=True, **opts)
     for name, actual, expected in zip(("dr_hat", "dc_hat", "dscale"), got, want):
         assert_close(actual.cpu(), expected, 2e-6, name)
