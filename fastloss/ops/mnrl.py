@@ -392,37 +392,30 @@ def _softplus(x: Tensor) -> Tensor:
     return x.clamp_min(0.0) + torch.log1p(torch.exp(-x.abs()))
 
 
-def positive_terms(
-    lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams, lo: tuple[Tensor, Tensor] | None = None
-) -> tuple[Tensor, Tensor]:
-    """(row losses [B], pos_val [n_dir, B]) from each direction's LSE [n_dir, B], its NLSE (the LSE without the
-    positive's column; rows of directions without the positive unused) and the positive logits (joint: [B], from
-    query_to_doc; per direction: [B] or each direction's own [n_dir, B]): pos_val is the positive entry's coefficient
-    p - share divided by its direction's weight, i.e. what replaces the entry's softmax value P, and +inf where the
-    -1 stays a separate term (shares: 1 / k for each of the k directions that hold the positive). Module docstring.
-    ``lo``: the lo parts of LSE and NLSE where they come in two parts (the flash op: fastloss.ops.two_part).
+def positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -> tuple[Tensor, Tensor]:
+    """(row losses [B], pos_val [n_dir, B]) from each direction's LSE [2, n_dir, B], its NLSE (the LSE without the
+    positive's column; rows of directions without the positive unused), both in two parts (fastloss.ops.two_part),
+    and the positive logits (joint: [B], from query_to_doc; per direction: [B] or each direction's own [n_dir, B]):
+    pos_val is the positive entry's coefficient p - share divided by its direction's weight, i.e. what replaces the
+    entry's softmax value P, and +inf where the -1 stays a separate term (shares: 1 / k for each of the k directions
+    that hold the positive). Module docstring. The parts keep the rounding of one fp32 LSE, ulp(|lse|) / 2, out of x
+    (the positive's log-odds) and the weights: x = (hi - positive) + lo, exact where the loss is small.
     The flash kernels take pos_val as it is; the row-block ops scale it to their units. For several directions:
     query_to_doc alone (the only single direction, since it holds the positive) takes one_direction_terms."""
     if not p.joint:  # every direction holds the positive, each with weight 1 / n_dir and its own -1 / n_dir
-        x = nlse - positive if lo is None else (nlse - positive) + lo[1]
+        x = (nlse[0] - positive) + nlse[1]
         return _softplus(x).mean(dim=0), -torch.sigmoid(x)
     # joint: k directions hold a copy of the positive logit, so Z = k e^pos + N, the loss is log Z - pos =
     # log k + softplus(x - log k) and each copy takes -1 / k: e^pos / Z - 1 / k = -sigmoid(x - log k) / k
     shares = positive_shares(p)
     share = max(shares)  # 1 / k
     log_k = -math.log(share)
-
-    def held(a: Tensor, n: Tensor) -> Tensor:  # the row's mass without one copy of the positive, per direction
-        return torch.stack([n_k if s else a_k for a_k, n_k, s in zip(a, n, shares)])
-
-    if lo is None:
-        x = torch.logsumexp(held(lse, nlse), dim=0) - positive
-        weight = torch.exp(lse - torch.logsumexp(lse, dim=0))  # each direction's share of the row's mass
-    else:  # from both parts: x = (hi - positive) + lo, weight exp((hi - z_hi) + (lo - z_lo)), z the row's joint LSE
-        x_hi, x_lo = logsumexp2(torch.stack([held(lse, nlse), held(*lo)]), dim=1)
-        x = (x_hi - positive) + x_lo
-        z_hi, z_lo = logsumexp2(torch.stack([lse, lo[0]]), dim=1)
-        weight = torch.exp((lse - z_hi) + (lo[0] - z_lo))
+    # the row's mass without one copy of the positive, per direction
+    held = torch.stack([nlse[:, k] if s else lse[:, k] for k, s in enumerate(shares)], dim=1)
+    x_hi, x_lo = logsumexp2(held, dim=1)
+    x = (x_hi - positive) + x_lo
+    z_hi, z_lo = logsumexp2(lse, dim=1)  # the row's joint LSE; each direction's share of its mass:
+    weight = torch.exp((lse[0] - z_hi) + (lse[1] - z_lo))
     coefficient = -torch.sigmoid(x - log_k) * share
     # folded where the copies hold at least half the mass (x <= log k): there every copy's weight is >= 1 / (2k),
     # so |pos_val| <= 1; elsewhere the -1 stays separate (p - 1 <= -1/2: nothing cancels)
@@ -500,7 +493,7 @@ def mnrl_fwd(
     nlse = torch.stack([_combine(parts) for parts in nlse_parts], dim=1)
     # per direction log_z is the mean of the LSEs (of each part): the backward reads it in the joint partition only
     log_z = logsumexp2(lse, dim=1) if p.joint else lse.mean(dim=1)
-    row_loss, pos_val = positive_terms(lse[0], nlse[0], positive, p, lo=(lse[1], nlse[1]))
+    row_loss, pos_val = positive_terms(lse, nlse, positive, p)
     return row_loss.mean(), lse, log_z, pos_val, inv, sims
 
 

@@ -14,11 +14,13 @@ partition, 1 / (n_dir sum E_k) per direction), and with G = E c_inv and h = 1 / 
     inv_c * dL/dc_hat += scale h  G^T (c_k r_inv R_blk)           one GEMM, [N, D]
     dL/dscale         += h c_k r_inv <r_i, (G C)_i>               from the first product: no pass over the logits
 so three GEMM-equivalents in all, against five for the flash path (which recomputes S twice in its backward).
-The positive enters as in the flash op (fastloss.ops.mnrl.positive_terms): the row passes also sum E without the
-positive's column (in query_to_doc and doc_to_query), so the row loss is softplus of log(negatives' mass /
-positive's) and the positive's coefficient p - share is -sigmoid of it, both without cancellation; that coefficient
-is written into the positive's entry of G before the GEMMs (where the positive holds at least half the row's mass,
-and G's dtype holds the value); elsewhere (p - 1 <= -1/2: nothing cancels) the -1 stays a separate rank-1 term.
+The positive enters as in the flash op (fastloss.ops.mnrl.positive_terms, which takes each direction's max and
+log(sum E) as the two parts of its LSE, fastloss.ops.two_part, so that no rounded max + log(sum) enters it): the row
+passes also sum E without the positive's column (in query_to_doc and doc_to_query), so the row loss is softplus of
+log(negatives' mass / positive's) and the positive's coefficient p - share is -sigmoid of it, both without
+cancellation; that coefficient is written into the positive's entry of G before the GEMMs (where the positive holds
+at least half the row's mass, and G's dtype holds the value); elsewhere (p - 1 <= -1/2: nothing cancels) the -1
+stays a separate rank-1 term.
 Products that two directions share (doc_to_query's rows are query_to_doc's positives transposed; query_to_query's
 and doc_to_doc's blocks of the local rows' own vectors are symmetric: partners()) take one entry of the gradient
 GEMMs for both softmax entries: the block of rows [i0, i1) adds the partner's entries of the earlier rows (from their
@@ -91,6 +93,7 @@ from fastloss.ops.mnrl import (
     positive_shares,
     positive_terms,
 )
+from fastloss.ops.two_part import from_max_sum
 
 BLOCK_MIB_DEFAULT = {"cuda": 1024.0, "other": 64.0}
 _FP16_MAX = 65504.0
@@ -392,9 +395,9 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             pos_val, weights = pv[None], c[None]
         else:
             row_max, sums, negs = torch.stack(row_max), torch.stack(sums), torch.stack(negs)  # [n_dir, m]
-            lse = torch.where(sums > 0, row_max + sums.log(), -torch.inf)
+            lse, nlse = from_max_sum(row_max, sums), from_max_sum(row_max, negs)  # [2, n_dir, m]: two parts
             positive = positives[first] if p.joint else torch.stack(positives)  # each direction's own, per direction
-            row_loss[start : start + m], pos_val = positive_terms(lse, row_max + negs.log(), positive, p)
+            row_loss[start : start + m], pos_val = positive_terms(lse, nlse, positive, p)
             # joint: softmax = c E, c = exp(row_max - log_z) as (row_max - top) - log(z e^-top), top's rounding apart
             if p.joint:
                 top = torch.where(sums > 0, row_max, -torch.inf).amax(dim=0)

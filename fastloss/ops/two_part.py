@@ -5,7 +5,9 @@ its exponent: at fp32 logits of 1e3 .. 1e5 (dot similarity on large embeddings) 
 row's dominant entry, which a softmax's exp(logit - max) / sum gets exact. From both parts, exp((logit - hi) - lo):
 logit - hi is exact where the entry matters (a logit within a factor 2 of hi), and lo brings the rest to fp32's
 precision. The flash op's kernels (fastloss.ops.sim_lse) write and read them as fp32 tensors [2, ...], the parts
-first; a kernel's row writes lo = (max - hi) + log(sum) of its running max and sum (sim_lse._log_sum_parts)."""
+first; a kernel's row writes lo = (max - hi) + log(sum) of its running max and sum (sim_lse._log_sum_parts). Any
+split whose parts add up to the value serves the functions here (hi a logit, lo a log of a sum: from_max_sum, the
+row-block op's statistics); -inf is (-inf, 0)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,13 @@ from torch import Tensor
 def exact(x: Tensor) -> Tensor:
     """A value that fp32 holds exactly (a logit) as two parts [2, ...]: lo = 0."""
     return torch.stack([x, torch.zeros_like(x)])
+
+
+def from_max_sum(top: Tensor, total: Tensor) -> Tensor:
+    """log(total) + top, a row's LSE from its max logit and sum of exp(logit - max) [...], as two parts [2, ...]:
+    (top, log(total)), (-inf, 0) where total is 0."""
+    empty = total == 0.0
+    return torch.stack([top.masked_fill(empty, float("-inf")), total.log().masked_fill_(empty, 0.0)])
 
 
 def logsumexp2(x: Tensor, dim: int, *, overwrite: bool = False) -> Tensor:
