@@ -24,6 +24,8 @@
 // The later row's block takes both softmax entries of such a product into one entry of its gradient GEMMs (the
 // earlier row's from its saved reference point max - log(c), out of the raw product before the row pass), so the
 // backward covers about half of each B x B block of products: GTE's pairs take 8 GEMM-equivalents instead of 12.
+// Neither merge runs where the logits may exceed kMergeLogitBound (logit_bound): there the two GEMMs' rounding of a
+// shared product, a few ulps of the logit, would go into the merged entry's exponent.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -606,6 +608,28 @@ constexpr int64_t kColumnGrain = 256;  // columns per task of the column passes
 // the one block the buffer allowed; B = 256 the same either way.
 constexpr int64_t kMergeBlocks = 8;
 constexpr int64_t kMergeMinRows = 128;
+// Merged products (the one pass's partners; the symmetric loss's two passes, whose second pass takes doc_to_query's
+// statistics from the first) write a softmax entry from one GEMM's product and its row's statistics from another
+// GEMM's: the two round that product alike only to a few ulps of the logit, which goes into the entry's exponent
+// (GTE's directions at logits of ~5e7: 0.6 of the gradient, where sentence-transformers' fp32 errs by 7e-8). Where
+// the logits may exceed this bound the op merges nothing: each entry then comes from its own row's product, as in
+// sentence-transformers. fastloss.ops.mnrl_blocked.MERGE_LOGIT_BOUND is the same number.
+constexpr double kMergeLogitBound = 1024.0;
+
+// An upper bound on |logit| over every direction: (|scale| + |alpha| where penalised) times the largest squared
+// norm of the rows (1 with cosine similarity: unit rows, zero vectors 0), or inf where that is not finite.
+double logit_bound(const at::Tensor& q_in, const at::Tensor& d_in, double scale, const Options& o) {
+  const double factor = std::abs(scale) + (o.hardness != 0 ? std::abs(o.alpha) : 0.0);
+  if (o.normalize) return factor;
+  double norm = 0.0;
+  for (const at::Tensor* x : {&q_in, &d_in}) {
+    if (x->numel() == 0) continue;
+    const auto acc = x->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // fp16/bf16 summed in fp32
+    norm = std::max(norm, at::linalg_vector_norm(*x, 2, at::IntArrayRef{1}, false, acc).max().item<double>());
+  }
+  const double bound = factor * norm * norm;
+  return std::isfinite(bound) ? bound : std::numeric_limits<double>::infinity();
+}
 
 // query_to_doc and doc_to_query, per direction (the symmetric loss), in two passes (top of the file). doc_to_query's
 // row i, the local positive p_i = d_(offset + i) against every query q_j, has logits t_j * factor_i with
@@ -763,8 +787,10 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
       std::is_same_v<T, float> && q_in.scalar_type() == at::kBFloat16 && bf16_gemm_enabled();
   const Embeddings q = prepare<T>(q_in, o.normalize, bf16_operands);
   const Embeddings d = prepare<T>(d_in, o.normalize, bf16_operands);
+  // merged products only where the logits are bounded (kMergeLogitBound); query_to_doc alone has none
+  const bool merge = o.directions != kQueryToDoc && logit_bound(q_in, d_in, scale_value, o) <= kMergeLogitBound;
   // Two passes cost W B + 3 B kW GEMM work against one pass's 3 B kW + 3 B W: less while W < 3 B.
-  if (o.directions == (kQueryToDoc | kDocToQuery) && !o.joint && world < 3 * batch)
+  if (merge && o.directions == (kQueryToDoc | kDocToQuery) && !o.joint && world < 3 * batch)
     return mnrl_symmetric<T>(q, d, scale, o, q_in, d_in);
   const T* q_inv = q.inv.const_data_ptr<T>();
   const T* d_inv = d.inv.const_data_ptr<T>();
@@ -787,7 +813,7 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
   // rows' columns to their blocks. Per pair of directions, two GEMM-equivalents of backward over those B x B
   // products instead of four (GTE's four directions on pairs: 8 in all instead of 12).
   int partner[4] = {-1, -1, -1, -1};
-  for (int k = 0; k < n_dir; ++k) {
+  for (int k = 0; k < n_dir && merge; ++k) {
     const int bit = dirs[k].bit;
     const int wanted = bit == kQueryToDoc ? kDocToQuery : bit == kDocToQuery ? kQueryToDoc : bit;
     for (int l = 0; l < n_dir; ++l)

@@ -19,28 +19,30 @@ the CPU torch-ops fallbacks), ``blocked`` (FASTLOSS_MNRL_ALGO=blocked: the row-b
 Known benign flags (stop 12 went through ~3,000 cases): a result whose exact value is ~0 (D = 1, a single class, a
 row with a single candidate) carries rounding noise, which a zero vector's 1/eps = 1e12 multiplies; they are counted
 apart as "exact ~0". A learnable scale with masked directions (query_to_query, doc_to_doc) gets a NaN gradient from
-the reference (sentence-transformers' -inf * 0), a finite one from the fused ops: not compared. Batch-hard with cosine
-distance and exactly duplicated rows: where a row's hardest negative is also its farthest point, it ties with the
-row's own entry plus the row maximum (sentence-transformers' "no negative" term), whose self-distance 1 - <x^, x^> is
-+-1 ulp depending on the GEMM's summation order; when the maximum is tied between the duplicates, the pick moves the
-gradient between them (same loss, same sum over the duplicates: stop 13, seed 21). Batch-all / semi-hard with
-margin 0 and duplicated rows: triplets whose exact loss is 0 (d(a, p) = d(a, n)) come out as +-1 ulp, so whether
-they count as valid (> 1e-16) and enter the mean's denominator depends on the GEMM's summation order (seed 41: loss
-off by 0.15% in fp64; with the duplicate moved by 1e-3, equal to 1e-15). Half dtypes: a hardest pair chosen between
-candidates closer than the rounding of x^ to fp16 (seed 41: a gap of 7e-6) can differ from the fp64 truth's choice
-(sentence-transformers' fp16 rounds differently and may or may not match it). Generally, exactly duplicated rows tie
-as candidates, and which one a backend picks follows its GEMMs' rounding (semi-hard's chosen negative, --batches 257,
-seed 5): where the flagged results are gradients that agree once summed over each group of duplicates (the loss
-itself passing), the flag is counted apart as "duplicate tie". Also seen on 2026-12-01, benign: euclidean distance
-between exactly duplicated rows of different labels is 0 in sentence-transformers' fp32 (its squared norms are the
-Gram matrix's diagonal, the same sums as the pair's product) and sqrt(|x|^2 eps) ~ 2e-3 in the native op's (norms
-summed apart; seed 31001, --dtypes fp64,fp32: soft-margin loss 0.6904 for log 2); the reference's own fp64 rounding at
-dot logits of 5e7 (seed 31001: 2.7e-5 where the fused ops give the exact 0); and the row-block op's merged blocks at
-fp32 logits of 2e4 (seed 31002, --batches 65,130,257,300: B = 130 in blocks of 128 and 2 rows), where MKL rounds a
-product that two directions share differently in the two blocks' GEMMs (215 of 256 such products at those shapes), so
-the partner's softmax entry moves by ulps of its logit: 6e-4 of the gradient there, and at logits of 1e8 (seed 31001,
---dtypes fp64,fp32, GTE with all_negatives, blocks of 0.01 MiB) more than the gradient itself. Not mended: merging
-could be turned off where |scale| max|r| max|c| bounds the logits beyond ~1e3 (noted 2026-12-01).
+the reference (sentence-transformers' -inf * 0), a finite one from the fused ops: not compared. Batch-hard with
+cosine distance and exactly duplicated rows: where a row's hardest negative is also its farthest point, it ties with
+the row's own entry plus the row maximum (sentence-transformers' "no negative" term), whose self-distance 1 - <x^,
+x^> is +-1 ulp depending on the GEMM's summation order; when the maximum is tied between the duplicates, the pick
+moves the gradient between them (same loss, same sum over the duplicates: stop 13, seed 21). Batch-all / semi-hard
+with margin 0 and duplicated rows: triplets whose exact loss is 0 (d(a, p) = d(a, n)) come out as +-1 ulp, so
+whether they count as valid (> 1e-16) and enter the mean's denominator depends on the GEMM's summation order (seed
+41: loss off by 0.15% in fp64; with the duplicate moved by 1e-3, equal to 1e-15). Half dtypes: a hardest pair chosen
+between candidates closer than the rounding of x^ to fp16 (seed 41: a gap of 7e-6) can differ from the fp64 truth's
+choice (sentence-transformers' fp16 rounds differently and may or may not match it). Generally, exactly duplicated
+rows tie as candidates, and which one a backend picks follows its GEMMs' rounding (semi-hard's chosen negative,
+--batches 257, seed 5): where the flagged results are gradients that agree once summed over each group of duplicates
+(the loss itself passing), the flag is counted apart as "duplicate tie". Also seen on 2026-12-01, benign: euclidean
+distance between exactly duplicated rows of different labels is 0 in sentence-transformers' fp32 (its squared norms
+are the Gram matrix's diagonal, the same sums as the pair's product) and sqrt(|x|^2 eps) ~ 2e-3 in the native op's
+(norms summed apart; seed 31001, --dtypes fp64,fp32: soft-margin loss 0.6904 for log 2); the reference's own fp64
+rounding at dot logits of 5e7 (seed 31001: 2.7e-5 where the fused ops give the exact 0); and the row-block op's
+merged blocks at fp32 logits of 2e4 (seed 31002, --batches 65,130,257,300: B = 130 in blocks of 128 and 2 rows),
+where MKL rounds a product that two directions share differently in the two blocks' GEMMs (215 of 256 such products
+at those shapes), so the partner's softmax entry moves by ulps of its logit: 6e-4 of the gradient there, and at
+logits of 1e8 (seed 31001, --dtypes fp64,fp32, GTE with all_negatives, blocks of 0.01 MiB) more than the gradient
+itself. Mended on 2026-12-01: the row-block and native ops merge nothing where (|scale| + |alpha|) max|x|^2 bounds
+the logits beyond 1024 (MERGE_LOGIT_BOUND; seed 32002's fp32 flags of that kind, 0.5 .. 270% of the gradient on GTE-
+like direction sets with rows of norm ~1e3, are gone).
 Prints one line per flag and a summary; exits 1 when a backend raised, else 0.
 """
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import re
 import warnings
@@ -25,6 +26,7 @@ from _helpers import (
 
 import fastloss.functional as FF
 import fastloss.ops.mnrl as mnrl_ops
+import fastloss.ops.mnrl_blocked as mnrl_blocked_ops
 from benchmarks.harness import LiveTensorBytes
 from fastloss import losses
 from fastloss.functional.mnrl import mnrl_backend
@@ -313,6 +315,12 @@ LARGE_LOGITS = {  # (B, D, magnitude, docs near their queries)
     "B300-D16-near": (300, 16, 30.0, True),
 }
 LARGE_LOGIT_LAYOUTS = {**CONFIDENT_LAYOUTS, "qd+dq-joint": ("joint", ("query_to_doc", "doc_to_query"))}
+HUGE_LOGITS = {"B33-D100-huge": (33, 100, 1000.0, False)}  # dot logits up to ~2e7
+HUGE_LOGIT_LAYOUTS = {  # each merges products somewhere below the bound
+    "all4": ("joint", ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
+    "qd+dd+qq": ("joint", ("query_to_doc", "doc_to_doc", "query_to_query")),
+    "qd+dq-per": ("per_direction", ("query_to_doc", "doc_to_query")),  # the native op's two passes
+}
 
 
 LARGE_LOGIT_BACKENDS = [b for b in BACKENDS if b in ("native", "blocked", "triton")]
@@ -356,10 +364,32 @@ def test_large_logits_joint_weights(monkeypatch, backend_name, layout):
     assert max(ours) <= 5e-5 and min(theirs) > 5e-5
 
 
+@pytest.mark.parametrize("layout", list(HUGE_LOGIT_LAYOUTS))
+@pytest.mark.parametrize("backend_name", [b for b in LARGE_LOGIT_BACKENDS if b != "triton"])
+def test_huge_logits_merge_nothing(monkeypatch, backend_name, layout):
+    """Dot similarity at logits up to ~2e7 (norms ~1e3), rows in many blocks: dq and dd within twice
+    sentence-transformers' fp32 error plus 1e-6 of the fp64 truth. Merged products took a partner's softmax entry
+    from one GEMM's product and the partner row's statistics from another GEMM's, which round that product apart by
+    ulps of the logit: 0.61 of the gradients' size on qd+dd+qq (B=33, D=100, scale 50) on both row-block ops until
+    2026-12-01, where sentence-transformers' fp32 errs by 7e-8. Beyond MERGE_LOGIT_BOUND they merge nothing now; the
+    row-block op with the bound lifted shows what the test catches."""
+    monkeypatch.setenv("FASTLOSS_MNRL_BLOCK_MIB", "0.001")
+    monkeypatch.setenv("FASTLOSS_NATIVE_BLOCK_BYTES", "512")
+    partition, directions = HUGE_LOGIT_LAYOUTS[layout]
+    ours, theirs = _large_logit_errors(monkeypatch, backend_name, "B33-D100-huge", partition, directions)
+    for a, b in zip(ours, theirs):
+        assert a <= 2 * b + 1e-6
+    if backend_name == "blocked":
+        monkeypatch.setattr(mnrl_blocked_ops, "MERGE_LOGIT_BOUND", math.inf)
+        merged, _ = _large_logit_errors(monkeypatch, backend_name, "B33-D100-huge", partition, directions)
+        assert max(merged) > 1e-3
+
+
 def _large_logit_errors(monkeypatch, backend_name, case, partition, directions):
     """(errors of dq and dd on ``backend_name`` in fp32, the same of sentence-transformers' maths in fp32), each
-    against the fp64 truth relative to its size, for dot similarity at scale 20 on LARGE_LOGITS[case]."""
-    batch, dim, magnitude, near = LARGE_LOGITS[case]
+    against the fp64 truth relative to its size, for dot similarity at scale 20 on LARGE_LOGITS[case] or
+    HUGE_LOGITS[case]."""
+    batch, dim, magnitude, near = {**LARGE_LOGITS, **HUGE_LOGITS}[case]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, dim, generator=g, dtype=torch.float64) * (magnitude / dim**0.5)
     d = torch.randn(batch, dim, generator=g, dtype=torch.float64) * (magnitude / dim**0.5)

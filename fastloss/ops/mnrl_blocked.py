@@ -23,12 +23,15 @@ at least half the row's mass, and G's dtype holds the value); elsewhere (p - 1 <
 stays a separate rank-1 term.
 Products that two directions share (doc_to_query's rows are query_to_doc's positives transposed; query_to_query's
 and doc_to_doc's blocks of the local rows' own vectors are symmetric: partners()) take one entry of the gradient
-GEMMs for both softmax entries: the block of rows [i0, i1) adds the partner's entries of the earlier rows (from their
-saved max - log c, computed from the raw products before the row pass) at columns offset + j < offset + i0, keeps its
-own rows' columns as they are and leaves the later rows' columns to their blocks, so the backward covers about half
-of each B x B block (GTE's pairs: 8 GEMM-equivalents instead of 12; the symmetric loss's 4 instead of 6); dL/dscale,
-which sums G C against the rows, sums each product once with both entries. Not in fp16, whose G need not hold a
-partner's entry divided by a small softmax factor.
+GEMMs for both softmax entries: the block of rows [i0, i1) adds the partner's entries of the earlier rows (from
+their saved max - log c, computed from the raw products before the row pass) at columns offset + j < offset + i0,
+keeps its own rows' columns as they are and leaves the later rows' columns to their blocks, so the backward covers
+about half of each B x B block (GTE's pairs: 8 GEMM-equivalents instead of 12; the symmetric loss's 4 instead of 6);
+dL/dscale, which sums G C against the rows, sums each product once with both entries. Not in fp16, whose G need not
+hold a partner's entry divided by a small softmax factor, nor where the logits may exceed MERGE_LOGIT_BOUND
+(logit_bound: cosine similarity at |scale| + |alpha| > 1024, dot similarity at norms of ~7 and more at scale 20),
+where the two GEMMs' rounding of a shared product, a few ulps of the logit, would go into the partner's entry
+(beyond: 3 GEMM-equivalents per direction, each entry from its own row's product).
 The row passes in torch ops turn S into E and then G in place (about nine passes over the block); the Triton ones
 read S for the statistics (and the positive's logit) and once more to write G (in place for fp32; the positive's
 coefficient folded into its entry there too). The gradients are accumulated as inv * dL/dx_hat (as the native op
@@ -70,6 +73,7 @@ MiB, 384.9 with 256 MiB blocks (833.7 at 30fe787; 1280.5 and 512.4 with the colu
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Sequence
 
@@ -103,6 +107,12 @@ _FP16_MAX = 65504.0
 MERGE_BLOCKS = 8
 MERGE_MIN_ROWS = {"cuda": 1024, "other": 128}
 _MIN_FACTOR = 1e-20  # below it a row's softmax factor is applied to G in place rather than divided out
+# Merged blocks write a partner's softmax entry from this block's product and the partner row's statistics from its
+# own block's: the two GEMMs round that product alike only to a few ulps of the logit, which goes into the entry's
+# exponent (GTE's directions at dot logits of ~5e7: 0.6 of the gradient, where sentence-transformers' fp32 errs by
+# 7e-8; 8.7e-4 at ~4.5e4). Where the logits may exceed this bound (logit_bound) nothing is merged: each entry then
+# comes from its own row's product, as in sentence-transformers. The native op's kMergeLogitBound is the same.
+MERGE_LOGIT_BOUND = 1024.0
 
 
 def block_bytes(device: torch.device) -> int:
@@ -192,6 +202,19 @@ def partners(selected: list[Direction]) -> list[int]:
     bits = [dir_.bit for dir_ in selected]
     wanted = [{QUERY_TO_DOC: DOC_TO_QUERY, DOC_TO_QUERY: QUERY_TO_DOC}.get(bit, bit) for bit in bits]
     return [bits.index(bit) if bit in bits else -1 for bit in wanted]
+
+
+def logit_bound(q: Tensor, doc_cols: Sequence[Tensor], scale: Tensor, p: MNRLParams) -> float:
+    """An upper bound on |logit| over every direction: (|scale| + |alpha| where penalised) times the largest squared
+    norm of the rows (1 with cosine similarity: unit rows, zero vectors 0); inf where that is not finite. A host
+    sync on CUDA (the merge is a host decision)."""
+    factor = abs(float(scale)) + (abs(p.alpha) if p.hardness else 0.0)
+    if p.normalize:
+        return factor
+    acc = _backend.accumulation_dtype(q)  # fp16/bf16 summed in fp32
+    norms = [torch.linalg.vector_norm(x, dim=1, dtype=acc).amax() for x in (q, *doc_cols) if x.numel()]
+    bound = factor * float(torch.stack(norms).amax()) ** 2 if norms else 0.0
+    return bound if math.isfinite(bound) else math.inf
 
 
 def triton_rows(x: Tensor) -> bool:
@@ -320,13 +343,16 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
     q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(doc_cols, p.normalize, acc)
     selected = directions(p)
+    alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): one_direction_terms, no stacks
     shares = positive_shares(p)  # of the positive's -1: equal among query_to_doc and doc_to_query
     first = [dir_.bit for dir_ in selected].index(QUERY_TO_DOC)  # whose positive logit the joint loss takes
     side = {True: (x_q, q_inv, 0), False: (x_d, d_inv, 1)}  # queries or docs: GEMM operand, inverse norms, grads[i]
     rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
-    # shared products take one entry of the gradient GEMMs (partners), except in fp16, whose G may not hold the
-    # partner's entry divided by a small softmax factor
-    partner = partners(selected) if need_grad and not fp16 else [-1] * len(selected)
+    # shared products take one entry of the gradient GEMMs (partners): fp16 and large logits aside
+    # partner, except in fp16, whose G may not hold the partner's entry divided by a small softmax factor, and where
+    # the logits may be large (MERGE_LOGIT_BOUND)
+    merge = need_grad and not fp16 and not alone and logit_bound(q, doc_cols, scale, p) <= MERGE_LOGIT_BOUND
+    partner = partners(selected) if merge else [-1] * len(selected)
     merged = sum(k >= 0 for k in partner)
     rows_per_block = block_rows(
         p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device), merged
@@ -339,7 +365,6 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
         ref_lnorm = torch.zeros((len(selected), p.batch), device=q.device, dtype=acc)
     h = 1.0 / p.batch
     sh = scale * h  # the gradients' common factor
-    alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): one_direction_terms, no stacks
     # the row losses (query_to_doc alone: softplus(x), written by the statistics' row pass)
     row_loss = torch.empty(p.batch, device=q.device, dtype=acc)
     separate_share = torch.zeros(p.batch, device=q.device, dtype=acc)
