@@ -348,9 +348,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     first = [dir_.bit for dir_ in selected].index(QUERY_TO_DOC)  # whose positive logit the joint loss takes
     side = {True: (x_q, q_inv, 0), False: (x_d, d_inv, 1)}  # queries or docs: GEMM operand, inverse norms, grads[i]
     rows_pass = (_TritonRows if triton_rows(q) else _TorchRows)(p, world, columns, scale)
-    # shared products take one entry of the gradient GEMMs (partners): fp16 and large logits aside
-    # partner, except in fp16, whose G may not hold the partner's entry divided by a small softmax factor, and where
-    # the logits may be large (MERGE_LOGIT_BOUND)
+    # shared products take one entry of the gradient GEMMs (partners), except in fp16, whose G may not hold the
+    # partner's entry divided by a small softmax factor, and where the logits may be large (MERGE_LOGIT_BOUND)
     merge = need_grad and not fp16 and not alone and logit_bound(q, doc_cols, scale, p) <= MERGE_LOGIT_BOUND
     partner = partners(selected) if merge else [-1] * len(selected)
     merged = sum(k >= 0 for k in partner)
