@@ -84,32 +84,62 @@ constexpr int64_t kEuclidean = 0;
 constexpr int64_t kSquaredEuclidean = 1;
 constexpr int64_t kCosine = 2;
 
+// A squared distance t_ij <= kNearFraction (|x_i|^2 + |x_j|^2) from the Gram row is recomputed as |x_i - x_j|^2: the
+// Gram formula's rounding, ~eps (|x_i|^2 + |x_j|^2), is all of a duplicate's distance (fastloss.ops.triplet's
+// NEAR_FRACTION is the same number).
+constexpr double kNearFraction = 1.0 / 4096;
+
 // One row of distances in place of its Gram row g, in the torch path's order of operations and rounding: cosine
-// 1 - g; else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0; euclidean then takes sqrt(t) by at::sqrt, as
-// torch does (MKL's vector sqrt is not correctly rounded, so std::sqrt would differ in the last bit).
+// 1 - g; else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0, and t_ij = |x_i - x_j|^2 where t_ij is near
+// (kNearFraction; x: the contiguous [n, dim] operand rows); euclidean then takes sqrt(t) by at::sqrt, as torch does
+// (MKL's vector sqrt is not correctly rounded, so std::sqrt would differ in the last bit).
 template <typename T>
-[[gnu::always_inline]] inline void distance_row(T* g, const T* sq, int64_t own, int64_t n, int64_t metric) {
+[[gnu::always_inline]] inline void distance_row(T* g, const T* sq, const T* x, int64_t dim, int64_t own, int64_t n,
+                                                int64_t metric) {
   if (metric == kCosine) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) g[j] = T(1) - g[j];
     return;
   }
   const T sq_i = sq[own];
-#pragma omp simd
+  const T near = static_cast<T>(kNearFraction);
+  int any_near = 0;
+#pragma omp simd reduction(| : any_near)
   for (int64_t j = 0; j < n; ++j) {
     const T t = (sq[j] - T(2) * g[j]) + sq_i;
     g[j] = t < T(0) ? T(0) : t;  // NaN stays NaN, as clamp_min
+    any_near |= (t <= near * (sq[j] + sq_i)) & (j != own);
   }
   g[own] = T(0);
+  if (!any_near) return;
+  const T* xi = x + own * dim;
+  constexpr int64_t kChunk = 64;  // a vectorised any-of per chunk: a row with one duplicate scans n lanes, not n scalars
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = c0; j < c1; ++j) hit |= (g[j] <= near * (sq[j] + sq_i)) & (j != own);
+    if (!hit) continue;
+    for (int64_t j = c0; j < c1; ++j) {
+      if (j == own || !(g[j] <= near * (sq[j] + sq_i))) continue;
+      const T* xj = x + j * dim;
+      T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < dim; ++k) sum += (xi[k] - xj[k]) * (xi[k] - xj[k]);
+      g[j] = sum;
+    }
+  }
 }
 
-void distance_row_f32(float* g, const float* sq, int64_t own, int64_t n, int64_t metric);  // SIMD clones, triplet.cpp
+// SIMD clones, triplet.cpp
+void distance_row_f32(float* g, const float* sq, const float* x, int64_t dim, int64_t own, int64_t n, int64_t metric);
 
-inline void dist_row(float* g, const float* sq, int64_t own, int64_t n, int64_t metric) {
-  distance_row_f32(g, sq, own, n, metric);
+inline void dist_row(float* g, const float* sq, const float* x, int64_t dim, int64_t own, int64_t n, int64_t metric) {
+  distance_row_f32(g, sq, x, dim, own, n, metric);
 }
-inline void dist_row(double* g, const double* sq, int64_t own, int64_t n, int64_t metric) {
-  distance_row<double>(g, sq, own, n, metric);
+inline void dist_row(double* g, const double* sq, const double* x, int64_t dim, int64_t own, int64_t n,
+                     int64_t metric) {
+  distance_row<double>(g, sq, x, dim, own, n, metric);
 }
 
 // The first j with d_j == best among the kept columns (labels == nullptr: every column; else those whose label is

@@ -23,8 +23,9 @@
 
 namespace fastloss {
 
-FASTLOSS_SIMD_CLONES void distance_row_f32(float* g, const float* sq, int64_t own, int64_t n, int64_t metric) {
-  distance_row<float>(g, sq, own, n, metric);
+FASTLOSS_SIMD_CLONES void distance_row_f32(float* g, const float* sq, const float* x, int64_t dim, int64_t own,
+                                           int64_t n, int64_t metric) {
+  distance_row<float>(g, sq, x, dim, own, n, metric);
 }
 
 FASTLOSS_SIMD_CLONES int64_t first_match_f32(const float* d, const int64_t* labels, int64_t n, float best,
@@ -141,6 +142,8 @@ void mine_impl(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& l
       std::clamp<int64_t>(block_bytes() / (batch * static_cast<int64_t>(sizeof(T))), 1, batch);
   at::Tensor gram = at::empty({rows_per_block, batch}, xo.options());
   const T* sq = metric == kCosine ? nullptr : sq_t.const_data_ptr<T>();
+  const T* x = xo.const_data_ptr<T>();
+  const int64_t dim = xo.size(1);
   const int64_t* labels = labels_t.const_data_ptr<int64_t>();
   const at::Tensor xt = xo.t();
   // rows in runs of ~64k distances (still in cache between the passes): one at::sqrt_ per run for euclidean rather
@@ -154,7 +157,8 @@ void mine_impl(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& l
     at::parallel_for(0, m, std::max<int64_t>(1, 16384 / batch), [&](int64_t begin, int64_t end) {
       for (int64_t r0 = begin; r0 < end; r0 += run) {
         const int64_t r1 = std::min(end, r0 + run);
-        for (int64_t r = r0; r < r1; ++r) dist_row(g + r * batch, sq, i0 + r, batch, metric);  // over the Gram row
+        // over the Gram row
+        for (int64_t r = r0; r < r1; ++r) dist_row(g + r * batch, sq, x, dim, i0 + r, batch, metric);
         if (metric == kEuclidean) at::from_blob(g + r0 * batch, {(r1 - r0) * batch}, xo.options()).sqrt_();
         for (int64_t r = r0; r < r1; ++r) select_row<T>(g + r * batch, labels, i0 + r, batch, o);
       }
@@ -198,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
   at::Tensor xo = x.detach();
   if (metric == kCosine) xo = normalize_rows(xo);
   if (dtype == at::kHalf || dtype == at::kBFloat16) xo = xo.to(at::kFloat);
+  xo = xo.contiguous();  // distance_row reads the rows of near pairs
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
 

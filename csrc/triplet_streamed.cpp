@@ -364,6 +364,8 @@ Totals stream(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& la
   at::Tensor buffer = at::empty({rows_per_block, batch}, xo.options());
   std::vector<RowSums> sums(rows_per_block);
   const T* sq = metric == kCosine ? nullptr : sq_t.const_data_ptr<T>();
+  const T* x = xo.const_data_ptr<T>();  // contiguous
+  const int64_t dim = xo.size(1);
   const int64_t* labels = labels_t.const_data_ptr<int64_t>();
   T* diag_p = need_grad && metric != kCosine ? diag.mutable_data_ptr<T>() : nullptr;
   const at::Tensor xt = xo.t();
@@ -376,7 +378,7 @@ Totals stream(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& la
     at::mm_out(block, xa, xt);  // [m, B]
     T* g = block.mutable_data_ptr<T>();
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) dist_row(g + r * batch, sq, i0 + r, batch, metric);
+      for (int64_t r = begin; r < end; ++r) dist_row(g + r * batch, sq, x, dim, i0 + r, batch, metric);
     });
     if (metric == kEuclidean) block.sqrt_();
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {

@@ -106,7 +106,7 @@ class _Recorder:
 KERNELS = {
     sim_lse: ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel", "one_direction_terms_kernel"),
     cosent: ("cosent_sim_fwd_kernel", "cosent_rank_kernel", "cosent_sim_bwd_kernel"),
-    triplet: ("batch_hard_fwd_kernel",),
+    triplet: ("batch_hard_fwd_kernel", "refine_selected_kernel"),
     block_softmax: ("row_stats_kernel", "row_grad_kernel"),
     l2norm: ("l2norm_bwd_kernel",),
 }

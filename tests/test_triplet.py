@@ -282,6 +282,79 @@ def test_fp16_cosine_zero_rows(monkeypatch, kind, path):
     assert xo.grad[zero].isinf().any()  # the overflow the docstring describes happens in this batch
 
 
+def _exact_euclidean(squared: bool):
+    """The euclidean distance from the rows' differences in fp64 (no Gram matrix: a duplicate's distance is exactly
+    0), with sentence-transformers' mask at 0 for the gradient of sqrt."""
+
+    def distance(e):
+        d2 = (e[:, None, :] - e[None, :, :]).square().sum(-1)
+        if squared:
+            return d2
+        mask = d2.eq(0).to(d2.dtype)
+        return (1.0 - mask) * torch.sqrt(d2 + mask * 1e-16)
+
+    return distance
+
+
+def _near_duplicates(dtype):
+    """24 rows of D = 96 and norm ~100, where the Gram formula's rounding in a duplicate's squared distance is ~1e-2
+    in fp32 (sqrt: ~0.1): rows 1, 2 copy row 0 and row 21 row 20 (each the only positive of the other), row 5 copies
+    row 4 across classes (each the other's hardest negative); rows 9, 13 and 23 are rows 8, 12 and 22 moved by 1e-2
+    per coordinate (distance ~0.1), 9 and 23 in their row's class (23 its only positive), 13 in another."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(24, 96, generator=g, dtype=torch.float64) * 10.0
+    y = torch.arange(24) % 4
+    for dup, row in ((1, 0), (2, 0), (5, 4), (21, 20)):
+        x[dup] = x[row]
+    for near, row in ((9, 8), (13, 12), (23, 22)):
+        x[near] = x[row] + 1e-2 * torch.randn(96, generator=g, dtype=torch.float64)
+    y[1] = y[2] = y[0]
+    y[5] = y[4] + 1
+    y[9] = y[8]
+    y[13] = y[12] + 1
+    y[20] = y[21] = 7
+    y[22] = y[23] = 8
+    return x.to(dtype), y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
+@pytest.mark.parametrize("metric", ["euclidean", "squared"])
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+@pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
+def test_duplicates_and_near_duplicates_at_large_norms(monkeypatch, path, kind, metric, dtype):
+    """Every path recomputes a squared distance of at most NEAR_FRACTION (|x_i|^2 + |x_j|^2) from the difference of
+    the rows: a duplicate's distance is exactly 0 and a near duplicate's exact to rounding, as the fp64 truth from
+    the differences; the Gram formula alone gave the duplicates ~0.03 .. 0.1 in fp32 (the Triton kernel) and 4e-6 in
+    fp64 (the CPU paths), and the near duplicates errors of tens of percent."""
+    if path == "native" and not ops._backend.native_has(NATIVE_OP):
+        pytest.skip("fastloss._C lacks the triplet ops (not built)")
+    if path == "triton":
+        require_interpreter()
+    if path != "triton":
+        monkeypatch.setattr(ops, "_interpret", lambda: False)
+    if path == "native":
+        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+    x, y = _near_duplicates(dtype)
+    margin_args = () if kind == "soft" else (1.5,)
+    xo = leaf(x)
+    ours = LOSSES[kind][2](xo, y, *margin_args, distance_metric=METRICS[metric][1])
+    ours.backward()
+    xr = leaf(x.double())
+    truth = getattr(ref, LOSSES[kind][2].__name__)(xr, y, *margin_args, _exact_euclidean(metric == "squared"))
+    truth.backward()
+    tol = TOL[torch.float64] if dtype == torch.float64 else dict(rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(ours.double(), truth, **tol)
+    grad_tol = {torch.float64: (0.0, 1e-11), torch.float32: (0.0, 3e-5), torch.float16: (1e-3, 3e-5)}[dtype]
+    atol = grad_tol[1] * float(xr.grad.abs().max())  # fp16: the gradient is rounded to fp16
+    torch.testing.assert_close(xo.grad.double(), xr.grad, rtol=grad_tol[0], atol=atol)
+    if kind == "hard":  # the duplicates' pairs: exactly 0, and no hardest positive for rows 20, 21
+        hp, hn, sel_idx, _ = ops.batch_hard_fwd(x, y, NATIVE_METRICS[metric])
+        assert hp[[20, 21]].tolist() == [0.0, 0.0] and sel_idx[0, [20, 21]].tolist() == [-1, -1]
+        assert hn[[4, 5]].tolist() == [0.0, 0.0] and sel_idx[1, [4, 5]].tolist() == [5, 4]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
 @pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
 @pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))

@@ -56,6 +56,7 @@ def test_kernels_compile_and_fit_sm90():
         "cosent_rank_kernel",
         "cosent_sim_bwd_kernel",
         "batch_hard_fwd_kernel",
+        "refine_selected_kernel",
         "row_stats_kernel",
         "row_grad_kernel",
         "l2norm_bwd_kernel",

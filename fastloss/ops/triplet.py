@@ -4,6 +4,13 @@ Distances from the Gram tile G_ij = <x_i, x_j> (x_hat = F.normalize(x) for cosin
     euclidean          d_ij = sqrt(max(|x_j|^2 - 2 G_ij + |x_i|^2, 0)),  d_ii = 0
     squared_euclidean  d_ij = max(|x_j|^2 - 2 G_ij + |x_i|^2, 0),        d_ii = 0
     cosine             d_ij = 1 - <x_hat_i, x_hat_j>
+except that a near pair, t_ij = |x_j|^2 - 2 G_ij + |x_i|^2 <= NEAR_FRACTION (|x_i|^2 + |x_j|^2) (2^-12: cos > 0.99976 at
+equal norms), gets t_ij = |x_i - x_j|^2 from the rows' difference: the Gram formula rounds t by ~eps (|x_i|^2 +
+|x_j|^2), which is all of a duplicate's distance (fp32, norms ~100: 0.03 .. 0.1 where the distance is 0). On CPU the
+rows' distances are refined before the selections; on the Triton path refine_selected_kernel refines the mining
+kernel's selected pairs after them (differences per near pair inside the tiles would cost a collapsed batch its
+tensor cores). sentence-transformers' CPU GEMM happens to give its duplicates exactly 0 (each entry summed in the same
+order); a near duplicate's distance is its rounding.
 Labels y; positives P_i = {j != i : y_j = y_i}, negatives N_i = {j : y_j != y_i}, same S_i = {j : y_j = y_i}.
 
 batch-hard (Triton ``batch_hard_fwd_kernel`` on CUDA; CPU tensors: fastloss._C.batch_hard_triplet_mine, else the
@@ -76,6 +83,10 @@ METRIC_NAMES = {"euclidean": EUCLIDEAN, "squared_euclidean": SQUARED_EUCLIDEAN, 
 NORM_EPS = 1e-12
 # elements of one [rows, B] block of the streamed ops (a few fp32/fp64/int64 temporaries of this size live at once)
 STREAM_BLOCK_ELEMS = 1 << 22
+# A squared distance t_ij <= NEAR_FRACTION (|x_i|^2 + |x_j|^2) from the Gram matrix is recomputed as |x_i - x_j|^2: the
+# Gram formula's rounding, ~eps (|x_i|^2 + |x_j|^2), is all of a duplicate's distance. csrc's kNearFraction is the same.
+NEAR_FRACTION = 2.0**-12
+REFINE_BLOCK_M, REFINE_BLOCK_D = 32, 64  # refine_selected_kernel's rows per program and columns per chunk
 
 
 def _interpret() -> bool:
@@ -148,6 +159,47 @@ def _keep_min(b_best, b_best_i, b_tile, start):
     return tl.where(m_new, b_val, b_best), tl.where(m_new, b_arg.to(tl.int64) + start, b_best_i)
 
 
+@_jit
+def _refine_selected(
+    x,
+    sq,
+    o_m,
+    b_sq_m,
+    b_col,
+    b_val,
+    B,
+    D,
+    stride_row,
+    stride_d,
+    NEAR: tl.constexpr,
+    METRIC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """b_val (the distances of the pairs (o_m, b_col), b_col -1 for none) with each near pair's (NEAR_FRACTION)
+    recomputed from the rows' difference in fp32; the loop over D runs only where some row of the block has one."""
+    m_col = (o_m < B) & (b_col >= 0)
+    col = tl.where(m_col, b_col, 0)
+    b_sq_c = tl.load(sq + col, mask=m_col, other=0.0)
+    b_t = b_val
+    if METRIC == 0:
+        b_t = b_val * b_val
+    m_near = m_col & (col != o_m) & (b_t <= NEAR * (b_sq_m + b_sq_c))
+    b_out = b_val
+    if tl.max(m_near.to(tl.int32), axis=0) > 0:
+        b_acc = tl.zeros_like(b_val)
+        for start_d in range(0, D, BLOCK_D):
+            o_d = start_d + tl.arange(0, BLOCK_D).to(tl.int64)
+            m_d = m_near[:, None] & (o_d[None, :] < D)
+            b_a = tl.load(x + o_m[:, None] * stride_row + o_d[None, :] * stride_d, mask=m_d, other=0.0)
+            b_b = tl.load(x + col[:, None] * stride_row + o_d[None, :] * stride_d, mask=m_d, other=0.0)
+            b_diff = b_a.to(tl.float32) - b_b.to(tl.float32)
+            b_acc += tl.sum(b_diff * b_diff, axis=1)
+        if METRIC == 0:
+            b_acc = tl.sqrt_rn(b_acc)
+        b_out = tl.where(m_near, b_acc, b_val)
+    return b_out
+
+
 @_autotuned
 def batch_hard_fwd_kernel(
     x,
@@ -217,6 +269,46 @@ def batch_hard_fwd_kernel(
     tl.store(sel_d + o_m, b_pos, mask=m_m)
     tl.store(sel_d + B + o_m, tl.where(m_use_neg, b_neg, b_same), mask=m_m)
     tl.store(sel_d + 2 * B + o_m, tl.where(m_use_neg, 0.0, b_max), mask=m_m)
+
+
+@_jit
+def refine_selected_kernel(
+    x,
+    sq,
+    hp,
+    hn,
+    sel_idx,
+    sel_d,
+    B,
+    D,
+    stride_xb,
+    stride_xd,
+    METRIC: tl.constexpr,
+    NEAR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """After batch_hard_fwd_kernel (euclidean metrics): its selected pairs' distances, near ones (NEAR_FRACTION) from
+    the rows' differences, and hp, hn and the hardest positive's index (-1 where its distance is now 0) from them. A
+    launch of its own: as the mining kernel's epilogue it made the half-dtype tiles spill 500-600 B on sm_90."""
+    o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_m = o_m < B
+    b_sq_m = tl.load(sq + o_m, mask=m_m, other=0.0)
+    b_col_0 = tl.load(sel_idx + o_m, mask=m_m, other=-1)
+    b_col_1 = tl.load(sel_idx + B + o_m, mask=m_m, other=-1)
+    b_col_2 = tl.load(sel_idx + 2 * B + o_m, mask=m_m, other=-1)
+    b_d_0 = tl.load(sel_d + o_m, mask=m_m, other=0.0)
+    b_d_1 = tl.load(sel_d + B + o_m, mask=m_m, other=0.0)
+    b_d_2 = tl.load(sel_d + 2 * B + o_m, mask=m_m, other=0.0)
+    b_d_0 = _refine_selected(x, sq, o_m, b_sq_m, b_col_0, b_d_0, B, D, stride_xb, stride_xd, NEAR, METRIC, BLOCK_D)
+    b_d_1 = _refine_selected(x, sq, o_m, b_sq_m, b_col_1, b_d_1, B, D, stride_xb, stride_xd, NEAR, METRIC, BLOCK_D)
+    b_d_2 = _refine_selected(x, sq, o_m, b_sq_m, b_col_2, b_d_2, B, D, stride_xb, stride_xd, NEAR, METRIC, BLOCK_D)
+    tl.store(sel_idx + o_m, tl.where(b_d_0 > 0.0, b_col_0, -1), mask=m_m)
+    tl.store(sel_d + o_m, b_d_0, mask=m_m)
+    tl.store(sel_d + B + o_m, b_d_1, mask=m_m)
+    tl.store(sel_d + 2 * B + o_m, b_d_2, mask=m_m)
+    tl.store(hp + o_m, b_d_0, mask=m_m)
+    tl.store(hn + o_m, b_d_1 + b_d_2, mask=m_m)  # the negative's distance, or same-label min + row max (b_d_2 = 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,8 +383,26 @@ def _block_rows(B: int) -> int:
     return max(1, min(B, STREAM_BLOCK_ELEMS // max(B, 1)))
 
 
+def _squared_differences(xo: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """|x_r - x_c|^2 of the pairs (rows, cols), in chunks of at most STREAM_BLOCK_ELEMS gathered elements."""
+    step = max(1, STREAM_BLOCK_ELEMS // max(xo.shape[1], 1))
+    parts = [
+        (xo[rows[k : k + step]] - xo[cols[k : k + step]]).square().sum(dim=1) for k in range(0, rows.numel(), step)
+    ]
+    return torch.cat(parts) if parts else xo.new_zeros(0)
+
+
+def _refine_near(d2: Tensor, xo: Tensor, sq: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """d2, the Gram formula's squared distances of the pairs (rows, cols) (any matching shapes), with each near
+    pair's (NEAR_FRACTION) recomputed from the rows' difference."""
+    near = (d2 <= NEAR_FRACTION * (sq[rows] + sq[cols])) & (rows != cols)
+    hit = near.nonzero(as_tuple=True)
+    rows, cols = (index.expand(d2.shape)[hit] for index in (rows, cols))
+    return d2.index_put(hit, _squared_differences(xo, rows, cols))
+
+
 def _distance_rows(xo: Tensor, sq: Tensor, start: int, stop: int, metric: int) -> Tensor:
-    """Rows start:stop of the distance matrix [stop - start, B], in xo's dtype."""
+    """Rows start:stop of the distance matrix [stop - start, B], in xo's dtype (near pairs from their differences)."""
     gram = xo[start:stop] @ xo.t()
     if metric == COSINE:
         return 1 - gram
@@ -300,6 +410,8 @@ def _distance_rows(xo: Tensor, sq: Tensor, start: int, stop: int, metric: int) -
     d2 = d2.clamp_min(0.0)
     rows = torch.arange(stop - start, device=xo.device)
     d2[rows, rows + start] = 0.0
+    cols = torch.arange(xo.shape[0], device=xo.device)
+    d2 = _refine_near(d2, xo, sq, (rows + start)[:, None], cols[None, :])
     return d2.sqrt() if metric == EUCLIDEAN else d2
 
 
@@ -443,6 +555,23 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
             METRIC=metric,
             DOT_PRECISION=precision,
         )
+        if metric != COSINE:
+            refine_selected_kernel[(triton.cdiv(B, REFINE_BLOCK_M),)](
+                xo,
+                sq,
+                hp,
+                hn,
+                sel_idx,
+                sel_d,
+                B,
+                D,
+                xo.stride(0),
+                xo.stride(1),
+                METRIC=metric,
+                NEAR=NEAR_FRACTION,
+                BLOCK_M=REFINE_BLOCK_M,
+                BLOCK_D=REFINE_BLOCK_D,
+            )
     if x.dtype == torch.float64:
         return _selected_distances(x, sel_idx, metric)
     return hp, hn, sel_idx, sel_d
@@ -460,7 +589,7 @@ def _selected_pairs(sel_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _selected_distances(x: Tensor, sel_idx: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """batch_hard_fwd's outputs for fp64 x after the Triton kernel, which selects in fp32: the selected pairs'
-    distances recomputed in fp64 (the formulas of :func:`_distance_rows`, O(B*D)), hp = sel_d[0] and
+    distances recomputed in fp64 (the formulas of :func:`_distance_rows`, near pairs' too, O(B*D)), hp = sel_d[0] and
     hn = sel_d[1] + sel_d[2] (sel_d[2] is 0 where the negative was used)."""
     xo = _stream_operand(x.detach(), metric)
     B = x.shape[0]
@@ -471,6 +600,7 @@ def _selected_distances(x: Tensor, sel_idx: Tensor, metric: int) -> tuple[Tensor
     else:
         sq = xo.square().sum(dim=1)
         d = ((sq[cols] - 2.0 * gram) + sq[rows]).clamp_min(0.0).masked_fill(rows == cols, 0.0)
+        d = _refine_near(d, xo, sq, rows, cols)
         d = d.sqrt() if metric == EUCLIDEAN else d
     sel_d = torch.where(valid, d, 0.0).view(3, B)
     return sel_d[0].clone(), sel_d[1] + sel_d[2], sel_idx, sel_d
