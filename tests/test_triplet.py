@@ -239,13 +239,9 @@ def _check_against_fp32_truth(kind, metric, x, y):
     torch.testing.assert_close(xo.grad.to(truth_dtype), xr.grad, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0))
 
 
-@pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
-@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
-def test_fp16_cosine_zero_rows(monkeypatch, kind, path):
-    """fp16 rounds F.normalize's eps = 1e-12 to 0, so sentence-transformers normalises a zero row to 0 / 0 and its
-    fp16 loss is NaN. Ours gives the zero row 0, as every other dtype does: the loss and the other rows' gradients
-    equal the fp32 reference's on that operand; the zero rows' gradients, 1e12 times their dx_hat (F.normalize's
-    backward at |x| < eps), overflow fp16 to +-inf as the fp32 values cast to fp16 do, never NaN."""
+def _use_path(monkeypatch, path):
+    """CPU tensors on one fused path: ``triton`` (the kernels under the interpreter), ``cpu_blocks`` (the torch blocks
+    CPU tensors take without the extension) or ``native`` (the default rule: fastloss._C)."""
     if path == "native" and not ops._backend.native_has(NATIVE_OP):
         pytest.skip("fastloss._C lacks the triplet ops (not built)")
     if path != "native":
@@ -256,6 +252,16 @@ def test_fp16_cosine_zero_rows(monkeypatch, kind, path):
         monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
     else:
         monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_fp16_cosine_zero_rows(monkeypatch, kind, path):
+    """fp16 rounds F.normalize's eps = 1e-12 to 0, so sentence-transformers normalises a zero row to 0 / 0 and its
+    fp16 loss is NaN. Ours gives the zero row 0, as every other dtype does: the loss and the other rows' gradients
+    equal the fp32 reference's on that operand; the zero rows' gradients, 1e12 times their dx_hat (F.normalize's
+    backward at |x| < eps), overflow fp16 to +-inf as the fp32 values cast to fp16 do, never NaN."""
+    _use_path(monkeypatch, path)
     y = _labels("classes3")
     x = _x(len(y), 20, dtype=torch.float16, seed=2)
     zero = torch.zeros(len(y), dtype=torch.bool)
@@ -326,16 +332,7 @@ def test_duplicates_and_near_duplicates_at_large_norms(monkeypatch, path, kind, 
     the rows: a duplicate's distance is exactly 0 and a near duplicate's exact to rounding, as the fp64 truth from
     the differences; the Gram formula alone gave the duplicates ~0.03 .. 0.1 in fp32 (the Triton kernel) and 4e-6 in
     fp64 (the CPU paths), and the near duplicates errors of tens of percent."""
-    if path == "native" and not ops._backend.native_has(NATIVE_OP):
-        pytest.skip("fastloss._C lacks the triplet ops (not built)")
-    if path == "triton":
-        require_interpreter()
-    if path != "triton":
-        monkeypatch.setattr(ops, "_interpret", lambda: False)
-    if path == "native":
-        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
-    else:
-        monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
+    _use_path(monkeypatch, path)
     x, y = _near_duplicates(dtype)
     margin_args = () if kind == "soft" else (1.5,)
     xo = leaf(x)
