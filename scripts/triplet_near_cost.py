@@ -11,13 +11,14 @@ B / 4 classes of four rows; euclidean distance; the default backend rule (fastlo
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import fastloss.functional as FF  # noqa: E402
 
