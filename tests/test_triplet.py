@@ -352,6 +352,19 @@ def test_duplicates_and_near_duplicates_at_large_norms(monkeypatch, path, kind, 
         assert hn[[4, 5]].tolist() == [0.0, 0.0] and sel_idx[1, [4, 5]].tolist() == [5, 4]
 
 
+@pytest.mark.parametrize("metric", [ops.EUCLIDEAN, ops.SQUARED_EUCLIDEAN, ops.COSINE])
+def test_fp64_recompute_drops_a_positive_at_distance_zero(metric):
+    """The Triton path's fp64 recompute of the mining kernel's fp32 selections: a hardest positive whose fp64
+    distance is 0 is none (-1), as the blocked and native paths decide in fp64, whatever the kernel's fp32 Gram noise
+    made of it; the other selections keep their columns."""
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 100
+    x[1] = x[0]
+    sel_idx = torch.tensor([[1, 0, 3, 2], [2, 3, 0, 1], [-1, -1, -1, -1]])
+    hp, hn, idx, sel_d = ops._selected_distances(x, sel_idx.clone(), metric)
+    assert idx[0].tolist() == [-1, -1, 3, 2] and idx[1:].tolist() == sel_idx[1:].tolist()
+    assert hp[:2].tolist() == [0.0, 0.0] and bool((hp[2:] > 0).all()) and bool((hn > 0).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
 @pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
 @pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))

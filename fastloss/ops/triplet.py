@@ -8,9 +8,9 @@ except that a near pair, t_ij = |x_j|^2 - 2 G_ij + |x_i|^2 <= NEAR_FRACTION (|x_
 equal norms), gets t_ij = |x_i - x_j|^2 from the rows' difference: the Gram formula rounds t by ~eps (|x_i|^2 +
 |x_j|^2), which is all of a duplicate's distance (fp32, norms ~100: 0.03 .. 0.1 where the distance is 0). On CPU the
 rows' distances are refined before the selections; on the Triton path refine_selected_kernel refines the mining
-kernel's selected pairs after them (differences per near pair inside the tiles would cost a collapsed batch its
-tensor cores). sentence-transformers' CPU GEMM happens to give its duplicates exactly 0 (each entry summed in the same
-order); a near duplicate's distance is its rounding.
+kernel's selected pairs after them (for fp64 x the selected pairs' fp64 recompute, _selected_distances; differences
+per near pair inside the tiles would cost a collapsed batch its tensor cores). sentence-transformers' CPU GEMM happens
+to give its duplicates exactly 0 (each entry summed in the same order); a near duplicate's distance is its rounding.
 Labels y; positives P_i = {j != i : y_j = y_i}, negatives N_i = {j : y_j != y_i}, same S_i = {j : y_j = y_i}.
 
 batch-hard (Triton ``batch_hard_fwd_kernel`` on CUDA; CPU tensors: fastloss._C.batch_hard_triplet_mine, else the
@@ -555,7 +555,7 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
             METRIC=metric,
             DOT_PRECISION=precision,
         )
-        if metric != COSINE:
+        if metric != COSINE and x.dtype != torch.float64:  # fp64: _selected_distances recomputes every pair
             refine_selected_kernel[(triton.cdiv(B, REFINE_BLOCK_M),)](
                 xo,
                 sq,
@@ -589,8 +589,9 @@ def _selected_pairs(sel_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _selected_distances(x: Tensor, sel_idx: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """batch_hard_fwd's outputs for fp64 x after the Triton kernel, which selects in fp32: the selected pairs'
-    distances recomputed in fp64 (the formulas of :func:`_distance_rows`, near pairs' too, O(B*D)), hp = sel_d[0] and
-    hn = sel_d[1] + sel_d[2] (sel_d[2] is 0 where the negative was used)."""
+    distances recomputed in fp64 (the formulas of :func:`_distance_rows`, near pairs' too, O(B*D)), hp = sel_d[0],
+    hn = sel_d[1] + sel_d[2] (sel_d[2] is 0 where the negative was used) and no hardest positive (-1) where its
+    distance is at most 0, as the blocked path decides in fp64."""
     xo = _stream_operand(x.detach(), metric)
     B = x.shape[0]
     rows, cols, valid = _selected_pairs(sel_idx)
@@ -603,6 +604,8 @@ def _selected_distances(x: Tensor, sel_idx: Tensor, metric: int) -> tuple[Tensor
         d = _refine_near(d, xo, sq, rows, cols)
         d = d.sqrt() if metric == EUCLIDEAN else d
     sel_d = torch.where(valid, d, 0.0).view(3, B)
+    sel_d[0].clamp_min_(0.0)  # cosine: a duplicate's 1 - <x_hat, x_hat> may be -eps
+    sel_idx[0] = torch.where(sel_d[0] > 0.0, sel_idx[0], -1)
     return sel_d[0].clone(), sel_d[1] + sel_d[2], sel_idx, sel_d
 
 
