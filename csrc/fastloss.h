@@ -89,6 +89,13 @@ constexpr int64_t kCosine = 2;
 // NEAR_FRACTION is the same number).
 constexpr double kNearFraction = 1.0 / 4096;
 
+// Whether a pair whose Gram-formula squared distance is t (squared norms sq_i, sq_j; near = kNearFraction in T) is
+// near, i.e. recomputed from the rows' difference. NaN is not near.
+template <typename T>
+[[gnu::always_inline]] inline bool is_near(T t, T sq_i, T sq_j, T near) {
+  return t <= near * (sq_j + sq_i);
+}
+
 // One row of distances in place of its Gram row g, in the torch path's order of operations and rounding: cosine
 // 1 - g; else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0, and t_ij = |x_i - x_j|^2 where t_ij is near
 // (kNearFraction; x: the contiguous [n, dim] operand rows); euclidean then takes sqrt(t) by at::sqrt, as torch does
@@ -108,7 +115,7 @@ template <typename T>
   for (int64_t j = 0; j < n; ++j) {
     const T t = (sq[j] - T(2) * g[j]) + sq_i;
     g[j] = t < T(0) ? T(0) : t;  // NaN stays NaN, as clamp_min
-    any_near |= (t <= near * (sq[j] + sq_i)) & (j != own);
+    any_near |= is_near(t, sq_i, sq[j], near) & (j != own);
   }
   g[own] = T(0);
   if (!any_near) return;
@@ -118,10 +125,10 @@ template <typename T>
     const int64_t c1 = std::min(n, c0 + kChunk);
     int hit = 0;
 #pragma omp simd reduction(| : hit)
-    for (int64_t j = c0; j < c1; ++j) hit |= (g[j] <= near * (sq[j] + sq_i)) & (j != own);
+    for (int64_t j = c0; j < c1; ++j) hit |= is_near(g[j], sq_i, sq[j], near) & (j != own);
     if (!hit) continue;
     for (int64_t j = c0; j < c1; ++j) {
-      if (j == own || !(g[j] <= near * (sq[j] + sq_i))) continue;
+      if (j == own || !is_near(g[j], sq_i, sq[j], near)) continue;
       const T* xj = x + j * dim;
       T sum = T(0);
 #pragma omp simd reduction(+ : sum)
