@@ -650,6 +650,7 @@ _HOT_LOOPS = (
     "hinge_pass_f32",
     "coefficients_f32",
     "first_match_f32",
+    "distance_row_f32",
 )
 
 
@@ -666,13 +667,13 @@ def _clones(suffix: str) -> dict[str, str]:
 )
 @pytest.mark.parametrize("suffix, register", [(".avx2", "ymm"), (".avx512f", "zmm")], ids=["avx2", "avx512f"])
 def test_hot_loops_vectorise(suffix, register):
-    """The MNRL op's per-entry loops over its blocks of logits (max, exp, softmax), the batch-all / semi-hard
-    triplet op's (hinges, coefficients) and the triplet ops' first-index search, compiled once per x86 vector
+    """The MNRL op's per-entry loops over its blocks of logits (max, exp, softmax), the batch-all / semi-hard triplet
+    op's (hinges, coefficients) and the triplet ops' distance rows and first-index search, compiled once per x86 vector
     extension and picked at load time, use that extension's vector registers. Until 2026-11-30 their floating-point
-    compares and selects kept GCC (-ftrapping-math) from vectorising them for AVX2, so CPUs without AVX-512 ran them
-    one lane at a time (on an AMD EPYC, Zen 3: MNSRL at B=4096 473-501 ms, 294-318 since; batch-all at B=2048 79-85
-    ms, 69-74 since); the hinge pass and the first-index search (a loop with an early exit) had no vector register in
-    either clone."""
+    compares and selects kept GCC (-ftrapping-math) from vectorising them for AVX2, so CPUs without AVX-512 ran them one
+    lane at a time (on an AMD EPYC, Zen 3: MNSRL at B=4096 473-501 ms, 294-318 since; batch-all at B=2048 79-85 ms,
+    69-74 since); the hinge pass and the first-index search (a loop with an early exit) had no vector register in either
+    clone."""
     clones = _clones(suffix)
     if not clones:
         pytest.skip(f"fastloss._C has no {suffix} clones (built without FASTLOSS_SIMD_CLONES' target_clones)")
