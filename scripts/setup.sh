@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets fastloss up in the current Python environment: torch (whatever 2.11..2.14 is there, else the newest allowed),
 # the build tools, then the package itself, editable, with its native extension and the test/bench extras.
-# Safe to run again: a second run rebuilds only what changed.
+# Safe to run again: a second run with the same native sources and toolchain reuses the extension it built (setup.py's
+# build cache, FASTLOSS_BUILD_CACHE); any change to them compiles it whole (pip builds in a fresh temporary directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
