@@ -328,11 +328,18 @@ LARGE_LOGIT_BACKENDS = [b for b in BACKENDS if b in ("native", "blocked", "trito
 
 @pytest.mark.parametrize(
     "backend_name,case,layout",
-    itertools.product(
-        LARGE_LOGIT_BACKENDS,
-        LARGE_LOGITS,
-        [layout for layout in LARGE_LOGIT_LAYOUTS if layout != "qd"],  # query_to_doc alone merges nothing
-    ),
+    [
+        (backend_name, case, layout)
+        for backend_name, case, layout in itertools.product(
+            LARGE_LOGIT_BACKENDS,
+            LARGE_LOGITS,
+            [layout for layout in LARGE_LOGIT_LAYOUTS if layout != "qd"],  # query_to_doc alone merges nothing
+        )
+        # The Triton kernels not on B512-D64-near: 125 s of the interpreter, and the one-part logsumexp they had
+        # until 40641c9 passed its three layouts on a Xeon (caught there by test_large_logits_joint_weights, on an
+        # AMD EPYC by B300-D4-random per direction)
+        if not (backend_name == "triton" and case == "B512-D64-near")
+    ],
 )
 def test_large_logits_precise(monkeypatch, backend_name, case, layout):
     """Dot similarity on large embeddings (fp32 logits of 1e3 .. 1e5, loss 30 .. 3e4), rows in blocks that merge
