@@ -96,57 +96,88 @@ template <typename T>
   return t <= near * (sq_j + sq_i);
 }
 
-// One row of distances in place of its Gram row g, in the torch path's order of operations and rounding: cosine
-// 1 - g; else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0, and t_ij = |x_i - x_j|^2 where t_ij is near
-// (kNearFraction; x: the contiguous [n, dim] operand rows); euclidean then takes sqrt(t) by at::sqrt, as torch does
-// (MKL's vector sqrt is not correctly rounded, so std::sqrt would differ in the last bit).
+// Rows of distances in place of their Gram rows g (`rows` rows of n entries, the first row's own index `first`), in
+// the torch path's order of operations and rounding: cosine 1 - g; else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with
+// t_ii = 0, and t_ij = |x_i - x_j|^2 where t_ij is near (is_near; x: the contiguous [n, dim] operand rows); euclidean
+// then takes sqrt(t) by at::sqrt, as torch does (MKL's vector sqrt is not correctly rounded, so std::sqrt would differ
+// in the last bit). The near pairs are recomputed in groups of kRefineRows rows per chunk of 64 columns, so that each
+// x_j read serves the group's rows: a collapsed batch (every pair near) streamed all of x through the cache once per
+// row.
+constexpr int64_t kRefineRows = 8;
 template <typename T>
-[[gnu::always_inline]] inline void distance_row(T* g, const T* sq, const T* x, int64_t dim, int64_t own, int64_t n,
-                                                int64_t metric) {
+[[gnu::always_inline]] inline void distance_rows(T* g, const T* sq, const T* x, int64_t dim, int64_t first,
+                                                 int64_t rows, int64_t n, int64_t metric) {
   if (metric == kCosine) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* gr = g + r * n;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] = T(1) - g[j];
+      for (int64_t j = 0; j < n; ++j) gr[j] = T(1) - gr[j];
+    }
     return;
   }
-  const T sq_i = sq[own];
   const T near = static_cast<T>(kNearFraction);
-  int any_near = 0;
+  constexpr int64_t kChunk = 64;  // a vectorised any-of per chunk: a row with one duplicate scans n lanes, not scalars
+  for (int64_t r0 = 0; r0 < rows; r0 += kRefineRows) {
+    const int64_t group = std::min(kRefineRows, rows - r0);
+    int group_near = 0;
+    for (int64_t r = r0; r < r0 + group; ++r) {
+      T* gr = g + r * n;
+      const int64_t own = first + r;
+      const T sq_i = sq[own];
+      int any_near = 0;
 #pragma omp simd reduction(| : any_near)
-  for (int64_t j = 0; j < n; ++j) {
-    const T t = (sq[j] - T(2) * g[j]) + sq_i;
-    g[j] = t < T(0) ? T(0) : t;  // NaN stays NaN, as clamp_min
-    any_near |= is_near(t, sq_i, sq[j], near) & (j != own);
-  }
-  g[own] = T(0);
-  if (!any_near) return;
-  const T* xi = x + own * dim;
-  constexpr int64_t kChunk = 64;  // a vectorised any-of per chunk: a row with one duplicate scans n lanes, not n scalars
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    int hit = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const T t = (sq[j] - T(2) * gr[j]) + sq_i;
+        gr[j] = t < T(0) ? T(0) : t;  // NaN stays NaN, as clamp_min
+        any_near |= is_near(t, sq_i, sq[j], near) & (j != own);
+      }
+      gr[own] = T(0);
+      group_near |= any_near;
+    }
+    if (!group_near) continue;
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t c1 = std::min(n, c0 + kChunk);
+      uint64_t hits[kRefineRows] = {};  // bit j - c0: entry (r0 + k, j) is near
+      uint64_t any = 0;
+      for (int64_t k = 0; k < group; ++k) {
+        const T* gr = g + (r0 + k) * n;
+        const int64_t own = first + r0 + k;
+        const T sq_i = sq[own];
+        int hit = 0;
 #pragma omp simd reduction(| : hit)
-    for (int64_t j = c0; j < c1; ++j) hit |= is_near(g[j], sq_i, sq[j], near) & (j != own);
-    if (!hit) continue;
-    for (int64_t j = c0; j < c1; ++j) {
-      if (j == own || !is_near(g[j], sq_i, sq[j], near)) continue;
-      const T* xj = x + j * dim;
-      T sum = T(0);
+        for (int64_t j = c0; j < c1; ++j) hit |= is_near(gr[j], sq_i, sq[j], near) & (j != own);
+        if (!hit) continue;
+        for (int64_t j = c0; j < c1; ++j)
+          if (j != own && is_near(gr[j], sq_i, sq[j], near)) hits[k] |= uint64_t(1) << (j - c0);
+        any |= hits[k];
+      }
+      if (!any) continue;
+      for (int64_t j = c0; j < c1; ++j) {
+        const T* xj = x + j * dim;
+        for (int64_t k = 0; k < group; ++k) {
+          if (!((hits[k] >> (j - c0)) & 1)) continue;
+          const T* xi = x + (first + r0 + k) * dim;
+          T sum = T(0);
 #pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < dim; ++k) sum += (xi[k] - xj[k]) * (xi[k] - xj[k]);
-      g[j] = sum;
+          for (int64_t d = 0; d < dim; ++d) sum += (xi[d] - xj[d]) * (xi[d] - xj[d]);
+          g[(r0 + k) * n + j] = sum;
+        }
+      }
     }
   }
 }
 
 // SIMD clones, triplet.cpp
-void distance_row_f32(float* g, const float* sq, const float* x, int64_t dim, int64_t own, int64_t n, int64_t metric);
+void distance_rows_f32(float* g, const float* sq, const float* x, int64_t dim, int64_t first, int64_t rows, int64_t n,
+                       int64_t metric);
 
-inline void dist_row(float* g, const float* sq, const float* x, int64_t dim, int64_t own, int64_t n, int64_t metric) {
-  distance_row_f32(g, sq, x, dim, own, n, metric);
+inline void dist_rows(float* g, const float* sq, const float* x, int64_t dim, int64_t first, int64_t rows, int64_t n,
+                      int64_t metric) {
+  distance_rows_f32(g, sq, x, dim, first, rows, n, metric);
 }
-inline void dist_row(double* g, const double* sq, const double* x, int64_t dim, int64_t own, int64_t n,
-                     int64_t metric) {
-  distance_row<double>(g, sq, x, dim, own, n, metric);
+inline void dist_rows(double* g, const double* sq, const double* x, int64_t dim, int64_t first, int64_t rows,
+                      int64_t n, int64_t metric) {
+  distance_rows<double>(g, sq, x, dim, first, rows, n, metric);
 }
 
 // The first j with d_j == best among the kept columns (labels == nullptr: every column; else those whose label is

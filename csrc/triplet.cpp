@@ -23,9 +23,9 @@
 
 namespace fastloss {
 
-FASTLOSS_SIMD_CLONES void distance_row_f32(float* g, const float* sq, const float* x, int64_t dim, int64_t own,
-                                           int64_t n, int64_t metric) {
-  distance_row<float>(g, sq, x, dim, own, n, metric);
+FASTLOSS_SIMD_CLONES void distance_rows_f32(float* g, const float* sq, const float* x, int64_t dim, int64_t first,
+                                            int64_t rows, int64_t n, int64_t metric) {
+  distance_rows<float>(g, sq, x, dim, first, rows, n, metric);
 }
 
 FASTLOSS_SIMD_CLONES int64_t first_match_f32(const float* d, const int64_t* labels, int64_t n, float best,
@@ -158,7 +158,7 @@ void mine_impl(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& l
       for (int64_t r0 = begin; r0 < end; r0 += run) {
         const int64_t r1 = std::min(end, r0 + run);
         // over the Gram row
-        for (int64_t r = r0; r < r1; ++r) dist_row(g + r * batch, sq, x, dim, i0 + r, batch, metric);
+        dist_rows(g + r0 * batch, sq, x, dim, i0 + r0, r1 - r0, batch, metric);
         if (metric == kEuclidean) at::from_blob(g + r0 * batch, {(r1 - r0) * batch}, xo.options()).sqrt_();
         for (int64_t r = r0; r < r1; ++r) select_row<T>(g + r * batch, labels, i0 + r, batch, o);
       }
@@ -202,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
   at::Tensor xo = x.detach();
   if (metric == kCosine) xo = normalize_rows(xo);
   if (dtype == at::kHalf || dtype == at::kBFloat16) xo = xo.to(at::kFloat);
-  xo = xo.contiguous();  // distance_row reads the rows of near pairs
+  xo = xo.contiguous();  // distance_rows reads the rows of near pairs
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
 

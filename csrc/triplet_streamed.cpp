@@ -3,7 +3,7 @@
 // fallback and the CUDA path; this file follows its arithmetic and tie rules).
 //
 // Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer), a parallel pass turning each row into
-// distances in place (distance_row; at::sqrt of the block for euclidean), then a parallel pass over the anchors.
+// distances in place (distance_rows; at::sqrt of the block for euclidean), then a parallel pass over the anchors.
 // With anchor a's negatives n (y_n != y_a) and positives p (p != a, y_p = y_a):
 //   batch-all  h_pn = (d_ap - d_an) + margin in the distances' dtype, sentence-transformers' order of operations
 //              (d_ap + margin first would round differently: a duplicate's d_ap = 6e-8 vanishes in 1 + 6e-8, and a
@@ -378,7 +378,7 @@ Totals stream(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& la
     at::mm_out(block, xa, xt);  // [m, B]
     T* g = block.mutable_data_ptr<T>();
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) dist_row(g + r * batch, sq, x, dim, i0 + r, batch, metric);
+      dist_rows(g + begin * batch, sq, x, dim, i0 + begin, end - begin, batch, metric);
     });
     if (metric == kEuclidean) block.sqrt_();
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {

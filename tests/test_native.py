@@ -650,7 +650,7 @@ _HOT_LOOPS = (
     "hinge_pass_f32",
     "coefficients_f32",
     "first_match_f32",
-    "distance_row_f32",
+    "distance_rows_f32",
 )
 
 
