@@ -124,11 +124,12 @@ def build_key(root: str, build_cuda: bool) -> str:
     for name in _BUILD_ENV:
         add(f"env {name}", os.environ.get(name, "<unset>"))
     add("c++", _tool_version(os.environ.get("CXX", "c++")))
-    add("cuda", "off")
     if build_cuda:
         from torch.utils import cpp_extension
 
-        add("cuda", _tool_version(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+        add("nvcc", _tool_version(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    else:
+        add("nvcc", "CPU-only build")
     return digest.hexdigest()[:32]
 
 
