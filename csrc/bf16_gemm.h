@@ -1,7 +1,7 @@
-// bf16 x bf16 -> fp32 GEMMs for the CPU MNRL op, on CPUs whose bf16 matrix units (AMX-BF16) multiply bf16 several
-// times faster than fp32. torch's x86-64 Linux builds carry MKL, whose cblas_gemm_bf16bf16f32 takes bf16 operands
-// and accumulates into fp32 (torch's own mm on bf16 rounds its result to bf16, and its out_dtype is CUDA-only).
-// Where torch has no such MKL, or the CPU no AMX-BF16, the op keeps fp32 GEMMs.
+// bf16 x bf16 -> fp32 GEMMs for the CPU MNRL and triplet ops, on CPUs whose bf16 matrix units (AMX-BF16) multiply
+// bf16 several times faster than fp32. torch's x86-64 Linux builds carry MKL, whose cblas_gemm_bf16bf16f32 takes bf16
+// operands and accumulates into fp32 (torch's own mm on bf16 rounds its result to bf16, and its out_dtype is
+// CUDA-only). Where torch has no such MKL, or the CPU no AMX-BF16, the ops keep fp32 GEMMs.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -21,5 +21,16 @@ bool cpu_has_amx_bf16();
 // trans_a: a is stored [k, m] (row stride lda), else [m, k]; the same for b.
 void gemm_bf16_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const at::BFloat16* a, int64_t lda,
                    const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// out [m, n] = a b^T, the raw products of rows a [m, D] and candidates b [n, D] (rows of unit stride): fp32 results
+// of bf16 operands in MKL's bf16 GEMM, else at::mm in the accumulation dtype.
+inline void products(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != at::kBFloat16) {
+    at::mm_out(out, a, b.t());
+    return;
+  }
+  gemm_bf16_f32(false, true, a.size(0), b.size(0), a.size(1), a.const_data_ptr<at::BFloat16>(), a.stride(0),
+                b.const_data_ptr<at::BFloat16>(), b.stride(0), 0.0f, out.mutable_data_ptr<float>(), out.stride(0));
+}
 
 }  // namespace fastloss

@@ -504,17 +504,6 @@ void normalize_backward(const at::Tensor& embeddings, T* a) {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // loss, dq, dd, dscale
 
-// out [m, n] = a b^T, the raw products of rows a [m, D] and candidates b [n, D] (rows of unit stride): fp32 results
-// of bf16 operands in MKL's bf16 GEMM, else at::mm in the accumulation dtype.
-inline void products(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != at::kBFloat16) {
-    at::mm_out(out, a, b.t());
-    return;
-  }
-  gemm_bf16_f32(false, true, a.size(0), b.size(0), a.size(1), a.const_data_ptr<at::BFloat16>(), a.stride(0),
-                b.const_data_ptr<at::BFloat16>(), b.stride(0), 0.0f, out.mutable_data_ptr<float>(), out.stride(0));
-}
-
 // out_j = bf16(g_j * w), as its bits
 FASTLOSS_SIMD_CLONES void round_scaled_bf16(const float* g, float w, uint16_t* out, int64_t n) {
 #pragma omp simd

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "fastloss.h"
 
 namespace fastloss {
@@ -133,10 +134,11 @@ void select_row(const T* d, const int64_t* labels, int64_t i, int64_t n, const O
   }
 }
 
-// T: the operand's and the distances' type (fp64 for fp64 inputs, else fp32), which the outputs keep.
+// T: the operand's and the distances' type (fp64 for fp64 inputs, else fp32), which the outputs keep. gemm_x: the
+// Gram's operand, xo or its bf16 form (products: bf16 GEMMs with fp32 results).
 template <typename T>
-void mine_impl(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& labels_t, int64_t metric,
-               const Outputs<T>& o) {
+void mine_impl(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& sq_t, const at::Tensor& labels_t,
+               int64_t metric, const Outputs<T>& o) {
   const int64_t batch = xo.size(0);
   const int64_t rows_per_block =
       std::clamp<int64_t>(block_bytes() / (batch * static_cast<int64_t>(sizeof(T))), 1, batch);
@@ -145,14 +147,13 @@ void mine_impl(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& l
   const T* x = xo.const_data_ptr<T>();
   const int64_t dim = xo.size(1);
   const int64_t* labels = labels_t.const_data_ptr<int64_t>();
-  const at::Tensor xt = xo.t();
   // rows in runs of ~64k distances (still in cache between the passes): one at::sqrt_ per run for euclidean rather
   // than one ATen call (~1 us) per row, which at B = 256 took as long as the GEMM
   const int64_t run = std::max<int64_t>(1, 65536 / batch);
   for (int64_t i0 = 0; i0 < batch; i0 += rows_per_block) {
     const int64_t m = std::min(rows_per_block, batch - i0);
     at::Tensor block = gram.narrow(0, 0, m);
-    at::mm_out(block, xo.narrow(0, i0, m), xt);  // [m, B]
+    products(block, gemm_x.narrow(0, i0, m), gemm_x);  // [m, B]
     T* g = block.mutable_data_ptr<T>();
     at::parallel_for(0, m, std::max<int64_t>(1, 16384 / batch), [&](int64_t begin, int64_t end) {
       for (int64_t r0 = begin; r0 < end; r0 += run) {
@@ -198,18 +199,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
   at::Tensor sel_d = at::empty({3, batch}, acc);
   if (batch == 0) return {hp, hn, sel_idx, sel_d};
 
-  // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs.
+  // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs. bf16 rows
+  // also stay the Gram's operand where bf16 GEMMs are fast (bf16_gemm.h): their products are exact in fp32, so only
+  // the order of the sums changes.
   at::Tensor xo = x.detach();
   if (metric == kCosine) xo = normalize_rows(xo);
+  const at::Tensor gemm_x = dtype == at::kBFloat16 && bf16_gemm_enabled() ? xo.contiguous() : at::Tensor();
   if (dtype == at::kHalf || dtype == at::kBFloat16) xo = xo.to(at::kFloat);
   xo = xo.contiguous();  // distance_rows reads the rows of near pairs
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
 
   if (xo.scalar_type() == at::kDouble) {
-    mine_impl<double>(xo, sq, labels64, metric, outputs<double>(hp, hn, sel_idx, sel_d));
+    mine_impl<double>(xo, xo, sq, labels64, metric, outputs<double>(hp, hn, sel_idx, sel_d));
   } else {
-    mine_impl<float>(xo, sq, labels64, metric, outputs<float>(hp, hn, sel_idx, sel_d));
+    mine_impl<float>(xo, gemm_x.defined() ? gemm_x : xo, sq, labels64, metric, outputs<float>(hp, hn, sel_idx, sel_d));
   }
   return {hp, hn, sel_idx, sel_d};
 }

@@ -2,7 +2,8 @@
 // fastloss.ops.triplet runs for CPU tensors (its blocked torch path, batch_all_fwd / batch_semi_hard_fwd, is the
 // fallback and the CUDA path; this file follows its arithmetic and tie rules).
 //
-// Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer), a parallel pass turning each row into
+// Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer; bf16 GEMMs with fp32 results for bf16
+// inputs where those are fast, bf16_gemm.h), a parallel pass turning each row into
 // distances in place (distance_rows; at::sqrt of the block for euclidean), then a parallel pass over the anchors.
 // With anchor a's negatives n (y_n != y_a) and positives p (p != a, y_p = y_a):
 //   batch-all  h_pn = (d_ap - d_an) + margin in the distances' dtype, sentence-transformers' order of operations
@@ -41,6 +42,7 @@
 #include <utility>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "fastloss.h"
 
 namespace fastloss {
@@ -353,10 +355,10 @@ struct Totals {
 };
 
 // Streams the anchors in row blocks; with need_grad accumulates dxo (unnormalised: dL/dxo times the normaliser, the
-// diag(r + k) X term left to the caller through diag).
+// diag(r + k) X term left to the caller through diag). gemm_x: the Gram's operand, xo or its bf16 form.
 template <typename T>
-Totals stream(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& labels_t, int64_t metric, T margin,
-              bool semi_hard, at::Tensor& dxo, at::Tensor& diag) {
+Totals stream(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& sq_t, const at::Tensor& labels_t,
+              int64_t metric, T margin, bool semi_hard, at::Tensor& dxo, at::Tensor& diag) {
   const int64_t batch = xo.size(0);
   const bool need_grad = dxo.defined();
   const int64_t rows_per_block =
@@ -368,14 +370,13 @@ Totals stream(const at::Tensor& xo, const at::Tensor& sq_t, const at::Tensor& la
   const int64_t dim = xo.size(1);
   const int64_t* labels = labels_t.const_data_ptr<int64_t>();
   T* diag_p = need_grad && metric != kCosine ? diag.mutable_data_ptr<T>() : nullptr;
-  const at::Tensor xt = xo.t();
   const int64_t grain = std::max<int64_t>(1, 4096 / batch);
   Totals totals;
   for (int64_t i0 = 0; i0 < batch; i0 += rows_per_block) {
     const int64_t m = std::min(rows_per_block, batch - i0);
     at::Tensor block = buffer.narrow(0, 0, m);
     const at::Tensor xa = xo.narrow(0, i0, m);
-    at::mm_out(block, xa, xt);  // [m, B]
+    products(block, gemm_x.narrow(0, i0, m), gemm_x);  // [m, B]
     T* g = block.mutable_data_ptr<T>();
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
       dist_rows(g + begin * batch, sq, x, dim, i0 + begin, end - begin, batch, metric);
@@ -446,6 +447,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed(const char* name, bool s
   // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs.
   at::Tensor xo = x.detach();
   if (metric == kCosine) xo = normalize_rows(xo);
+  // bf16 rows stay the Gram's operand where bf16 GEMMs are fast: their products are exact in fp32 (the gradient
+  // GEMMs keep fp32 coefficients)
+  const at::Tensor gemm_x = dtype == at::kBFloat16 && bf16_gemm_enabled() ? xo.contiguous() : at::Tensor();
   xo = xo.to(acc_type).contiguous();
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
@@ -455,9 +459,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed(const char* name, bool s
   Totals t;
   if (batch > 0) {
     if (acc_type == at::kDouble) {
-      t = stream<double>(xo, sq, labels64, metric, static_cast<double>(margin), semi_hard, dxo, diag);
+      t = stream<double>(xo, xo, sq, labels64, metric, static_cast<double>(margin), semi_hard, dxo, diag);
     } else {
-      t = stream<float>(xo, sq, labels64, metric, static_cast<float>(margin), semi_hard, dxo, diag);
+      t = stream<float>(xo, gemm_x.defined() ? gemm_x : xo, sq, labels64, metric, static_cast<float>(margin),
+                        semi_hard, dxo, diag);
     }
   }
   const double norm = semi_hard ? std::max(t.count, 1e-16) : t.count + 1e-16;

@@ -1,5 +1,5 @@
 """``python -m fastloss``: what this installation runs. The versions, whether fastloss._C was built (with its CUDA
-sources, OpenMP, the CPU MNRL op's bf16 GEMMs), the CUDA device, and the backend each loss takes on CPU and CUDA
+sources, OpenMP, the CPU ops' bf16 GEMMs), the CUDA device, and the backend each loss takes on CPU and CUDA
 tensors as fastloss chooses it now (under the FASTLOSS_* variables set), so that a user who compiled the extension
 on a GPU machine sees at once what it gives them, without running a loss.
 
@@ -66,14 +66,14 @@ def _extension() -> list[str]:
         + ("yes" if info.get("cuda") else "no (FASTLOSS_BUILD_CUDA, CUDA_HOME: see the README)"),
     ]
     if not hasattr(module, "bf16_gemm_enabled"):
-        lines.append("  CPU bf16 MNRL GEMMs: fp32 (an extension built before bf16 GEMMs existed: rebuild it)")
+        lines.append("  CPU bf16 GEMMs: fp32 (an extension built before bf16 GEMMs existed: rebuild it)")
         return lines
     try:
         on = bool(module.bf16_gemm_enabled())  # reads FASTLOSS_NATIVE_BF16_GEMM, which may be malformed
         why = "MKL's bf16 GEMM, fp32 results" if on else _fp32_reason(info)
-        lines.append(f"  CPU bf16 MNRL GEMMs: {'bf16' if on else 'fp32'} ({why})")
+        lines.append(f"  CPU bf16 GEMMs: {'bf16' if on else 'fp32'} ({why})")
     except RuntimeError as exc:  # a bad FASTLOSS_NATIVE_BF16_GEMM
-        lines.append(f"  CPU bf16 MNRL GEMMs: error: {exc}")
+        lines.append(f"  CPU bf16 GEMMs: error: {exc}")
     return lines
 
 

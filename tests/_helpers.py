@@ -172,3 +172,21 @@ def host_syncs(syncs: list):
             return func(*args, **(kwargs or {}))
 
     return SyncSpy()
+
+
+def mkl_bf16_gemm() -> bool:
+    """Whether fastloss._C is built and this torch carries MKL's bf16 GEMM (FASTLOSS_NATIVE_BF16_GEMM=1 works)."""
+    return _backend.native_has("build_info") and bool(_backend.native_module().build_info()["mkl_bf16_gemm"])
+
+
+NO_MKL_BF16 = "no fastloss._C, or this torch carries no MKL bf16 GEMM (cblas_gemm_bf16bf16f32): the ops keep fp32 GEMMs"
+
+
+def aten_op_names(fn) -> set[str]:
+    """The names of the aten ops torch's profiler records while fn() runs (e.g. aten::mm, which the native ops' bf16
+    GEMMs do not call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("aten::")}

@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from _helpers import ST_EXACT_SEMI_HARD_TIES, leaf
+from _helpers import NO_MKL_BF16, ST_EXACT_SEMI_HARD_TIES, aten_op_names, leaf, mkl_bf16_gemm
 from hypothesis import example, given, settings
 from hypothesis import strategies as hyp
 
@@ -282,6 +282,32 @@ def test_dtypes_against_fp32_truth(native_calls, kind, metric, dtype):
     blocked = _blocked(kind, x, y, 1.5, metric)
     torch.testing.assert_close(ours[0], blocked[0], **TOL[torch.float32])
     torch.testing.assert_close(ours[1].float(), blocked[1].float(), **tol)
+
+
+@pytest.mark.skipif(not mkl_bf16_gemm(), reason=NO_MKL_BF16)
+@pytest.mark.parametrize("batch", [7, 130])
+@pytest.mark.parametrize("layout", ["random", "two", "mixed"])
+@pytest.mark.parametrize("metric", list(METRICS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bf16_gemms(monkeypatch, kind, metric, layout, batch):
+    """bf16 inputs with the Gram in MKL's bf16 GEMM (FASTLOSS_NATIVE_BF16_GEMM=1; the default on an AMX CPU) against
+    fp32 GEMMs (=0): the products are exact in fp32 either way (the gradient GEMMs keep fp32 coefficients), so the
+    loss agrees to fp32 rounding and the bf16 gradient to one bf16 rounding step; with =1 no aten::mm runs (the
+    gradient's aten::addmm_ does), with =0 it does."""
+    y = _labels(layout, batch, seed=batch)
+    x = _x(batch, 24, dtype=torch.bfloat16, seed=batch)
+    code = METRICS[metric][0]
+    op = KINDS[kind][0]
+    runs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", switch)
+        runs[switch] = _native(kind, x, y, 0.5, metric)
+        names = aten_op_names(lambda: op(x, y, 0.5, code, True))
+        assert ("aten::mm" in names) == (switch == "0") and "aten::addmm_" in names, names
+    (loss, grad), (want_loss, want_grad) = runs["1"], runs["0"]
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    scale = max(float(want_grad.abs().max()), 1e-30)
+    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=2**-7, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("layout", ["mixed", "two"])

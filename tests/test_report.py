@@ -23,7 +23,7 @@ def test_command_prints_the_report():
     assert all(name in text for name in NAMES)
     assert "settings: none" in text
     if _backend.native_module() is not None:
-        assert "fastloss._C: " in text and "CPU bf16 MNRL GEMMs: " in text
+        assert "fastloss._C: " in text and "CPU bf16 GEMMs: " in text
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -77,7 +77,7 @@ def test_settings_change_the_table(monkeypatch):
 
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
 def test_bf16_gemm_off_reason(monkeypatch, amx):
-    """Why the CPU's bf16 MNRL GEMMs are fp32, on any machine: the variable first (a CPU without AMX-BF16 reported
+    """Why the CPU ops' bf16 GEMMs are fp32, on any machine: the variable first (a CPU without AMX-BF16 reported
     its lack of AMX for FASTLOSS_NATIVE_BF16_GEMM=0), then what auto needs."""
     monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "0")
     assert _report._fp32_reason({"mkl_bf16_gemm": True, "amx_bf16": amx}) == "FASTLOSS_NATIVE_BF16_GEMM=0"
@@ -90,6 +90,6 @@ def test_bf16_gemm_off_reason(monkeypatch, amx):
 @pytest.mark.skipif(_backend.native_module() is None, reason="fastloss._C is not built: the report says so instead")
 def test_bf16_gemm_line(monkeypatch):
     monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "0")
-    assert "CPU bf16 MNRL GEMMs: fp32 (FASTLOSS_NATIVE_BF16_GEMM=0)" in _report.report()
+    assert "CPU bf16 GEMMs: fp32 (FASTLOSS_NATIVE_BF16_GEMM=0)" in _report.report()
     monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "maybe")
-    assert "CPU bf16 MNRL GEMMs: error: FASTLOSS_NATIVE_BF16_GEMM must be auto, 0 or 1" in _report.report()
+    assert "CPU bf16 GEMMs: error: FASTLOSS_NATIVE_BF16_GEMM must be auto, 0 or 1" in _report.report()

@@ -18,7 +18,15 @@ import re  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
-from _helpers import ST_EXACT_SEMI_HARD_TIES, force_configs, leaf, require_interpreter  # noqa: E402
+from _helpers import (  # noqa: E402
+    NO_MKL_BF16,
+    ST_EXACT_SEMI_HARD_TIES,
+    aten_op_names,
+    force_configs,
+    leaf,
+    mkl_bf16_gemm,
+    require_interpreter,
+)
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as hyp  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -750,11 +758,58 @@ def native_cpu(monkeypatch):
 @pytest.mark.parametrize("labels", NATIVE_LABELS)
 @pytest.mark.parametrize("batch", NATIVE_SIZES)
 @pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
-def test_native_mining_equals_blocked(metric, batch, labels, dtype):
+def test_native_mining_equals_blocked(monkeypatch, metric, batch, labels, dtype):
+    """Every dtype with fp32 GEMMs for bf16 (FASTLOSS_NATIVE_BF16_GEMM=0; bf16 GEMMs sum in another order:
+    test_native_mining_bf16_gemms)."""
+    monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "0")
     y = _native_labels(labels, batch, seed=batch)
     x = _x(batch, 19, dtype=dtype, seed=batch)
     code = NATIVE_METRICS[metric]
     _assert_same_mining(ops._batch_hard_fwd_native(x, y, code), ops._batch_hard_fwd_blocked(x, y, code))
+
+
+def _fp64_distances(x, metric):
+    """The distances of the op's operand (F.normalize(x) in x's dtype for cosine) in fp64."""
+    xo = torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
+    xo = xo.double()
+    if metric == "cosine":
+        return 1.0 - xo @ xo.T
+    d = torch.cdist(xo, xo)
+    return d.square() if metric == "squared" else d
+
+
+@needs_native
+@pytest.mark.skipif(not mkl_bf16_gemm(), reason=NO_MKL_BF16)
+@pytest.mark.parametrize("labels", NATIVE_LABELS)
+@pytest.mark.parametrize("batch", NATIVE_SIZES + [300])
+@pytest.mark.parametrize("metric", list(NATIVE_METRICS), ids=list(NATIVE_METRICS))
+def test_native_mining_bf16_gemms(monkeypatch, metric, batch, labels):
+    """bf16 inputs with the Gram in MKL's bf16 GEMM (FASTLOSS_NATIVE_BF16_GEMM=1; the default on an AMX CPU) against
+    fp32 GEMMs (=0): the products of bf16 entries are exact in fp32 either way and only the order of the sums
+    differs, so the distances agree to fp32 rounding (near pairs are recomputed from the rows either way), the same
+    pairs have a positive (-1 or not), and where a selected index differs the two pairs are at the same distance to
+    that rounding (a tie the sum order broke). The switch took effect: no aten::mm ran."""
+    y = _native_labels(labels, batch, seed=batch)
+    x = _x(batch, 19, dtype=torch.bfloat16, seed=batch)
+    code = NATIVE_METRICS[metric]
+    monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "0")
+    want = ops._batch_hard_fwd_native(x, y, code)
+    assert "aten::mm" in aten_op_names(lambda: ops._batch_hard_fwd_native(x, y, code))
+    monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "1")
+    got = ops._batch_hard_fwd_native(x, y, code)
+    assert "aten::mm" not in aten_op_names(lambda: ops._batch_hard_fwd_native(x, y, code))
+    scale = max(float(want[3].abs().max()), 1.0)
+    tol = dict(rtol=1e-5, atol=1e-6 * scale)
+    for g, w, name in zip(got, want, MINED, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        if name != "sel_idx":
+            torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    got_idx, want_idx = got[2], want[2]
+    assert torch.equal(got_idx < 0, want_idx < 0)
+    d = _fp64_distances(x, metric)
+    rows = torch.arange(batch).expand(3, batch)
+    kept = want_idx >= 0
+    torch.testing.assert_close(d[rows[kept], got_idx[kept]], d[rows[kept], want_idx[kept]], **tol)
 
 
 @needs_native
