@@ -61,6 +61,9 @@ def cpu_default(compile_cases: bool = True) -> list[Case]:
     autocast = ("fastloss_autocast", "st_autocast")
     cases += [Case("mnrl", b, n, 256, "bf16", MNRL_IMPLS, group="dtype") for b, n in ((1024, 1024), (4096, 8192))]
     cases += [Case("mnrl", b, n, 256, "fp32", autocast, group="dtype") for b, n in ((1024, 1024), (4096, 8192))]
+    # batch-hard's Gram of bf16 inputs, likewise (not sentence-transformers: it would multiply in torch's bf16 GEMMs,
+    # which took seconds a product on a CPU without bf16 instructions, benchmarks/README.md, gemm_floor)
+    cases.append(Case("batch_hard_triplet", 4096, 4096, 256, "bf16", ("fastloss", "gemm_floor"), group="dtype"))
     # the largest symmetric and GTE cases also time the row-block torch op, whose products two directions share
     with_blocked = MNRL_IMPLS + ("fastloss_blocked",)
     cases += _sweep("mnsrl", (256, 1024, 2048), 256, "fp32", MNRL_IMPLS) + _sweep(
