@@ -1,7 +1,8 @@
 // Batch-hard triplet mining on CPU: the selections of fastloss.ops.triplet.batch_hard_fwd without a B x B matrix,
 // and the backward through the selected pairs (batch_hard_triplet_bwd, below the mining).
 //
-// Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer), then one parallel pass over the block's
+// Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer; MKL's bf16 GEMM with fp32 results for
+// bf16 inputs where FASTLOSS_NATIVE_BF16_GEMM allows, bf16_gemm.h), then one parallel pass over the block's
 // rows turns each row of G into distances in place (fp64 for fp64 inputs, as the torch path; fp32 otherwise) and
 // keeps the row's hardest positive, smallest negative, smallest same-label distance and maximum, each with its
 // first index (torch's max / min tie rule). Memory beyond the inputs: the operand rows
@@ -429,7 +430,8 @@ Batch-hard mining of embeddings x [B, D] with class labels [B]; metric 0 euclide
 without one), hn [B] (smallest negative distance, or sentence-transformers' smallest same-label distance plus
 the row maximum where that is smaller or no negative exists), int64 sel_idx [3, B] (hardest positive or -1,
 the negative or smallest same-label index, the row argmax or -1) and their distances sel_d [3, B].
-Distances, selections and hp, hn, sel_d in fp64 for fp64 x, else fp32; ties go to the first index. Memory
+Distances, selections and hp, hn, sel_d in fp64 for fp64 x, else fp32 (the Gram of bf16 x in MKL's bf16 GEMM
+with fp32 results where FASTLOSS_NATIVE_BF16_GEMM allows); ties go to the first index. Memory
 beyond the inputs: O(B*D) plus one block of Gram rows of at most FASTLOSS_NATIVE_BLOCK_BYTES bytes (default
 16 MiB; at least one row).)doc",
         pybind11::arg("x"), pybind11::arg("labels"), pybind11::arg("metric"));

@@ -496,8 +496,9 @@ Batch-all triplet loss of embeddings x [B, D] with class labels [B] and its grad
 0 euclidean | 1 squared euclidean | 2 cosine. loss = sum over valid triplets (a, p, n) of
 max(d_ap - d_an + margin, 0) / norm with norm = #{triplets with a loss > 1e-16} + 1e-16 (fp64 0-d), as
 sentence-transformers' BatchAllTripletLoss and fastloss.ops.triplet.batch_all_fwd. Returns loss (0-d) and
-dx = dloss/dx [B, D] in fp64 for fp64 x, else fp32 (distances and GEMMs in fp32 for fp16 / bf16 / fp32;
-counts and sums of hinges in fp64). need_grad=False computes only the loss (dx is then zeros).
+dx = dloss/dx [B, D] in fp64 for fp64 x, else fp32 (distances and GEMMs in fp32 for fp16 / bf16 / fp32, the
+Gram of bf16 x in MKL's bf16 GEMM with fp32 results where FASTLOSS_NATIVE_BF16_GEMM allows; counts and sums of
+hinges in fp64). need_grad=False computes only the loss (dx is then zeros).
 Memory beyond inputs and outputs: O(B*D) plus one block of distance rows of at most FASTLOSS_NATIVE_BLOCK_BYTES
 bytes (default 16 MiB; at least one row) and O(B) per thread.)doc",
         pybind11::arg("x"), pybind11::arg("labels"), pybind11::arg("margin"), pybind11::arg("metric"),
