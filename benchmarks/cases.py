@@ -155,7 +155,7 @@ class _GemmFloor(torch.autograd.Function):
 def _floor_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the floor's GEMMs: x's, except half inputs on CPU, multiplied in fp32 there (exact products and
     fp32 sums, what a half GEMM with fp32 accumulation computes) as the native ops do, unless the native ops take
-    bf16 GEMMs on this CPU (MNRL, the triplet ops' Gram: AMX-BF16, FASTLOSS_NATIVE_BF16_GEMM) or there is no native
+    bf16 GEMMs on this CPU (MNRL, the triplet ops: AMX-BF16, FASTLOSS_NATIVE_BF16_GEMM) or there is no native
     op (fastloss then runs torch's half GEMMs itself). Torch's half GEMMs on a CPU without bf16 / fp16 instructions
     are no floor: see benchmarks/README.md (gemm_floor)."""
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):

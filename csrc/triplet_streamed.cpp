@@ -3,7 +3,7 @@
 // fallback and the CUDA path; this file follows its arithmetic and tie rules).
 //
 // Per block of m anchor rows: G = X_blk X^T (at::mm into one m x B buffer; bf16 GEMMs with fp32 results for bf16
-// inputs where those are fast, bf16_gemm.h), a parallel pass turning each row into
+// inputs where those are fast, bf16_gemm.h, the gradient GEMMs below too), a parallel pass turning each row into
 // distances in place (distance_rows; at::sqrt of the block for euclidean), then a parallel pass over the anchors.
 // With anchor a's negatives n (y_n != y_a) and positives p (p != a, y_p = y_a):
 //   batch-all  h_pn = (d_ap - d_an) + margin in the distances' dtype, sentence-transformers' order of operations
@@ -31,7 +31,8 @@
 // A training step then costs three GEMMs (G, C X, C^T X_blk) and one pass per row instead of recomputing the block
 // in a backward; the backward only scales the saved gradient by grad_output, and need_grad = false (a forward under
 // no_grad) skips the coefficients and both gradient GEMMs. Memory beyond inputs and outputs: the operand rows and the
-// fp32 / fp64 gradient (O(B D)), one m x B block (block_bytes(), at least one row) and O(B) scratch per thread.
+// fp32 / fp64 gradient (O(B D)), one m x B block (block_bytes(), at least one row; and a bf16 copy of its coefficients
+// where bf16 GEMMs take them) and O(B) scratch per thread.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -39,6 +40,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -349,13 +351,28 @@ inline double coefficients_any(double* g, const double* w, int64_t n, int64_t me
   return coefficients<double>(g, w, n, metric);
 }
 
+// out_j = bf16(-c_j) as bits, the coefficients as the bf16 gradient GEMMs take them (negated: those GEMMs add);
+// returns the row sum of the same rounded values, so that diag(r + k) X - C X - C^T X stays the gradient of one set of
+// coefficients (each off by at most half a bf16 step) rather than subtracting products of different ones
+FASTLOSS_SIMD_CLONES float round_negated_bf16(const float* c, uint16_t* out, int64_t n) {
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t b = bf16_bits(-c[j]);
+    out[j] = b;
+    sum -= bits_as<float>(static_cast<uint32_t>(b) << 16);  // + bf16(c_j)
+  }
+  return sum;
+}
+
 struct Totals {
   double total = 0.0;
   double count = 0.0;
 };
 
 // Streams the anchors in row blocks; with need_grad accumulates dxo (unnormalised: dL/dxo times the normaliser, the
-// diag(r + k) X term left to the caller through diag). gemm_x: the Gram's operand, xo or its bf16 form.
+// diag(r + k) X term left to the caller through diag). gemm_x: the Gram's operand, xo or its bf16 form; with bf16 the
+// gradient GEMMs take it too, with the coefficients rounded to bf16 (round_negated_bf16), as the MNRL op's weights.
 template <typename T>
 Totals stream(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& sq_t, const at::Tensor& labels_t,
               int64_t metric, T margin, bool semi_hard, at::Tensor& dxo, at::Tensor& diag) {
@@ -364,6 +381,9 @@ Totals stream(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& 
   const int64_t rows_per_block =
       std::clamp<int64_t>(block_bytes() / (batch * static_cast<int64_t>(sizeof(T))), 1, batch);
   at::Tensor buffer = at::empty({rows_per_block, batch}, xo.options());
+  const bool bf16_grad = need_grad && gemm_x.scalar_type() == at::kBFloat16;
+  at::Tensor buffer16 = bf16_grad ? at::empty({rows_per_block, batch}, gemm_x.options()) : at::Tensor();
+  uint16_t* c16 = bf16_grad ? reinterpret_cast<uint16_t*>(buffer16.mutable_data_ptr<at::BFloat16>()) : nullptr;
   std::vector<RowSums> sums(rows_per_block);
   const T* sq = metric == kCosine ? nullptr : sq_t.const_data_ptr<T>();
   const T* x = xo.const_data_ptr<T>();  // contiguous
@@ -397,7 +417,10 @@ Totals stream(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& 
                   : semi_hard ? semi_hard_row(s, row, labels, own, batch, margin, w)
                               : batch_all_row(s, margin, w);
         if (need_grad) {
-          const T row_sum = coefficients_any(row, w, batch, metric);
+          T row_sum = coefficients_any(row, w, batch, metric);
+          if constexpr (std::is_same_v<T, float>) {
+            if (c16 != nullptr) row_sum = round_negated_bf16(row, c16 + r * batch, batch);
+          }
           if (diag_p != nullptr) diag_p[own] += row_sum;
         }
       }
@@ -406,7 +429,14 @@ Totals stream(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& 
       totals.total += sums[r].total;
       totals.count += sums[r].count;
     }
-    if (need_grad) {
+    if (bf16_grad) {  // the same three updates with -C_blk in bf16 (bf16 GEMMs add)
+      const auto* xb = gemm_x.const_data_ptr<at::BFloat16>();
+      const auto* cb = reinterpret_cast<const at::BFloat16*>(c16);
+      float* dp = dxo.mutable_data_ptr<float>();
+      gemm_bf16_f32(false, false, m, dim, batch, cb, batch, xb, dim, 1.0f, dp + i0 * dim, dim);
+      gemm_bf16_f32(true, false, batch, dim, m, cb, batch, xb + i0 * dim, dim, 1.0f, dp, dim);
+      if (metric != kCosine) diag.sub_(buffer16.narrow(0, 0, m).sum(0, false, at::kFloat));
+    } else if (need_grad) {
       dxo.narrow(0, i0, m).addmm_(block, xo, 1, -1);  // -= C_blk X
       dxo.addmm_(block.t(), xa, 1, -1);                // -= C_blk^T X_blk
       if (metric != kCosine) diag.add_(block.sum(0));  // column sums k
@@ -447,8 +477,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed(const char* name, bool s
   // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs.
   at::Tensor xo = x.detach();
   if (metric == kCosine) xo = normalize_rows(xo);
-  // bf16 rows stay the Gram's operand where bf16 GEMMs are fast: their products are exact in fp32 (the gradient
-  // GEMMs keep fp32 coefficients)
+  // bf16 rows stay the GEMMs' operand where bf16 GEMMs are fast: the Gram's products are exact in fp32; the gradient
+  // GEMMs take the coefficients rounded to bf16 (exact for squared euclidean and cosine, small multiples of weights)
   const at::Tensor gemm_x = dtype == at::kBFloat16 && bf16_gemm_enabled() ? xo.contiguous() : at::Tensor();
   xo = xo.to(acc_type).contiguous();
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
@@ -496,11 +526,11 @@ Batch-all triplet loss of embeddings x [B, D] with class labels [B] and its grad
 0 euclidean | 1 squared euclidean | 2 cosine. loss = sum over valid triplets (a, p, n) of
 max(d_ap - d_an + margin, 0) / norm with norm = #{triplets with a loss > 1e-16} + 1e-16 (fp64 0-d), as
 sentence-transformers' BatchAllTripletLoss and fastloss.ops.triplet.batch_all_fwd. Returns loss (0-d) and
-dx = dloss/dx [B, D] in fp64 for fp64 x, else fp32 (distances and GEMMs in fp32 for fp16 / bf16 / fp32, the
-Gram of bf16 x in MKL's bf16 GEMM with fp32 results where FASTLOSS_NATIVE_BF16_GEMM allows; counts and sums of
-hinges in fp64). need_grad=False computes only the loss (dx is then zeros).
+dx = dloss/dx [B, D] in fp64 for fp64 x, else fp32 (distances and GEMMs in fp32 for fp16 / bf16 / fp32; for bf16
+x where FASTLOSS_NATIVE_BF16_GEMM allows, MKL's bf16 GEMMs with fp32 results, the gradient's coefficients rounded
+to bf16; counts and sums of hinges in fp64). need_grad=False computes only the loss (dx is then zeros).
 Memory beyond inputs and outputs: O(B*D) plus one block of distance rows of at most FASTLOSS_NATIVE_BLOCK_BYTES
-bytes (default 16 MiB; at least one row) and O(B) per thread.)doc",
+bytes (default 16 MiB; at least one row; half as much again for bf16 coefficients) and O(B) per thread.)doc",
         pybind11::arg("x"), pybind11::arg("labels"), pybind11::arg("margin"), pybind11::arg("metric"),
         pybind11::arg("need_grad"));
   m.def("batch_semi_hard_triplet_fused", &batch_semi_hard_triplet_fused,
@@ -512,9 +542,10 @@ Batch-semi-hard triplet loss of embeddings x [B, D] with class labels [B] and it
 (ties: the lowest index), else sentence-transformers' masked-maximum fallback; loss = sum_ap max(d_ap - d_an +
 margin, 0) / norm with norm = max(#positive pairs, 1e-16) (fp64 0-d), as sentence-transformers'
 BatchSemiHardTripletLoss and fastloss.ops.triplet.batch_semi_hard_fwd (half the gradient at a hinge of exactly
-0). Returns loss (0-d) and dx = dloss/dx [B, D] in fp64 for fp64 x, else fp32. need_grad=False computes only
-the loss (dx is then zeros). Memory beyond inputs and outputs: O(B*D) plus one block of distance rows of at most
-FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row) and O(B) per thread.)doc",
+0). Returns loss (0-d) and dx = dloss/dx [B, D] in fp64 for fp64 x, else fp32 (GEMMs as batch_all_triplet_fused).
+need_grad=False computes only the loss (dx is then zeros). Memory beyond inputs and outputs: O(B*D) plus one
+block of distance rows of at most FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row; half as much
+again for bf16 coefficients) and O(B) per thread.)doc",
         pybind11::arg("x"), pybind11::arg("labels"), pybind11::arg("margin"), pybind11::arg("metric"),
         pybind11::arg("need_grad"));
 }

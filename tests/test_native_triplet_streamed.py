@@ -284,30 +284,48 @@ def test_dtypes_against_fp32_truth(native_calls, kind, metric, dtype):
     torch.testing.assert_close(ours[1].float(), blocked[1].float(), **tol)
 
 
+def _normwise(got, want):
+    return float(torch.linalg.vector_norm(got.double() - want.double()) / torch.linalg.vector_norm(want.double()))
+
+
 @pytest.mark.skipif(not mkl_bf16_gemm(), reason=NO_MKL_BF16)
 @pytest.mark.parametrize("batch", [7, 130])
 @pytest.mark.parametrize("layout", ["random", "two", "mixed"])
 @pytest.mark.parametrize("metric", list(METRICS))
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_bf16_gemms(monkeypatch, kind, metric, layout, batch):
-    """bf16 inputs with the Gram in MKL's bf16 GEMM (FASTLOSS_NATIVE_BF16_GEMM=1; the default on an AMX CPU) against
-    fp32 GEMMs (=0): the products are exact in fp32 either way (the gradient GEMMs keep fp32 coefficients), so the
-    loss agrees to fp32 rounding and the bf16 gradient to one bf16 rounding step; with =1 no aten::mm runs (the
-    gradient's aten::addmm_ does), with =0 it does."""
+    """bf16 inputs in MKL's bf16 GEMMs (FASTLOSS_NATIVE_BF16_GEMM=1; the default on an AMX CPU): the Gram's products
+    are exact in fp32 either way, so the loss equals the fp32 GEMMs' (=0) to fp32 rounding; the gradient GEMMs take
+    the coefficients rounded to bf16, so the gradient is checked normwise against the fp64 truth on the same bf16
+    inputs and against =0's, and the switch is seen to take effect: with =1 neither aten::mm nor aten::addmm_ runs,
+    with =0 both do."""
     y = _labels(layout, batch, seed=batch)
     x = _x(batch, 24, dtype=torch.bfloat16, seed=batch)
-    code = METRICS[metric][0]
+    code, fn = METRICS[metric][0], METRICS[metric][1]
     op = KINDS[kind][0]
     runs = {}
     for switch in ("0", "1"):
         monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", switch)
         runs[switch] = _native(kind, x, y, 0.5, metric)
         names = aten_op_names(lambda: op(x, y, 0.5, code, True))
-        assert ("aten::mm" in names) == (switch == "0") and "aten::addmm_" in names, names
-    (loss, grad), (want_loss, want_grad) = runs["1"], runs["0"]
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    scale = max(float(want_grad.abs().max()), 1e-30)
-    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=2**-7, atol=1e-5 * scale)
+        assert ("aten::mm" in names) == ("aten::addmm_" in names) == (switch == "0"), names
+    (loss, grad), (fp32_loss, fp32_grad) = runs["1"], runs["0"]
+    torch.testing.assert_close(loss, fp32_loss, rtol=1e-5, atol=1e-6)
+    # the op's operand: x_hat = F.normalize(x) in bf16 for cosine, as sentence-transformers'
+    cosine = metric == "cosine"
+    operand = (lambda e: torch.nn.functional.normalize(e.bfloat16(), dim=-1).double()) if cosine else (lambda e: e)
+    _, truth = _grad(lambda e: KINDS[kind][3](operand(e), y, 0.5, fn), x.double())
+    assert torch.isfinite(grad).all()
+    if float(truth.abs().max()) == 0.0:  # no triplet with a loss
+        assert float(grad.abs().max()) == 0.0
+        return
+    # measured (this test's 36 cases): within 3e-3 of =0's gradient, and at most 1.1e-3 farther from the truth than
+    # =0's (whose own error, 1.5e-3 .. 4.5e-3, is the bf16 output's; 0.13 .. 0.22 for semi-hard cosine at B = 130,
+    # the blocked torch path's too, likely semi-hard's pick between negatives tied in fp32, not investigated further);
+    # squared and cosine coefficients are exact in bf16 (small multiples of the weights), only euclidean's w / d is
+    # rounded
+    assert _normwise(grad, fp32_grad) <= 1e-2
+    assert _normwise(grad, truth) <= _normwise(fp32_grad, truth) + 5e-3
 
 
 @pytest.mark.parametrize("layout", ["mixed", "two"])
