@@ -33,4 +33,10 @@ inline void products(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
                 b.const_data_ptr<at::BFloat16>(), b.stride(0), 0.0f, out.mutable_data_ptr<float>(), out.stride(0));
 }
 
+// The GEMMs' operand for rows (in the input dtype) whose copy in the accumulation type is xo: the rows themselves
+// where they are bf16 and bf16 GEMMs run (products), else xo.
+inline at::Tensor gemm_operand(const at::Tensor& rows, const at::Tensor& xo) {
+  return rows.scalar_type() == at::kBFloat16 && bf16_gemm_enabled() ? rows.contiguous() : xo;
+}
+
 }  // namespace fastloss

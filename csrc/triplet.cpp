@@ -203,18 +203,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
   // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs. bf16 rows
   // also stay the Gram's operand where bf16 GEMMs are fast (bf16_gemm.h): their products are exact in fp32, so only
   // the order of the sums changes.
-  at::Tensor xo = x.detach();
-  if (metric == kCosine) xo = normalize_rows(xo);
-  const at::Tensor gemm_x = dtype == at::kBFloat16 && bf16_gemm_enabled() ? xo.contiguous() : at::Tensor();
-  if (dtype == at::kHalf || dtype == at::kBFloat16) xo = xo.to(at::kFloat);
-  xo = xo.contiguous();  // distance_rows reads the rows of near pairs
+  at::Tensor rows = x.detach();
+  if (metric == kCosine) rows = normalize_rows(rows);
+  // contiguous: distance_rows reads the rows of near pairs
+  const at::Tensor xo = (dtype == at::kHalf || dtype == at::kBFloat16 ? rows.to(at::kFloat) : rows).contiguous();
+  const at::Tensor gemm_x = gemm_operand(rows, xo);
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
 
   if (xo.scalar_type() == at::kDouble) {
-    mine_impl<double>(xo, xo, sq, labels64, metric, outputs<double>(hp, hn, sel_idx, sel_d));
+    mine_impl<double>(xo, gemm_x, sq, labels64, metric, outputs<double>(hp, hn, sel_idx, sel_d));
   } else {
-    mine_impl<float>(xo, gemm_x.defined() ? gemm_x : xo, sq, labels64, metric, outputs<float>(hp, hn, sel_idx, sel_d));
+    mine_impl<float>(xo, gemm_x, sq, labels64, metric, outputs<float>(hp, hn, sel_idx, sel_d));
   }
   return {hp, hn, sel_idx, sel_d};
 }

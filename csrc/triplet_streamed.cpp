@@ -475,12 +475,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed(const char* name, bool s
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc = x.options().dtype(acc_type);
   // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs.
-  at::Tensor xo = x.detach();
-  if (metric == kCosine) xo = normalize_rows(xo);
+  at::Tensor rows = x.detach();
+  if (metric == kCosine) rows = normalize_rows(rows);
+  const at::Tensor xo = rows.to(acc_type).contiguous();
   // bf16 rows stay the GEMMs' operand where bf16 GEMMs are fast: the Gram's products are exact in fp32; the gradient
   // GEMMs take the coefficients rounded to bf16 (exact for squared euclidean and cosine, small multiples of weights)
-  const at::Tensor gemm_x = dtype == at::kBFloat16 && bf16_gemm_enabled() ? xo.contiguous() : at::Tensor();
-  xo = xo.to(acc_type).contiguous();
+  const at::Tensor gemm_x = gemm_operand(rows, xo);
   const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
   at::Tensor dxo = need_grad ? at::zeros_like(xo) : at::Tensor();
@@ -489,10 +489,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> streamed(const char* name, bool s
   Totals t;
   if (batch > 0) {
     if (acc_type == at::kDouble) {
-      t = stream<double>(xo, xo, sq, labels64, metric, static_cast<double>(margin), semi_hard, dxo, diag);
+      t = stream<double>(xo, gemm_x, sq, labels64, metric, static_cast<double>(margin), semi_hard, dxo, diag);
     } else {
-      t = stream<float>(xo, gemm_x.defined() ? gemm_x : xo, sq, labels64, metric, static_cast<float>(margin),
-                        semi_hard, dxo, diag);
+      t = stream<float>(xo, gemm_x, sq, labels64, metric, static_cast<float>(margin), semi_hard, dxo, diag);
     }
   }
   const double norm = semi_hard ? std::max(t.count, 1e-16) : t.count + 1e-16;

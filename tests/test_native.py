@@ -14,6 +14,7 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import NO_MKL_BF16, mkl_bf16_gemm
 
 from fastloss import _backend
 from fastloss.ops.mnrl import DIRECTION_BITS, MNRLParams, mnrl
@@ -399,8 +400,8 @@ def test_bf16_gemms(monkeypatch, directions, partition, similarity, rows, block_
     fp32, so the loss and dL/dscale agree to fp32 rounding; the gradients differ (G is rounded to bf16: the switch
     took effect) within that rounding. One pass (every direction; query_to_doc alone) and the symmetric loss's two,
     in one block, blocks of one row and of a few (the shared products' column spans)."""
-    if not _C.build_info()["mkl_bf16_gemm"]:
-        pytest.skip("this torch carries no MKL bf16 GEMM (cblas_gemm_bf16bf16f32): the op keeps fp32 GEMMs")
+    if not mkl_bf16_gemm():
+        pytest.skip(NO_MKL_BF16)
     if block_bytes is not None:
         monkeypatch.setenv("FASTLOSS_NATIVE_BLOCK_BYTES", block_bytes)
     q, docs = make_inputs(19, 24, 3, similarity, torch.bfloat16, seed=12)
@@ -431,8 +432,8 @@ def test_bf16_gemms(monkeypatch, directions, partition, similarity, rows, block_
 @pytest.mark.parametrize("directions,partition", PARTITIONS, ids=[_ids(*p) for p in PARTITIONS])
 def test_bf16_gemms_odd_shapes(monkeypatch, directions, partition, similarity, world, dim, columns):
     """bf16 GEMMs of one row, of D = 1, of two and three rows, for every direction set and partition."""
-    if not _C.build_info()["mkl_bf16_gemm"]:
-        pytest.skip("this torch carries no MKL bf16 GEMM (cblas_gemm_bf16bf16f32): the op keeps fp32 GEMMs")
+    if not mkl_bf16_gemm():
+        pytest.skip(NO_MKL_BF16)
     monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "1")
     check_case(
         world,
@@ -453,8 +454,8 @@ def test_bf16_gemms_copy_no_inputs(monkeypatch, directions, joint):
     widen each entry as they read it, so its only conversions are its bf16 outputs' (counted in the bytes that
     torch's profiler sees aten::_to_copy allocate); fp32 GEMMs copy both inputs to fp32 besides (12 MiB at the CPU
     target shape, B = 4096 with 8192 docs, D = 256)."""
-    if not _C.build_info()["mkl_bf16_gemm"]:
-        pytest.skip("this torch carries no MKL bf16 GEMM (cblas_gemm_bf16bf16f32): the op keeps fp32 GEMMs")
+    if not mkl_bf16_gemm():
+        pytest.skip(NO_MKL_BF16)
     from torch.profiler import ProfilerActivity, profile
 
     world, dim, columns = 16, 8, 3

@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from _helpers import NO_MKL_BF16, ST_EXACT_SEMI_HARD_TIES, aten_op_names, leaf, mkl_bf16_gemm
+from _helpers import NO_MKL_BF16, ST_EXACT_SEMI_HARD_TIES, aten_op_names, leaf, mkl_bf16_gemm, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as hyp
 
@@ -284,10 +284,6 @@ def test_dtypes_against_fp32_truth(native_calls, kind, metric, dtype):
     torch.testing.assert_close(ours[1].float(), blocked[1].float(), **tol)
 
 
-def _normwise(got, want):
-    return float(torch.linalg.vector_norm(got.double() - want.double()) / torch.linalg.vector_norm(want.double()))
-
-
 @pytest.mark.skipif(not mkl_bf16_gemm(), reason=NO_MKL_BF16)
 @pytest.mark.parametrize("batch", [7, 130])
 @pytest.mark.parametrize("layout", ["random", "two", "mixed"])
@@ -324,8 +320,8 @@ def test_bf16_gemms(monkeypatch, kind, metric, layout, batch):
     # the blocked torch path's too, likely semi-hard's pick between negatives tied in fp32, not investigated further);
     # squared and cosine coefficients are exact in bf16 (small multiples of the weights), only euclidean's w / d is
     # rounded
-    assert _normwise(grad, fp32_grad) <= 1e-2
-    assert _normwise(grad, truth) <= _normwise(fp32_grad, truth) + 5e-3
+    assert rel_err(grad, fp32_grad) <= 1e-2
+    assert rel_err(grad, truth) <= rel_err(fp32_grad, truth) + 5e-3
 
 
 @pytest.mark.parametrize("layout", ["mixed", "two"])

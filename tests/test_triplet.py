@@ -769,13 +769,10 @@ def test_native_mining_equals_blocked(monkeypatch, metric, batch, labels, dtype)
 
 
 def _fp64_distances(x, metric):
-    """The distances of the op's operand (F.normalize(x) in x's dtype for cosine) in fp64."""
-    xo = torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
-    xo = xo.double()
+    """The reference's distances of the op's operand (F.normalize(x) in x's dtype for cosine) in fp64."""
     if metric == "cosine":
-        return 1.0 - xo @ xo.T
-    d = torch.cdist(xo, xo)
-    return d.square() if metric == "squared" else d
+        return ref.cosine_distance(torch.nn.functional.normalize(x, dim=1).double())
+    return ref.euclidean_distance(x.double(), squared=metric == "squared")
 
 
 @needs_native
