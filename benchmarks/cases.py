@@ -663,9 +663,11 @@ def _check_l2norm(name: str, x: Tensor, dy: Tensor, fwd: Callable, bwd: Callable
 
 def _l2norm(path: str) -> Builder:
     """fastloss: fastloss.ops.triplet's _normalize / _normalize_backward as dispatched (torch ops unless
-    FASTLOSS_CUDA_KERNELS=1); norm_torch: those torch ops (F.normalize, then the fp32 backward cast to x's dtype);
-    norm_cuda: fastloss._C.l2norm_fwd / l2norm_bwd; norm_triton: F.normalize, then fastloss.ops.l2norm's Triton
-    backward with its inverse norms (the flash MNRL path's epilogue, unless FASTLOSS_CUDA_KERNELS=1)."""
+    FASTLOSS_CUDA_KERNELS=1; half x promoted to fp32 first, as the cosine triplet losses and sentence-transformers'
+    cos_sim do, so its forward also casts and writes fp32); norm_torch: those torch ops (F.normalize, then the fp32
+    backward cast to x's dtype); norm_cuda: fastloss._C.l2norm_fwd / l2norm_bwd; norm_triton: F.normalize, then
+    fastloss.ops.l2norm's Triton backward with its inverse norms (the flash MNRL path's epilogue, unless
+    FASTLOSS_CUDA_KERNELS=1)."""
 
     def build(p: Problem) -> Impl:
         ops = _import("fastloss.ops.triplet")

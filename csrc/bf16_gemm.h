@@ -39,4 +39,19 @@ inline at::Tensor gemm_operand(const at::Tensor& rows, const at::Tensor& xo) {
   return rows.scalar_type() == at::kBFloat16 && bf16_gemm_enabled() ? rows.contiguous() : xo;
 }
 
+// The triplet ops' cosine Gram for bf16 rows where bf16 GEMMs run: the raw rows' products (exact in fp32) scaled by
+// the inverse norms r returned here, 1 - (g_ij r_i) r_j, which differs from the fp32 unit rows' 1 - <x^_i, x^_j>
+// (sentence-transformers' distances of half inputs, normalize_rows) by fp32 rounding only. Zero rows get r = 0 (x^ = 0,
+// as F.normalize). Undefined, so the unit rows' fp32 GEMM runs instead, where bf16 GEMMs do not run or some nonzero
+// norm lies outside [2^-60, 2^60] (products of such rows could leave fp32's normal range; NaN and inf too).
+inline at::Tensor cosine_inverse_norms(const at::Tensor& x) {
+  if (x.scalar_type() != at::kBFloat16 || x.size(0) == 0 || !bf16_gemm_enabled()) return {};
+  const at::Tensor norm = at::linalg_vector_norm(x, 2, {1}, false, at::kFloat);
+  const at::Tensor zero = (x != 0).any(1).logical_not();  // not norm == 0: a tiny row's squares underflow to 0
+  const at::Tensor checked = norm.masked_fill(zero, 1.0f);
+  const double lo = checked.min().item<double>(), hi = checked.max().item<double>();
+  if (!(lo >= 0x1p-60 && hi <= 0x1p60)) return {};
+  return at::where(zero, at::zeros({}, norm.options()), norm.reciprocal()).contiguous();
+}
+
 }  // namespace fastloss

@@ -5,12 +5,10 @@
 namespace fastloss {
 constexpr double kNormEps = 1e-12;  // F.normalize's default
 
-// As fastloss.ops.triplet._normalize: F.normalize(x, eps) in x's dtype (sentence-transformers' numbers), except zero
-// rows of fp16 x: eps = 1e-12 rounds to 0 in fp16, so F.normalize gives 0 / 0 there; they give 0, as in every
-// other dtype.
+// As fastloss.ops.triplet._normalize: F.normalize(x, eps) of x promoted to fp32 when it is fp16 / bf16 (fp64 stays
+// fp64), as sentence-transformers' cos_sim promotes its inputs: the unit rows are never rounded to the input dtype.
 inline at::Tensor normalize_rows(const at::Tensor& x) {
-  const at::Tensor norm = x.norm(2, {1}, true);
-  const at::Tensor out = x / norm.clamp_min(kNormEps);
-  return x.scalar_type() == at::kHalf ? at::where(norm == 0, at::zeros({}, out.options()), out) : out;
+  const at::Tensor xf = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ? x.to(at::kFloat) : x;
+  return xf / xf.norm(2, {1}, true).clamp_min(kNormEps);
 }
 }  // namespace fastloss

@@ -136,7 +136,8 @@ void select_row(const T* d, const int64_t* labels, int64_t i, int64_t n, const O
 }
 
 // T: the operand's and the distances' type (fp64 for fp64 inputs, else fp32), which the outputs keep. gemm_x: the
-// Gram's operand, xo or its bf16 form (products: bf16 GEMMs with fp32 results).
+// Gram's operand, xo or its bf16 form (products: bf16 GEMMs with fp32 results). sq_t: the squared norms, or for cosine
+// the inverse norms of raw bf16 rows (cosine_inverse_norms), else undefined (unit rows).
 template <typename T>
 void mine_impl(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& sq_t, const at::Tensor& labels_t,
                int64_t metric, const Outputs<T>& o) {
@@ -144,7 +145,7 @@ void mine_impl(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor&
   const int64_t rows_per_block =
       std::clamp<int64_t>(block_bytes() / (batch * static_cast<int64_t>(sizeof(T))), 1, batch);
   at::Tensor gram = at::empty({rows_per_block, batch}, xo.options());
-  const T* sq = metric == kCosine ? nullptr : sq_t.const_data_ptr<T>();
+  const T* sq = sq_t.defined() ? sq_t.const_data_ptr<T>() : nullptr;
   const T* x = xo.const_data_ptr<T>();
   const int64_t dim = xo.size(1);
   const int64_t* labels = labels_t.const_data_ptr<int64_t>();
@@ -200,15 +201,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
   at::Tensor sel_d = at::empty({3, batch}, acc);
   if (batch == 0) return {hp, hn, sel_idx, sel_d};
 
-  // The torch path's operand: x_hat = F.normalize(x) in the input dtype for cosine; fp32 for half inputs. bf16 rows
-  // also stay the Gram's operand where bf16 GEMMs are fast (bf16_gemm.h): their products are exact in fp32, so only
-  // the order of the sums changes.
+  // The torch path's operand: fp32 for half inputs; x_hat = F.normalize(x) for cosine, fp32 for half inputs too
+  // (normalize_rows). bf16 rows also stay the Gram's operand where bf16 GEMMs are fast (bf16_gemm.h): their products
+  // are exact in fp32, so only the order of the sums changes (cosine: raw rows, scaled by their inverse norms).
   at::Tensor rows = x.detach();
-  if (metric == kCosine) rows = normalize_rows(rows);
+  const at::Tensor inv_norms = metric == kCosine ? cosine_inverse_norms(rows) : at::Tensor();
+  if (metric == kCosine && !inv_norms.defined()) rows = normalize_rows(rows);
   // contiguous: distance_rows reads the rows of near pairs
   const at::Tensor xo = (dtype == at::kHalf || dtype == at::kBFloat16 ? rows.to(at::kFloat) : rows).contiguous();
   const at::Tensor gemm_x = gemm_operand(rows, xo);
-  const at::Tensor sq = metric == kCosine ? at::Tensor() : xo.square().sum(1).contiguous();
+  const at::Tensor sq = metric == kCosine ? inv_norms : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
 
   if (xo.scalar_type() == at::kDouble) {
@@ -397,7 +399,7 @@ at::Tensor batch_hard_triplet_bwd(const at::Tensor& grad_hp, const at::Tensor& g
   const at::Tensor sel = sel_idx.contiguous();
   const ColumnPairs cols = group_by_column(sel.const_data_ptr<int64_t>(), batch);
 
-  // The operand rows in the accumulation type, as the torch path: x^ = F.normalize(x) in x's dtype for cosine.
+  // The operand rows in the accumulation type, as the torch path: x^ = F.normalize(x) for cosine (fp32 for half x).
   at::Tensor xo = x;
   if (metric == kCosine) xo = normalize_rows(xo);
   xo = xo.to(acc_type).contiguous();

@@ -64,8 +64,8 @@ struct Pairs {
 };
 
 // Column `col` of row i's dx^ (cosine) or dx (euclidean / squared): its own pairs, then the pairs that selected it.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t gather_column(const scalar_t* __restrict__ xo, const Pairs<acc_t>& p, int64_t i,
+template <typename operand_t, typename acc_t>
+__device__ __forceinline__ acc_t gather_column(const operand_t* __restrict__ xo, const Pairs<acc_t>& p, int64_t i,
                                                int64_t dim, int64_t col) {
   const bool cosine = p.metric == kCosine;
   const acc_t x_i = cosine ? acc_t(0) : static_cast<acc_t>(xo[i * dim + col]);
@@ -106,8 +106,9 @@ __device__ __forceinline__ void block_sum2(T& a, T& b) {
   b = warp_sum(b);
 }
 
-template <typename scalar_t>
-__global__ void batch_hard_bwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ xo,
+// xo: x itself (euclidean, squared) or x^ in acc_t (cosine: normalize_rows, fp32 for half x)
+template <typename scalar_t, typename operand_t>
+__global__ void batch_hard_bwd_kernel(const scalar_t* __restrict__ x, const operand_t* __restrict__ xo,
                                       Pairs<at::opmath_type<scalar_t>> pairs, scalar_t* __restrict__ dx, int64_t dim,
                                       bool cache) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -187,8 +188,8 @@ at::Tensor batch_hard_triplet_bwd_cuda(const at::Tensor& grad_hp, const at::Tens
   const auto sorted = at::sort(sel, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor order = std::get<1>(sorted).contiguous();
   const at::Tensor offsets = at::searchsorted(std::get<0>(sorted), at::arange(batch + 1, sel.options())).contiguous();
-  // The operand, as the torch path: x^ = F.normalize(x) in x's dtype for cosine (zero fp16 rows: 0).
-  const at::Tensor xo = metric == kCosine ? normalize_rows(x).contiguous() : x;
+  // The operand, as the torch path: x^ = F.normalize(x) for cosine, in acc_t (normalize_rows: fp32 for half x).
+  const at::Tensor xo = metric == kCosine ? normalize_rows(x).to(acc_type).contiguous() : x;
   const at::Tensor ghp = grad_hp.reshape(-1).to(acc_type).contiguous();
   const at::Tensor ghn = grad_hn.reshape(-1).to(acc_type).contiguous();
   const at::Tensor d = sel_d.reshape(-1).to(acc_type).contiguous();
@@ -207,10 +208,16 @@ at::Tensor batch_hard_triplet_bwd_cuda(const at::Tensor& grad_hp, const at::Tens
                              d.const_data_ptr<acc_t>(),
                              batch,
                              static_cast<int>(metric)};
-    batch_hard_bwd_kernel<scalar_t><<<static_cast<unsigned>(batch), threads, smem,
-                                      c10::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), xo.const_data_ptr<scalar_t>(), pairs, dx.mutable_data_ptr<scalar_t>(), dim,
-        cache);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    if (metric == kCosine) {
+      batch_hard_bwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(batch), threads, smem, stream>>>(
+          x.const_data_ptr<scalar_t>(), xo.const_data_ptr<acc_t>(), pairs, dx.mutable_data_ptr<scalar_t>(), dim,
+          cache);
+    } else {
+      batch_hard_bwd_kernel<scalar_t, scalar_t><<<static_cast<unsigned>(batch), threads, smem, stream>>>(
+          x.const_data_ptr<scalar_t>(), xo.const_data_ptr<scalar_t>(), pairs, dx.mutable_data_ptr<scalar_t>(), dim,
+          cache);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;

@@ -1,6 +1,7 @@
 """The batch triplet family as fused ops: no B x B distance matrix for batch-hard, no B^3 triplets for the others.
 
-Distances from the Gram tile G_ij = <x_i, x_j> (x_hat = F.normalize(x) for cosine), as sentence-transformers does:
+Distances from the Gram tile G_ij = <x_i, x_j> (x_hat = F.normalize(x) for cosine, of x promoted to fp32 when it is
+fp16 / bf16, as sentence-transformers' cos_sim promotes it), as sentence-transformers does:
     euclidean          d_ij = sqrt(max(|x_j|^2 - 2 G_ij + |x_i|^2, 0)),  d_ii = 0
     squared_euclidean  d_ij = max(|x_j|^2 - 2 G_ij + |x_i|^2, 0),        d_ii = 0
     cosine             d_ij = 1 - <x_hat_i, x_hat_j>
@@ -29,8 +30,8 @@ stable sort on CUDA) turns the scatter into a gather: fastloss._C.batch_hard_tri
 deterministic gather per output row on CPU tensors (cosine with F.normalize's backward fused in), its CUDA twin
 batch_hard_triplet_bwd_cuda one thread block per row (opt-in: FASTLOSS_CUDA_KERNELS=1); otherwise torch ops do a
 gather and an index_add_. With FASTLOSS_CUDA_KERNELS=1 the cosine normalisation of CUDA tensors also takes
-fastloss._C.l2norm_fwd (fp32/fp64, outside autograd) and l2norm_bwd. Memory O(B*D) beyond the inputs (the CPU
-mining: O(rows * B)).
+fastloss._C.l2norm_fwd (on the fp32/fp64 rows, outside autograd) and l2norm_bwd. Memory O(B*D) beyond the inputs
+(the CPU mining: O(rows * B)).
 
 batch-all and semi-hard (CPU tensors: fastloss._C.batch_all_triplet_fused / batch_semi_hard_triplet_fused, which
 compute the gradient inside the forward; CUDA tensors, FASTLOSS_BACKEND=torch|triton or no extension: torch streamed
@@ -52,7 +53,8 @@ over blocks of anchor rows. Both O(rows * B) memory, O(B^2 log B) time at most):
   Neither keeps more than a block of rows: at B = 16384 the B^2 sort and prefix sums would need gigabytes.
 
 Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 "ieee", or "tf32x3" / "tf32" with
-FASTLOSS_FP32_DOT); distances, selections and the loss in fp32. fp64 inputs keep fp64 everywhere except in the
+FASTLOSS_FP32_DOT; cosine multiplies the fp32 unit rows, whatever the input dtype); distances, selections and the
+loss in fp32. fp64 inputs keep fp64 everywhere except in the
 Triton kernel, which selects in fp32 (the selected pairs' distances, hence the loss and its gradient, are then
 recomputed in fp64); under TRITON_INTERPRET=1 bf16 runs in fp32 (the interpreter's bf16 tl.dot is wrong).
 Limits: as in sentence-transformers, euclidean needs |x|^2 to fit in fp32 (|x| < ~1e19).
@@ -71,6 +73,7 @@ from torch import Tensor
 from fastloss import _backend
 from fastloss.ops._autotune import drop_fp32_tiles, first_only, tune_bucket
 from fastloss.ops._custom_op import custom_op
+from fastloss.similarity import promote_half
 
 try:
     import triton
@@ -321,19 +324,14 @@ def _check_metric(metric: int) -> None:
 
 
 def _normalize(x: Tensor) -> Tensor:
-    """sentence-transformers' normalisation (F.normalize in the input dtype). fp32/fp64 CUDA tensors outside autograd
-    take fastloss._C.l2norm_fwd with FASTLOSS_CUDA_KERNELS=1: the same maths in x's dtype. Half dtypes keep
-    F.normalize, which rounds the norm to x's dtype before dividing. Except zero rows of fp16 x: eps = 1e-12 rounds
-    to 0 in fp16, so F.normalize gives 0 / 0 there and every distance and the loss turn NaN (sentence-transformers'
-    fp16 loss does); they give 0, as in every other dtype (fastloss._C's triplet ops: normalize_rows, the same rule).
-    Every nonzero fp16 row has a norm >= 6e-8, which fp16 holds."""
-    if x.dtype == torch.float16:
-        norm = x.norm(p=2, dim=-1, keepdim=True)  # F.normalize's own steps, with its norm kept
-        return torch.where(norm == 0, 0.0, x / norm.clamp_min(NORM_EPS))
+    """sentence-transformers' normalisation: its cos_sim promotes fp16 / bf16 rows to fp32 before F.normalize
+    (util's _convert_to_float_tensor, 6.0.1 and 6.2), so x_hat is fp32 for half x (fp64 for fp64) and every distance
+    is 1 - <x_hat_i, x_hat_j> in fp32, never rounded to the input dtype. fp32/fp64 CUDA tensors outside autograd take
+    fastloss._C.l2norm_fwd with FASTLOSS_CUDA_KERNELS=1: the same maths."""
+    x = promote_half(x)
     if (
         x.device.type == "cuda"
         and x.ndim == 2
-        and x.dtype in (torch.float32, torch.float64)
         and not (torch.is_grad_enabled() and x.requires_grad)
         and _backend.cuda_kernel_enabled("l2norm_fwd")
     ):
@@ -373,7 +371,8 @@ def _on_device(x: Tensor):
 
 
 def _stream_operand(x: Tensor, metric: int) -> Tensor:
-    """The rows whose Gram matrix gives the distances: fp32 for half inputs (as ST's euclidean), x_hat for cosine."""
+    """The rows whose Gram matrix gives the distances: fp32 for half inputs (as ST's euclidean), x_hat for cosine
+    (fp32 for half inputs too, as ST's cos_sim)."""
     if metric == COSINE:
         x = _normalize(x)
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -463,7 +462,7 @@ def _finish_grad(x: Tensor, dxo: Tensor, metric: int) -> Tensor:
 
 
 def _kernel_operand(x: Tensor, metric: int) -> Tensor:
-    """The rows the kernel multiplies: x (or x_hat for cosine) in a dtype tl.dot handles here."""
+    """The rows the kernel multiplies: x in a dtype tl.dot handles here, or x_hat for cosine (fp32 for half x)."""
     if x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and _interpret()):
         x = x.float()
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):

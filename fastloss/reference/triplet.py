@@ -23,7 +23,8 @@ class BatchHardTripletLossDistanceFunction:
 
     @staticmethod
     def cosine_distance(embeddings: Tensor) -> Tensor:
-        """d_ij = 1 - cos(e_i, e_j) (rows L2-normalised with eps 1e-12, in the input dtype)."""
+        """d_ij = 1 - cos(e_i, e_j) (rows L2-normalised with eps 1e-12; fp16 / bf16 rows promoted to fp32 first, as
+        sentence-transformers' cos_sim)."""
         return 1 - cos_sim(embeddings, embeddings)
 
     @staticmethod
