@@ -406,6 +406,30 @@ def test_half_cosine_matches_sentence_transformers(monkeypatch, kind, dtype):
     assert rel_err(ours_g.cpu(), x64.grad) <= rel_err(st_g.cpu(), x64.grad) + 5e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_kernel_cosine_operand_gives_st_distances(dtype):
+    """The Triton mining kernel's cosine operand (_cosine_operand: half rows as they are or scaled by a power of two,
+    and inverse norms r): 1 - (<rows_i, rows_j> r_i) r_j, the dot summed exactly here (fp64) as tl.dot sums the
+    exact products in fp32, equals sentence-transformers' fp32 cosine distances to fp32 rounding, for rows of every
+    scale: zero, below F.normalize's eps, tiny and huge (bf16 shares fp32's exponent range: 1e30's squares
+    overflow fp32, so its x_hat is 0 there, and 1e-30's underflow), and at fp16's limits."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(12, 24, generator=g, dtype=torch.float64)
+    if dtype == torch.bfloat16:
+        scales = [1.0, 0.0, 1e-30, 1e30, 1e-14, 1e-20, 3e18, 1e-18, 2.0**60, 2.0**-60, 1e-3, 1e3]
+    elif dtype == torch.float16:
+        scales = [1.0, 0.0, 1e-6, 1e4, 1e-3, 1e3, 0.5, 2.0, 3e-5, 1e-2, 10.0, 100.0]
+    else:
+        scales = [1.0, 0.0, 1e-30, 1e18, 1e-14, 1e-20, 3.0, 1e-3, 1e3, 0.5, 2.0, 7.0]
+    x = (base * torch.tensor(scales, dtype=torch.float64)[:, None]).to(dtype)
+    rows, r = ops._cosine_operand(x)
+    assert rows.dtype == dtype and r.dtype == torch.float32 and bool(torch.isfinite(r).all())
+    gram = rows.double() @ rows.double().t()
+    d = 1.0 - (gram * r.double()[:, None]) * r.double()[None, :]
+    want = ST_DIST.cosine_distance(x).double()
+    torch.testing.assert_close(d, want, rtol=0, atol=2e-6)
+
+
 @pytest.mark.skipif(not INTERPRET_TILES, reason="needs the Triton interpreter (a GPU autotunes over every tile)")
 @pytest.mark.parametrize("cfg", ops._TILES, ids=lambda c: "{}x{}x{}w{}".format(*c.kwargs.values(), c.num_warps))
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

@@ -53,10 +53,13 @@ over blocks of anchor rows. Both O(rows * B) memory, O(B^2 log B) time at most):
   Neither keeps more than a block of rows: at B = 16384 the B^2 sort and prefix sums would need gigabytes.
 
 Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 "ieee", or "tf32x3" / "tf32" with
-FASTLOSS_FP32_DOT; cosine multiplies the fp32 unit rows, whatever the input dtype); distances, selections and the
-loss in fp32. fp64 inputs keep fp64 everywhere except in the
-Triton kernel, which selects in fp32 (the selected pairs' distances, hence the loss and its gradient, are then
-recomputed in fp64); under TRITON_INTERPRET=1 bf16 runs in fp32 (the interpreter's bf16 tl.dot is wrong).
+FASTLOSS_FP32_DOT); distances, selections and the loss in fp32. Cosine distances are those of the fp32 unit rows
+for every input dtype (sentence-transformers' cos_sim promotes half inputs): the torch paths multiply those rows;
+the Triton kernel multiplies half rows as they are (bf16 scaled by powers of two), whose products are exact in fp32,
+and scales each dot by the two inverse norms (_cosine_operand), so half inputs keep their tensor cores. fp64
+inputs keep fp64 everywhere except in the Triton kernel, which selects in fp32 (the selected pairs' distances, hence
+the loss and its gradient, are then recomputed in fp64); under TRITON_INTERPRET=1 bf16 runs in fp32 (the
+interpreter's bf16 tl.dot is wrong).
 Limits: as in sentence-transformers, euclidean needs |x|^2 to fit in fp32 (|x| < ~1e19).
 """
 
@@ -247,8 +250,9 @@ def batch_hard_fwd_kernel(
             b_b = _load_rows(x, o_n, o_d, B, D, stride_xb, stride_xd)  # [BN, BD]
             b_dot = tl.dot(b_a, tl.trans(b_b), b_dot, input_precision=DOT_PRECISION)
         m_diag = o_m[:, None] == o_n[None, :]
-        if METRIC == 2:
-            b_d = 1.0 - b_dot
+        if METRIC == 2:  # sq: the rows' inverse norms (_cosine_operand)
+            b_r_n = tl.load(sq + o_n, mask=m_n, other=0.0)
+            b_d = 1.0 - (b_dot * b_sq_m[:, None]) * b_r_n[None, :]
         else:
             b_sq_n = tl.load(sq + o_n, mask=m_n, other=0.0)
             b_d = (b_sq_n[None, :] - 2.0 * b_dot) + b_sq_m[:, None]  # sentence-transformers' order of terms
@@ -461,13 +465,43 @@ def _finish_grad(x: Tensor, dxo: Tensor, metric: int) -> Tensor:
 # host: batch-hard
 
 
-def _kernel_operand(x: Tensor, metric: int) -> Tensor:
-    """The rows the kernel multiplies: x in a dtype tl.dot handles here, or x_hat for cosine (fp32 for half x)."""
+def _kernel_operand(x: Tensor, metric: int) -> tuple[Tensor, Tensor]:
+    """The rows the kernel multiplies, in a dtype tl.dot handles here, and its ``sq`` vector: the squared norms
+    (fp32) for the euclidean metrics, the inverse norms for cosine (:func:`_cosine_operand`)."""
     if x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and _interpret()):
         x = x.float()
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"triplet: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    return _normalize(x) if metric == COSINE else x
+    if metric == COSINE:
+        return _cosine_operand(x)
+    return x, x.float().square().sum(dim=1)
+
+
+def _cosine_operand(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows and inverse norms r whose 1 - (<rows_i, rows_j> r_i) r_j are, to fp32 rounding, the cosine distances of
+    sentence-transformers' fp32 unit rows x_hat = x / max(|x|, eps) (its cos_sim promotes half x to fp32), so that
+    half inputs keep tl.dot's half-precision tensor cores: products of half entries are exact in fp32, where the dot
+    accumulates. fp32 x: x_hat itself and r = 1. fp16 x: x as it is (its products stay in fp32's normal range) and
+    r = 1 / max(|x|, eps), |x| summed in fp32 as F.normalize does. bf16 x, whose exponent range is fp32's: each row
+    first scaled by the power of two 2^-e that brings its norm into [0.5, 1) (exact, in two steps that each stay in
+    the normal range; only entries below 2^-126 of their row's norm lose bits, far below the sums' resolution) and
+    r = 2^e / max(|x|, eps); a row whose fp32 norm is 0 or inf gets r = 0 (distance 1 to every row: sentence-
+    transformers' x / eps, where every square underflowed, is ~0, and x / inf is 0)."""
+    if x.dtype == torch.float32:
+        return _normalize(x).contiguous(), torch.ones(x.shape[0], device=x.device)
+    norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+    r = norm.clamp_min(NORM_EPS).reciprocal()
+    if x.dtype == torch.float16:
+        return x, r
+    finite = (norm > 0) & torch.isfinite(norm)
+    e = torch.frexp(torch.where(finite, norm, 1.0)).exponent  # norm in [2^(e-1), 2^e)
+    half = torch.div(e, 2, rounding_mode="floor")
+    rows = x
+    for k in (half, e - half):
+        scale = torch.ldexp(torch.ones_like(norm), k)
+        rows = rows * scale.reciprocal().to(x.dtype)[:, None]
+        r = r * scale
+    return rows.contiguous(), torch.where(finite, r, 0.0)
 
 
 def _batch_hard_fwd_blocked(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -528,8 +562,7 @@ def batch_hard_fwd(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tens
         return _batch_hard_fwd_blocked(x, labels, metric)
     B, D = x.shape
     labels = _labels(labels, B).to(x.device)
-    xo = _kernel_operand(x, metric)
-    sq = xo.float().square().sum(dim=1) if metric != COSINE else torch.zeros(B, device=x.device)
+    xo, sq = _kernel_operand(x, metric)
     hp = torch.empty(B, device=x.device, dtype=torch.float32)
     hn = torch.empty(B, device=x.device, dtype=torch.float32)
     sel_idx = torch.empty((3, B), device=x.device, dtype=torch.int64)
