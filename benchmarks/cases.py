@@ -514,34 +514,38 @@ _TRIPLET_NATIVE = {
 }
 
 
-def _triplet_fastloss(op: str) -> Builder:
+def _triplet_fastloss(op: str, metric: str) -> Builder:
     def build(p: Problem) -> Impl:
         fn = _import("fastloss.functional", f"{op}_loss")
         (x,) = p.inputs
-        return Impl(lambda: fn(x, p.labels), backend=_backend_of(x, _TRIPLET_NATIVE.get(op, op), "blocked"))
+        backend = _backend_of(x, _TRIPLET_NATIVE.get(op, op), "blocked")
+        return Impl(lambda: fn(x, p.labels, distance_metric=metric), backend=backend)
 
     return build
 
 
-def _triplet_st(op: str) -> Builder:
+def _triplet_st(op: str, metric: str) -> Builder:
     def build(p: Problem) -> Impl:
-        loss = _st_loss(_TRIPLET_ST[op])
+        distances = _st_losses().BatchHardTripletLossDistanceFunction
+        fn = distances.cosine_distance if metric == "cosine" else distances.euclidean_distance
+        loss = _st_loss(_TRIPLET_ST[op], distance_metric=fn)
         return Impl(lambda: loss.compute_loss_from_embeddings(p.inputs, p.labels), backend="torch")
 
     return build
 
 
-def _triplet_spec(op: str) -> OpSpec:
+def _triplet_spec(op: str, metric: str = "euclidean") -> OpSpec:
+    """Op ``op`` with euclidean distances (sentence-transformers' default), ``op``_cosine with cosine ones."""
     dense_backward = op in ("batch_all_triplet", "batch_semi_hard_triplet")
     return OpSpec(
-        op,
+        op if metric == "euclidean" else f"{op}_{metric}",
         _make_labelled,
         {
-            "fastloss": _triplet_fastloss(op),
-            "sentence_transformers": _triplet_st(op),
+            "fastloss": _triplet_fastloss(op, metric),
+            "sentence_transformers": _triplet_st(op, metric),
             "gemm_floor": _gemm_floor(lambda p: p.inputs[0], lambda p: p.inputs[0], 1 if dense_backward else 0),
         },
-        description=f"{_TRIPLET_ST[op]}, euclidean, B // 4 classes; N = B; gemm_floor = the Gram matrix"
+        description=f"{_TRIPLET_ST[op]}, {metric}, B // 4 classes; N = B; gemm_floor = the Gram matrix"
         + (" and its backward" if dense_backward else " (the backward touches only the chosen pairs)"),
     )
 
@@ -612,7 +616,7 @@ BATCH_HARD_BWD = OpSpec(
         "bwd_torch": _batch_hard_bwd("bwd_torch"),
         "bwd_native": _batch_hard_bwd("bwd_native"),
         "bwd_cuda": _batch_hard_bwd("bwd_cuda"),
-        "sentence_transformers": _triplet_st("batch_hard_triplet"),
+        "sentence_transformers": _triplet_st("batch_hard_triplet", "euclidean"),
     },
     description="the backward of BatchHardTripletLoss (euclidean, margin 5) alone, selections mined in the set-up: "
     "the torch-ops path (bwd_torch), fastloss._C's CPU kernel (bwd_native), its CUDA kernel (bwd_cuda)",
@@ -832,6 +836,9 @@ OPS: dict[str, OpSpec] = {
         COSENT,
         ANGLE,
         *(_triplet_spec(op) for op in _TRIPLET_ST),
+        # cosine on half inputs: the mining kernel's half rows scaled by inverse norms (fastloss.ops.triplet's
+        # _cosine_operand) against sentence-transformers' fp32 unit rows
+        _triplet_spec("batch_hard_triplet", "cosine"),
         BATCH_HARD_BWD,
         L2NORM,
         GRADCACHE,

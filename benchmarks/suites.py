@@ -64,6 +64,8 @@ def cpu_default(compile_cases: bool = True) -> list[Case]:
     # batch-hard's Gram of bf16 inputs, likewise (not sentence-transformers: it would multiply in torch's bf16 GEMMs,
     # which took seconds a product on a CPU without bf16 instructions, benchmarks/README.md, gemm_floor)
     cases.append(Case("batch_hard_triplet", 4096, 4096, 256, "bf16", ("fastloss", "gemm_floor"), group="dtype"))
+    # cosine on bf16 inputs: sentence-transformers' cos_sim promotes them, so it multiplies in fp32 here
+    cases.append(Case("batch_hard_triplet_cosine", 4096, 4096, 256, "bf16", MNRL_IMPLS, group="dtype"))
     # the largest symmetric and GTE cases also time the row-block torch op, whose products two directions share
     with_blocked = MNRL_IMPLS + ("fastloss_blocked",)
     cases += _sweep("mnsrl", (256, 1024, 2048), 256, "fp32", MNRL_IMPLS) + _sweep(
@@ -93,6 +95,9 @@ def gpu_default(compile_cases: bool = True) -> list[Case]:
     gte_impls = ("sentence_transformers", "fastloss", "fastloss_blocked", "gemm_floor")
     cases.append(Case("gte", 4096, 4096, 768, "bf16", gte_impls))
     cases += _other_ops((1024, 4096, 16384), (256, 512, 1024), 768, "bf16", 4096 if compile_cases else None)
+    # cosine batch-hard on bf16: the mining kernel's tensor-core dots of the raw rows (fastloss.ops.triplet's
+    # _cosine_operand) against sentence-transformers' fp32 GEMM of fp32 unit rows
+    cases += _sweep("batch_hard_triplet_cosine", (1024, 4096, 16384), 768, "bf16", MNRL_IMPLS)
     # the batch-hard backward alone: the torch-ops path (default) against the opt-in CUDA kernel
     cases += _sweep("batch_hard_triplet_bwd", (1024, 4096, 16384), 768, "bf16", ("bwd_torch", "bwd_cuda"))
     cases.append(Case("batch_hard_triplet_bwd", 16384, 16384, 768, "fp32", ("bwd_torch", "bwd_cuda"), group="dtype"))
@@ -113,6 +118,7 @@ def quick() -> list[Case]:
     cases += _sweep("mnsrl", (32, 64), 32, "fp32", MNRL_IMPLS)
     cases += _sweep("gte", (32, 64), 32, "fp32", MNRL_IMPLS)
     cases += _other_ops((32, 64), (16, 32), 32, "fp32", None)
+    cases.append(Case("batch_hard_triplet_cosine", 32, 32, 32, "fp32", MNRL_IMPLS))
     cases.append(Case("batch_hard_triplet_bwd", 64, 64, 32, "fp32", ("bwd_torch", "fastloss")))
     cases += _sweep("gradcache_step", (128,), 32, "fp32", ("sentence_transformers", "fastloss"), ratio=2)
     return cases

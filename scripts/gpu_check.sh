@@ -139,6 +139,14 @@ if [ "$t" -gt 20 ]; then
     --time-limit "$((t - 15))" >>"$OUT/bench.log" 2>&1
   note "bench l2norm,batch_hard_triplet_bwd: rc=$?"
 fi
+# cosine batch-hard on bf16 (6939545: the mining kernel's tensor-core dots of the raw rows, scaled by inverse norms),
+# never timed on a GPU
+t=$(cap 30)
+if [ "$t" -gt 15 ]; then
+  timeout "$t" "${bench[@]}" --ops batch_hard_triplet_cosine --groups batch --modes fwd+bwd --no-max-batch \
+    --time-limit "$((t - 10))" >>"$OUT/bench.log" 2>&1
+  note "bench batch_hard_triplet_cosine: rc=$?"
+fi
 
 # the largest-batch target asked in one call (MNRL pairs at B = N = 1M, D=1024 bf16: 8BND ~ 9e18 FLOP, about
 # 30 s at 300 TFLOP/s, after an untimed call at B=32768 where the kernels autotune); bisecting down only if it does not
