@@ -4,8 +4,13 @@
 // CUDA-only). Where torch has no such MKL, or the CPU no AMX-BF16, the ops keep fp32 GEMMs.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+
+#include "normalize_rows.h"  // kNormEps
 
 namespace fastloss {
 
@@ -39,19 +44,51 @@ inline at::Tensor gemm_operand(const at::Tensor& rows, const at::Tensor& xo) {
   return rows.scalar_type() == at::kBFloat16 && bf16_gemm_enabled() ? rows.contiguous() : xo;
 }
 
-// The triplet ops' cosine Gram for bf16 rows where bf16 GEMMs run: the raw rows' products (exact in fp32) scaled by
-// the inverse norms r returned here, 1 - (g_ij r_i) r_j, which differs from the fp32 unit rows' 1 - <x^_i, x^_j>
-// (sentence-transformers' distances of half inputs, normalize_rows) by fp32 rounding only. Zero rows get r = 0 (x^ = 0,
-// as F.normalize). Undefined, so the unit rows' fp32 GEMM runs instead, where bf16 GEMMs do not run or some nonzero
-// norm lies outside [2^-60, 2^60] (products of such rows could leave fp32's normal range; NaN and inf too).
-inline at::Tensor cosine_inverse_norms(const at::Tensor& x) {
-  if (x.scalar_type() != at::kBFloat16 || x.size(0) == 0 || !bf16_gemm_enabled()) return {};
-  const at::Tensor norm = at::linalg_vector_norm(x, 2, {1}, false, at::kFloat);
-  const at::Tensor zero = (x != 0).any(1).logical_not();  // not norm == 0: a tiny row's squares underflow to 0
-  const at::Tensor checked = norm.masked_fill(zero, 1.0f);
-  const double lo = checked.min().item<double>(), hi = checked.max().item<double>();
-  if (!(lo >= 0x1p-60 && hi <= 0x1p60)) return {};
-  return at::where(zero, at::zeros({}, norm.options()), norm.reciprocal()).contiguous();
+// The triplet ops' cosine Gram for bf16 rows where bf16 GEMMs run, as fastloss.ops.triplet._cosine_operand for the
+// Triton kernel: rows, each scaled by the power of two 2^-e that brings its norm into [0.5, 1) (exact, in two steps
+// that each stay in the normal range: bf16 shares fp32's exponent range, so products of tiny or huge rows could leave
+// it), and inverse norms r = 2^e / max(|x|, eps), so that 1 - (g_ij r_i) r_j of the rows' products g (exact in fp32)
+// differs from the fp32 unit rows' 1 - <x^_i, x^_j> (sentence-transformers' distances of half inputs,
+// normalize_rows) by fp32 rounding only. A row whose fp32 norm is 0 or inf becomes a zero row with r = 0 (distance 1
+// to every row: x / eps ~ 0, x / inf = 0). Both undefined where bf16 GEMMs do not run (the unit rows' fp32 GEMM runs
+// instead). One pass over x in a parallel loop: as ATen ops (norm, frexp, two scalings) it made the mining at B = 256
+// slower than the fp32 path's.
+struct CosineRows {
+  at::Tensor rows;  // [B, D] bf16, contiguous
+  at::Tensor inv;   // [B] fp32
+};
+inline CosineRows cosine_gram_rows(const at::Tensor& x_in) {
+  if (x_in.scalar_type() != at::kBFloat16 || !bf16_gemm_enabled()) return {};
+  const at::Tensor x = x_in.contiguous();
+  const int64_t batch = x.size(0), dim = x.size(1);
+  at::Tensor rows = at::empty_like(x);
+  at::Tensor inv = at::empty({batch}, x.options().dtype(at::kFloat));
+  const at::BFloat16* src = x.const_data_ptr<at::BFloat16>();
+  at::BFloat16* dst = rows.mutable_data_ptr<at::BFloat16>();
+  float* r = inv.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1));
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const at::BFloat16* xi = src + i * dim;
+      at::BFloat16* yi = dst + i * dim;
+      float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t d = 0; d < dim; ++d) squares += static_cast<float>(xi[d]) * static_cast<float>(xi[d]);
+      const float norm = std::sqrt(squares);
+      if (!(norm > 0.0f && std::isfinite(norm))) {
+        std::fill(yi, yi + dim, at::BFloat16(0.0f));
+        r[i] = 0.0f;
+        continue;
+      }
+      int e = 0;
+      std::frexp(norm, &e);  // norm in [2^(e-1), 2^e)
+      const int half = e >= 0 ? e / 2 : -((-e + 1) / 2);  // floor(e / 2)
+      const float s1 = std::ldexp(1.0f, -half), s2 = std::ldexp(1.0f, half - e);
+      for (int64_t d = 0; d < dim; ++d) yi[d] = at::BFloat16((static_cast<float>(xi[d]) * s1) * s2);
+      r[i] = std::ldexp(std::ldexp(1.0f / std::max(norm, static_cast<float>(kNormEps)), half), e - half);
+    }
+  });
+  return {rows, inv};
 }
 
 }  // namespace fastloss

@@ -137,7 +137,7 @@ void select_row(const T* d, const int64_t* labels, int64_t i, int64_t n, const O
 
 // T: the operand's and the distances' type (fp64 for fp64 inputs, else fp32), which the outputs keep. gemm_x: the
 // Gram's operand, xo or its bf16 form (products: bf16 GEMMs with fp32 results). sq_t: the squared norms, or for cosine
-// the inverse norms of raw bf16 rows (cosine_inverse_norms), else undefined (unit rows).
+// the inverse norms of scaled bf16 rows (cosine_gram_rows), else undefined (unit rows).
 template <typename T>
 void mine_impl(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& sq_t, const at::Tensor& labels_t,
                int64_t metric, const Outputs<T>& o) {
@@ -203,14 +203,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
 
   // The torch path's operand: fp32 for half inputs; x_hat = F.normalize(x) for cosine, fp32 for half inputs too
   // (normalize_rows). bf16 rows also stay the Gram's operand where bf16 GEMMs are fast (bf16_gemm.h): their products
-  // are exact in fp32, so only the order of the sums changes (cosine: raw rows, scaled by their inverse norms).
+  // are exact in fp32, so only the order of the sums changes (cosine: rows scaled by powers of two, the products by
+  // the inverse norms).
   at::Tensor rows = x.detach();
-  const at::Tensor inv_norms = metric == kCosine ? cosine_inverse_norms(rows) : at::Tensor();
-  if (metric == kCosine && !inv_norms.defined()) rows = normalize_rows(rows);
+  const CosineRows scaled = metric == kCosine ? cosine_gram_rows(rows) : CosineRows{};
+  if (metric == kCosine) rows = scaled.rows.defined() ? scaled.rows : normalize_rows(rows);
   // contiguous: distance_rows reads the rows of near pairs
   const at::Tensor xo = (dtype == at::kHalf || dtype == at::kBFloat16 ? rows.to(at::kFloat) : rows).contiguous();
   const at::Tensor gemm_x = gemm_operand(rows, xo);
-  const at::Tensor sq = metric == kCosine ? inv_norms : xo.square().sum(1).contiguous();
+  const at::Tensor sq = metric == kCosine ? scaled.inv : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
 
   if (xo.scalar_type() == at::kDouble) {

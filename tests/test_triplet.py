@@ -409,8 +409,8 @@ def test_half_cosine_matches_sentence_transformers(monkeypatch, kind, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_kernel_cosine_operand_gives_st_distances(dtype):
     """The Triton mining kernel's cosine operand (_cosine_operand: half rows as they are or scaled by a power of two,
-    and inverse norms r): 1 - (<rows_i, rows_j> r_i) r_j, the dot summed exactly here (fp64) as tl.dot sums the
-    exact products in fp32, equals sentence-transformers' fp32 cosine distances to fp32 rounding, for rows of every
+    and inverse norms r): 1 - (<rows_i, rows_j> r_i) r_j, the products of half entries exact and summed in fp32 as
+    tl.dot sums them, equals sentence-transformers' fp32 cosine distances to fp32 rounding, for rows of every
     scale: zero, below F.normalize's eps, tiny and huge (bf16 shares fp32's exponent range: 1e30's squares
     overflow fp32, so its x_hat is 0 there, and 1e-30's underflow), and at fp16's limits."""
     g = torch.Generator().manual_seed(5)
@@ -424,9 +424,9 @@ def test_kernel_cosine_operand_gives_st_distances(dtype):
     x = (base * torch.tensor(scales, dtype=torch.float64)[:, None]).to(dtype)
     rows, r = ops._cosine_operand(x)
     assert rows.dtype == dtype and r.dtype == torch.float32 and bool(torch.isfinite(r).all())
-    gram = rows.double() @ rows.double().t()
-    d = 1.0 - (gram * r.double()[:, None]) * r.double()[None, :]
-    want = ST_DIST.cosine_distance(x).double()
+    gram = rows.float() @ rows.float().t()  # fp32 sums, where a huge row's products would overflow
+    d = 1.0 - (gram * r[:, None]) * r[None, :]
+    want = ST_DIST.cosine_distance(x)
     torch.testing.assert_close(d, want, rtol=0, atol=2e-6)
 
 
@@ -866,24 +866,26 @@ def _assert_mining_close(got, want, x, metric):
 
 @needs_native
 @pytest.mark.skipif(not mkl_bf16_gemm(), reason=NO_MKL_BF16)
-@pytest.mark.parametrize("scale", [1.0, 0.0, 1e-30, 1e30], ids=["unit", "zero", "tiny", "huge"])
+@pytest.mark.parametrize(
+    "scale", [1.0, 0.0, 1e-30, 1e-20, 1e30, 3e18], ids=["unit", "zero", "tiny", "small", "huge", "big"]
+)
 def test_native_cosine_bf16_gram_scales(monkeypatch, scale):
-    """Cosine on bf16 rows with bf16 GEMMs multiplies the raw rows and scales the products by the inverse norms
-    where every nonzero norm lies in [2^-60, 2^60] (zero rows: inverse norm 0, so x_hat = 0 and distance 1, as
-    F.normalize); a row outside that range (its products could leave fp32's normal range) sends the whole batch to
-    the fp32 unit rows' GEMM. Either way the mining of =0 (the unit rows' fp32 GEMM), finite; the switch is seen in
-    whether aten::mm runs."""
+    """Cosine on bf16 rows with bf16 GEMMs (cosine_gram_rows, as the Triton kernel's _cosine_operand) multiplies the
+    rows scaled by powers of two and scales the products by the inverse norms, for rows of any scale: zero rows and
+    rows whose fp32 norm underflows get inverse norm 0 (distance 1, as sentence-transformers' x / eps ~ 0), huge rows
+    whose squares overflow fp32 too (x / inf = 0). The mining of =0 (the fp32 unit rows' GEMM) to fp32 rounding,
+    finite, and no aten::mm (the bf16 GEMM ran)."""
     x = _x(40, 19, dtype=torch.bfloat16, seed=3)
     x[5] = 0.0
     x[7] = x[7] * scale
+    x[9] = x[9] * 1e-14  # a norm below F.normalize's eps: x_hat = x / eps, not a unit row
     y = torch.arange(40) % 6
     code = NATIVE_METRICS["cosine"]
     monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "0")
     want = ops._batch_hard_fwd_native(x, y, code)
     monkeypatch.setenv("FASTLOSS_NATIVE_BF16_GEMM", "1")
     got = ops._batch_hard_fwd_native(x, y, code)
-    ran_mm = "aten::mm" in aten_op_names(lambda: ops._batch_hard_fwd_native(x, y, code))
-    assert ran_mm == (scale in (1e-30, 1e30))
+    assert "aten::mm" not in aten_op_names(lambda: ops._batch_hard_fwd_native(x, y, code))
     assert all(bool(torch.isfinite(t).all()) for t in (got[0], got[1], got[3]))
     _assert_mining_close(got, want, x, "cosine")
 

@@ -485,8 +485,9 @@ def _cosine_operand(x: Tensor) -> tuple[Tensor, Tensor]:
     r = 1 / max(|x|, eps), |x| summed in fp32 as F.normalize does. bf16 x, whose exponent range is fp32's: each row
     first scaled by the power of two 2^-e that brings its norm into [0.5, 1) (exact, in two steps that each stay in
     the normal range; only entries below 2^-126 of their row's norm lose bits, far below the sums' resolution) and
-    r = 2^e / max(|x|, eps); a row whose fp32 norm is 0 or inf gets r = 0 (distance 1 to every row: sentence-
-    transformers' x / eps, where every square underflowed, is ~0, and x / inf is 0)."""
+    r = 2^e / max(|x|, eps); a row whose fp32 norm is 0 or inf becomes a zero row with r = 0 (distance 1 to every
+    row: sentence-transformers' x / eps, where every square underflowed, is ~0, and x / inf is 0; kept, a huge row's
+    products would overflow to inf, and inf * 0 is NaN)."""
     if x.dtype == torch.float32:
         return _normalize(x).contiguous(), torch.ones(x.shape[0], device=x.device)
     norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
@@ -501,7 +502,7 @@ def _cosine_operand(x: Tensor) -> tuple[Tensor, Tensor]:
         scale = torch.ldexp(torch.ones_like(norm), k)
         rows = rows * scale.reciprocal().to(x.dtype)[:, None]
         r = r * scale
-    return rows.contiguous(), torch.where(finite, r, 0.0)
+    return torch.where(finite[:, None], rows, 0.0).contiguous(), torch.where(finite, r, 0.0)
 
 
 def _batch_hard_fwd_blocked(x: Tensor, labels: Tensor, metric: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
