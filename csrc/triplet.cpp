@@ -135,19 +135,21 @@ void select_row(const T* d, const int64_t* labels, int64_t i, int64_t n, const O
   }
 }
 
-// T: the operand's and the distances' type (fp64 for fp64 inputs, else fp32), which the outputs keep. gemm_x: the
-// Gram's operand, xo or its bf16 form (products: bf16 GEMMs with fp32 results). sq_t: the squared norms, or for cosine
-// the inverse norms of scaled bf16 rows (cosine_gram_rows), else undefined (unit rows).
+// T: the distances' type (fp64 for fp64 inputs, else fp32), which the outputs keep. gemm_x: the Gram's operand, xo
+// or its bf16 form (products: bf16 GEMMs with fp32 results). xo: the rows in T, which distance_rows reads for near
+// pairs; undefined for cosine with cosine_gram_rows' bf16 rows (cosine has no near pairs). sq_t: the squared norms, or
+// for cosine those rows' inverse norms, else undefined (unit rows).
 template <typename T>
 void mine_impl(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& sq_t, const at::Tensor& labels_t,
                int64_t metric, const Outputs<T>& o) {
-  const int64_t batch = xo.size(0);
+  const int64_t batch = gemm_x.size(0);
+  const auto options = gemm_x.options().dtype(c10::CppTypeToScalarType<T>::value);
   const int64_t rows_per_block =
       std::clamp<int64_t>(block_bytes() / (batch * static_cast<int64_t>(sizeof(T))), 1, batch);
-  at::Tensor gram = at::empty({rows_per_block, batch}, xo.options());
+  at::Tensor gram = at::empty({rows_per_block, batch}, options);
   const T* sq = sq_t.defined() ? sq_t.const_data_ptr<T>() : nullptr;
-  const T* x = xo.const_data_ptr<T>();
-  const int64_t dim = xo.size(1);
+  const T* x = xo.defined() ? xo.const_data_ptr<T>() : nullptr;
+  const int64_t dim = gemm_x.size(1);
   const int64_t* labels = labels_t.const_data_ptr<int64_t>();
   // rows in runs of ~64k distances (still in cache between the passes): one at::sqrt_ per run for euclidean rather
   // than one ATen call (~1 us) per row, which at B = 256 took as long as the GEMM
@@ -162,7 +164,7 @@ void mine_impl(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor&
         const int64_t r1 = std::min(end, r0 + run);
         // over the Gram row
         dist_rows(g + r0 * batch, sq, x, dim, i0 + r0, r1 - r0, batch, metric);
-        if (metric == kEuclidean) at::from_blob(g + r0 * batch, {(r1 - r0) * batch}, xo.options()).sqrt_();
+        if (metric == kEuclidean) at::from_blob(g + r0 * batch, {(r1 - r0) * batch}, options).sqrt_();
         for (int64_t r = r0; r < r1; ++r) select_row<T>(g + r * batch, labels, i0 + r, batch, o);
       }
     });
@@ -207,14 +209,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
   // the inverse norms).
   at::Tensor rows = x.detach();
   const CosineRows scaled = metric == kCosine ? cosine_gram_rows(rows) : CosineRows{};
-  if (metric == kCosine) rows = scaled.rows.defined() ? scaled.rows : normalize_rows(rows);
-  // contiguous: distance_rows reads the rows of near pairs
-  const at::Tensor xo = (dtype == at::kHalf || dtype == at::kBFloat16 ? rows.to(at::kFloat) : rows).contiguous();
-  const at::Tensor gemm_x = gemm_operand(rows, xo);
+  at::Tensor xo, gemm_x;  // with scaled rows no copy in fp32: nothing reads it
+  if (scaled.rows.defined()) {
+    gemm_x = scaled.rows;
+  } else {
+    if (metric == kCosine) rows = normalize_rows(rows);
+    // contiguous: distance_rows reads the rows of near pairs
+    xo = (dtype == at::kHalf || dtype == at::kBFloat16 ? rows.to(at::kFloat) : rows).contiguous();
+    gemm_x = gemm_operand(rows, xo);
+  }
   const at::Tensor sq = metric == kCosine ? scaled.inv : xo.square().sum(1).contiguous();
   const at::Tensor labels64 = labels.reshape(-1).to(at::kLong).contiguous();
 
-  if (xo.scalar_type() == at::kDouble) {
+  if (dtype == at::kDouble) {
     mine_impl<double>(xo, gemm_x, sq, labels64, metric, outputs<double>(hp, hn, sel_idx, sel_d));
   } else {
     mine_impl<float>(xo, gemm_x, sq, labels64, metric, outputs<float>(hp, hn, sel_idx, sel_d));
