@@ -4,6 +4,7 @@ Without CUDA the kernels run on CPU tensors under TRITON_INTERPRET=1 (fp32 / fp1
 tl.dot is wrong, so bf16 is upcast there and covered for real by the GPU class).
 """
 
+import math
 import os
 
 import torch
@@ -724,6 +725,80 @@ def test_one_direction_terms(joint, b):
         one = sim_lse.one_direction_terms(nlse[:, confident].to(DEVICE), sims[confident].to(DEVICE), scale, joint)[0]
         part = softplus[confident]
         assert abs(float(one) - float(part.mean())) <= float((err[confident] * part).mean()) + 1e-6 * float(part.mean())
+
+
+@pytest.mark.parametrize("joint", [True, False], ids=["joint", "per_direction"])
+@pytest.mark.parametrize("b", [1, 7, 1100])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("query_to_doc", "doc_to_query"),  # the symmetric loss: both hold the positive
+        ("query_to_doc", "query_to_query"),  # one holder among two directions (log k = 0)
+        ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),  # GTE's four
+    ],
+    ids=["symmetric", "q2d_q2q", "gte"],
+)
+def test_directions_terms(joint, b, names):
+    """MNRL with several directions, the flash forward's loss, log_z and pos_val in one launch (in place of
+    fastloss.ops.mnrl.positive_terms and a logsumexp2 / mean over the directions), against those formulas in fp64,
+    over one and several chunks of 512 rows: logits up to ~200 (two-part LSEs of fp64 values, each holder's LSE its
+    NLSE plus the positive), confident rows (x << 0, pos_val ~ -e^x, down to fp32's subnormals, which torch.sigmoid
+    flushes to 0), wrong ones (x > log k: the -1 stays separate, +inf), and directions whose every candidate is masked
+    in some rows (NLSE -inf). Bounds as test_one_direction_terms', (|v| + 8) 2^-23 relative (tl.exp on a GPU), v the
+    largest exponent's magnitude."""
+    from fastloss.ops import mnrl
+
+    p = mnrl.MNRLParams(0, b, sum(mnrl.DIRECTION_BITS[name] for name in names), joint=joint)
+    shares = mnrl.positive_shares(p)
+    n_dir = len(names)
+    g = torch.Generator().manual_seed(b + 17 * n_dir)
+    positive = ((torch.rand(b, generator=g, dtype=torch.float64) * 2 - 1) * 60).float().double()  # fp32 values
+    nlse = positive + torch.randn(n_dir, b, generator=g, dtype=torch.float64) * 40
+    nlse[-1, ::5] = -torch.inf
+    holds = torch.tensor([bool(s) or not joint for s in shares])[:, None]
+    lse2, nlse2 = two_parts(torch.where(holds, torch.logaddexp(nlse, positive), nlse)), two_parts(nlse)
+    loss, log_z, pos_val = sim_lse.directions_terms(
+        lse2.to(DEVICE), nlse2.to(DEVICE), positive.float().to(DEVICE), shares, joint
+    )
+    assert (loss.shape, log_z.shape, pos_val.shape) == ((), (2, b), (n_dir, b))
+    lse, nlse = two_part_value(lse2), two_part_value(nlse2)  # the values the kernel reads, in fp64
+
+    def softplus(v):
+        return torch.nn.functional.softplus(v, threshold=1000)  # log1p(e^v) exactly in fp64
+
+    if joint:
+        share = max(shares)
+        log_k = -math.log(share)
+        x = torch.where(holds, nlse, lse).logsumexp(dim=0) - positive
+        z = lse.logsumexp(dim=0)
+        folded = torch.where(x <= log_k, -torch.sigmoid(x - log_k) * share, torch.inf)
+        want_pv = torch.where(holds, folded / torch.exp(lse - z), torch.inf)
+        rows, exponents = log_k + softplus(x - log_k), torch.cat([x[None], lse - z])
+    else:
+        x = nlse - positive
+        z = lse.mean(dim=0)
+        want_pv, rows, exponents = -torch.sigmoid(x), softplus(x).mean(dim=0), x
+    bound = (float(exponents.abs().nan_to_num(posinf=0.0).max()) + 8) * 2**-23
+    got = pos_val.cpu().double()
+    assert torch.equal(torch.isinf(got), torch.isinf(want_pv))
+    finite = torch.isfinite(want_pv)
+    assert ((got - want_pv).abs()[finite] <= bound * want_pv.abs()[finite] + 1.5e-45).all()  # fp32's subnormals
+    assert abs(float(loss) - float(rows.mean())) <= bound * float(rows.mean()) + 1e-6 * float(rows.mean())
+    z_got = two_part_value(log_z.cpu())
+    assert torch.equal(torch.isinf(z_got), torch.isinf(z))
+    assert ((z_got - z).abs()[torch.isfinite(z)] <= bound * z.abs()[torch.isfinite(z)] + 2**-40).all()
+    if not joint:  # each part the mean of the directions' (torch's lse.mean(dim=1)), to a few ulps of fp32 division
+        torch.testing.assert_close(log_z.cpu(), lse2.mean(dim=1), rtol=2**-21, atol=0.0)
+
+
+def test_directions_terms_rejects_bad_input():
+    lse = torch.zeros(2, 2, 5, device=DEVICE)
+    with pytest.raises(ValueError, match=r"nlse must be fp32 \[2, 2, 5\]"):
+        sim_lse.directions_terms(lse, lse[:, :, :4], torch.zeros(5, device=DEVICE), [0.5, 0.5], True)
+    with pytest.raises(ValueError, match="shares must give each of the 2 directions"):
+        sim_lse.directions_terms(lse, lse, torch.zeros(5, device=DEVICE), [0.0, 0.0], True)
+    with pytest.raises(ValueError, match=r"positive must have shape \[5\]"):
+        sim_lse.directions_terms(lse, lse, torch.zeros(4, device=DEVICE), [0.5, 0.5], True)
 
 
 def test_softmax_exact_at_large_logits(poison):

@@ -61,6 +61,7 @@ def test_kernels_compile_and_fit_sm90():
         "row_grad_kernel",
         "l2norm_bwd_kernel",
         "one_direction_terms_kernel",
+        "directions_terms_kernel",
     ):
         assert kernel in stdout, f"{kernel} was never compiled"
 

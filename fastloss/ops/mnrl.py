@@ -42,7 +42,8 @@ similarities, O(B) fp32 vectors that the backward computed again before (2026-11
 launches with the doc columns concatenated, one hard negative, counted on fake CUDA tensors; 53 then). With
 query_to_doc alone (the drop-ins' default) the loss and pos_val come from one Triton launch
 (sim_lse.one_direction_terms, in place of positive_terms' ~14 torch ops), its log_z is its LSE and its weight in the
-backward h itself: 32 launches a call.
+backward h itself: 32 launches a call. With several directions positive_terms' values and log_z come from one launch
+too (sim_lse.directions_terms, for ~66 torch ops): the symmetric loss 62 launches a call (128 before), GTE 78 (146).
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -401,7 +402,8 @@ def positive_terms(lse: Tensor, nlse: Tensor, positive: Tensor, p: MNRLParams) -
     that hold the positive). Module docstring. The parts keep the rounding of one fp32 LSE, ulp(|lse|) / 2, out of x
     (the positive's log-odds) and the weights: x = (hi - positive) + lo, exact where the loss is small.
     The flash kernels take pos_val as it is; the row-block ops scale it to their units. For several directions:
-    query_to_doc alone (the only single direction, since it holds the positive) takes one_direction_terms."""
+    query_to_doc alone (the only single direction, since it holds the positive) takes one_direction_terms; the flash
+    forward computes the same values (and its log_z) in one launch: sim_lse.directions_terms."""
     if not p.joint:  # every direction holds the positive, each with weight 1 / n_dir and its own -1 / n_dir
         x = (nlse[0] - positive) + nlse[1]
         return _softplus(x).mean(dim=0), -torch.sigmoid(x)
@@ -458,8 +460,8 @@ def mnrl_fwd(
     columns, uncopied); (loss fp32 [], per-direction LSE fp32 [2, n_dir, B], log-partition fp32 [2, B] (both in two
     parts: fastloss.ops.two_part), the backward's pos_val fp32 [n_dir, B]; for the backward, which would compute them
     again, the inverse norms of q and each block (_flat_inv_norms) and the positive pairs' similarities fp32 [B])."""
+    from fastloss.ops.sim_lse import directions_terms, sim_lse_fwd, transposed_bytes
     from fastloss.ops.sim_lse import one_direction_terms as terms_in_one_launch
-    from fastloss.ops.sim_lse import sim_lse_fwd, transposed_bytes
 
     docs = _doc_blocks(d, p)
     xs = [q, *docs]
@@ -491,10 +493,10 @@ def mnrl_fwd(
         return loss, lse[:, None], lse.clone(), pos_val, inv, sims
     lse = torch.stack([_combine(parts) for parts in lse_parts], dim=1)  # [2, n_dir, B]
     nlse = torch.stack([_combine(parts) for parts in nlse_parts], dim=1)
-    # per direction log_z is the mean of the LSEs (of each part): the backward reads it in the joint partition only
-    log_z = logsumexp2(lse, dim=1) if p.joint else lse.mean(dim=1)
-    row_loss, pos_val = positive_terms(lse, nlse, positive, p)
-    return row_loss.mean(), lse, log_z, pos_val, inv, sims
+    # positive_terms' values and log_z (per direction the mean of the LSEs, of each part: the backward reads it in
+    # the joint partition only) in one launch
+    loss, log_z, pos_val = directions_terms(lse, nlse, positive, positive_shares(p), p.joint)
+    return loss, lse, log_z, pos_val, inv, sims
 
 
 # The flash backward holds the fp32 gradients of a window of rows at a time (one buffer for q's and d's windows): at

@@ -45,7 +45,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -691,6 +693,72 @@ def one_direction_terms_kernel(nlse, nlse_lo, sims, scale, pos_val, loss, B, JOI
     tl.store(loss, tl.sum(b_sum, axis=0) / B)
 
 
+@triton.jit
+def _logsumexp_directions(lse, nlse, B, o, m, N_DIR: tl.constexpr, FROM_NLSE: tl.constexpr):
+    """fastloss.ops.two_part.logsumexp2 over the directions of rows o: the two parts (hi, lo) of log sum_k exp(v_k),
+    v_k direction k's two-part LSE from nlse where bit k of FROM_NLSE is set, else from lse (each [2, N_DIR, B])."""
+    b_top = tl.full(o.shape, float("-inf"), tl.float32)
+    for k in tl.static_range(N_DIR):
+        src = nlse if (FROM_NLSE >> k) & 1 else lse
+        b_top = tl.maximum(b_top, tl.load(src + k * B + o, mask=m, other=0.0))
+    b_ref = tl.where(b_top == float("-inf"), 0.0, b_top)  # exp(-inf - 0) = 0 where every value is -inf
+    b_total = tl.zeros(o.shape, tl.float32)
+    for k in tl.static_range(N_DIR):
+        src = nlse if (FROM_NLSE >> k) & 1 else lse
+        b_hi = tl.load(src + k * B + o, mask=m, other=0.0)
+        b_total += tl.exp((b_hi - b_ref) + tl.load(src + (N_DIR + k) * B + o, mask=m, other=0.0))
+    b_log = tl.log(b_total)
+    b_hi = b_ref + b_log
+    return b_hi, tl.where(b_total > 0.0, (b_ref - b_hi) + b_log, 0.0)
+
+
+@triton.jit
+def directions_terms_kernel(
+    lse, nlse, positive, pos_val, log_z, loss, B, share, log_k,
+    N_DIR: tl.constexpr, HOLDS: tl.constexpr, JOINT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program over all B rows, in order: fastloss.ops.mnrl.positive_terms and the forward's log_z for N_DIR
+    directions (HOLDS: the bits of those that hold the positive; share = 1 / k, log_k = log k of the k of them)."""
+    b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, B, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        m = o < B
+        b_pos = tl.load(positive + o, mask=m, other=0.0)
+        if JOINT:  # the copies' log-odds x, from the mass without one copy; each holder's weight in the joint LSE
+            b_xh, b_xl = _logsumexp_directions(lse, nlse, B, o, m, N_DIR, HOLDS)
+            b_x = (b_xh - b_pos) + b_xl
+            b_zh, b_zl = _logsumexp_directions(lse, nlse, B, o, m, N_DIR, 0)
+            b_folded = _positive_coefficient(b_x - log_k, False) * share
+            b_folded = tl.where(b_x <= log_k, b_folded, float("inf"))
+            for k in tl.static_range(N_DIR):
+                b_val = tl.full((BLOCK,), float("inf"), tl.float32)
+                if (HOLDS >> k) & 1:
+                    b_lh = tl.load(lse + k * B + o, mask=m, other=0.0)
+                    b_ll = tl.load(lse + (N_DIR + k) * B + o, mask=m, other=0.0)
+                    b_val = b_folded / tl.exp((b_lh - b_zh) + (b_ll - b_zl))
+                tl.store(pos_val + k * B + o, b_val, mask=m)
+            b_row = log_k + _softplus(b_x - log_k)
+        else:  # each direction its own softmax, holding the positive with weight 1 / N_DIR; log_z: the mean LSE
+            b_row = tl.zeros((BLOCK,), dtype=tl.float32)
+            b_zh = tl.zeros((BLOCK,), dtype=tl.float32)
+            b_zl = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k in tl.static_range(N_DIR):
+                b_x = (tl.load(nlse + k * B + o, mask=m, other=0.0) - b_pos) + tl.load(
+                    nlse + (N_DIR + k) * B + o, mask=m, other=0.0
+                )
+                tl.store(pos_val + k * B + o, _positive_coefficient(b_x, False), mask=m)
+                b_row += _softplus(b_x)
+                b_zh += tl.load(lse + k * B + o, mask=m, other=0.0)
+                b_zl += tl.load(lse + (N_DIR + k) * B + o, mask=m, other=0.0)
+            b_row = b_row / N_DIR
+            b_zh = b_zh / N_DIR
+            b_zl = b_zl / N_DIR
+        tl.store(log_z + o, b_zh, mask=m)
+        tl.store(log_z + B + o, b_zl, mask=m)
+        b_sum += tl.where(m, b_row, 0.0)
+    tl.store(loss, tl.sum(b_sum, axis=0) / B)
+
+
 def _operands(r: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     if r.ndim != 2 or c.ndim != 2 or r.shape[1] != c.shape[1]:
         raise ValueError(f"sim_lse: r [M, D] and c [N, D] must share D, got {tuple(r.shape)} and {tuple(c.shape)}")
@@ -999,6 +1067,46 @@ def sim_lse_bwd(
     bwd.rows(dr, 0, bwd.M, accumulate=False, dscale=dscale)
     bwd.candidates(dc, 0, bwd.N, accumulate=False)
     return dr, dc, dscale
+
+
+def directions_terms(
+    lse: Tensor, nlse: Tensor, positive: Tensor, shares: Sequence[float], joint: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss fp32 [], log_z fp32 [2, B], pos_val fp32 [n_dir, B]) of MNRL with several directions from their LSE and
+    NLSE fp32 [2, n_dir, B] (two parts) and the positive logits [B]: fastloss.ops.mnrl.positive_terms' values (the
+    mean of its row losses) and the forward's log-partition (joint: the LSE over the directions; per direction: their
+    mean), in one launch instead of ~66 torch ops. ``shares``: each direction's share of the positive's -1
+    (mnrl.positive_shares: 1 / k for the k that hold it, 0 for the others)."""
+    n_dir, b = lse.shape[1], lse.shape[2]
+    for name, x in (("lse", lse), ("nlse", nlse)):
+        if x.shape != (2, n_dir, b) or x.dtype != torch.float32:
+            want = f"fp32 [2, {n_dir}, {b}] (two parts)"
+            raise ValueError(f"sim_lse: {name} must be {want}, got {x.dtype} {tuple(x.shape)}")
+    if len(shares) != n_dir or not any(shares):
+        raise ValueError(f"sim_lse: shares must give each of the {n_dir} directions its share, some > 0, got {shares}")
+    share = max(shares)
+    holds = sum(1 << k for k, s in enumerate(shares) if s)
+    # separate tensors: a torch.library op's outputs may not share a storage
+    pos_val = torch.empty((n_dir, b), device=lse.device, dtype=torch.float32)
+    log_z = torch.empty((2, b), device=lse.device, dtype=torch.float32)
+    loss = torch.empty((), device=lse.device, dtype=torch.float32)
+    with _on_device(lse):
+        directions_terms_kernel[(1,)](
+            lse.contiguous(),
+            nlse.contiguous(),
+            _vector(positive, b, "positive"),
+            pos_val,
+            log_z,
+            loss,
+            b,
+            share,
+            -math.log(share),
+            N_DIR=n_dir,
+            HOLDS=holds,
+            JOINT=bool(joint),
+            BLOCK=512,
+        )
+    return loss, log_z, pos_val
 
 
 def one_direction_terms(nlse: Tensor, sims: Tensor, scale: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
