@@ -223,8 +223,9 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                         block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=True, terms=terms, **opts)
                         # the flash path's loss and pos_val of query_to_doc alone
                         sim_lse.one_direction_terms(torch.zeros(2, 48), torch.zeros(48), scale, joint)
-                        # and of several directions: the symmetric loss (both hold the positive), GTE's four
-                        for shares in ([0.5, 0.5], [1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]):
+                        # and of several directions: the symmetric loss (both hold the positive), query_to_doc with
+                        # query_to_query and doc_to_doc (one holder of three), GTE's four (two holders)
+                        for shares in ([0.5, 0.5], [1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]):
                             lse = torch.zeros(2, len(shares), 48)
                             sim_lse.directions_terms(lse, lse, torch.zeros(48), shares, joint)
         if not quick:  # the ranking kernel's block grows with the number of pairs, up to 4096 with 16 warps
