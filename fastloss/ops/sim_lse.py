@@ -707,9 +707,7 @@ def _logsumexp_directions(lse, nlse, B, o, m, N_DIR: tl.constexpr, FROM_NLSE: tl
         src = nlse if (FROM_NLSE >> k) & 1 else lse
         b_hi = tl.load(src + k * B + o, mask=m, other=0.0)
         b_total += tl.exp((b_hi - b_ref) + tl.load(src + (N_DIR + k) * B + o, mask=m, other=0.0))
-    b_log = tl.log(b_total)
-    b_hi = b_ref + b_log
-    return b_hi, tl.where(b_total > 0.0, (b_ref - b_hi) + b_log, 0.0)
+    return _log_sum_parts(b_top, b_total)
 
 
 @triton.jit
