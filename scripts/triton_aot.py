@@ -225,9 +225,12 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                         sim_lse.one_direction_terms(torch.zeros(2, 48), torch.zeros(48), scale, joint)
                         # and of several directions: the symmetric loss (both hold the positive), query_to_doc with
                         # query_to_query and doc_to_doc (one holder of three), GTE's four (two holders)
-                        for shares in ([0.5, 0.5], [1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]):
+                        # query_to_doc and doc_to_query: also with doc_to_query's LSE formed in the launch
+                        for shares, derive in (([0.5, 0.5], [1]), ([1.0, 0.0, 0.0], []), ([0.5, 0.0, 0.5, 0.0], [2])):
                             lse = torch.zeros(2, len(shares), 48)
                             sim_lse.directions_terms(lse, lse, torch.zeros(48), shares, joint)
+                            if derive:
+                                sim_lse.directions_terms(lse, lse.clone(), torch.zeros(48), shares, joint, derive)
         if not quick:  # the ranking kernel's block grows with the number of pairs, up to 4096 with 16 warps
             for n_pairs in (600, 5000):
                 label[0] = f"cosent rank N={n_pairs}"

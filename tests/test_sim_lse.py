@@ -18,7 +18,7 @@ from _helpers import force_configs, two_part_value, two_parts  # noqa: E402
 from fastloss import _backend  # noqa: E402
 from fastloss.ops import sim_lse  # noqa: E402
 from fastloss.ops.sim_lse import sim_lse_bwd, sim_lse_fwd  # noqa: E402
-from fastloss.ops.two_part import logsumexp2  # noqa: E402
+from fastloss.ops.two_part import exact, logsumexp2  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -738,14 +738,17 @@ def test_one_direction_terms(joint, b):
     ],
     ids=["symmetric", "q2d_q2q", "gte"],
 )
-def test_directions_terms(joint, b, names):
+@pytest.mark.parametrize("derive", [False, True], ids=["lse_given", "lse_derived"])
+def test_directions_terms(joint, b, names, derive):
     """MNRL with several directions, the flash forward's loss, log_z and pos_val in one launch (in place of
     fastloss.ops.mnrl.positive_terms and a logsumexp2 / mean over the directions), against those formulas in fp64,
     over one and several chunks of 512 rows: logits up to ~200 (two-part LSEs of fp64 values, each holder's LSE its
     NLSE plus the positive), confident rows (x << 0, pos_val ~ -e^x, down to fp32's subnormals, which torch.sigmoid
     flushes to 0), wrong ones (x > log k: the -1 stays separate, +inf), and directions whose every candidate is masked
     in some rows (NLSE -inf). Bounds as test_one_direction_terms', (|v| + 8) 2^-23 relative (tl.exp on a GPU), v the
-    largest exponent's magnitude."""
+    largest exponent's magnitude. ``derive``: the last holder's LSE (doc_to_query's where selected) is formed in the
+    launch from its NLSE and the positive, its entries NaN before (read before written, they would spread), written
+    as torch's logsumexp2 of the two (to 2^-22; the split between the parts may differ) and within 2^-21 of fp64."""
     from fastloss.ops import mnrl
 
     p = mnrl.MNRLParams(0, b, sum(mnrl.DIRECTION_BITS[name] for name in names), joint=joint)
@@ -757,10 +760,23 @@ def test_directions_terms(joint, b, names):
     nlse[-1, ::5] = -torch.inf
     holds = torch.tensor([bool(s) or not joint for s in shares])[:, None]
     lse2, nlse2 = two_parts(torch.where(holds, torch.logaddexp(nlse, positive), nlse)), two_parts(nlse)
+    derived = [max(k for k, s in enumerate(shares) if s)] if derive else []
+    lse_in = lse2.clone()
+    lse_in[:, derived] = torch.nan
+    lse_in = lse_in.to(DEVICE)
     loss, log_z, pos_val = sim_lse.directions_terms(
-        lse2.to(DEVICE), nlse2.to(DEVICE), positive.float().to(DEVICE), shares, joint
+        lse_in, nlse2.to(DEVICE), positive.float().to(DEVICE), shares, joint, derived
     )
     assert (loss.shape, log_z.shape, pos_val.shape) == ((), (2, b), (n_dir, b))
+    if derive:
+        k = derived[0]
+        written = lse_in[:, k].cpu()
+        pair = torch.stack([nlse2[:, k], exact(positive.float())], dim=1)
+        value = two_part_value(written)  # the split may differ by an ulp of hi (exp and log's last bits)
+        assert (value - two_part_value(logsumexp2(pair, dim=1))).abs().max() <= 2**-22
+        assert (value - torch.logaddexp(nlse[k], positive)).abs().max() <= 2**-21
+        lse2 = lse_in.cpu()
+    assert not lse_in.isnan().any()
     lse, nlse = two_part_value(lse2), two_part_value(nlse2)  # the values the kernel reads, in fp64
 
     def softplus(v):
@@ -793,6 +809,10 @@ def test_directions_terms(joint, b, names):
 
 def test_directions_terms_rejects_bad_input():
     lse = torch.zeros(2, 2, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="derive must list directions that hold the positive"):
+        sim_lse.directions_terms(lse, lse, torch.zeros(5, device=DEVICE), [1.0, 0.0], True, [1])
+    with pytest.raises(ValueError, match="derive must list directions that hold the positive"):
+        sim_lse.directions_terms(lse, lse, torch.zeros(5, device=DEVICE), [0.5, 0.5], True, [2])
     with pytest.raises(ValueError, match=r"nlse must be fp32 \[2, 2, 5\]"):
         sim_lse.directions_terms(lse, lse[:, :, :4], torch.zeros(5, device=DEVICE), [0.5, 0.5], True)
     with pytest.raises(ValueError, match="shares must give each of the 2 directions"):

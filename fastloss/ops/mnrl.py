@@ -43,7 +43,9 @@ launches with the doc columns concatenated, one hard negative, counted on fake C
 query_to_doc alone (the drop-ins' default) the loss and pos_val come from one Triton launch
 (sim_lse.one_direction_terms, in place of positive_terms' ~14 torch ops), its log_z is its LSE and its weight in the
 backward h itself: 32 launches a call. With several directions positive_terms' values and log_z come from one launch
-too (sim_lse.directions_terms, for ~66 torch ops): the symmetric loss 62 launches a call (128 before), GTE 78 (146).
+too (sim_lse.directions_terms, for ~66 torch ops), which also forms doc_to_query's LSE from its NLSE (from
+query_to_doc's tiles) and the positive (~17 torch ops): the symmetric loss 45 launches a call (128 before), GTE 61
+(146).
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -64,7 +66,7 @@ from torch import Tensor
 
 from fastloss import _backend
 from fastloss.ops._custom_op import custom_op
-from fastloss.ops.two_part import exact, logsumexp2
+from fastloss.ops.two_part import logsumexp2
 from fastloss.similarity import NORM_EPS
 
 QUERY_TO_DOC, QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC = 1, 2, 4, 8
@@ -474,6 +476,7 @@ def mnrl_fwd(
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     # doc_to_query over the local queries from query_to_doc's tiles of the positives' block
     merged = merges_transposed(p) and transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
+    derive = []  # directions whose LSE directions_terms forms from their NLSE and the positive
     for launch in _launches(xs, invs, p, merged=merged):
         transposed, back = {}, launch.transposed
         if back >= 0:
@@ -483,19 +486,21 @@ def mnrl_fwd(
         )
         lse_parts[launch.direction].append(lse_b)
         nlse_parts[launch.direction].append(lse_b if nlse_b is None else nlse_b)  # without the positive: its LSE
-        if transposed:  # doc_to_query's local part: its negatives among the local queries, and its positive
-            nlse_t = transposed["nlse_t"]
-            nlse_parts[back].append(nlse_t)
-            lse_parts[back].append(logsumexp2(torch.stack([nlse_t, exact(positive)], dim=1), dim=1))
+        if transposed:  # doc_to_query's local part: its negatives among the local queries (its LSE: with the
+            nlse_parts[back].append(transposed["nlse_t"])  # positive, in directions_terms)
+            derive.append(back)
     if alone:  # the loss and pos_val in one launch; log_z is the LSE itself (a logsumexp or mean over one direction)
         lse = _combine(lse_parts[0])
         loss, pos_val = terms_in_one_launch(_combine(nlse_parts[0]), sims, scale, p.joint)
         return loss, lse[:, None], lse.clone(), pos_val, inv, sims
-    lse = torch.stack([_combine(parts) for parts in lse_parts], dim=1)  # [2, n_dir, B]
-    nlse = torch.stack([_combine(parts) for parts in nlse_parts], dim=1)
+    nlses = [_combine(parts) for parts in nlse_parts]
+    # a derived direction's entries are placeholders (its NLSE); a direction without the positive has the same parts
+    same = [all(a is b for a, b in itertools.zip_longest(*pair)) for pair in zip(lse_parts, nlse_parts)]
+    lses = [nlses[k] if k in derive or same[k] else _combine(parts) for k, parts in enumerate(lse_parts)]
+    lse, nlse = torch.stack(lses, dim=1), torch.stack(nlses, dim=1)  # [2, n_dir, B]
     # positive_terms' values and log_z (per direction the mean of the LSEs, of each part: the backward reads it in
-    # the joint partition only) in one launch
-    loss, log_z, pos_val = directions_terms(lse, nlse, positive, positive_shares(p), p.joint)
+    # the joint partition only) in one launch, which writes the derived directions' LSE into lse
+    loss, log_z, pos_val = directions_terms(lse, nlse, positive, positive_shares(p), p.joint, derive)
     return loss, lse, log_z, pos_val, inv, sims
 
 

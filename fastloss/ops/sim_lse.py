@@ -713,15 +713,27 @@ def _logsumexp_directions(lse, nlse, B, o, m, N_DIR: tl.constexpr, FROM_NLSE: tl
 @triton.jit
 def directions_terms_kernel(
     lse, nlse, positive, pos_val, log_z, loss, B, share, log_k,
-    N_DIR: tl.constexpr, HOLDS: tl.constexpr, JOINT: tl.constexpr, BLOCK: tl.constexpr,
+    N_DIR: tl.constexpr, HOLDS: tl.constexpr, DERIVE: tl.constexpr, JOINT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program over all B rows, in order: fastloss.ops.mnrl.positive_terms and the forward's log_z for N_DIR
-    directions (HOLDS: the bits of those that hold the positive; share = 1 / k, log_k = log k of the k of them)."""
+    directions (HOLDS: the bits of those that hold the positive; share = 1 / k, log_k = log k of the k of them). The
+    directions of DERIVE's bits (holders) get their LSE here, written into lse before it is read: the two-part
+    logsumexp of their NLSE and the positive (fastloss.ops.two_part.logsumexp2 over the two, the positive exact)."""
     b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, B, BLOCK):
         o = start + tl.arange(0, BLOCK)
         m = o < B
         b_pos = tl.load(positive + o, mask=m, other=0.0)
+        if DERIVE:
+            for k in tl.static_range(N_DIR):
+                if (DERIVE >> k) & 1:
+                    b_nh = tl.load(nlse + k * B + o, mask=m, other=0.0)
+                    b_top = tl.maximum(b_nh, b_pos)  # finite: the positive's logit is
+                    b_total = tl.exp((b_nh - b_top) + tl.load(nlse + (N_DIR + k) * B + o, mask=m, other=0.0))
+                    b_hi, b_lo = _log_sum_parts(b_top, b_total + tl.exp(b_pos - b_top))
+                    tl.store(lse + k * B + o, b_hi, mask=m)
+                    tl.store(lse + (N_DIR + k) * B + o, b_lo, mask=m)
+            tl.debug_barrier()  # the loads below read those rows back, in whichever threads
         if JOINT:  # the copies' log-odds x, from the mass without one copy; each holder's weight in the joint LSE
             b_xh, b_xl = _logsumexp_directions(lse, nlse, B, o, m, N_DIR, HOLDS)
             b_x = (b_xh - b_pos) + b_xl
@@ -1068,13 +1080,16 @@ def sim_lse_bwd(
 
 
 def directions_terms(
-    lse: Tensor, nlse: Tensor, positive: Tensor, shares: Sequence[float], joint: bool
+    lse: Tensor, nlse: Tensor, positive: Tensor, shares: Sequence[float], joint: bool, derive: Sequence[int] = ()
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss fp32 [], log_z fp32 [2, B], pos_val fp32 [n_dir, B]) of MNRL with several directions from their LSE and
     NLSE fp32 [2, n_dir, B] (two parts) and the positive logits [B]: fastloss.ops.mnrl.positive_terms' values (the
     mean of its row losses) and the forward's log-partition (joint: the LSE over the directions; per direction: their
     mean), in one launch instead of ~66 torch ops. ``shares``: each direction's share of the positive's -1
-    (mnrl.positive_shares: 1 / k for the k that hold it, 0 for the others)."""
+    (mnrl.positive_shares: 1 / k for the k that hold it, 0 for the others). ``derive``: indices of holders whose LSE
+    the launch forms from their NLSE and the positive (logsumexp2 of the two, ~17 torch ops each otherwise) and writes
+    into ``lse`` in place, their old entries unread (the flash forward's doc_to_query, whose NLSE comes from
+    query_to_doc's tiles)."""
     n_dir, b = lse.shape[1], lse.shape[2]
     for name, x in (("lse", lse), ("nlse", nlse)):
         if x.shape != (2, n_dir, b) or x.dtype != torch.float32:
@@ -1082,15 +1097,18 @@ def directions_terms(
             raise ValueError(f"sim_lse: {name} must be {want}, got {x.dtype} {tuple(x.shape)}")
     if len(shares) != n_dir or not any(shares):
         raise ValueError(f"sim_lse: shares must give each of the {n_dir} directions its share, some > 0, got {shares}")
+    if any(not 0 <= k < n_dir or not shares[k] for k in derive):
+        raise ValueError(f"sim_lse: derive must list directions that hold the positive (shares > 0), got {derive}")
     share = max(shares)
     holds = sum(1 << k for k, s in enumerate(shares) if s)
+    lse_c = lse.contiguous()  # the derived directions' LSE are written here, then into lse if that is another tensor
     # separate tensors: a torch.library op's outputs may not share a storage
     pos_val = torch.empty((n_dir, b), device=lse.device, dtype=torch.float32)
     log_z = torch.empty((2, b), device=lse.device, dtype=torch.float32)
     loss = torch.empty((), device=lse.device, dtype=torch.float32)
     with _on_device(lse):
         directions_terms_kernel[(1,)](
-            lse.contiguous(),
+            lse_c,
             nlse.contiguous(),
             _vector(positive, b, "positive"),
             pos_val,
@@ -1101,9 +1119,12 @@ def directions_terms(
             -math.log(share),
             N_DIR=n_dir,
             HOLDS=holds,
+            DERIVE=sum(1 << k for k in set(derive)),
             JOINT=bool(joint),
             BLOCK=512,
         )
+    if derive and lse_c is not lse:
+        lse.copy_(lse_c)
     return loss, log_z, pos_val
 
 
