@@ -3,10 +3,11 @@
 The interpreter (TRITON_INTERPRET=1), which the test suite uses, never lowers a kernel to PTX, so it accepts kernels
 that fail to compile for a GPU, or that compile but do not fit one: a tile whose shared memory exceeds the SM's, or
 registers that spill. This script drives the real host wrappers (sim_lse_fwd/bwd and SimLseBackward's windows,
-sim_lse.one_direction_terms / directions_terms, cosent_fwd/bwd, batch_hard_fwd, block_softmax.row_stats/row_grad,
-l2norm_bwd) with a stand-in for each kernel that records its launch instead of running it, then compiles each
-recorded launch for the target with every configuration its autotuner may pick (heuristics applied, early pruning
-included), the constants and argument types the launch would have on a GPU, and reads the resources from the cubin.
+sim_lse.one_direction_terms / directions_terms / backward_weights, cosent_fwd/bwd, batch_hard_fwd,
+block_softmax.row_stats/row_grad, l2norm_bwd) with a stand-in for each kernel that records its launch instead of
+running it, then compiles each recorded launch for the target with every configuration its autotuner may pick
+(heuristics applied, early pruning included), the constants and argument types the launch would have on a GPU, and
+reads the resources from the cubin.
 
     python3 scripts/triton_aot.py                 # sm_90 (H100/H200) and sm_80 (A100), the full matrix
     python3 scripts/triton_aot.py --arch 90 --quick
@@ -110,6 +111,7 @@ KERNELS = {
         "sim_lse_bwd_dc_kernel",
         "one_direction_terms_kernel",
         "directions_terms_kernel",
+        "backward_weights_kernel",
     ),
     cosent: ("cosent_sim_fwd_kernel", "cosent_rank_kernel", "cosent_sim_bwd_kernel"),
     triplet: ("batch_hard_fwd_kernel", "refine_selected_kernel"),
@@ -231,6 +233,15 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                             sim_lse.directions_terms(lse, lse, torch.zeros(48), shares, joint)
                             if derive:
                                 sim_lse.directions_terms(lse, lse.clone(), torch.zeros(48), shares, joint, derive)
+                            # the backward's weights, with and without the merged launch's positive coefficient
+                            pos_val = torch.zeros(len(shares), 48)
+                            for back in {0, *derive}:
+                                sim_lse.backward_weights(scale, scale, lse, lse[:, 0], pos_val, pos_val[0], joint, back)
+                        # query_to_doc alone's
+                        one = torch.zeros(1, 48)
+                        sim_lse.backward_weights(
+                            scale, scale, torch.zeros(2, 1, 48), one.expand(2, 48), one, one[0], joint, 0
+                        )
         if not quick:  # the ranking kernel's block grows with the number of pairs, up to 4096 with 16 warps
             for n_pairs in (600, 5000):
                 label[0] = f"cosent rank N={n_pairs}"

@@ -878,22 +878,24 @@ def test_flash_backward_memory_is_one_window(monkeypatch, directions):
 @pytest.mark.parametrize(
     ("directions", "bound"),
     [
-        (("query_to_doc",), 32),
-        (("query_to_doc", "doc_to_query"), 45),
-        (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), 61),
+        (("query_to_doc",), 24),
+        (("query_to_doc", "doc_to_query"), 26),
+        (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), 35),
     ],
     ids=["query_to_doc", "symmetric", "gte"],
 )
 def test_flash_launches(monkeypatch, directions, bound):
     """The flash path's host side at B = 1024 (bf16, D = 768, one hard negative, the docs concatenated as on a GPU of
-    132 SMs), where the H200 ran a call in 4-5 ms against 0.77 ms of GPU time: at most 32 launches for forward and
+    132 SMs), where the H200 ran a call in 4-5 ms against 0.77 ms of GPU time: at most 24 launches for forward and
     backward (79 before 586fcc7; 66 before the forward handed the backward its inverse norms and positive
     similarities; 53 until 2026-11-30, when the loss and pos_val of query_to_doc alone became one launch,
     sim_lse.one_direction_terms, and its one direction's weights and dL/dscale stopped going through the general
-    stacks and sums), the six Triton ones stubbed and counted; counted on fake CUDA tensors (FakeTensorMode). The
-    symmetric loss (doc_to_query from query_to_doc's tiles) at most 45 and GTE's four directions 61 (128 and 146 until
-    their positive_terms and log_z, ~66 torch ops, became one launch: sim_lse.directions_terms; 62 and 78 until that
-    launch also formed doc_to_query's LSE from its NLSE and the positive, ~17 torch ops)."""
+    stacks and sums; 32 until 2026-12-02, when the backward's weights became one launch, sim_lse.backward_weights),
+    the seven Triton ones stubbed and counted; counted on fake CUDA tensors (FakeTensorMode). The symmetric loss
+    (doc_to_query from query_to_doc's tiles) at most 26 and GTE's four directions 35 (128 and 146 until their
+    positive_terms and log_z, ~66 torch ops, became one launch: sim_lse.directions_terms; 62 and 78 until that launch
+    also formed doc_to_query's LSE from its NLSE and the positive, ~17 torch ops, and the backward's weights were ~20
+    torch ops and its dL/dscale a sum per launch)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastloss.ops import l2norm, sim_lse
@@ -929,6 +931,15 @@ def test_flash_launches(monkeypatch, directions, bound):
     monkeypatch.setattr(sim_lse, "SimLseBackward", Backward)
     monkeypatch.setattr(sim_lse, "one_direction_terms", one_direction_terms)
     monkeypatch.setattr(sim_lse, "directions_terms", directions_terms)
+
+    def backward_weights(grad, scale, lse, log_z, pos_val, sims, joint, back):
+        launches.append("backward_weights")
+        new = functools.partial(torch.empty, device=lse.device)
+        b = pos_val.shape[1]
+        joint_only = (new(b), new(())) if joint else (None, None)
+        return new(pos_val.shape), new(b), new(b) if back else None, *joint_only
+
+    monkeypatch.setattr(sim_lse, "backward_weights", backward_weights)
     monkeypatch.setattr(l2norm, "l2norm_bwd", lambda x, inv, grad, out, scaled=False: launches.append("l2norm") or out)
     monkeypatch.setattr(mnrl_ops, "_sm_count", lambda x: 132)  # an H200's
     with FakeTensorMode():

@@ -4,6 +4,7 @@ Without CUDA the kernels run on CPU tensors under TRITON_INTERPRET=1 (fp32 / fp1
 tl.dot is wrong, so bf16 is upcast there and covered for real by the GPU class).
 """
 
+import functools
 import math
 import os
 
@@ -819,6 +820,94 @@ def test_directions_terms_rejects_bad_input():
         sim_lse.directions_terms(lse, lse, torch.zeros(5, device=DEVICE), [0.0, 0.0], True)
     with pytest.raises(ValueError, match=r"positive must have shape \[5\]"):
         sim_lse.directions_terms(lse, lse, torch.zeros(4, device=DEVICE), [0.5, 0.5], True)
+
+
+@pytest.mark.parametrize("joint", [True, False], ids=["joint", "per_direction"])
+@pytest.mark.parametrize("b", [1, 7, 1100])
+@pytest.mark.parametrize(
+    ("names", "back"),
+    [
+        (("query_to_doc",), 0),  # the drop-ins' default
+        (("query_to_doc", "doc_to_query"), 1),  # the symmetric loss, doc_to_query in query_to_doc's launch
+        (("query_to_doc", "query_to_query"), 0),
+        (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), 2),  # GTE's four
+        (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), 0),  # FASTLOSS_FLASH_MERGE=0
+    ],
+    ids=["q2d", "symmetric", "q2d_q2q", "gte", "gte_unmerged"],
+)
+def test_backward_weights(joint, b, names, back):
+    """The flash backward's per-row weights in one launch, against their formulas in fp64 on the values the kernel
+    reads (over one and three chunks of 512 rows; grad 0.75 and B = 7 make h inexact): h = grad / B as torch's fp32
+    division; each direction's weight joint h exp(LSE - log_z) (0 where a direction's every candidate is masked:
+    LSE and log_z -inf), per direction h / n_dir, query_to_doc alone h, exactly; the merged launch's positive
+    coefficient (joint: each pos_val times its share, +inf where query_to_doc's is; per direction their sum); joint,
+    the separate -1's coefficient -h scale on the rows with pos_val +inf (0 elsewhere) and its dL/dscale part
+    h sum(sims) over them. Relative bounds (|e| + 8) 2^-23 of the exponentials, e their exponent (terms tests')."""
+    n_dir = len(names)
+    g = torch.Generator().manual_seed(b + 31 * n_dir + back)
+    lse = torch.randn(n_dir, b, generator=g, dtype=torch.float64) * 30
+    if n_dir > 1:
+        lse[-1, ::4] = -torch.inf
+    z = lse.logsumexp(dim=0) if joint else lse.mean(dim=0)
+    if n_dir == 1:
+        z = lse[0].clone()
+    if n_dir > 1 and joint:
+        z[::12] = -torch.inf  # a row whose every direction is masked (the weights' NaN -> 0)
+        lse[:, ::12] = -torch.inf
+    lse2, z2 = two_parts(lse), two_parts(z)
+    pos_val = -torch.rand(n_dir, b, generator=g, dtype=torch.float64).float()
+    pos_val[:, ::3] = torch.inf  # the separate -1 (joint: both directions' at once)
+    sims = (torch.rand(b, generator=g, dtype=torch.float64) * 2 - 1).float()
+    grad, scale = torch.tensor(0.75), torch.tensor(20.0)
+    to = functools.partial(torch.Tensor.to, device=DEVICE)
+    weights, h_rows, pair_pv, coef, separate_dot = (
+        x if x is None else x.cpu()
+        for x in sim_lse.backward_weights(to(grad), to(scale), to(lse2), to(z2), to(pos_val), to(sims), joint, back)
+    )
+    h = grad / b  # fp32, as the autograd of a mean divides
+    assert torch.equal(h_rows, h.expand(b))
+    lse_v, z_v = two_part_value(lse2), two_part_value(z2)
+    e = lse_v - z_v
+    share = torch.exp(e).nan_to_num(nan=0.0)
+    bound = (e.abs().nan_to_num(nan=0.0, posinf=0.0).max() + 8) * 2**-23
+    if n_dir == 1:
+        assert torch.equal(weights, h.expand(1, b))
+    elif joint:
+        want = h.double() * share
+        assert ((weights.double() - want).abs() <= bound * want + 1e-45).all()
+        assert torch.equal(weights[:, ::12], torch.zeros_like(weights[:, ::12]))
+    else:
+        assert torch.equal(weights, (h / n_dir).expand(n_dir, b))
+    if back:
+        pv = pos_val.double()
+        if joint:
+            want = torch.where(pv[0] == torch.inf, torch.inf, pv[0] * share[0] + pv[back] * share[back])
+        else:
+            want = pv[0] + pv[back]
+        assert torch.equal(torch.isinf(pair_pv), torch.isinf(want))
+        finite = torch.isfinite(want)
+        err = (pair_pv.double() - want).abs()[finite]
+        assert (err <= bound * (pv[0].abs() + pv[back].abs())[finite] + 2**-24 * want.abs()[finite] + 1e-45).all()
+    else:
+        assert pair_pv is None
+    if joint:
+        separate = pos_val[0] == torch.inf
+        assert torch.equal(coef, torch.where(separate, -h * scale, 0.0))
+        want = float(h) * float(sims.double()[separate].sum())
+        assert abs(float(separate_dot) - want) <= 1e-6 * (abs(want) + float(h) * float(sims.abs().sum()))
+    else:
+        assert coef is None and separate_dot is None
+
+
+def test_backward_weights_rejects_bad_input():
+    lse, z, pv = torch.zeros(2, 2, 5, device=DEVICE), torch.zeros(2, 5, device=DEVICE), torch.zeros(2, 5, device=DEVICE)
+    one = torch.ones((), device=DEVICE)
+    with pytest.raises(ValueError, match=r"lse and log_z must be fp32 \[2, 2, 5\] and \[2, 5\]"):
+        sim_lse.backward_weights(one, one, lse, z[:, :4], pv, torch.zeros(5, device=DEVICE), True, 1)
+    with pytest.raises(ValueError, match="back must be doc_to_query's index among the 2 directions or 0, got 2"):
+        sim_lse.backward_weights(one, one, lse, z, pv, torch.zeros(5, device=DEVICE), True, 2)
+    with pytest.raises(ValueError, match=r"sims must have shape \[5\]"):
+        sim_lse.backward_weights(one, one, lse, z, pv, torch.zeros(4, device=DEVICE), True, 1)
 
 
 def test_softmax_exact_at_large_logits(poison):

@@ -62,6 +62,7 @@ def test_kernels_compile_and_fit_sm90():
         "l2norm_bwd_kernel",
         "one_direction_terms_kernel",
         "directions_terms_kernel",
+        "backward_weights_kernel",
     ):
         assert kernel in stdout, f"{kernel} was never compiled"
 

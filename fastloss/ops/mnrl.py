@@ -42,10 +42,12 @@ similarities, O(B) fp32 vectors that the backward computed again before (2026-11
 launches with the doc columns concatenated, one hard negative, counted on fake CUDA tensors; 53 then). With
 query_to_doc alone (the drop-ins' default) the loss and pos_val come from one Triton launch
 (sim_lse.one_direction_terms, in place of positive_terms' ~14 torch ops), its log_z is its LSE and its weight in the
-backward h itself: 32 launches a call. With several directions positive_terms' values and log_z come from one launch
-too (sim_lse.directions_terms, for ~66 torch ops), which also forms doc_to_query's LSE from its NLSE (from
-query_to_doc's tiles) and the positive (~17 torch ops): the symmetric loss 45 launches a call (128 before), GTE 61
-(146).
+backward h itself. With several directions positive_terms' values and log_z come from one launch too
+(sim_lse.directions_terms, for ~66 torch ops), which also forms doc_to_query's LSE from its NLSE (from query_to_doc's
+tiles) and the positive (~17 torch ops). The backward's per-row weights (each direction's dL/dLSE, the merged launch's
+positive coefficient, the separate -1's coefficient and dL/dscale part) are one launch (sim_lse.backward_weights, for
+~8 torch ops with one direction, ~20 with several): query_to_doc alone 24 launches a call, the symmetric loss 26 (128
+before), GTE 35 (146).
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -567,53 +569,46 @@ def mnrl_bwd(
     forward's outputs (``inv``, ``sims``: its inverse norms and positive similarities). Per window of rows of q, then
     of each block of docs, each launch whose rows or candidates are those rows adds its part of dx_hat to one fp32
     buffer, the positive's separate term joins, and the normalisation backward writes those rows of dx."""
-    from fastloss.ops.sim_lse import SimLseBackward
+    from fastloss.ops.sim_lse import SimLseBackward, backward_weights
 
     docs = _doc_blocks(d, p)
     xs = [q, *docs]
     invs = _split_inv_norms(inv, xs)
-    h = grad.float() / p.batch
-    if p.directions == QUERY_TO_DOC:  # its share of the joint partition is exactly 1 (log_z is its LSE): weight h
-        weights = h.expand(1, p.batch)
-    elif p.joint:  # exp(lse - log_z) from both parts; rows with LSE = -inf get 0
-        shares = torch.exp((lse[0] - log_z[0]) + (lse[1] - log_z[1])).nan_to_num(nan=0.0)
-        weights = h * shares
-    else:
-        weights = (h / p.n_directions).expand(p.n_directions, p.batch)
+    merged = merges_transposed(p)
+    # each direction's dL/dLSE weights, h per row, the merged launch's positive coefficient and the separate -1's
+    # (joint: the rows where pos_val is +inf, p - 1 <= -1/2; per direction every row folds it) in one launch
+    weights, h, pair_pv, coef, separate_dot = backward_weights(
+        grad, scale, lse, log_z, pos_val, sims, p.joint, _transposed_index(p) if merged else 0
+    )
     # each tensor's parts: (launcher, its dscale for a rows part else None, first row of the tensor it covers, rows)
     parts: list[list] = [[] for _ in xs]
-    dscales = []  # (each rows launch's dscale, the share of it that is its own: a Gram block counts each entry twice)
-    for launch in _launches(xs, invs, p, merged=merges_transposed(p), gram=merges_gram(p)):
+    launches = _launches(xs, invs, p, merged=merged, gram=merges_gram(p))
+    # each rows launch's dscale per row: the launches over Gram blocks last, whose entries each count twice
+    dscales = torch.empty((len(launches), p.batch), device=q.device, dtype=torch.float32)
+    n_own = sum(not launch.gram for launch in launches)
+    own, gram = iter(range(n_own)), iter(range(n_own, len(launches)))
+    for launch in launches:
         i, back = launch.direction, launch.transposed
         lse_i, g_i, pv, transposed = lse[:, i], weights[i], pos_val[i], {}
         if back >= 0:  # another direction's rows (doc_to_query in query_to_doc) or its own (a Gram block) with it
             if p.joint:  # exp(logit - log_z) of either row's joint softmax, weight h
-                lse_i, g_i, transposed = log_z, h.expand(p.batch), dict(lse_t=log_z)
+                lse_i, g_i, transposed = log_z, h, dict(lse_t=log_z)
             else:
                 transposed = dict(lse_t=lse[:, back])
         if launch.positive and back >= 0:  # the positive entry takes both directions' coefficients
-            if p.joint:  # pos_val times each direction's weight
-                pv = pos_val[i] * shares[i] + pos_val[back] * shares[back]
-                pv = torch.where(pos_val[i] == float("inf"), pos_val[i], pv)  # both fold or neither (x is the row's)
-            else:
-                pv = pos_val[i] + pos_val[back]
+            pv = pair_pv
         bwd = SimLseBackward(
             *launch.operands,
             scale,
             lse_i,
-            g_i.contiguous(),
-            pos_val=pv.contiguous() if launch.positive else None,
+            g_i,
+            pos_val=pv if launch.positive else None,
             **launch.options,
             **transposed,
         )
-        dscales.append((torch.empty(p.batch, device=q.device, dtype=torch.float32), 0.5 if launch.gram else 1.0))
-        parts[launch.rows_of].append((bwd, dscales[-1][0], p.offset, p.batch))
+        parts[launch.rows_of].append((bwd, dscales[next(gram if launch.gram else own)], p.offset, p.batch))
         if not launch.gram:  # a Gram block's candidates are its rows, whose launch took their transposed entries
             parts[launch.block].append((bwd, None, launch.start, launch.operands[1].shape[0]))
-    # the positive's -1 where the kernels did not fold it (pos_val +inf: joint rows where p - 1 <= -1/2; per direction
-    # every row folds it, so no term and no pass over the rows for it)
-    separate = (pos_val[0] == float("inf")).to(torch.float32) if p.joint else None
-    coef = None if separate is None else -h * scale.float() * separate
     dxs = [torch.empty_like(x) for x in xs]
     size = max(min(window_rows(x), x.shape[0]) for x in xs)
     buffer = torch.empty((size, q.shape[1]), device=q.device, dtype=torch.float32)
@@ -643,12 +638,11 @@ def mnrl_bwd(
                 _add_positive_rows(acc, first, xs[1 - k], invs[1 - k], x_inv, coef, p, scaled=False)
             _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last], fused=True)
     del acc, buffer
-    dscale = None
-    for ds, share in dscales:
-        part = ds.sum() if share == 1.0 else ds.sum() * share
-        dscale = part if dscale is None else dscale + part
-    if separate is not None:
-        dscale = dscale - h * torch.dot(separate, sims)
+    dscale = dscales[:n_own].sum()
+    if n_own < len(launches):
+        dscale = dscale + dscales[n_own:].sum() * 0.5
+    if separate_dot is not None:
+        dscale = dscale - separate_dot
     return dxs[0], dxs[1:], dscale.to(scale.dtype).reshape(scale.shape)
 
 

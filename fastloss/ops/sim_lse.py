@@ -769,6 +769,53 @@ def directions_terms_kernel(
     tl.store(loss, tl.sum(b_sum, axis=0) / B)
 
 
+@triton.jit
+def _share(lse, log_z, B, o, m, k, N_DIR: tl.constexpr):
+    """Direction k's share of rows o's joint partition, exp(LSE - log_z) from both parts; 0 where both are -inf."""
+    b_e = (tl.load(lse + k * B + o, mask=m, other=0.0) - tl.load(log_z + o, mask=m, other=0.0)) + (
+        tl.load(lse + (N_DIR + k) * B + o, mask=m, other=0.0) - tl.load(log_z + B + o, mask=m, other=0.0)
+    )
+    return tl.where(b_e == b_e, tl.exp(b_e), 0.0)
+
+
+@triton.jit
+def backward_weights_kernel(
+    grad, scale, lse, log_z, pos_val, sims, weights, h_rows, pair_pv, coef, separate_dot, B,
+    N_DIR: tl.constexpr, BACK: tl.constexpr, JOINT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program over all B rows, in order: the flash backward's weights for N_DIR directions (backward_weights)."""
+    b_h = tl.div_rn(tl.load(grad), tl.zeros((), tl.float32) + B)  # h = grad / B, as torch divides
+    b_scale = tl.load(scale)
+    b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, B, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        m = o < B
+        tl.store(h_rows + o, tl.zeros((BLOCK,), tl.float32) + b_h, mask=m)
+        for k in tl.static_range(N_DIR):
+            if N_DIR == 1:  # query_to_doc alone: its share of the joint partition is exactly 1
+                b_w = tl.zeros((BLOCK,), tl.float32) + b_h
+            elif JOINT:
+                b_w = b_h * _share(lse, log_z, B, o, m, k, N_DIR)
+            else:
+                b_w = tl.zeros((BLOCK,), tl.float32) + tl.div_rn(b_h, tl.zeros((), tl.float32) + N_DIR)
+            tl.store(weights + k * B + o, b_w, mask=m)
+        b_pv = tl.load(pos_val + o, mask=m, other=0.0)
+        if BACK > 0:  # query_to_doc's launch that takes doc_to_query: the positive entry's coefficient of both
+            b_back = tl.load(pos_val + BACK * B + o, mask=m, other=0.0)
+            if JOINT:  # each pos_val times its direction's share; both fold or neither (x is the row's)
+                b_share = _share(lse, log_z, B, o, m, 0, N_DIR)
+                b_both = b_pv * b_share + b_back * _share(lse, log_z, B, o, m, BACK, N_DIR)
+                tl.store(pair_pv + o, tl.where(b_pv == float("inf"), b_pv, b_both), mask=m)
+            else:
+                tl.store(pair_pv + o, b_pv + b_back, mask=m)
+        if JOINT:  # rows where the positive's -1 stays separate (pos_val +inf): its coefficient and dL/dscale part
+            b_separate = b_pv == float("inf")
+            tl.store(coef + o, tl.where(b_separate, -b_h * b_scale, 0.0), mask=m)
+            b_acc += tl.where(b_separate & m, tl.load(sims + o, mask=m, other=0.0), 0.0)
+    if JOINT:
+        tl.store(separate_dot, b_h * tl.sum(b_acc, axis=0))
+
+
 def _operands(r: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     if r.ndim != 2 or c.ndim != 2 or r.shape[1] != c.shape[1]:
         raise ValueError(f"sim_lse: r [M, D] and c [N, D] must share D, got {tuple(r.shape)} and {tuple(c.shape)}")
@@ -1126,6 +1173,52 @@ def directions_terms(
     if derive and lse_c is not lse:
         lse.copy_(lse_c)
     return loss, log_z, pos_val
+
+
+def backward_weights(
+    grad: Tensor, scale: Tensor, lse: Tensor, log_z: Tensor, pos_val: Tensor, sims: Tensor, joint: bool, back: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The flash MNRL backward's per-row weights in one launch instead of ~20 torch ops, from the incoming 0-d
+    ``grad`` and the forward's LSE fp32 [2, n_dir, B], log_z [2, B] (two parts), pos_val [n_dir, B] and positive
+    similarities ``sims`` [B]: (weights fp32 [n_dir, B], each direction's dL/dLSE: with h = grad / B, joint h times the
+    direction's share of the joint partition exp(LSE - log_z), 0 where both are -inf, per direction h / n_dir, and h
+    for query_to_doc alone; h fp32 [B], the weight of a launch whose rows take the joint softmax of their row; the
+    positive entry's coefficient in query_to_doc's launch that takes doc_to_query too, direction ``back`` (> 0; 0:
+    no such launch, None): joint each direction's pos_val times its share, +inf where query_to_doc's is (the -1
+    separate), per direction their sum; joint, else None: the separate -1's coefficient -h scale on those rows (0
+    elsewhere) fp32 [B] and its dL/dscale part h * sum of their ``sims``, fp32 [], which the caller subtracts)."""
+    n_dir, b = pos_val.shape
+    if lse.shape != (2, n_dir, b) or log_z.shape != (2, b) or lse.dtype != torch.float32 or log_z.dtype != lse.dtype:
+        raise ValueError(
+            f"sim_lse: lse and log_z must be fp32 [2, {n_dir}, {b}] and [2, {b}] (pos_val's n_dir, B), got "
+            f"{lse.dtype} {tuple(lse.shape)} and {log_z.dtype} {tuple(log_z.shape)}"
+        )
+    if not 0 <= back < n_dir:
+        raise ValueError(f"sim_lse: back must be doc_to_query's index among the {n_dir} directions or 0, got {back}")
+    new = functools.partial(torch.empty, device=lse.device, dtype=torch.float32)
+    weights, h_rows, pair_pv, coef, separate_dot = new((n_dir, b)), new(b), new(b), new(b), new(())
+    with _on_device(lse):
+        backward_weights_kernel[(1,)](
+            _scale(grad, lse.device),
+            _scale(scale, lse.device),
+            lse.contiguous(),
+            log_z.contiguous(),
+            pos_val.to(torch.float32).contiguous(),
+            _vector(sims, b, "sims"),
+            weights,
+            h_rows,
+            pair_pv,
+            coef,
+            separate_dot,
+            b,
+            N_DIR=n_dir,
+            BACK=back,
+            JOINT=bool(joint),
+            BLOCK=512,
+        )
+    if not joint:
+        coef = separate_dot = None
+    return weights, h_rows, pair_pv if back else None, coef, separate_dot
 
 
 def one_direction_terms(nlse: Tensor, sims: Tensor, scale: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
