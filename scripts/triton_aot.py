@@ -226,8 +226,8 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                         # the flash path's loss and pos_val of query_to_doc alone
                         sim_lse.one_direction_terms(torch.zeros(2, 48), torch.zeros(48), scale, joint)
                         # and of several directions: the symmetric loss (both hold the positive), query_to_doc with
-                        # query_to_query and doc_to_doc (one holder of three), GTE's four (two holders)
-                        # query_to_doc and doc_to_query: also with doc_to_query's LSE formed in the launch
+                        # query_to_query and doc_to_doc (one holder of three), GTE's four (two holders); the symmetric
+                        # loss and GTE also with doc_to_query's LSE formed in the launch (derive), as the forward runs
                         for shares, derive in (([0.5, 0.5], [1]), ([1.0, 0.0, 0.0], []), ([0.5, 0.0, 0.5, 0.0], [2])):
                             lse = torch.zeros(2, len(shares), 48)
                             sim_lse.directions_terms(lse, lse, torch.zeros(48), shares, joint)
