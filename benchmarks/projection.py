@@ -35,7 +35,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIM_LSE_KERNELS = ("sim_lse_fwd_kernel", "sim_lse_bwd_dr_kernel", "sim_lse_bwd_dc_kernel")
 TERMS_KERNELS = ("one_direction_terms_kernel", "directions_terms_kernel", "backward_weights_kernel")
 KERNELS = [(sim_lse, name) for name in (*SIM_LSE_KERNELS, *TERMS_KERNELS)]
-KERNELS.append((l2norm, "l2norm_bwd_kernel"))
+KERNELS += [(l2norm, name) for name in ("inverse_norms_kernel", "l2norm_bwd_kernel")]
 KERNELS += [(block_softmax, name) for name in ("row_stats_kernel", "row_grad_kernel")]
 
 

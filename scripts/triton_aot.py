@@ -4,10 +4,10 @@ The interpreter (TRITON_INTERPRET=1), which the test suite uses, never lowers a 
 that fail to compile for a GPU, or that compile but do not fit one: a tile whose shared memory exceeds the SM's, or
 registers that spill. This script drives the real host wrappers (sim_lse_fwd/bwd and SimLseBackward's windows,
 sim_lse.one_direction_terms / directions_terms / backward_weights, cosent_fwd/bwd, batch_hard_fwd,
-block_softmax.row_stats/row_grad, l2norm_bwd) with a stand-in for each kernel that records its launch instead of
-running it, then compiles each recorded launch for the target with every configuration its autotuner may pick
-(heuristics applied, early pruning included), the constants and argument types the launch would have on a GPU, and
-reads the resources from the cubin.
+block_softmax.row_stats/row_grad, l2norm.inverse_norms / l2norm_bwd) with a stand-in for each kernel that records its
+launch instead of running it, then compiles each recorded launch for the target with every configuration its
+autotuner may pick (heuristics applied, early pruning included), the constants and argument types the launch would
+have on a GPU, and reads the resources from the cubin.
 
     python3 scripts/triton_aot.py                 # sm_90 (H100/H200) and sm_80 (A100), the full matrix
     python3 scripts/triton_aot.py --arch 90 --quick
@@ -116,7 +116,7 @@ KERNELS = {
     cosent: ("cosent_sim_fwd_kernel", "cosent_rank_kernel", "cosent_sim_bwd_kernel"),
     triplet: ("batch_hard_fwd_kernel", "refine_selected_kernel"),
     block_softmax: ("row_stats_kernel", "row_grad_kernel"),
-    l2norm: ("l2norm_bwd_kernel",),
+    l2norm: ("inverse_norms_kernel", "l2norm_bwd_kernel"),
 }
 
 
@@ -190,8 +190,10 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
             sim_lse.sim_lse_fwd(r, r, ones_r, ones_r, 20.0, **own)
             bwd = sim_lse.SimLseBackward(r, r, ones_r, ones_r, 20.0, lse, g, lse_t=lse, **own)
             bwd.rows(torch.zeros(48, dim), 0, 48, accumulate=True, dscale=torch.zeros(48))
-            label[0] = f"l2norm {name} D={dim}"  # the flash MNRL backward's epilogue
+            label[0] = f"l2norm {name} D={dim}"  # the flash MNRL forward's prologue and backward's epilogue
             x = torch.zeros(48, dim, dtype=dtype)
+            for normalize in (True, False):  # cosine and dot similarity; the positive pairs' launch and another's
+                l2norm.inverse_norms([x, x], [0, 64], 128, normalize, pairs=(0, 48))
             for scaled in (False, True):  # the flash path's dx_hat, the row-block op's inv * dx_hat
                 l2norm.l2norm_bwd(x, torch.ones(48), torch.zeros(48, dim), torch.empty_like(x), scaled=scaled)
             label[0] = f"cosent {name} D={dim}"

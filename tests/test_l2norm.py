@@ -110,3 +110,98 @@ def test_empty():
     x = torch.empty(0, 5, device=DEVICE)
     out = torch.empty_like(x)
     assert l2norm.l2norm_bwd(x, inv_norms(x), torch.empty(0, 5, device=DEVICE), out) is out
+
+
+def _offsets(rows, pad):
+    """Offsets of tensors of ``rows`` rows in one vector, ``pad`` entries of padding after each; and its length."""
+    offsets = [0]
+    for n in rows:
+        offsets.append(offsets[-1] + n + pad)
+    return offsets[:-1], offsets[-1]
+
+
+def _truth_inv(x):
+    return 1.0 / torch.linalg.vector_norm(x.double(), dim=1).clamp_min(NORM_EPS)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "dot"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize(
+    "rows,D,pad,pairs",
+    [([1, 1], 1, 0, (0, 1)), ([13, 26], 9, 3, (2, 9)), ([37, 74, 37], 300, 27, (0, 37)), ([5, 6, 0], 257, 1, None)],
+    ids=["1x1", "odd", "three-looped", "no-pairs"],
+)
+def test_inverse_norms(rows, D, pad, pairs, dtype, normalize):
+    """Each tensor's 1 / max(|x_i|, eps) at its offset (within 2^-22 of fp64's, i.e. the square root and division
+    correctly rounded), the padding exactly 1, all 1 for dot similarity; the pairs' similarities <x_i, y_i> inv inv
+    within 1e-6 of fp64's relative to |x_i| |y_i| inv inv (the sums of products in fp32). Odd shapes, D across
+    BLOCK_D (looped), a strided tensor, an empty last one, a zero row."""
+    gen = torch.Generator().manual_seed(sum(rows) * D)
+    xs = [torch.randn(n, D, generator=gen).to(DEVICE, dtype) for n in rows]
+    xs[1] = torch.randn(D, rows[1], generator=gen).to(DEVICE, dtype).t()  # elements of a row apart
+    xs[1][min(1, rows[1] - 1)] = 0.0
+    offsets, length = _offsets(rows, pad)
+    inv, sims = l2norm.inverse_norms(xs, offsets, length, normalize, pairs)
+    assert inv.shape == (length,) and inv.dtype == torch.float32
+    padding = torch.ones(length, dtype=torch.bool)
+    for x, a in zip(xs, offsets):
+        got = inv[a : a + x.shape[0]].cpu().double()
+        padding[a : a + x.shape[0]] = False
+        if not normalize:
+            assert torch.equal(got, torch.ones_like(got))
+            continue
+        want = _truth_inv(x.cpu())
+        assert ((got - want).abs() <= 2**-22 * want).all()
+    assert torch.equal(inv[padding.to(inv.device)], torch.ones(int(padding.sum()), device=inv.device))
+    if pairs is None:
+        assert sims is None
+        return
+    first, count = pairs
+    x, y = (t[first : first + count].cpu().double() for t in xs[:2])
+    inv_x, inv_y = (_truth_inv(t) if normalize else torch.ones(count, dtype=torch.float64) for t in (x, y))
+    want = (x * y).sum(dim=1) * inv_x * inv_y
+    size = x.norm(dim=1) * y.norm(dim=1) * inv_x * inv_y
+    assert sims.shape == (count,) and sims.dtype == torch.float32
+    assert ((sims.cpu().double() - want).abs() <= 1e-6 * size + 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+def test_inverse_norms_zero_tiny_huge_and_non_finite_rows(dtype):
+    """As torch's norm, clamp and reciprocal: 1 / eps for a zero row and one shorter than eps, 1 / |x| for norms of
+    7e-6 and 7e4, 0 where the sum of squares overflows fp32 (torch's norm is inf there too) or a value is inf, NaN for
+    a NaN; the pairs (each row with itself) from those inverse norms."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 50, generator=gen)
+    x[0] = 0.0
+    x[1] *= 1e-14
+    x[2] *= 1e-6
+    x[3] *= 1e4
+    x[4] = 1e20 if dtype == torch.float32 else 6e4  # squares beyond fp32 (fp32); |x| = 4.2e5 (half)
+    x[5, 3] = float("inf")
+    x[6, 7] = float("nan")
+    x = x.to(DEVICE, dtype)
+    inv, sims = l2norm.inverse_norms([x, x], [0, 7], 14, True, (0, 7))
+    want = torch.linalg.vector_norm(x.float(), dim=1).clamp_min(NORM_EPS).reciprocal()
+    for got in (inv[:7], inv[7:]):
+        torch.testing.assert_close(got, want, rtol=2**-22, atol=0.0, equal_nan=True)
+    assert inv[4] == (0.0 if dtype == torch.float32 else want[4]) and inv[5] == 0.0 and inv[6].isnan()
+    assert torch.equal(inv[:2], torch.full((2,), 1.0 / NORM_EPS, device=inv.device))
+    # each row with itself: |x|^2 inv^2 (0 for the zero row, 0.005 for the one shorter than eps), NaN for the NaN
+    want_sims = x[:4].double().square().sum(dim=1) * want[:4].double().square()
+    assert ((sims[:4].double() - want_sims).abs() <= 1e-6 * want_sims).all() and sims[0] == 0.0 and sims[6].isnan()
+
+
+def test_inverse_norms_bad_arguments():
+    x = torch.randn(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="room for its rows"):
+        l2norm.inverse_norms([x, x], [0, 3], 8, True)
+    with pytest.raises(ValueError, match="room for its rows"):
+        l2norm.inverse_norms([x, x], [0, 4], 7, True)
+    with pytest.raises(ValueError, match="room for its rows"):
+        l2norm.inverse_norms([x], [0, 4], 8, True)
+    with pytest.raises(ValueError, match="one D"):
+        l2norm.inverse_norms([x, torch.randn(4, 2, device=DEVICE)], [0, 4], 8, True)
+    with pytest.raises(ValueError, match=r"pairs \(2, 3\) must be rows of the first two tensors"):
+        l2norm.inverse_norms([x, x], [0, 4], 8, True, (2, 3))
+    with pytest.raises(ValueError, match="pairs"):
+        l2norm.inverse_norms([x], [0], 4, True, (0, 1))

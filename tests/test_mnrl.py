@@ -878,24 +878,25 @@ def test_flash_backward_memory_is_one_window(monkeypatch, directions):
 @pytest.mark.parametrize(
     ("directions", "bound"),
     [
-        (("query_to_doc",), 24),
-        (("query_to_doc", "doc_to_query"), 26),
-        (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), 35),
+        (("query_to_doc",), 16),
+        (("query_to_doc", "doc_to_query"), 18),
+        (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), 27),
     ],
     ids=["query_to_doc", "symmetric", "gte"],
 )
 def test_flash_launches(monkeypatch, directions, bound):
     """The flash path's host side at B = 1024 (bf16, D = 768, one hard negative, the docs concatenated as on a GPU of
-    132 SMs), where the H200 ran a call in 4-5 ms against 0.77 ms of GPU time: at most 24 launches for forward and
+    132 SMs), where the H200 ran a call in 4-5 ms against 0.77 ms of GPU time: at most 16 launches for forward and
     backward (79 before 586fcc7; 66 before the forward handed the backward its inverse norms and positive
     similarities; 53 until 2026-11-30, when the loss and pos_val of query_to_doc alone became one launch,
     sim_lse.one_direction_terms, and its one direction's weights and dL/dscale stopped going through the general
-    stacks and sums; 32 until 2026-12-02, when the backward's weights became one launch, sim_lse.backward_weights),
-    the seven Triton ones stubbed and counted; counted on fake CUDA tensors (FakeTensorMode). The symmetric loss
-    (doc_to_query from query_to_doc's tiles) at most 26 and GTE's four directions 35 (128 and 146 until their
-    positive_terms and log_z, ~66 torch ops, became one launch: sim_lse.directions_terms; 62 and 78 until that launch
-    also formed doc_to_query's LSE from its NLSE and the positive, ~17 torch ops, and the backward's weights were ~20
-    torch ops and its dL/dscale a sum per launch)."""
+    stacks and sums; 32 until 2026-12-02, when the backward's weights became one launch, sim_lse.backward_weights;
+    24 until the forward's inverse norms and positive similarities, ~10 torch ops, became a launch per tensor,
+    l2norm.inverse_norms), the eight Triton ones stubbed and counted; counted on fake CUDA tensors (FakeTensorMode).
+    The symmetric loss (doc_to_query from query_to_doc's tiles) at most 18 and GTE's four directions 27 (128 and 146
+    until their positive_terms and log_z, ~66 torch ops, became one launch: sim_lse.directions_terms; 62 and 78 until
+    that launch also formed doc_to_query's LSE from its NLSE and the positive, ~17 torch ops, and the backward's
+    weights were ~20 torch ops and its dL/dscale a sum per launch; 26 and 35 until inverse_norms)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastloss.ops import l2norm, sim_lse
@@ -941,6 +942,13 @@ def test_flash_launches(monkeypatch, directions, bound):
 
     monkeypatch.setattr(sim_lse, "backward_weights", backward_weights)
     monkeypatch.setattr(l2norm, "l2norm_bwd", lambda x, inv, grad, out, scaled=False: launches.append("l2norm") or out)
+
+    def inverse_norms(xs, offsets, length, normalize, pairs=None):
+        launches.extend(["inverse_norms"] * len(xs))
+        new = functools.partial(torch.empty, device=xs[0].device)
+        return new(length), new(pairs[1]) if pairs else None
+
+    monkeypatch.setattr(l2norm, "inverse_norms", inverse_norms)
     monkeypatch.setattr(mnrl_ops, "_sm_count", lambda x: 132)  # an H200's
     with FakeTensorMode():
         q, d = (torch.empty(n, 768, device="cuda", dtype=torch.bfloat16) for n in (1024, 2048))
@@ -949,7 +957,7 @@ def test_flash_launches(monkeypatch, directions, bound):
         with launch_counter(launches):
             saved = mnrl_ops.mnrl_fwd(q, [d], scale, p)[1:]
             mnrl_ops.mnrl_bwd(torch.empty((), device="cuda"), q, [d], scale, *saved, p)
-    assert launches.count("aten.linalg_vector_norm") == 2  # once per tensor, in the forward
+    assert launches.count("inverse_norms") == 2 and "aten.linalg_vector_norm" not in launches  # once per tensor
     assert not {"host_to_device", "device_to_host"} & set(launches)  # no host sync
     assert len(launches) <= bound, launches
 
@@ -958,20 +966,25 @@ def test_flash_launches(monkeypatch, directions, bound):
 @pytest.mark.parametrize("normalize", [True, False], ids=["cos", "dot"])
 def test_flash_inverse_norms_computed_once(monkeypatch, normalize):
     """The flash forward's inverse norms of q and each doc column, in one vector (each tensor's at an aligned offset,
-    the same bits as _inv_norms of it), are what its backward uses: no norm computed there. Odd rows, a zero row."""
+    the bits of l2norm.inverse_norms of that tensor alone, within 2^-22 of torch's norm, clamp and reciprocal), are
+    what its backward uses: no norm computed there. Odd rows, a zero row."""
+    from fastloss.ops import l2norm
+
     monkeypatch.setenv("FASTLOSS_BACKEND", "triton")
     xs = _embeddings(13, 9, 3, seed=4)
     xs[1][2] = 0.0
-    inv = mnrl_ops._flat_inv_norms(xs, normalize)
+    p = MNRLParams(offset=0, batch=13, normalize=normalize)
+    inv = mnrl_ops.mnrl_fwd(xs[0], xs[1:], torch.tensor(20.0), p)[4]
     for x, view in zip(xs, mnrl_ops._split_inv_norms(inv, xs)):
         assert (view.data_ptr() - inv.data_ptr()) % 128 == 0
-        assert torch.equal(view, mnrl_ops._inv_norms(x, normalize))
+        assert torch.equal(view, l2norm.inverse_norms([x], [0], x.shape[0], normalize)[0])
+        torch.testing.assert_close(view, mnrl_ops._inv_norms(x, normalize), rtol=2**-22, atol=0.0)
     leaves = [leaf(x) for x in xs]
-    p = MNRLParams(offset=0, batch=13, normalize=normalize)
     loss = mnrl(leaves[0], leaves[1:], leaf(torch.tensor(20.0)), p, "triton")
     norms = []
     real = torch.linalg.vector_norm
     monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: norms.append(1) or real(*a, **k))
+    monkeypatch.setattr(l2norm, "inverse_norms", lambda *a, **k: norms.append(1))
     loss.backward()
     assert norms == [] and all(torch.isfinite(x.grad).all() for x in leaves)
 
@@ -993,25 +1006,30 @@ def test_flash_window_rows_setting(monkeypatch):
         mnrl_module.window_rows(x)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason=NO_TRITON_CPU)
-def test_flash_epilogues_give_the_same_bits_in_row_chunks(monkeypatch):
-    """The flash path's O(B*D) epilogues (positive similarities, normalisation backward) run a chunk of rows at a
-    time to bound their fp32 temporaries; the arithmetic per row is the same at any chunk size."""
+def test_row_block_epilogues_give_the_same_bits_in_row_chunks(monkeypatch):
+    """The row-block op's O(B*D) epilogues in torch ops (the positive similarities of the separate term's dL/dscale,
+    the normalisation backward) run a chunk of rows at a time to bound their fp32 temporaries; the arithmetic per row
+    is the same at any chunk size. (The flash path's are Triton kernels: l2norm.inverse_norms, l2norm_bwd.)"""
     from fastloss.ops import mnrl as mnrl_module
 
-    q, p, n = _embeddings(37, 24, 3, dtype=torch.float16)  # CPU tensors: the interpreter (BACKENDS)
+    q, p, n = _embeddings(37, 24, 3, dtype=torch.float16)
+    chunked = []
+    real = mnrl_module._row_chunks
+    monkeypatch.setattr(mnrl_module, "_row_chunks", lambda x: chunked.append(len(real(x))) or real(x))
 
     def run():
         args = (leaf(q), leaf(torch.cat([p, n])), leaf(torch.tensor(20.0)))
-        loss = mnrl(*args, MNRLParams(offset=0, batch=37, directions=15, hardness=3, alpha=0.3), "triton")
+        loss = mnrl(*args, MNRLParams(offset=0, batch=37, directions=15, hardness=3, alpha=0.3), "blocked")
         loss.backward()
         return [loss.detach(), *(x.grad for x in args)]
 
     whole = run()
+    assert chunked and max(chunked) == 1
     monkeypatch.setattr(mnrl_module, "_EPILOGUE_BYTES", 4 * 24 * 5)  # 5 rows per chunk
-    assert len(mnrl_module._row_chunks(q)) == 8
+    chunked.clear()
     for got, want in zip(run(), whole):
         assert torch.equal(got, want)
+    assert sorted(set(chunked)) == [8, 15]  # q and the positives (37 rows), the docs' 74
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

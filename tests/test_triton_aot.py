@@ -59,6 +59,7 @@ def test_kernels_compile_and_fit_sm90():
         "refine_selected_kernel",
         "row_stats_kernel",
         "row_grad_kernel",
+        "inverse_norms_kernel",
         "l2norm_bwd_kernel",
         "one_direction_terms_kernel",
         "directions_terms_kernel",

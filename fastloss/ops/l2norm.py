@@ -1,4 +1,11 @@
-"""The backward of F.normalize(x, eps) as one Triton kernel: the flash MNRL path's epilogue.
+"""F.normalize(x, eps)'s inverse norms and its backward as Triton kernels: the flash MNRL path's prologue and epilogue.
+
+inverse_norms: inv_i = 1 / max(|x_i|, eps) of several tensors into one fp32 vector (each at its offset; the padding
+between them 1), and MNRL's positive pairs' similarities <x_i, y_i> inv_i inv_y_i over a range of rows of the first
+tensor and the same rows of the second, one launch per tensor: the torch ops took ~10 launches for two tensors (a norm
+per tensor, its clamp and reciprocal, the pairs' product in fp32, its sum, its copy and two scalings). Sums of squares
+and of products in fp32 (each row in one program), the square root and the division correctly rounded, as torch's
+ops are; the summation order is Triton's, so a norm may differ from torch.linalg.vector_norm's in its last bit.
 
 For the gradient g = dL/dx_hat (fp32 [M, D]) of x_hat = x / max(|x|, eps) and inv = 1 / max(|x|, eps) (fp32 [M]):
     dx = (g - x_hat <x_hat, g>) * inv,    with no projection where |x| < eps (the clamp passes no gradient to the norm)
@@ -11,6 +18,8 @@ several passes. x and dx may have any strides; g is contiguous.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +30,55 @@ from fastloss.similarity import NORM_EPS
 
 TILE_ELEMENTS = 4096  # per program and step: BLOCK_R rows x BLOCK_D columns
 BLOCK_D_MAX = 256
+
+
+@triton.jit
+def inverse_norms_kernel(
+    x,
+    inv,
+    M,
+    n_out,  # entries of inv this launch writes: x's rows and the padding after them
+    D,
+    stride_xr,
+    stride_xd,
+    y,  # SIMS: the pairs' second tensor, whose inverse norms y_inv holds already (an earlier launch)
+    y_inv,
+    sims,
+    first,  # SIMS: the pairs are rows first .. last - 1 of x and of y, sims[i - first]
+    last,
+    stride_yr,
+    stride_yd,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    SIMS: tl.constexpr,
+):
+    o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < M
+    m_p = m_r & (o_r >= first) & (o_r < last)
+    b_sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    b_dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if NORMALIZE or SIMS:
+        for start_d in range(0, D, BLOCK_D):
+            o_d = start_d + tl.arange(0, BLOCK_D)
+            m_d = o_d[None, :] < D
+            b_x = tl.load(x + o_r[:, None] * stride_xr + o_d[None, :] * stride_xd, mask=m_r[:, None] & m_d, other=0.0)
+            b_x = b_x.to(tl.float32)
+            if NORMALIZE:
+                b_sq += tl.sum(b_x * b_x, axis=1)
+            if SIMS:
+                m_y = m_p[:, None] & m_d
+                b_y = tl.load(y + o_r[:, None] * stride_yr + o_d[None, :] * stride_yd, mask=m_y, other=0.0)
+                b_dot += tl.sum(b_x * b_y.to(tl.float32), axis=1)
+    b_inv = tl.zeros((BLOCK_R,), dtype=tl.float32) + 1.0
+    if NORMALIZE:  # 1 / max(|x|, eps), NaN kept (as torch's clamp_min keeps it)
+        b_norm = tl.maximum(tl.sqrt_rn(b_sq), eps, propagate_nan=tl.PropagateNan.ALL)
+        b_inv = tl.where(m_r, tl.div_rn(b_inv, b_norm), 1.0)  # the padding after the rows: 1
+    tl.store(inv + o_r, b_inv, mask=o_r < n_out)
+    if SIMS:
+        b_y_inv = tl.load(y_inv + o_r, mask=m_p, other=0.0)
+        tl.store(sims + (o_r - first), b_dot * b_inv * b_y_inv, mask=m_p)
 
 
 @triton.jit
@@ -62,6 +120,54 @@ def l2norm_bwd_kernel(
         tl.store(dx + o_r[:, None] * stride_dxr + o_d[None, :] * stride_dxd, b_dx.to(dx.dtype.element_ty), mask=m_x)
 
 
+def _blocks(dim: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) of the row kernels for rows of ``dim``."""
+    block_d = min(BLOCK_D_MAX, triton.next_power_of_2(max(1, dim)))
+    return TILE_ELEMENTS // block_d, block_d
+
+
+def inverse_norms(
+    xs: Sequence[Tensor], offsets: Sequence[int], length: int, normalize: bool, pairs: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(inv, sims): 1 / max(|x_i|, eps) of each tensor of ``xs`` ([n_k, D] each, one dtype and device) at its offset
+    in one fp32 vector of ``length`` (``offsets`` ascending, each at least the previous one plus its tensor's rows;
+    every other entry 1; all 1 without ``normalize``), and with ``pairs`` = (first, count) the fp32 similarities
+    <x_i, y_i> inv_x_i inv_y_i of rows first .. first + count - 1 of x = xs[0] and y = xs[1] (None without)."""
+    ends = [*offsets[1:], length]  # each launch writes its tensor's rows and the padding after them
+    fits = all(a + x.shape[0] <= b for x, a, b in zip(xs, offsets, ends))
+    if not xs or len(xs) != len(offsets) or offsets[0] < 0 or not fits:
+        raise ValueError(
+            f"inverse_norms: ascending offsets, one per tensor, each with room for its rows within length {length}, "
+            f"got {list(offsets)} for {[x.shape[0] for x in xs]} rows"
+        )
+    if any(x.ndim != 2 or x.shape[1] != xs[0].shape[1] for x in xs):
+        raise ValueError(f"inverse_norms: tensors [n, D] of one D, got {[tuple(x.shape) for x in xs]}")
+    first, count = pairs if pairs is not None else (0, 0)
+    if pairs is not None and (len(xs) < 2 or first < 0 or first + count > min(x.shape[0] for x in xs[:2])):
+        raise ValueError(f"inverse_norms: pairs {pairs} must be rows of the first two tensors")
+    inv = torch.empty(length, device=xs[0].device, dtype=torch.float32)
+    sims = torch.empty(count, device=xs[0].device, dtype=torch.float32) if pairs is not None else None
+    block_r, block_d = _blocks(xs[0].shape[1])
+    if offsets[0]:  # none in the flash op, whose offsets start at 0
+        inv[: offsets[0]] = 1.0
+    with _on_device(xs[0]):
+        # the second tensor first: the pairs' launch reads its inverse norms
+        for k in [*range(1, len(xs)), 0]:
+            x, a, b = xs[k], offsets[k], ends[k]
+            with_sims = k == 0 and pairs is not None
+            if b == a:  # an empty tensor at the end
+                continue
+            y = xs[1] if with_sims else x
+            y_inv = inv[offsets[1] :] if with_sims else inv
+            # 8 warps: with 4 the pairs' launch spilled registers at D = 100 (two 32 x 128 fp32 tiles, sm_90;
+            # scripts/triton_aot.py), as the one-tensor launches did not
+            inverse_norms_kernel[(triton.cdiv(b - a, block_r),)](
+                x, inv[a:], x.shape[0], b - a, x.shape[1], *x.stride(), y, y_inv, sims if with_sims else inv,
+                first, first + count, *y.stride(), NORM_EPS, block_r, block_d, normalize, with_sims, num_warps=8,
+            )  # fmt: skip
+    return inv, sims
+
+
 def l2norm_bwd(x: Tensor, inv: Tensor, grad: Tensor, out: Tensor, scaled: bool = False) -> Tensor:
     """Write the backward of F.normalize(x, eps=1e-12) for ``grad`` (fp32 [M, D], contiguous; with ``scaled`` inv *
     the gradient) into ``out`` (x's shape and dtype), given inv = 1 / max(|x_i|, eps) (fp32 [M]); returns ``out``."""
@@ -77,8 +183,7 @@ def l2norm_bwd(x: Tensor, inv: Tensor, grad: Tensor, out: Tensor, scaled: bool =
     M, D = x.shape
     if M == 0 or D == 0:
         return out
-    block_d = min(BLOCK_D_MAX, triton.next_power_of_2(D))
-    block_r = TILE_ELEMENTS // block_d
+    block_r, block_d = _blocks(D)
     with _on_device(x):
         l2norm_bwd_kernel[(triton.cdiv(M, block_r),)](
             x, inv.contiguous(), grad, out, M, D, *x.stride(), *out.stride(), 1.0 / NORM_EPS, block_r, block_d, scaled

@@ -39,15 +39,16 @@ runs per window of rows of q and of each block of d (window_rows): the kernels w
 into one buffer, the epilogues turn it into those rows of dx. Beyond the returned gradients it holds that buffer and
 O(B) vectors. The forward hands the backward the inverse norms of q and each block of d and the positive pairs'
 similarities, O(B) fp32 vectors that the backward computed again before (2026-11-30: 13 of a call's 66 kernel
-launches with the doc columns concatenated, one hard negative, counted on fake CUDA tensors; 53 then). With
+launches with the doc columns concatenated, one hard negative, counted on fake CUDA tensors; 53 then), in a Triton
+launch per tensor (fastloss.ops.l2norm.inverse_norms, in place of ~10 torch ops for two tensors). With
 query_to_doc alone (the drop-ins' default) the loss and pos_val come from one Triton launch
 (sim_lse.one_direction_terms, in place of positive_terms' ~14 torch ops), its log_z is its LSE and its weight in the
 backward h itself. With several directions positive_terms' values and log_z come from one launch too
 (sim_lse.directions_terms, for ~66 torch ops), which also forms doc_to_query's LSE from its NLSE (from query_to_doc's
 tiles) and the positive (~17 torch ops). The backward's per-row weights (each direction's dL/dLSE, the merged launch's
 positive coefficient, the separate -1's coefficient and dL/dscale part) are one launch (sim_lse.backward_weights, for
-~8 torch ops with one direction, ~20 with several): query_to_doc alone 24 launches a call, the symmetric loss 26 (128
-before), GTE 35 (146).
+~8 torch ops with one direction, ~20 with several): query_to_doc alone 16 launches a call, the symmetric loss 18 (128
+before), GTE 27 (146).
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -128,8 +129,10 @@ def _inv_norms_at(
     return out.clamp_min_(NORM_EPS).reciprocal_()
 
 
-# Each tensor's inverse norms in the flash op's one vector start at a multiple of this many entries (128 bytes), so
-# that the kernels see the same pointer alignment as for vectors of their own
+# The flash forward computes the inverse norms of q and of each block of docs once, into one fp32 vector (O(B): 384 KiB
+# at the GPU target; the padding 1, so that the op's output is deterministic), and hands it to the backward, which
+# computes none. Each tensor's entries start at a multiple of this many entries (128 bytes), so that the kernels see
+# the same pointer alignment as for vectors of their own
 _INV_ALIGN = 32
 
 
@@ -141,17 +144,8 @@ def _inv_offsets(rows: Sequence[int]) -> list[int]:
     return offsets
 
 
-def _flat_inv_norms(xs: Sequence[Tensor], normalize: bool) -> Tensor:
-    """The fp32 inverse norms of every tensor of ``xs`` in one vector (_inv_offsets; the padding unused, 1 so that the
-    op's output is deterministic), the same bits as _inv_norms of each: the flash forward computes them once and hands
-    them to the backward (O(B), 384 KiB at the GPU target), len(xs) + 3 launches instead of 3 len(xs), and none in the
-    backward (which recomputed them)."""
-    offsets = _inv_offsets([x.shape[0] for x in xs])
-    return _inv_norms_at(xs, offsets, offsets[-1], normalize)
-
-
 def _split_inv_norms(inv: Tensor, xs: Sequence[Tensor]) -> list[Tensor]:
-    """The views of _flat_inv_norms' vector that hold each tensor's inverse norms."""
+    """The views of the flash op's vector of inverse norms (_inv_offsets) that hold each tensor's."""
     return [inv[a : a + x.shape[0]] for x, a in zip(xs, _inv_offsets([x.shape[0] for x in xs]))]
 
 
@@ -463,15 +457,17 @@ def mnrl_fwd(
     """Flash-style forward of queries ``q`` [W, D] and docs ``d``: [kW, D] or blocks of its rows in order (the doc
     columns, uncopied); (loss fp32 [], per-direction LSE fp32 [2, n_dir, B], log-partition fp32 [2, B] (both in two
     parts: fastloss.ops.two_part), the backward's pos_val fp32 [n_dir, B]; for the backward, which would compute them
-    again, the inverse norms of q and each block (_flat_inv_norms) and the positive pairs' similarities fp32 [B])."""
+    again, the inverse norms of q and each block in one vector (_inv_offsets) and the positive pairs' similarities fp32
+    [B], from fastloss.ops.l2norm.inverse_norms: one launch per tensor, where torch ops took ~10 for two)."""
+    from fastloss.ops.l2norm import inverse_norms
     from fastloss.ops.sim_lse import directions_terms, sim_lse_fwd, transposed_bytes
     from fastloss.ops.sim_lse import one_direction_terms as terms_in_one_launch
 
     docs = _doc_blocks(d, p)
     xs = [q, *docs]
-    inv = _flat_inv_norms(xs, p.normalize)
+    offsets = _inv_offsets([x.shape[0] for x in xs])
+    inv, sims = inverse_norms(xs, offsets[:-1], offsets[-1], p.normalize, pairs=(p.offset, p.batch))
     invs = _split_inv_norms(inv, xs)
-    sims = _positive_sims(q, docs[0], invs[0], invs[1], p)
     alone = p.directions == QUERY_TO_DOC  # the drop-ins' default
     positive = None if alone else scale.float() * sims
     lse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
