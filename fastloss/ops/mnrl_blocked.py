@@ -48,7 +48,8 @@ positive's term added, normalised: three), the weighted rows (one, rounded once)
 accumulation; 12 with one column (29 before 2026-11-30 with the columns concatenated, the terms in ~11 torch ops; 89
 before 3ac9dc9). The H200 ran 256 MiB blocks 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms):
 49 blocks of 89 launches at ~20 us is about that time, the likely cause, not measured on a GPU since. A whole call
-of one block at B = 8192: 33 launches (66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts them on fake
+of one block at B = 8192: 29 launches (33 until the inverse norms became a Triton launch per tensor,
+fastloss.ops.l2norm.inverse_norms; 66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts them on fake
 CUDA tensors. Several directions keep the general path (~100-170 launches a block); on CUDA they run in the flash
 kernels unless FASTLOSS_MNRL_ALGO=blocked.
 
@@ -89,6 +90,7 @@ from fastloss.ops.mnrl import (
     _add_positive_rows,
     _holds_positive,
     _inv_norms,
+    _inv_offsets,
     _norm_backward,
     _positive_sims,
     _softplus,
@@ -324,6 +326,17 @@ def _block_terms(top, total, neg, positive, r_inv, scale, x, rw, h, joint):
     return terms[0], c, (scale * h) * rw
 
 
+def _triton_inv_norms(q: Tensor, doc_cols: list[Tensor], normalize: bool) -> tuple[Tensor, Tensor]:
+    """The fp32 inverse norms of q [W] and of the doc columns [kW] (one vector of them, as the row passes take the
+    candidates' norms), from fastloss.ops.l2norm.inverse_norms: views of one vector, the docs' at an aligned offset."""
+    from fastloss.ops.l2norm import inverse_norms
+
+    start = _inv_offsets([q.shape[0]])[1]
+    offsets = [0, *itertools.accumulate((x.shape[0] for x in doc_cols[:-1]), initial=start)]
+    inv, _ = inverse_norms([q, *doc_cols], offsets, start + sum(x.shape[0] for x in doc_cols), normalize)
+    return inv[: q.shape[0]], inv[start:]
+
+
 def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams, need_grad: bool):
     """(loss, dq, dd, dscale) of MNRL over gathered queries q [W, D] and docs d [kW, D], or the doc columns that make
     it up in order (uncopied), with the gradients computed in the same pass (zeros without ``need_grad``; dd [kW, D]
@@ -341,7 +354,10 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     x_q, x_d = _Stacked([q.to(gemm_dtype)]), _Stacked([x.to(gemm_dtype) for x in doc_cols])
     first_docs = doc_cols[0]  # the local positives' rows: offset .. offset + B - 1, in the first tensor
     scale = scale.detach().to(device=q.device, dtype=acc).reshape(())
-    q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(doc_cols, p.normalize, acc)
+    if triton_rows(q):  # a Triton launch per tensor, where torch ops take ~7 launches for q and two columns
+        q_inv, d_inv = _triton_inv_norms(q, doc_cols, p.normalize)
+    else:
+        q_inv, d_inv = _inv_norms(q, p.normalize, acc), _inv_norms(doc_cols, p.normalize, acc)
     selected = directions(p)
     alone = len(selected) == 1  # query_to_doc alone (the drop-ins' default): one_direction_terms, no stacks
     shares = positive_shares(p)  # of the positive's -1: equal among query_to_doc and doc_to_query
