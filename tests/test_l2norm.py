@@ -68,17 +68,24 @@ def test_strided_x_and_out(dtype):
     check(base[:, 3:20], torch.randn(40, 17, generator=gen).to(DEVICE), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def _rows_of_every_size(n: int, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """n >= 4 random rows of 50 (fp32, CPU), the first four a zero row, one shorter than eps, and rows of norm ~7e-6 and
+    ~7e4; and the generator, for more."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 50, generator=gen)
+    x[0] = 0.0
+    x[1] *= 1e-14
+    x[2] *= 1e-6
+    x[3] *= 1e4
+    return x, gen
+
+
 @pytest.mark.parametrize("scaled", [False, True], ids=["dx_hat", "scaled"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 def test_zero_tiny_and_huge_rows(dtype, scaled):
     """A zero row (gradient g / eps, no projection), a row shorter than eps, and rows of norm 7e-6, 7e4 and (fp32)
     7e15: equal to autograd (and finite), given dx_hat or inv * dx_hat."""
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(6, 50, generator=gen)
-    x[0] = 0.0
-    x[1] *= 1e-14
-    x[2] *= 1e-6
-    x[3] *= 1e4
+    x, gen = _rows_of_every_size(6, seed=5)
     x[4] *= 1e15 if dtype == torch.float32 else 1.0  # its squares stay in fp32 range (the inverse norm needs them)
     x = x.to(dtype)
     # gradients of a size that dx can hold in fp16 too: g / eps for rows shorter than eps, g / 7e-6 for row 2
@@ -170,12 +177,7 @@ def test_inverse_norms_zero_tiny_huge_and_non_finite_rows(dtype):
     """As torch's norm, clamp and reciprocal: 1 / eps for a zero row and one shorter than eps, 1 / |x| for norms of
     7e-6 and 7e4, 0 where the sum of squares overflows fp32 (torch's norm is inf there too) or a value is inf, NaN for
     a NaN; the pairs (each row with itself) from those inverse norms."""
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(7, 50, generator=gen)
-    x[0] = 0.0
-    x[1] *= 1e-14
-    x[2] *= 1e-6
-    x[3] *= 1e4
+    x, _ = _rows_of_every_size(7, seed=6)
     x[4] = 1e20 if dtype == torch.float32 else 6e4  # squares beyond fp32 (fp32); |x| = 4.2e5 (half)
     x[5, 3] = float("inf")
     x[6, 7] = float("nan")
