@@ -196,6 +196,12 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                 l2norm.inverse_norms([x, x], [0, 64], 128, normalize, pairs=(0, 48))
             for scaled in (False, True):  # the flash path's dx_hat, the row-block op's inv * dx_hat
                 l2norm.l2norm_bwd(x, torch.ones(48), torch.zeros(48, dim), torch.empty_like(x), scaled=scaled)
+            # the flash path's windows of q and of the positives' block, with the positive pair's term; the row-block
+            # op's query rows, with its weights from the row pass
+            y, y_inv, coef = torch.zeros(32, dim, dtype=dtype), torch.ones(32), torch.zeros(32)
+            for scaled, positive in ((False, (y, y_inv, coef, 8)), (True, (y, None, coef, 8))):
+                grad = torch.zeros(48, dim)
+                l2norm.l2norm_bwd(x, torch.ones(48), grad, torch.empty_like(x), scaled=scaled, positive=positive)
             label[0] = f"cosent {name} D={dim}"
             a, b, scale = torch.zeros(16, dim, dtype=dtype), torch.zeros(32, dim, dtype=dtype), torch.tensor(20.0)
             for kind in (cosent.KIND_COS,) if quick else (cosent.KIND_COS, cosent.KIND_ANGLE):

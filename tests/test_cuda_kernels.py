@@ -183,9 +183,9 @@ def test_flash_mnrl_normalises_each_input_once(monkeypatch, dropin, sms):
     calls = []
     real = mnrl_ops._norm_backward
 
-    def spy(x, inv, grad, normalize, scaled=False, out=None, fused=False):
+    def spy(x, inv, grad, normalize, scaled=False, out=None, fused=False, positive=None):
         calls.append((tuple(x.shape), grad.dtype, scaled, fused))
-        return real(x, inv, grad, normalize, scaled=scaled, out=out, fused=fused)
+        return real(x, inv, grad, normalize, scaled=scaled, out=out, fused=fused, positive=positive)
 
     monkeypatch.setattr(mnrl_ops, "_norm_backward", spy)
     fn, inputs = _flash_case(dropin, 7, 33, torch.float32, "cpu")

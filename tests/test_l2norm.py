@@ -32,12 +32,24 @@ def truth(x, g):
     return x64.grad
 
 
-def check(x, g, tol, scaled=False):
-    """With ``scaled`` the kernel takes inv * g (the row-block op's accumulators) and skips the final factor inv."""
+def check(x, g, tol, scaled=False, positive=None):
+    """With ``scaled`` the kernel takes inv * g (the row-block op's accumulators) and skips the final factor inv; with
+    ``positive`` = (y, y_inv, coef, lo) it adds coef_j * y_inv_j * y_j to rows lo + j of g (times inv, scaled; y_inv
+    None: coef_j * y_j to the kernel's input, g or inv * g)."""
     out = torch.full_like(x, float("nan"))
     inv = inv_norms(x)
-    got = l2norm.l2norm_bwd(x, inv, g * inv[:, None] if scaled else g, out, scaled=scaled)
+    grad = g * inv[:, None] if scaled else g.clone()
+    got = l2norm.l2norm_bwd(x, inv, grad, out, scaled=scaled, positive=positive)
     assert got is out and out.dtype == x.dtype
+    assert torch.equal(grad, g * inv[:, None] if scaled else g)  # grad itself unchanged
+    if positive is not None:  # the gradient w.r.t. x_hat that the term makes
+        y, y_inv, coef, lo = positive
+        rows = slice(lo, lo + y.shape[0])
+        term = (coef if y_inv is None else coef * y_inv).double()[:, None] * y.double()
+        if scaled and y_inv is None:  # added to inv * g
+            term /= inv[rows].double()[:, None]
+        g = g.double()
+        g[rows] += term
     want = truth(x, g)
     assert torch.isfinite(out).all()
     # each row to its own scale |g| / max(|x|, eps): rows of tiny vectors carry large gradients, and where the exact
@@ -102,6 +114,25 @@ def test_scaled_gradient(dtype):
         check(x, torch.randn(M, D, generator=gen).to(DEVICE), 1e-5 if dtype == torch.float32 else 1e-2, scaled=True)
 
 
+@pytest.mark.parametrize("weights", [False, True], ids=["coef", "weights"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["dx_hat", "scaled"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("M,D,n,lo", [(1, 1, 1, 0), (37, 130, 20, 9), (300, 257, 7, 293), (17, 600, 17, 0)], ids=str)
+def test_positive_term(M, D, n, lo, dtype, scaled, weights):
+    """MNRL's positive pair's term (coef_j * y_hat_j added to rows lo + j, as the flash backward adds it to a window
+    of q's or the positives' rows; ``weights``: coef_j * y_j, the row-block op's weights from its row pass) inside the
+    kernel: the backward of F.normalize for the gradient with the term, against fp64 autograd. Rows before, inside and
+    after the range, across programs and BLOCK_D; a strided y."""
+    gen = torch.Generator().manual_seed(M * D + n)
+    x = torch.randn(M, D, generator=gen).to(DEVICE, dtype)
+    g = torch.randn(M, D, generator=gen).to(DEVICE)
+    y = torch.randn(D, n, generator=gen).to(DEVICE, dtype).t()  # elements of a row apart
+    y_inv = inv_norms(y)
+    coef = torch.randn(n, generator=gen).to(DEVICE)
+    positive = (y, None if weights else y_inv, coef, lo)
+    check(x, g, 1e-5 if dtype == torch.float32 else 1e-2, scaled, positive=positive)
+
+
 def test_bad_arguments():
     x = torch.randn(4, 3, device=DEVICE)
     g = torch.randn(4, 3, device=DEVICE)
@@ -111,6 +142,13 @@ def test_bad_arguments():
         l2norm.l2norm_bwd(x, inv_norms(x), g.t().contiguous().t(), torch.empty_like(x))
     with pytest.raises(ValueError, match="out must have x's dtype"):
         l2norm.l2norm_bwd(x, inv_norms(x), g, torch.empty_like(x, dtype=torch.float16))
+    y, ones = torch.randn(2, 3, device=DEVICE), torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"positive = \(y \[n, D\], y_inv \[n\], coef \[n\], lo\) with lo \+ n <= 4"):
+        l2norm.l2norm_bwd(x, inv_norms(x), g, torch.empty_like(x), positive=(y, ones, ones, 3))
+    with pytest.raises(ValueError, match="positive = "):
+        l2norm.l2norm_bwd(x, inv_norms(x), g, torch.empty_like(x), positive=(y[:, :2], ones, ones, 0))
+    with pytest.raises(ValueError, match="y_inv and coef must be fp32"):
+        l2norm.l2norm_bwd(x, inv_norms(x), g, torch.empty_like(x), positive=(y, ones.double(), ones, 0))
 
 
 def test_empty():

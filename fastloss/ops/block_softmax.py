@@ -151,7 +151,7 @@ def row_grad_kernel(
             b_g = tl.where(o_n == own, tl.where(folded, entry, b_g), b_g)
             b_left = tl.load(left + row) + tl.where(folded, 0.0, share)
             tl.store(left + row, b_left)
-            if POS_W:  # the weight of the row's separate positive term, -scale h left c_inv r_inv (_add_positive_rows)
+            if POS_W:  # the weight of the row's separate positive term, -scale h left c_inv r_inv (mnrl._add_rows)
                 tl.store(pos_w + row, ((-(tl.load(scale) * h) * b_left) * inv) * tl.load(r_inv + row))
     tl.store(g + row * stride_g + o_n, b_g, mask=o_n < N)
 
@@ -222,7 +222,7 @@ def row_grad(
     row i's column offset + i becomes c_inv (pos_val sum) rounded to G's dtype where that is finite (and, in fp16, c_inv
     at most 65504), and ``left`` gains ``share`` in the rows where it is not (mnrl_blocked._fold_positive). With
     ``pos_w`` = (w [m], h) as well, w = -scale h left c_inv_own r_inv: the weight of the positive's separate term in
-    the row's gradient (mnrl._add_positive_rows; 0 where it was folded)."""
+    the row's gradient (mnrl._add_rows; 0 where it was folded)."""
     m, n = s.shape
     pos_val, total, share, left = fold if fold is not None else (top, top, 0.0, top)
     if pos_w is not None and fold is None:

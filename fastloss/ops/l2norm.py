@@ -82,6 +82,21 @@ def inverse_norms_kernel(
 
 
 @triton.jit
+def _load_x_g(
+    x, g, y, b_w, o_r, o_p, m_r, m_p, o_d, D, stride_xr, stride_xd, stride_yr, stride_yd, POSITIVE: tl.constexpr
+):
+    """x's rows (fp32) and g's, with the positive term where POSITIVE, at columns o_d."""
+    m_d = o_d[None, :] < D
+    m_x = m_r[:, None] & m_d
+    b_x = tl.load(x + o_r[:, None] * stride_xr + o_d[None, :] * stride_xd, mask=m_x, other=0.0).to(tl.float32)
+    b_g = tl.load(g + o_r[:, None] * D + o_d[None, :], mask=m_x, other=0.0)
+    if POSITIVE:
+        b_y = tl.load(y + o_p[:, None] * stride_yr + o_d[None, :] * stride_yd, mask=m_p[:, None] & m_d, other=0.0)
+        b_g = b_g + b_y.to(tl.float32) * b_w[:, None]
+    return b_x, b_g
+
+
+@triton.jit
 def l2norm_bwd_kernel(
     x,
     inv,
@@ -94,27 +109,47 @@ def l2norm_bwd_kernel(
     stride_dxr,
     stride_dxd,
     inv_max,  # 1 / eps: rows whose inv reaches it are shorter than eps and get no projection
+    y,  # POSITIVE: g's rows lo .. lo + n_pos - 1 take coef_j * y_inv_j * y_j (times inv, SCALED) first, or with
+    # WEIGHTS coef_j * y_j (coef the whole weight)
+    y_inv,
+    coef,
+    lo,
+    n_pos,
+    stride_yr,
+    stride_yd,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SCALED: tl.constexpr = False,  # g holds inv * dL/dx_hat: dx without the final factor inv
+    POSITIVE: tl.constexpr = False,
+    WEIGHTS: tl.constexpr = False,
 ):
     o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_r = o_r < M
     b_inv = tl.load(inv + o_r, mask=m_r, other=0.0)
+    o_p = o_r - lo
+    m_p = m_r & (o_p >= 0) & (o_p < n_pos)
+    b_w = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if POSITIVE:  # rounded as the torch ops round it: (coef * y_inv) [* inv], then added to g
+        b_w = tl.load(coef + o_p, mask=m_p, other=0.0)
+        if not WEIGHTS:
+            b_w = b_w * tl.load(y_inv + o_p, mask=m_p, other=0.0)
+            if SCALED:
+                b_w = b_w * b_inv
     b_dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for start_d in range(0, D, BLOCK_D):
         o_d = start_d + tl.arange(0, BLOCK_D)
-        m_x = m_r[:, None] & (o_d[None, :] < D)
-        b_x = tl.load(x + o_r[:, None] * stride_xr + o_d[None, :] * stride_xd, mask=m_x, other=0.0)
-        b_g = tl.load(g + o_r[:, None] * D + o_d[None, :], mask=m_x, other=0.0)
-        b_dot += tl.sum(b_x.to(tl.float32) * b_inv[:, None] * b_g, axis=1)
+        b_x, b_g = _load_x_g(
+            x, g, y, b_w, o_r, o_p, m_r, m_p, o_d, D, stride_xr, stride_xd, stride_yr, stride_yd, POSITIVE
+        )
+        b_dot += tl.sum(b_x * b_inv[:, None] * b_g, axis=1)
     b_proj = tl.where(b_inv < inv_max, b_dot, 0.0)
     for start_d in range(0, D, BLOCK_D):
         o_d = start_d + tl.arange(0, BLOCK_D)
         m_x = m_r[:, None] & (o_d[None, :] < D)
-        b_x = tl.load(x + o_r[:, None] * stride_xr + o_d[None, :] * stride_xd, mask=m_x, other=0.0)
-        b_g = tl.load(g + o_r[:, None] * D + o_d[None, :], mask=m_x, other=0.0)
-        b_dx = b_g - b_x.to(tl.float32) * b_inv[:, None] * b_proj[:, None]
+        b_x, b_g = _load_x_g(
+            x, g, y, b_w, o_r, o_p, m_r, m_p, o_d, D, stride_xr, stride_xd, stride_yr, stride_yd, POSITIVE
+        )
+        b_dx = b_g - b_x * b_inv[:, None] * b_proj[:, None]
         if not SCALED:
             b_dx = b_dx * b_inv[:, None]
         tl.store(dx + o_r[:, None] * stride_dxr + o_d[None, :] * stride_dxd, b_dx.to(dx.dtype.element_ty), mask=m_x)
@@ -168,9 +203,19 @@ def inverse_norms(
     return inv, sims
 
 
-def l2norm_bwd(x: Tensor, inv: Tensor, grad: Tensor, out: Tensor, scaled: bool = False) -> Tensor:
+def l2norm_bwd(
+    x: Tensor,
+    inv: Tensor,
+    grad: Tensor,
+    out: Tensor,
+    scaled: bool = False,
+    positive: tuple[Tensor, Tensor | None, Tensor, int] | None = None,
+) -> Tensor:
     """Write the backward of F.normalize(x, eps=1e-12) for ``grad`` (fp32 [M, D], contiguous; with ``scaled`` inv *
-    the gradient) into ``out`` (x's shape and dtype), given inv = 1 / max(|x_i|, eps) (fp32 [M]); returns ``out``."""
+    the gradient) into ``out`` (x's shape and dtype), given inv = 1 / max(|x_i|, eps) (fp32 [M]); returns ``out``.
+    ``positive`` = (y [n, D], y_inv [n], coef [n], lo) (fp32 vectors): grad's rows lo .. lo + n - 1 taken with
+    coef_j * y_inv_j * y_j added (times inv with ``scaled``; y_inv None: coef_j * y_j), MNRL's positive pair's term,
+    as fastloss.ops.mnrl._add_rows adds it (grad itself unchanged)."""
     if x.ndim != 2 or grad.shape != x.shape or out.shape != x.shape or inv.shape != x.shape[:1]:
         raise ValueError(
             f"l2norm_bwd: x [M, D], grad and out of its shape, inv [M], got {tuple(x.shape)}, {tuple(grad.shape)}, "
@@ -181,11 +226,27 @@ def l2norm_bwd(x: Tensor, inv: Tensor, grad: Tensor, out: Tensor, scaled: bool =
     if out.dtype != x.dtype:
         raise ValueError(f"l2norm_bwd: out must have x's dtype {x.dtype}, got {out.dtype}")
     M, D = x.shape
+    if positive is not None:
+        y, y_inv, coef, lo = positive
+        n = y.shape[0]
+        y_inv = coef if y_inv is None else y_inv  # unread (WEIGHTS)
+        if y.ndim != 2 or y.shape[1] != D or y_inv.shape != (n,) or coef.shape != (n,) or lo < 0 or lo + n > M:
+            raise ValueError(
+                f"l2norm_bwd: positive = (y [n, D], y_inv [n], coef [n], lo) with lo + n <= {M}, got "
+                f"{tuple(y.shape)}, {tuple(y_inv.shape)}, {tuple(coef.shape)}, {lo}"
+            )
+        if y_inv.dtype != torch.float32 or coef.dtype != torch.float32:
+            raise ValueError(f"l2norm_bwd: positive's y_inv and coef must be fp32, got {y_inv.dtype}, {coef.dtype}")
+        pos_args = (y, y_inv.contiguous(), coef.contiguous(), lo, n, *y.stride())
+    else:
+        pos_args = (x, inv, inv, 0, 0, 0, 0)  # unread
     if M == 0 or D == 0:
         return out
     block_r, block_d = _blocks(D)
     with _on_device(x):
         l2norm_bwd_kernel[(triton.cdiv(M, block_r),)](
-            x, inv.contiguous(), grad, out, M, D, *x.stride(), *out.stride(), 1.0 / NORM_EPS, block_r, block_d, scaled
-        )
+            x, inv.contiguous(), grad, out, M, D, *x.stride(), *out.stride(), 1.0 / NORM_EPS, *pos_args,
+            block_r, block_d, scaled, positive is not None, positive is not None and positive[1] is None,
+            num_warps=8 if positive is not None else 4,  # with 4 the positive term spilled at D = 100 (sm_90)
+        )  # fmt: skip
     return out

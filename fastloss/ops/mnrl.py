@@ -47,8 +47,9 @@ backward h itself. With several directions positive_terms' values and log_z come
 (sim_lse.directions_terms, for ~66 torch ops), which also forms doc_to_query's LSE from its NLSE (from query_to_doc's
 tiles) and the positive (~17 torch ops). The backward's per-row weights (each direction's dL/dLSE, the merged launch's
 positive coefficient, the separate -1's coefficient and dL/dscale part) are one launch (sim_lse.backward_weights, for
-~8 torch ops with one direction, ~20 with several): query_to_doc alone 16 launches a call, the symmetric loss 18 (128
-before), GTE 27 (146).
+~8 torch ops with one direction, ~20 with several), and the positive pair's term joins the normalisation backward's
+Triton launch (l2norm_bwd's ``positive``, for a product and an addcmul per tensor): query_to_doc alone 12 launches a
+call, the symmetric loss 14 (128 before), GTE 23 (146).
 
 Three implementations sit behind ``torch.library`` ops so that torch.compile sees one op each:
   fastloss::mnrl_fwd / fastloss::mnrl_bwd   flash style (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
@@ -63,6 +64,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -176,9 +178,12 @@ def _norm_backward(
     scaled: bool = False,
     out: Tensor | None = None,
     fused: bool = False,
+    positive: PositiveRows | None = None,
 ) -> Tensor:
     """The backward of F.normalize(x, eps=1e-12) in x's dtype, given ``grad`` = the gradient w.r.t. the normalised
-    rows dx_hat (fp32 or fp64), or with ``scaled`` a = inv * dx_hat (the row-block op's accumulators):
+    rows dx_hat (fp32 or fp64), or with ``scaled`` a = inv * dx_hat (the row-block op's accumulators), with the
+    ``positive`` pair's term added to its rows (_add_rows: in grad, in place, except in the Triton kernel, which adds
+    it as it reads grad, for two launches fewer):
     dx = (dx_hat - x_hat <x_hat, dx_hat>) * inv = a - x_hat <x_hat, a>, with no projection where |x| < eps (the
     clamp passes no gradient to the norm there). Written into ``out`` when given (x's shape and dtype). Torch ops in
     grad's dtype a chunk of rows at a time (two chunk-sized temporaries), each rounded once to x's dtype;
@@ -186,21 +191,25 @@ def _norm_backward(
     dx_hat, the same fp32 sums); else with ``fused`` (where Triton runs: the flash path, the row-block op's Triton
     row passes) for fp32 grads fastloss.ops.l2norm's Triton kernel (no temporaries, the same maths in fp32, one
     launch instead of about eight per chunk)."""
-    if not normalize:
-        return grad.to(x.dtype) if out is None else out.copy_(grad)
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if out is None else out
-    if (
+    cuda_kernel = (
         not scaled
         and x.device.type == "cuda"
         and x.dtype != torch.float64
         and grad.dtype == torch.float32
         and _backend.cuda_kernel_enabled("l2norm_bwd")
-    ):
+    )
+    triton = fused and not cuda_kernel and grad.dtype == torch.float32 and x.dtype != torch.float64
+    if positive is not None and not (normalize and triton):
+        _add_rows(grad, positive, inv, scaled)
+    if not normalize:
+        return grad.to(x.dtype) if out is None else out.copy_(grad)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if out is None else out
+    if cuda_kernel:
         return dx.copy_(_backend.native_module().l2norm_bwd(x.detach(), grad, NORM_EPS))
-    if fused and grad.dtype == torch.float32 and x.dtype != torch.float64:
+    if triton:
         from fastloss.ops.l2norm import l2norm_bwd
 
-        return l2norm_bwd(x.detach(), inv, grad, dx, scaled=scaled)
+        return l2norm_bwd(x.detach(), inv, grad, dx, scaled=scaled, positive=positive)
     for rows in _row_chunks(x):
         inv_rows = inv[rows, None]
         x_hat = x[rows].to(grad.dtype, copy=True).mul_(inv_rows)
@@ -212,17 +221,36 @@ def _norm_backward(
     return dx
 
 
-def _add_positive_rows(acc: Tensor, first: int, other: Tensor, other_inv: Tensor, own_inv: Tensor, coef, p, scaled):
-    """Add the positive logit's term coef_i * other_hat_i to the rows of the fp32 accumulator ``acc`` that hold rows
-    first .. first + len(acc) - 1 of a tensor (q or d; ``other`` is d or q), for its local rows among them, in place
-    and without copies of the operands; ``scaled``: acc holds inv * dx_hat."""
-    a, b = max(first, p.offset), min(first + acc.shape[0], p.offset + p.batch)
+class PositiveRows(NamedTuple):
+    """The positive logit's term coef_j * y_inv_j * y_j for rows lo .. lo + n - 1 of a window of rows of a tensor (q
+    or d): y [n, D] the other tensor's rows (d or q), y_inv and coef [n] fp32 (l2norm_bwd takes it as a tuple); y_inv
+    None: coef_j * y_j, coef the whole weight (the row-block op's, from its row pass)."""
+
+    y: Tensor
+    y_inv: Tensor | None
+    coef: Tensor
+    lo: int
+
+
+def _positive_rows(first: int, rows: int, other: Tensor, other_inv: Tensor, coef: Tensor, p) -> PositiveRows | None:
+    """The positive's term in the window of rows first .. first + rows - 1 of q or d (``other`` is d or q), for its
+    local rows among them (None for none), views of the operands."""
+    a, b = max(first, p.offset), min(first + rows, p.offset + p.batch)
     if a >= b:
-        return
-    weight = coef[a - p.offset : b - p.offset] * other_inv[a:b]
-    if scaled:
-        weight = weight * own_inv[a:b]
-    acc[a - first : b - first].addcmul_(other[a:b], weight[:, None])
+        return None
+    return PositiveRows(other[a:b], other_inv[a:b], coef[a - p.offset : b - p.offset], a - first)
+
+
+def _add_rows(acc: Tensor, positive: PositiveRows, own_inv: Tensor, scaled: bool) -> None:
+    """Add ``positive``'s term to the window's accumulator ``acc`` in place, without copies of the operands;
+    ``scaled``: acc holds inv * dx_hat, own_inv the window's inverse norms."""
+    y, y_inv, coef, lo = positive
+    weight = coef
+    if y_inv is not None:
+        weight = weight * y_inv
+        if scaled:
+            weight = weight * own_inv[lo : lo + y.shape[0]]
+    acc[lo : lo + y.shape[0]].addcmul_(y, weight[:, None])
 
 
 @dataclass(frozen=True)
@@ -630,9 +658,12 @@ def mnrl_bwd(
                 written = True
             if not written:
                 acc.zero_()
-            if k < 2 and coef is not None:  # the positive pair (q_i, d_i): q's rows and the first block's
-                _add_positive_rows(acc, first, xs[1 - k], invs[1 - k], x_inv, coef, p, scaled=False)
-            _norm_backward(x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last], fused=True)
+            positive = None  # the positive pair (q_i, d_i): q's rows and the first block's, in the Triton kernel
+            if k < 2 and coef is not None:
+                positive = _positive_rows(first, last - first, xs[1 - k], invs[1 - k], coef, p)
+            _norm_backward(
+                x[first:last], x_inv[first:last], acc, p.normalize, out=dx[first:last], fused=True, positive=positive
+            )
     del acc, buffer
     dscale = dscales[:n_own].sum()
     if n_own < len(launches):

@@ -38,20 +38,21 @@ coefficient folded into its entry there too). The gradients are accumulated as i
 does), which makes the normalisation backward dx = a - x_hat <x_hat, a>. The hardness penalty is a stop-gradient
 term, as in the other paths.
 
-Launches: on CUDA every torch op of a block is a kernel launch, ~10-25 us of host time each, and at the GPU target a
-256 MiB block (~700 rows) holds ~0.5 ms of GEMMs, so a block's launches bound its time unless they are few. With
-query_to_doc alone (the CUDA default) and two doc columns a block takes 15 launches: a GEMM per column
-for the logits, the statistics' row pass (which also writes the block's terms: _block_terms), the gradient's row
-pass (which also writes the weight of the positive's separate term), a GEMM per column for the query rows' product
-(summed), dL/dscale's row dots (two; one dot for all rows after the blocks), the query rows finished (scaled, the
-positive's term added, normalised: three), the weighted rows (one, rounded once) and the candidates' GEMM and
-accumulation; 12 with one column (29 before 2026-11-30 with the columns concatenated, the terms in ~11 torch ops; 89
-before 3ac9dc9). The H200 ran 256 MiB blocks 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms):
-49 blocks of 89 launches at ~20 us is about that time, the likely cause, not measured on a GPU since. A whole call
-of one block at B = 8192: 29 launches (33 until the inverse norms became a Triton launch per tensor,
-fastloss.ops.l2norm.inverse_norms; 66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts them on fake
-CUDA tensors. Several directions keep the general path (~100-170 launches a block); on CUDA they run in the flash
-kernels unless FASTLOSS_MNRL_ALGO=blocked.
+Launches: on CUDA every torch op of a block is a kernel launch, ~10-25 us of host time each, and at the GPU target a 256
+MiB block (~700 rows) holds ~0.5 ms of GEMMs, so a block's launches bound its time unless they are few. With
+query_to_doc alone (the CUDA default) and two doc columns a block takes 14 launches: a GEMM per column for the logits,
+the statistics' row pass (which also writes the block's terms: _block_terms), the gradient's row pass (which also writes
+the weight of the positive's separate term), a GEMM per column for the query rows' product (summed), dL/dscale's row
+dots (two; one dot for all rows after the blocks), the query rows finished (scaled, then normalised with the positive's
+term added in the same Triton launch: two), the weighted rows (one, rounded once) and the candidates' GEMM and
+accumulation; 11 with one column (15 and 12 until 2026-12-02, the positive's term a launch of its own; 29 before
+2026-11-30 with the columns concatenated, the terms in ~11 torch ops; 89 before 3ac9dc9). The H200 ran 256 MiB blocks
+2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms): 49 blocks of 89 launches at ~20 us is about that
+time, the likely cause, not measured on a GPU since. A whole call of one block at B = 8192: 28 launches (33 until
+2026-12-02, when the inverse norms became a Triton launch per tensor, fastloss.ops.l2norm.inverse_norms, and the
+positive's term joined the normalisation backward's; 66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts
+them on fake CUDA tensors. Several directions keep the general path (~100-170 launches a block); on CUDA they run in the
+flash kernels unless FASTLOSS_MNRL_ALGO=blocked.
 
 Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for the tensor-core GEMMs, the weights
 of the rows divided by their maximum so that they stay in fp16's range (in fp16, and with several directions, whose
@@ -87,11 +88,12 @@ from fastloss.ops.mnrl import (
     QUERY_TO_DOC,
     Direction,
     MNRLParams,
-    _add_positive_rows,
+    PositiveRows,
     _holds_positive,
     _inv_norms,
     _inv_offsets,
     _norm_backward,
+    _positive_rows,
     _positive_sims,
     _softplus,
     directions,
@@ -283,7 +285,7 @@ class _TorchRows:
         if fold is not None:
             pos_val, total, share, left = fold
             left += _fold_positive(g, g0, pos_val * total, c_inv, share, fp16)
-            if pos_w is not None:  # _add_positive_rows' weight, in its order
+            if pos_w is not None:  # _add_rows' weight, in its order
                 w, h = pos_w
                 own = c_inv[g0 : g0 + g.shape[0]]
                 torch.mul(-(self.scale * h) * left, own, out=w).mul_(r_inv)
@@ -474,9 +476,18 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
                 rw = rw_all[start : start + m]
                 torch.sum(r_blk * product, dim=1, out=rowdots[start : start + m])  # dL/dscale's, dotted with rw after
                 rows_acc = product.mul_(srw[:, None])
-                rows_acc.addcmul_(first_docs[g0 : g0 + m], pos_w[0][:, None])  # _add_positive_rows' term
+                positive = PositiveRows(first_docs[g0 : g0 + m], None, pos_w[0], 0)  # its weights from the row pass
                 out = dq[g0 : g0 + m]
-                _norm_backward(q[g0 : g0 + m], r_inv_blk, rows_acc, p.normalize, scaled=True, out=out, fused=fused)
+                _norm_backward(
+                    q[g0 : g0 + m],
+                    r_inv_blk,
+                    rows_acc,
+                    p.normalize,
+                    scaled=True,
+                    out=out,
+                    fused=fused,
+                    positive=positive,
+                )
                 del rows_acc
             del product
             if alone and not fp16:  # c = 1 / sum E >= 1 / N: the weighted rows need no rescaling for their range
@@ -499,18 +510,22 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     dd = (torch.empty if grads is not None else torch.zeros)((n_docs, q.shape[1]), device=q.device, dtype=q.dtype)
     if grads is None:
         return loss, torch.zeros_like(q), dd, torch.zeros((), device=q.device, dtype=acc)
+    docs_positive = None
     if alone:  # the positive's separate term in the docs' rows, its share of dL/dscale
         local = slice(p.offset, p.offset + p.batch)
         grads[1][local].addcmul_(q[local], pos_w_all[:, None])
         dscale = h * (torch.dot(rw_all, rowdots) - torch.dot(separate_share, sims_all))
-    else:
-        coef = -sh * separate_share  # the positive's separate term's
-        _add_positive_rows(grads[0], 0, first_docs, d_inv, q_inv, coef, p, scaled=True)
-        dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused)
-        _add_positive_rows(grads[1], 0, q, q_inv, d_inv, coef, p, scaled=True)
+    else:  # the positive's separate term in q's rows and the positives', added by the normalisation backward
+        coef = -sh * separate_share
+        positive = _positive_rows(0, q.shape[0], first_docs, d_inv, coef, p)
+        dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused, positive=positive)
+        docs_positive = _positive_rows(0, first_docs.shape[0], q, q_inv, coef, p)
         dscale = h * (dscale - (separate_share * _positive_sims(q, first_docs, q_inv, d_inv, p)).sum())
-    for x, a, b in zip(doc_cols, x_d.starts, x_d.starts[1:]):  # each column's rows of dd
-        _norm_backward(x, d_inv[a:b], grads[1][a:b], p.normalize, scaled=True, out=dd[a:b], fused=fused)
+    for k, (x, a, b) in enumerate(zip(doc_cols, x_d.starts, x_d.starts[1:])):  # each column's rows of dd
+        positive = docs_positive if k == 0 else None
+        _norm_backward(
+            x, d_inv[a:b], grads[1][a:b], p.normalize, scaled=True, out=dd[a:b], fused=fused, positive=positive
+        )
     return loss, dq, dd, dscale
 
 
