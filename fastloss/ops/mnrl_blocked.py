@@ -48,11 +48,11 @@ term added in the same Triton launch: two), the weighted rows (one, rounded once
 accumulation; 11 with one column (15 and 12 until 2026-12-02, the positive's term a launch of its own; 29 before
 2026-11-30 with the columns concatenated, the terms in ~11 torch ops; 89 before 3ac9dc9). The H200 ran 256 MiB blocks
 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms): 49 blocks of 89 launches at ~20 us is about that
-time, the likely cause, not measured on a GPU since. A whole call of one block at B = 8192: 28 launches (33 until
+time, the likely cause, not measured on a GPU since. A whole call of one block at B = 8192: 27 launches (33 until
 2026-12-02, when the inverse norms became a Triton launch per tensor, fastloss.ops.l2norm.inverse_norms, and the
-positive's term joined the normalisation backward's; 66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts
-them on fake CUDA tensors. Several directions keep the general path (~100-170 launches a block); on CUDA they run in the
-flash kernels unless FASTLOSS_MNRL_ALGO=blocked.
+positive's term joined the normalisation backward's, in q's rows and the positives'; 66 before, 188 before 3ac9dc9).
+tests/test_mnrl_blocked.py counts them on fake CUDA tensors. Several directions keep the general path (~100-170 launches
+a block); on CUDA they run in the flash kernels unless FASTLOSS_MNRL_ALGO=blocked.
 
 Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for the tensor-core GEMMs, the weights
 of the rows divided by their maximum so that they stay in fp16's range (in fp16, and with several directions, whose
@@ -510,12 +510,11 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     dd = (torch.empty if grads is not None else torch.zeros)((n_docs, q.shape[1]), device=q.device, dtype=q.dtype)
     if grads is None:
         return loss, torch.zeros_like(q), dd, torch.zeros((), device=q.device, dtype=acc)
-    docs_positive = None
-    if alone:  # the positive's separate term in the docs' rows, its share of dL/dscale
-        local = slice(p.offset, p.offset + p.batch)
-        grads[1][local].addcmul_(q[local], pos_w_all[:, None])
+    # the positive's separate term in the positives' rows (and q's), added by the normalisation backward
+    if alone:  # its weights from the row pass; its share of dL/dscale
+        docs_positive = PositiveRows(q[p.offset : p.offset + p.batch], None, pos_w_all, p.offset)
         dscale = h * (torch.dot(rw_all, rowdots) - torch.dot(separate_share, sims_all))
-    else:  # the positive's separate term in q's rows and the positives', added by the normalisation backward
+    else:
         coef = -sh * separate_share
         positive = _positive_rows(0, q.shape[0], first_docs, d_inv, coef, p)
         dq = _norm_backward(q, q_inv, grads[0], p.normalize, scaled=True, fused=fused, positive=positive)
