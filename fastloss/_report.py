@@ -84,7 +84,10 @@ def _fp32_reason(info: dict) -> str:
     if not info.get("mkl_bf16_gemm"):
         return "this torch carries no MKL bf16 GEMM"
     # auto, linked: off
-    return "the CPU has no AMX-BF16; FASTLOSS_NATIVE_BF16_GEMM=1 forces MKL's bf16 GEMM, slower on an AVX2 CPU measured"
+    return (
+        "the CPU has no AMX-BF16; FASTLOSS_NATIVE_BF16_GEMM=1 forces MKL's bf16 GEMM, slower on the AVX2 and "
+        "AVX-512-BF16 AMD EPYCs measured"
+    )
 
 
 def _cuda() -> str:
