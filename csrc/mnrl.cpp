@@ -5,7 +5,9 @@
 // E = exp(logit - rowmax) in place, gathering the row's max, sum(E) and sum(E * sim). The softmax of row i is
 // c_i * E_i with one scalar c_i per (direction, row), so the gradient GEMMs take that factor on their m x D side:
 // dR_blk = diag(c) E C and dC += E^T diag(c) R_blk. Three GEMM-equivalents, no recompute, no normalised copies,
-// and m x N_total logits in memory at a time.
+// and m x N_total logits in memory at a time. The k doc columns are read where they lie (a list of [W, D] tensors, or
+// views of one [k*W, D] tensor): each GEMM with the docs runs per column, into its columns of the block, with no
+// [k*W, D] concatenation (8 MiB of fp32 at the CPU target shape, B = 4096, two columns, D = 256).
 //
 // bf16 inputs on a CPU with AMX-BF16 (FASTLOSS_NATIVE_BF16_GEMM, bf16_gemm.h) stay bf16 in the GEMMs, whose results
 // are fp32: S is the same exact products as in fp32 GEMMs (up to the order of the sums), and the gradient GEMMs
@@ -426,15 +428,18 @@ std::vector<Direction<T>> select_directions(const Options& o, int64_t columns, T
   return out;
 }
 
-// An embedding matrix as the op reads it, and its rows' inverse norms 1 / max(|x_i|, eps) (ones for dot product):
-// cosine similarity is (x_i . y_j) * inv_x_i * inv_y_j, so no normalised copy is made. x is the GEMMs' operand: the
-// input itself where it is in the accumulation dtype or bf16 GEMMs take it (bf16_gemm.h: no fp32 copy then), else
-// the input in the accumulation dtype.
+// An embedding matrix as the op reads it, in parts whose rows follow one another (the queries: one; the docs: their k
+// columns [W, D], read where they lie instead of concatenated), and its rows' inverse norms 1 / max(|x_i|, eps) (ones
+// for dot product) in one vector: cosine similarity is (x_i . y_j) * inv_x_i * inv_y_j, so no normalised copy is
+// made. The parts are the GEMMs' operands: the inputs themselves where they are in the accumulation dtype or bf16
+// GEMMs take them (bf16_gemm.h: no fp32 copy then), else the inputs in the accumulation dtype.
 struct Embeddings {
-  at::Tensor x;
+  std::vector<at::Tensor> parts;
+  at::Tensor x;  // parts[0]: the queries; the docs' first column, the positives (every local row's own doc)
   at::Tensor inv;
+  int64_t rows() const { return inv.size(0); }
   // zeros for the gradient accumulators, [rows, D] in the accumulation dtype
-  at::Tensor zeros() const { return at::zeros(x.sizes(), inv.options()); }
+  at::Tensor zeros() const { return at::zeros({rows(), x.size(1)}, inv.options()); }
 };
 
 // f(the entries of x as accumulation-dtype values T or as bf16, whichever x holds), and of x and y (one dtype)
@@ -453,28 +458,45 @@ void with_rows(const at::Tensor& x, const at::Tensor& y, F&& f) {
 }
 
 template <typename T>
-Embeddings prepare(const at::Tensor& input, bool normalize, bool bf16_operands) {
+Embeddings prepare(const std::vector<at::Tensor>& inputs, bool normalize, bool bf16_operands) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const bool as_is = input.scalar_type() == acc || bf16_operands;
-  Embeddings out{as_is ? input : input.to(acc), at::empty({input.size(0)}, input.options().dtype(acc))};
-  if (!normalize) {
-    out.inv.fill_(1);
-    return out;
-  }
-  const int64_t rows = input.size(0), dim = input.size(1);
+  int64_t total = 0;
+  for (const at::Tensor& input : inputs) total += input.size(0);
+  Embeddings out{{}, {}, at::empty({total}, inputs[0].options().dtype(acc))};
   T* inv = out.inv.mutable_data_ptr<T>();
-  with_rows<T>(out.x, [&](const auto* x) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const auto* xr = x + r * dim;
-        T ss = 0;
+  for (const at::Tensor& input : inputs) {
+    const bool as_is = input.scalar_type() == acc || bf16_operands;
+    out.parts.push_back(as_is ? input : input.to(acc));
+    const int64_t rows = input.size(0), dim = input.size(1);
+    if (!normalize) {
+      std::fill(inv, inv + rows, T(1));
+      inv += rows;
+      continue;
+    }
+    with_rows<T>(out.parts.back(), [&](const auto* x) {
+      at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const auto* xr = x + r * dim;
+          T ss = 0;
 #pragma omp simd reduction(+ : ss)
-        for (int64_t k = 0; k < dim; ++k) ss += static_cast<T>(xr[k]) * static_cast<T>(xr[k]);
-        inv[r] = T(1) / std::max(std::sqrt(ss), static_cast<T>(kNormEps));
-      }
+          for (int64_t k = 0; k < dim; ++k) ss += static_cast<T>(xr[k]) * static_cast<T>(xr[k]);
+          inv[r] = T(1) / std::max(std::sqrt(ss), static_cast<T>(kNormEps));
+        }
+      });
     });
-  });
+    inv += rows;
+  }
+  out.x = out.parts[0];
   return out;
+}
+
+// out [m, n] = a x^T over the parts of x, each into its columns of out (products, bf16_gemm.h)
+inline void products_by_part(at::Tensor out, const at::Tensor& a, const Embeddings& x) {
+  int64_t start = 0;
+  for (const at::Tensor& part : x.parts) {
+    products(x.parts.size() == 1 ? out : out.narrow(1, start, part.size(0)), a, part);
+    start += part.size(0);
+  }
 }
 
 // The gradient accumulators hold a_i = inv_i * dL/dx_hat_i. The backward of F.normalize(x, eps) is then
@@ -540,12 +562,21 @@ class GradientProducts {
                   d_cands.mutable_data_ptr<float>(), d_cands.stride(0));
   }
 
-  // The same over the columns [begin, end) of the block only.
-  void add(const at::Tensor& g, const at::Tensor& rows, const at::Tensor& cands, const at::Tensor& w,
+  // The same with the candidates in parts (Embeddings), over the columns [begin, end) of the block only: a pair of
+  // GEMMs per part.
+  void add(const at::Tensor& g, const at::Tensor& rows, const Embeddings& cands, const at::Tensor& w,
            at::Tensor d_rows, at::Tensor d_cands, int64_t begin, int64_t end) {
-    if (end <= begin) return;
-    add(g.narrow(1, begin, end - begin), rows, cands.narrow(0, begin, end - begin), w, d_rows,
-        d_cands.narrow(0, begin, end - begin));
+    int64_t start = 0;
+    for (const at::Tensor& part : cands.parts) {
+      const int64_t a = std::max(begin, start), b = std::min(end, start + part.size(0));
+      if (a < b)
+        add(g.narrow(1, a, b - a), rows, part.narrow(0, a - start, b - a), w, d_rows, d_cands.narrow(0, a, b - a));
+      start += part.size(0);
+    }
+  }
+  void add(const at::Tensor& g, const at::Tensor& rows, const Embeddings& cands, const at::Tensor& w,
+           at::Tensor d_rows, at::Tensor d_cands) {
+    add(g, rows, cands, w, d_rows, d_cands, 0, g.size(1));
   }
 
  private:
@@ -574,8 +605,7 @@ void add_scaled(T* to, const S* from, T factor, int64_t n) {
 // (inv * dL/dx_hat: normalised back here; undefined without need_grad).
 template <typename T>
 Outputs finish(const std::vector<T>& row_loss, const std::vector<T>& row_dscale, const Embeddings& q,
-               const Embeddings& d, at::Tensor dq, at::Tensor dd, const at::Tensor& q_in, const at::Tensor& d_in,
-               const Options& o) {
+               const Embeddings& d, at::Tensor dq, at::Tensor dd, const at::Tensor& q_in, const Options& o) {
   double loss_sum = 0, dscale_sum = 0;
   for (int64_t i = 0; i < o.batch; ++i) {
     loss_sum += row_loss[i];
@@ -583,12 +613,21 @@ Outputs finish(const std::vector<T>& row_loss, const std::vector<T>& row_dscale,
   }
   const auto acc_options = q.inv.options();
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(o.batch), acc_options);
-  if (!o.need_grad) return {loss, at::zeros_like(q_in), at::zeros_like(d_in), at::zeros({}, acc_options)};
+  if (!o.need_grad)
+    return {loss, at::zeros_like(q_in), at::zeros({d.rows(), q_in.size(1)}, q_in.options()),
+            at::zeros({}, acc_options)};
   if (o.normalize) {
-    normalize_backward<T>(q.x, dq.mutable_data_ptr<T>());
-    normalize_backward<T>(d.x, dd.mutable_data_ptr<T>());
+    const auto backward = [](const Embeddings& x, at::Tensor& a) {
+      T* rows = a.mutable_data_ptr<T>();
+      for (const at::Tensor& part : x.parts) {
+        normalize_backward<T>(part, rows);
+        rows += part.numel();
+      }
+    };
+    backward(q, dq);
+    backward(d, dd);
   }
-  return {loss, dq.to(q_in.scalar_type()), dd.to(d_in.scalar_type()), at::scalar_tensor(dscale_sum, acc_options)};
+  return {loss, dq.to(q_in.scalar_type()), dd.to(q_in.scalar_type()), at::scalar_tensor(dscale_sum, acc_options)};
 }
 
 constexpr int64_t kColumnGrain = 256;  // columns per task of the column passes
@@ -607,11 +646,13 @@ constexpr double kMergeLogitBound = 1024.0;
 
 // An upper bound on |logit| over every direction: (|scale| + |alpha| where penalised) times the largest squared
 // norm of the rows (1 with cosine similarity: unit rows, zero vectors 0), or inf where that is not finite.
-double logit_bound(const at::Tensor& q_in, const at::Tensor& d_in, double scale, const Options& o) {
+double logit_bound(const at::Tensor& q_in, const std::vector<at::Tensor>& docs, double scale, const Options& o) {
   const double factor = std::abs(scale) + (o.hardness != 0 ? std::abs(o.alpha) : 0.0);
   if (o.normalize) return factor;
   double norm = 0.0;
-  for (const at::Tensor* x : {&q_in, &d_in}) {
+  std::vector<const at::Tensor*> inputs{&q_in};
+  for (const at::Tensor& x : docs) inputs.push_back(&x);
+  for (const at::Tensor* x : inputs) {
     if (x->numel() == 0) continue;
     const auto acc = x->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // fp16/bf16 summed in fp32
     norm = std::max(norm, at::linalg_vector_norm(*x, 2, at::IntArrayRef{1}, false, acc).max().item<double>());
@@ -625,9 +666,8 @@ double logit_bound(const at::Tensor& q_in, const at::Tensor& d_in, double scale,
 // t_j = <q_j, p_i> inv_q_j and factor_i = scale * inv_p_i: column i of Q P^T, its softmax
 // exp((logit - max_i) - lnorm_i).
 template <typename T>
-Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const Options& o, const at::Tensor& q_in,
-                       const at::Tensor& d_in) {
-  const int64_t world = q.x.size(0), width = d.x.size(0), batch = o.batch, offset = o.offset;
+Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const Options& o, const at::Tensor& q_in) {
+  const int64_t world = q.x.size(0), width = d.rows(), batch = o.batch, offset = o.offset;
   const T* q_inv = q.inv.const_data_ptr<T>();
   const T* d_inv = d.inv.const_data_ptr<T>();
   const T* p_inv = d_inv + offset;
@@ -713,7 +753,7 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
     const int64_t m = std::min(full_rows, batch - i0);
     const at::Tensor rows = q.x.narrow(0, offset + i0, m);
     at::Tensor block = buffer.narrow(0, 0, m * width).view({m, width});
-    products(block, rows, d.x);
+    products_by_part(block, rows, d);
     T* s = block.mutable_data_ptr<T>();
     T* w = weight.mutable_data_ptr<T>();
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
@@ -737,7 +777,7 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
       }
     });
     if (!o.need_grad) continue;
-    gradients.add(block, rows, d.x, weight.narrow(0, 0, m).unsqueeze(1), dq.narrow(0, offset + i0, m), dd);
+    gradients.add(block, rows, d, weight.narrow(0, 0, m).unsqueeze(1), dq.narrow(0, offset + i0, m), dd);
   }
   // The other ranks' queries (gathered) are candidates of doc_to_query only: their softmax entries of Q P^T.
   const int64_t segments[2][2] = {{0, offset}, {offset + batch, world}};
@@ -760,13 +800,14 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
                             dd.narrow(0, offset, batch));
     }
   }
-  return finish(row_loss, row_dscale, q, d, dq, dd, q_in, d_in, o);
+  return finish(row_loss, row_dscale, q, d, dq, dd, q_in, o);
 }
 
 template <typename T>
-Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double scale_value, const Options& o) {
+Outputs mnrl_fused_impl(const at::Tensor& q_in, const std::vector<at::Tensor>& docs, double scale_value,
+                        const Options& o) {
   const int64_t world = q_in.size(0);
-  const int64_t columns = d_in.size(0) / world;
+  const int64_t columns = static_cast<int64_t>(docs.size());
   const int64_t batch = o.batch;
   const T scale = static_cast<T>(scale_value);
 
@@ -774,13 +815,13 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
   // the gradient GEMMs' weights G are rounded, to bf16
   const bool bf16_operands =
       std::is_same_v<T, float> && q_in.scalar_type() == at::kBFloat16 && bf16_gemm_enabled();
-  const Embeddings q = prepare<T>(q_in, o.normalize, bf16_operands);
-  const Embeddings d = prepare<T>(d_in, o.normalize, bf16_operands);
+  const Embeddings q = prepare<T>({q_in}, o.normalize, bf16_operands);
+  const Embeddings d = prepare<T>(docs, o.normalize, bf16_operands);
   // merged products only where the logits are bounded (kMergeLogitBound); query_to_doc alone has none
-  const bool merge = o.directions != kQueryToDoc && logit_bound(q_in, d_in, scale_value, o) <= kMergeLogitBound;
+  const bool merge = o.directions != kQueryToDoc && logit_bound(q_in, docs, scale_value, o) <= kMergeLogitBound;
   // Two passes cost W B + 3 B kW GEMM work against one pass's 3 B kW + 3 B W: less while W < 3 B.
   if (merge && o.directions == (kQueryToDoc | kDocToQuery) && !o.joint && world < 3 * batch)
-    return mnrl_symmetric<T>(q, d, scale, o, q_in, d_in);
+    return mnrl_symmetric<T>(q, d, scale, o, q_in);
   const T* q_inv = q.inv.const_data_ptr<T>();
   const T* d_inv = d.inv.const_data_ptr<T>();
   const std::vector<Direction<T>> dirs = select_directions<T>(o, columns, scale);
@@ -854,7 +895,7 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
     std::vector<int64_t> widths(n_dir);
     for (int k = 0; k < n_dir; ++k) {
       at::Tensor block = logits[k].narrow(0, 0, m);
-      products(block, dirs[k].rows_are_queries ? q_blk : d_blk, dirs[k].candidates_are_docs ? d.x : q.x);
+      products_by_part(block, dirs[k].rows_are_queries ? q_blk : d_blk, dirs[k].candidates_are_docs ? d : q);
       rows_ptr[k] = block.mutable_data_ptr<T>();
       widths[k] = block.size(1);
     }
@@ -910,7 +951,7 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
     for (int k = 0; k < n_dir; ++k) {
       const at::Tensor g = logits[k].narrow(0, 0, m);
       const at::Tensor& rows = dirs[k].rows_are_queries ? q_blk : d_blk;
-      const at::Tensor& cands = dirs[k].candidates_are_docs ? d.x : q.x;
+      const Embeddings& cands = dirs[k].candidates_are_docs ? d : q;
       const at::Tensor w = coef[k].narrow(0, 0, m).unsqueeze(1);
       at::Tensor d_rows = (dirs[k].rows_are_queries ? dq : dd).narrow(0, g0, m);
       at::Tensor d_cands = dirs[k].candidates_are_docs ? dd : dq;
@@ -944,21 +985,25 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const at::Tensor& d_in, double s
       });
     });
   }
-  return finish(row_loss, row_dscale, q, d, dq, dd, q_in, d_in, o);
+  return finish(row_loss, row_dscale, q, d, dq, dd, q_in, o);
 }
 
-Outputs mnrl_fused(const at::Tensor& q, const at::Tensor& d, const at::Tensor& scale, int64_t offset, int64_t batch,
-                   int64_t directions, bool joint, int64_t hardness, double alpha, bool normalize, bool need_grad) {
-  TORCH_CHECK(q.device().is_cpu() && d.device().is_cpu() && scale.device().is_cpu(),
-              "mnrl_fused: q, d and scale must be CPU tensors");
-  TORCH_CHECK(q.dim() == 2 && d.dim() == 2, "mnrl_fused: q must be [W, D] and d [k*W, D], got ", q.sizes(), " and ",
-              d.sizes());
+Outputs mnrl_fused_columns(const at::Tensor& q, const std::vector<at::Tensor>& docs, const at::Tensor& scale,
+                           int64_t offset, int64_t batch, int64_t directions, bool joint, int64_t hardness, double alpha,
+                           bool normalize, bool need_grad) {
+  TORCH_CHECK(q.device().is_cpu() && scale.device().is_cpu(), "mnrl_fused: q and scale must be CPU tensors");
+  TORCH_CHECK(q.dim() == 2, "mnrl_fused: q must be [W, D], got ", q.sizes());
   TORCH_CHECK(q.size(0) > 0 && q.size(1) > 0, "mnrl_fused: q must be non-empty, got ", q.sizes());
-  TORCH_CHECK(d.size(1) == q.size(1) && d.size(0) > 0 && d.size(0) % q.size(0) == 0,
-              "mnrl_fused: d must be [k*W, D] with k >= 1 for q [W, D] = ", q.sizes(), ", got ", d.sizes());
-  TORCH_CHECK(q.scalar_type() == d.scalar_type(), "mnrl_fused: q and d must share a dtype, got ", q.scalar_type(),
-              " and ", d.scalar_type());
-  TORCH_CHECK(q.is_contiguous() && d.is_contiguous(), "mnrl_fused: q and d must be contiguous");
+  TORCH_CHECK(!docs.empty(), "mnrl_fused: docs must hold at least one column [W, D]");
+  for (const at::Tensor& d : docs) {
+    TORCH_CHECK(d.device().is_cpu(), "mnrl_fused: the doc columns must be CPU tensors");
+    TORCH_CHECK(d.dim() == 2 && d.size(0) == q.size(0) && d.size(1) == q.size(1),
+                "mnrl_fused: each doc column must be [W, D] = ", q.sizes(), ", got ", d.sizes());
+    TORCH_CHECK(q.scalar_type() == d.scalar_type(), "mnrl_fused: q and d must share a dtype, got ",
+                q.scalar_type(), " and ", d.scalar_type());
+    TORCH_CHECK(d.is_contiguous(), "mnrl_fused: q and d must be contiguous");
+  }
+  TORCH_CHECK(q.is_contiguous(), "mnrl_fused: q and d must be contiguous");
   TORCH_CHECK(scale.numel() == 1 && scale.is_floating_point(), "mnrl_fused: scale must be a 1-element float tensor");
   TORCH_CHECK(batch > 0 && offset >= 0 && offset + batch <= q.size(0), "mnrl_fused: the local rows [", offset, ", ",
               offset + batch, ") must lie in [0, ", q.size(0), ") and be non-empty");
@@ -975,18 +1020,33 @@ Outputs mnrl_fused(const at::Tensor& q, const at::Tensor& d, const at::Tensor& s
               "mnrl_fused: q and d must be float16, bfloat16, float32 or float64, got ", dtype);
 
   const Options o{offset, batch, directions, joint, hardness, alpha, normalize, need_grad};
-  if (dtype == at::kDouble) return mnrl_fused_impl<double>(q, d, scale_value, o);
-  return mnrl_fused_impl<float>(q, d, scale_value, o);
+  if (dtype == at::kDouble) return mnrl_fused_impl<double>(q, docs, scale_value, o);
+  return mnrl_fused_impl<float>(q, docs, scale_value, o);
+}
+
+// d [k*W, D] as its k columns (views)
+Outputs mnrl_fused(const at::Tensor& q, const at::Tensor& d, const at::Tensor& scale, int64_t offset, int64_t batch,
+                   int64_t directions, bool joint, int64_t hardness, double alpha, bool normalize, bool need_grad) {
+  TORCH_CHECK(q.dim() == 2 && d.dim() == 2, "mnrl_fused: q must be [W, D] and d [k*W, D], got ", q.sizes(), " and ",
+              d.sizes());
+  TORCH_CHECK(q.size(0) > 0 && q.size(1) > 0, "mnrl_fused: q must be non-empty, got ", q.sizes());
+  TORCH_CHECK(d.size(1) == q.size(1) && d.size(0) > 0 && d.size(0) % q.size(0) == 0,
+              "mnrl_fused: d must be [k*W, D] with k >= 1 for q [W, D] = ", q.sizes(), ", got ", d.sizes());
+  TORCH_CHECK(d.is_contiguous(), "mnrl_fused: q and d must be contiguous");
+  const std::vector<at::Tensor> docs = d.split(q.size(0));
+  return mnrl_fused_columns(q, docs, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad);
 }
 
 }  // namespace
 
 void register_mnrl(pybind11::module_& m) {
-  m.def("mnrl_fused", &mnrl_fused, pybind11::call_guard<pybind11::gil_scoped_release>(),
-        R"doc(mnrl_fused(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad)
+  // d: one [k*W, D] tensor, or its k columns [W, D] as a list (read where they lie: no concatenated copy); the
+  // tensor form first, as pybind11 tries overloads in order
+  const char* doc = R"doc(mnrl_fused(q, d, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad)
     -> (loss, dq, dd, dscale)
 
-MultipleNegativesRankingLoss over gathered queries q [W, D] and docs d [k*W, D] (k columns, positives first) for
+MultipleNegativesRankingLoss over gathered queries q [W, D] and docs d [k*W, D] (k columns, positives first; or the
+list of those k columns [W, D], which the op reads where they lie) for
 the local rows offset .. offset + batch, with the gradients computed in the same pass. directions: bitmask
 1 query_to_doc (required) | 2 query_to_query | 4 doc_to_query | 8 doc_to_doc; joint: one softmax over all
 directions (else the mean of per-direction log-partitions); hardness: 0 none | 1 in_batch_negatives |
@@ -998,10 +1058,16 @@ need_grad=False computes only the loss; dq, dd and dscale are then zeros.
 Memory beyond inputs and outputs: fp32 gradient accumulators and fp32 copies of fp16/bf16 inputs (none where bf16
 GEMMs take them) (O(W*D)), one block of logits of at most
 FASTLOSS_NATIVE_BLOCK_BYTES bytes (default 16 MiB; at least one row; with bf16 GEMMs its weights in bf16 as well)
-and, where directions share products, O(B) values per direction and per thread.)doc",
-        pybind11::arg("q"), pybind11::arg("d"), pybind11::arg("scale"), pybind11::arg("offset"),
-        pybind11::arg("batch"), pybind11::arg("directions"), pybind11::arg("joint"), pybind11::arg("hardness"),
-        pybind11::arg("alpha"), pybind11::arg("normalize"), pybind11::arg("need_grad"));
+and, where directions share products, O(B) values per direction and per thread. dd is one [k*W, D] tensor
+either way.)doc";
+  const auto define = [&](auto fn) {
+    m.def("mnrl_fused", fn, pybind11::call_guard<pybind11::gil_scoped_release>(), doc, pybind11::arg("q"),
+          pybind11::arg("d"), pybind11::arg("scale"), pybind11::arg("offset"), pybind11::arg("batch"),
+          pybind11::arg("directions"), pybind11::arg("joint"), pybind11::arg("hardness"), pybind11::arg("alpha"),
+          pybind11::arg("normalize"), pybind11::arg("need_grad"));
+  };
+  define(&mnrl_fused);
+  define(&mnrl_fused_columns);
 }
 
 }  // namespace fastloss

@@ -202,7 +202,7 @@ def mnrl_loss(
         scale_t = torch.full((), float(scale), dtype=acc, device=queries.device)  # a fill: no copy, no host sync
     # the columns go in as they are: the flash op takes them as blocks of candidates, uncopied where each fills the GPU
     # (at B = 32768, D = 1024 bf16: 64 MiB per column; fastloss.ops.mnrl.columns_as_blocks), the row-block op too (a
-    # GEMM per column), the native op concatenates them
+    # GEMM per column) and the native op (fastloss._C.mnrl_fused reads the list of columns)
     return mnrl(queries, docs, scale_t, params, backend)
 
 

@@ -760,15 +760,14 @@ _mnrl_fwd_op = custom_op(
 def _run_native(q: Tensor, docs: list[Tensor], scale: Tensor, p: MNRLParams, need_grad: bool):
     from fastloss._backend import native_module
 
-    d = docs[0] if len(docs) == 1 else torch.cat(docs, dim=0)  # the C++ op takes one tensor
     loss, dq, dd, dscale = native_module().mnrl_fused(
         q.contiguous(),
-        d.contiguous(),
+        [c for x in docs for c in x.contiguous().split(q.shape[0])],  # its columns [W, D] where they lie: no copy
         scale.detach().to(_backend.accumulation_dtype(q)).cpu().reshape(()),
         *p.as_args(),
         need_grad,
     )
-    return loss, dq.to(q.dtype), dd.to(d.dtype), dscale
+    return loss, dq.to(q.dtype), dd.to(q.dtype), dscale
 
 
 def _run_blocked(q: Tensor, docs: list[Tensor], scale: Tensor, p: MNRLParams, need_grad: bool):
@@ -830,11 +829,11 @@ _mnrl_blocked_op = _gradient_in_forward_op("mnrl_blocked", _run_blocked)  # torc
 def mnrl(q: Tensor, docs: Tensor | Sequence[Tensor], scale: Tensor, p: MNRLParams, backend: str) -> Tensor:
     """The MNRL loss (fp32 scalar; fp64 from the row-block ops for fp64 inputs) of gathered queries ``q`` [W, D] and
     docs [kW, D], or its doc columns [W, D] in order, on a fused backend: ``triton`` (flash; it takes the columns as
-    they are where columns_as_blocks), ``native`` (fastloss._C, which takes them as one tensor: a copy) or
+    they are where columns_as_blocks), ``native`` (fastloss._C) or
     ``blocked`` (the row-block op, which takes them as they are)."""
     docs = [docs] if isinstance(docs, Tensor) else list(docs)
     if backend in ("native", "blocked"):
-        # the columns go in as they come: the row-block op takes them uncopied, the native op concatenates them
+        # the columns go in as they come: both row-block ops read them uncopied
         need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, scale, *docs))
         op = _mnrl_fused_op if backend == "native" else _mnrl_blocked_op
         return op(q, docs, scale, *p.as_args(), need_grad)[0]
