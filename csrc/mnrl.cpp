@@ -435,11 +435,12 @@ std::vector<Direction<T>> select_directions(const Options& o, int64_t columns, T
 // GEMMs take them (bf16_gemm.h: no fp32 copy then), else the inputs in the accumulation dtype.
 struct Embeddings {
   std::vector<at::Tensor> parts;
-  at::Tensor x;  // parts[0]: the queries; the docs' first column, the positives (every local row's own doc)
   at::Tensor inv;
+  // the first part: the queries; the docs' first column, the positives (every local row's own doc)
+  const at::Tensor& x() const { return parts[0]; }
   int64_t rows() const { return inv.size(0); }
   // zeros for the gradient accumulators, [rows, D] in the accumulation dtype
-  at::Tensor zeros() const { return at::zeros({rows(), x.size(1)}, inv.options()); }
+  at::Tensor zeros() const { return at::zeros({rows(), x().size(1)}, inv.options()); }
 };
 
 // f(the entries of x as accumulation-dtype values T or as bf16, whichever x holds), and of x and y (one dtype)
@@ -462,7 +463,7 @@ Embeddings prepare(const std::vector<at::Tensor>& inputs, bool normalize, bool b
   const auto acc = c10::CppTypeToScalarType<T>::value;
   int64_t total = 0;
   for (const at::Tensor& input : inputs) total += input.size(0);
-  Embeddings out{{}, {}, at::empty({total}, inputs[0].options().dtype(acc))};
+  Embeddings out{{}, at::empty({total}, inputs[0].options().dtype(acc))};
   T* inv = out.inv.mutable_data_ptr<T>();
   for (const at::Tensor& input : inputs) {
     const bool as_is = input.scalar_type() == acc || bf16_operands;
@@ -486,7 +487,6 @@ Embeddings prepare(const std::vector<at::Tensor>& inputs, bool normalize, bool b
     });
     inv += rows;
   }
-  out.x = out.parts[0];
   return out;
 }
 
@@ -494,7 +494,7 @@ Embeddings prepare(const std::vector<at::Tensor>& inputs, bool normalize, bool b
 inline void products_by_part(at::Tensor out, const at::Tensor& a, const Embeddings& x) {
   int64_t start = 0;
   for (const at::Tensor& part : x.parts) {
-    products(x.parts.size() == 1 ? out : out.narrow(1, start, part.size(0)), a, part);
+    products(out.narrow(1, start, part.size(0)), a, part);
     start += part.size(0);
   }
 }
@@ -650,13 +650,13 @@ double logit_bound(const at::Tensor& q_in, const std::vector<at::Tensor>& docs, 
   const double factor = std::abs(scale) + (o.hardness != 0 ? std::abs(o.alpha) : 0.0);
   if (o.normalize) return factor;
   double norm = 0.0;
-  std::vector<const at::Tensor*> inputs{&q_in};
-  for (const at::Tensor& x : docs) inputs.push_back(&x);
-  for (const at::Tensor* x : inputs) {
-    if (x->numel() == 0) continue;
-    const auto acc = x->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // fp16/bf16 summed in fp32
-    norm = std::max(norm, at::linalg_vector_norm(*x, 2, at::IntArrayRef{1}, false, acc).max().item<double>());
-  }
+  const auto widen = [&norm](const at::Tensor& x) {
+    if (x.numel() == 0) return;
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // fp16/bf16 summed in fp32
+    norm = std::max(norm, at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, false, acc).max().item<double>());
+  };
+  widen(q_in);
+  for (const at::Tensor& x : docs) widen(x);
   const double bound = factor * norm * norm;
   return std::isfinite(bound) ? bound : std::numeric_limits<double>::infinity();
 }
@@ -667,11 +667,11 @@ double logit_bound(const at::Tensor& q_in, const std::vector<at::Tensor>& docs, 
 // exp((logit - max_i) - lnorm_i).
 template <typename T>
 Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const Options& o, const at::Tensor& q_in) {
-  const int64_t world = q.x.size(0), width = d.rows(), batch = o.batch, offset = o.offset;
+  const int64_t world = q.x().size(0), width = d.rows(), batch = o.batch, offset = o.offset;
   const T* q_inv = q.inv.const_data_ptr<T>();
   const T* d_inv = d.inv.const_data_ptr<T>();
   const T* p_inv = d_inv + offset;
-  const at::Tensor positives = d.x.narrow(0, offset, batch);  // GEMM operands
+  const at::Tensor positives = d.x().narrow(0, offset, batch);  // GEMM operands
   const T inv_batch = T(1) / static_cast<T>(batch);
   const int64_t bytes = block_bytes(), elem = static_cast<int64_t>(sizeof(T));
   const int64_t column_rows = std::clamp<int64_t>(bytes / (batch * elem), 1, world);  // blocks of Q P^T
@@ -689,7 +689,7 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
   for (int64_t j0 = 0; j0 < world; j0 += column_rows) {
     const int64_t m = std::min(column_rows, world - j0);
     at::Tensor block = buffer.narrow(0, 0, m * batch).view({m, batch});
-    products(block, q.x.narrow(0, j0, m), positives);
+    products(block, q.x().narrow(0, j0, m), positives);
     const T* s = block.const_data_ptr<T>();
     at::parallel_for(0, batch, kColumnGrain, [&](int64_t c0, int64_t c1) {
       std::vector<T> block_max(c1 - c0, -std::numeric_limits<T>::infinity());
@@ -751,7 +751,7 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
   }
   for (int64_t i0 = 0; i0 < batch; i0 += full_rows) {
     const int64_t m = std::min(full_rows, batch - i0);
-    const at::Tensor rows = q.x.narrow(0, offset + i0, m);
+    const at::Tensor rows = q.x().narrow(0, offset + i0, m);
     at::Tensor block = buffer.narrow(0, 0, m * width).view({m, width});
     products_by_part(block, rows, d);
     T* s = block.mutable_data_ptr<T>();
@@ -784,7 +784,7 @@ Outputs mnrl_symmetric(const Embeddings& q, const Embeddings& d, T scale, const 
   for (const auto& segment : segments) {
     for (int64_t j0 = segment[0]; o.need_grad && j0 < segment[1]; j0 += column_rows) {
       const int64_t m = std::min(column_rows, segment[1] - j0);
-      const at::Tensor rows = q.x.narrow(0, j0, m);
+      const at::Tensor rows = q.x().narrow(0, j0, m);
       at::Tensor block = buffer.narrow(0, 0, m * batch).view({m, batch});
       products(block, rows, positives);
       T* s = block.mutable_data_ptr<T>();
@@ -889,8 +889,8 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const std::vector<at::Tensor>& d
   for (int64_t i0 = 0; i0 < batch; i0 += rows_per_block) {
     const int64_t m = std::min(rows_per_block, batch - i0);
     const int64_t g0 = o.offset + i0;
-    const at::Tensor q_blk = q.x.narrow(0, g0, m);
-    const at::Tensor d_blk = d.x.narrow(0, g0, m);
+    const at::Tensor q_blk = q.x().narrow(0, g0, m);
+    const at::Tensor d_blk = d.x().narrow(0, g0, m);
     std::vector<T*> rows_ptr(n_dir);
     std::vector<int64_t> widths(n_dir);
     for (int k = 0; k < n_dir; ++k) {
@@ -971,10 +971,10 @@ Outputs mnrl_fused_impl(const at::Tensor& q_in, const std::vector<at::Tensor>& d
     // inv_q * dL/dq_hat += w d and inv_d * dL/dd_hat += w q over the local rows.
     // (x read as it is: bf16 inputs that bf16 GEMMs take are never widened whole)
     const T unit = static_cast<T>(-scale_value * inv_batch);
-    const int64_t dim = q.x.size(1);
+    const int64_t dim = q.x().size(1);
     T* dq_local = dq.mutable_data_ptr<T>() + o.offset * dim;
     T* dd_local = dd.mutable_data_ptr<T>() + o.offset * dim;
-    with_rows<T>(q.x, d.x, [&](const auto* qx, const auto* dx) {
+    with_rows<T>(q.x(), d.x(), [&](const auto* qx, const auto* dx) {
       at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t own = o.offset + i;
@@ -1024,7 +1024,7 @@ Outputs mnrl_fused_columns(const at::Tensor& q, const std::vector<at::Tensor>& d
   return mnrl_fused_impl<float>(q, docs, scale_value, o);
 }
 
-// d [k*W, D] as its k columns (views)
+// d [k*W, D] as its k columns (views: each contiguous where d is, which mnrl_fused_columns checks)
 Outputs mnrl_fused(const at::Tensor& q, const at::Tensor& d, const at::Tensor& scale, int64_t offset, int64_t batch,
                    int64_t directions, bool joint, int64_t hardness, double alpha, bool normalize, bool need_grad) {
   TORCH_CHECK(q.dim() == 2 && d.dim() == 2, "mnrl_fused: q must be [W, D] and d [k*W, D], got ", q.sizes(), " and ",
@@ -1032,7 +1032,6 @@ Outputs mnrl_fused(const at::Tensor& q, const at::Tensor& d, const at::Tensor& s
   TORCH_CHECK(q.size(0) > 0 && q.size(1) > 0, "mnrl_fused: q must be non-empty, got ", q.sizes());
   TORCH_CHECK(d.size(1) == q.size(1) && d.size(0) > 0 && d.size(0) % q.size(0) == 0,
               "mnrl_fused: d must be [k*W, D] with k >= 1 for q [W, D] = ", q.sizes(), ", got ", d.sizes());
-  TORCH_CHECK(d.is_contiguous(), "mnrl_fused: q and d must be contiguous");
   const std::vector<at::Tensor> docs = d.split(q.size(0));
   return mnrl_fused_columns(q, docs, scale, offset, batch, directions, joint, hardness, alpha, normalize, need_grad);
 }
