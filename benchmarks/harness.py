@@ -304,9 +304,19 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{model}-{cpu_count()}c"
 
 
+# Where the suite writes its records and plots: changes there are its own output, not the code it measured, so they do
+# not make a commit "-dirty" (a second run after a first one's records would otherwise say it measured other code).
+RESULTS_PATHSPEC = ":(top,exclude)benchmarks/results"
+
+
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """HEAD's short hash, with "-dirty" where tracked files outside benchmarks/results differ from it; None outside
+    a git checkout."""
+    return commit_of(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def commit_of(root: str) -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
@@ -315,7 +325,7 @@ def git_commit() -> str | None:
             return None
         commit = out.stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", RESULTS_PATHSPEC],
             cwd=root,
             capture_output=True,
             text=True,

@@ -145,6 +145,32 @@ def test_long_calls_timed_once():
     assert (out["fast"].reps, out["slow"].reps) == (3, 3)
 
 
+def test_commit_dirty_only_outside_results(tmp_path):
+    """A record's commit says "-dirty" for changed code, not for the suite's own records and plots (a second run
+    after a first one's records measured the same code)."""
+    import shutil
+    import subprocess
+
+    from benchmarks import harness
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "cpu.json").write_text("[]\n")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "start"]):
+        subprocess.run([*git, *args], cwd=tmp_path, check=True, capture_output=True)
+    head = harness.commit_of(str(tmp_path))
+    assert head is not None and len(head) == 12
+    (tmp_path / "benchmarks" / "results" / "cpu.json").write_text("[{}]\n")
+    assert harness.commit_of(str(tmp_path)) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert harness.commit_of(str(tmp_path)) == head + "-dirty"
+    assert harness.commit_of(str(tmp_path / "benchmarks" / "results")) == head + "-dirty"  # from any folder in it
+    assert harness.commit_of(str(tmp_path.parent / "nowhere")) is None
+
+
 AMD_VM = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 25
