@@ -469,22 +469,21 @@ Embeddings prepare(const std::vector<at::Tensor>& inputs, bool normalize, bool b
     const bool as_is = input.scalar_type() == acc || bf16_operands;
     out.parts.push_back(as_is ? input : input.to(acc));
     const int64_t rows = input.size(0), dim = input.size(1);
-    if (!normalize) {
-      std::fill(inv, inv + rows, T(1));
-      inv += rows;
-      continue;
-    }
-    with_rows<T>(out.parts.back(), [&](const auto* x) {
-      at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const auto* xr = x + r * dim;
-          T ss = 0;
+    if (normalize) {
+      with_rows<T>(out.parts.back(), [&](const auto* x) {
+        at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const auto* xr = x + r * dim;
+            T ss = 0;
 #pragma omp simd reduction(+ : ss)
-          for (int64_t k = 0; k < dim; ++k) ss += static_cast<T>(xr[k]) * static_cast<T>(xr[k]);
-          inv[r] = T(1) / std::max(std::sqrt(ss), static_cast<T>(kNormEps));
-        }
+            for (int64_t k = 0; k < dim; ++k) ss += static_cast<T>(xr[k]) * static_cast<T>(xr[k]);
+            inv[r] = T(1) / std::max(std::sqrt(ss), static_cast<T>(kNormEps));
+          }
+        });
       });
-    });
+    } else {
+      std::fill(inv, inv + rows, T(1));
+    }
     inv += rows;
   }
   return out;
