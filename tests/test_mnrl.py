@@ -431,6 +431,51 @@ def _large_logit_errors(monkeypatch, backend_name, case, partition, directions):
     return max_relative_errors(ours, truth), max_relative_errors(theirs, truth)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layout", ["qd+dq-joint", "qd+dq-per"])
+def test_doc_far_below_every_query_finite(backend, batch, layout):
+    """Cosine at scale 100 with a doc opposite every query (its doc_to_query logits near -100, below -88.7): the
+    Triton backward's doc_to_query softmax, exp(scale s - LSE), took the tile's rows past the end (s = 0) as well,
+    where exp(0 + 100) overflows fp32 to inf and inf times their weight 0 is NaN: that doc's gradient was all NaN
+    until 2026-12-02 (whenever a tile had such rows: B = 1 and 3 here). Found by a differential fuzz against
+    sentence-transformers. Within twice sentence-transformers' fp32 error of the fp64 truth, plus scale * 2^-23: an
+    ulp of a similarity moves a softmax entry by that (1.2e-5 here; the fused backends err by 5e-6, ST by 1.4e-6)."""
+    partition, directions = LARGE_LOGIT_LAYOUTS[layout]
+    g = torch.Generator().manual_seed(3)
+    q = torch.tensor([1.0, 0.0]) + 0.1 * torch.randn(batch, 2, generator=g)  # queries alike
+    d = q + 0.1 * torch.randn(batch, 2, generator=g)
+    d[0] = -q.sum(dim=0)  # cosine ~ -1 with each query
+    ours, theirs = _pair(dict(directions=directions, partition_mode=partition), scale=100.0)
+    loss, grads = _loss_and_grads(ours, [q, d])
+    assert torch.isfinite(loss) and all(torch.isfinite(x).all() for x in grads)
+    ref_loss, ref_grads = _loss_and_grads(theirs, [q, d])
+    truth_loss, truth_grads = _loss_and_grads(theirs, [q.double(), d.double()])
+    for ours_t, ref_t, truth_t in zip([loss, *grads], [ref_loss, *ref_grads], [truth_loss, *truth_grads]):
+        assert rel_err(ours_t, truth_t) <= 2 * rel_err(ref_t, truth_t) + 100.0 * 2**-23
+
+
+@pytest.mark.parametrize("backend_name", LARGE_LOGIT_BACKENDS)
+def test_positive_holders_lse_agree_with_the_positive(monkeypatch, backend_name):
+    """Dot similarity, the docs the queries themselves, one row of norm ~2e4: its positive logit is ~1e10 (fp32 ulp
+    1024), in query_to_doc and doc_to_query alike. The flash forward took query_to_doc's LSE from its tiles and the
+    positive's logit from inverse_norms' pair products, which rounded 2 ulps apart, the LSE below the positive; that
+    direction's share of the joint LSE, exp(-2048), underflowed to 0, and its pos_val, 0 / 0, was NaN in both
+    gradients until 2026-12-02. Now every direction holding the positive forms its LSE from its NLSE and that
+    positive. Found by a differential fuzz against sentence-transformers, whose fp32 gradients here are 100% off;
+    ours within 1e-4 of the fp64 truth (sentence-transformers' fp64, itself within ~1e-5)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(18, 6, generator=g, dtype=torch.float64)
+    q[11] *= 1e4
+    q = q.float()
+    config = dict(sim="dot", directions=("query_to_doc", "doc_to_query"), partition_mode="joint")
+    ours, theirs = _pair(config)
+    use_backend(monkeypatch, backend_name)
+    loss, grads = _loss_and_grads(ours, [q, q])
+    assert torch.isfinite(loss) and all(torch.isfinite(x).all() for x in grads)
+    truth_loss, truth_grads = _loss_and_grads(theirs, [q.double(), q.double()])
+    assert max(rel_err(a, b) for a, b in zip([loss, *grads], [truth_loss, *truth_grads])) <= 1e-4
+
+
 @pytest.mark.parametrize("case", ["zero_vectors", "duplicates", "scale_1e4", "scale_1e-4"])
 def test_edge_cases_finite_and_equal(backend, case):
     q, p, n = _embeddings(8, 16, 3)

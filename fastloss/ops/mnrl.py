@@ -44,8 +44,9 @@ launch per tensor (fastloss.ops.l2norm.inverse_norms, in place of ~10 torch ops 
 query_to_doc alone (the drop-ins' default) the loss and pos_val come from one Triton launch
 (sim_lse.one_direction_terms, in place of positive_terms' ~14 torch ops), its log_z is its LSE and its weight in the
 backward h itself. With several directions positive_terms' values and log_z come from one launch too
-(sim_lse.directions_terms, for ~66 torch ops), which also forms doc_to_query's LSE from its NLSE (from query_to_doc's
-tiles) and the positive (~17 torch ops). The backward's per-row weights (each direction's dL/dLSE, the merged launch's
+(sim_lse.directions_terms, for ~66 torch ops), which also forms the LSE of each direction that holds the positive
+from its NLSE (doc_to_query's from query_to_doc's tiles) and the positive (~17 torch ops each), so that no holder's LSE
+rounds below the positive it holds. The backward's per-row weights (each direction's dL/dLSE, the merged launch's
 positive coefficient, the separate -1's coefficient and dL/dscale part) are one launch (sim_lse.backward_weights, for
 ~8 torch ops with one direction, ~20 with several), and the positive pair's term joins the normalisation backward's
 Triton launch (l2norm_bwd's ``positive``, for a product and an addcmul per tensor): query_to_doc alone 12 launches a
@@ -502,7 +503,6 @@ def mnrl_fwd(
     nlse_parts: list[list[Tensor]] = [[] for _ in range(p.n_directions)]
     # doc_to_query over the local queries from query_to_doc's tiles of the positives' block
     merged = merges_transposed(p) and transposed_bytes(p.batch, p.batch) <= TRANSPOSED_FWD_BYTES
-    derive = []  # directions whose LSE directions_terms forms from their NLSE and the positive
     for launch in _launches(xs, invs, p, merged=merged):
         transposed, back = {}, launch.transposed
         if back >= 0:
@@ -512,21 +512,25 @@ def mnrl_fwd(
         )
         lse_parts[launch.direction].append(lse_b)
         nlse_parts[launch.direction].append(lse_b if nlse_b is None else nlse_b)  # without the positive: its LSE
-        if transposed:  # doc_to_query's local part: its negatives among the local queries (its LSE: with the
-            nlse_parts[back].append(transposed["nlse_t"])  # positive, in directions_terms)
-            derive.append(back)
+        if transposed:  # doc_to_query's local part: its negatives among the local queries
+            nlse_parts[back].append(transposed["nlse_t"])
     if alone:  # the loss and pos_val in one launch; log_z is the LSE itself (a logsumexp or mean over one direction)
         lse = _combine(lse_parts[0])
         loss, pos_val = terms_in_one_launch(_combine(nlse_parts[0]), sims, scale, p.joint)
         return loss, lse[:, None], lse.clone(), pos_val, inv, sims
-    nlses = [_combine(parts) for parts in nlse_parts]
-    # a derived direction's entries are placeholders (its NLSE); a direction without the positive has the same parts
-    same = [all(a is b for a, b in itertools.zip_longest(*pair)) for pair in zip(lse_parts, nlse_parts)]
-    lses = [nlses[k] if k in derive or same[k] else _combine(parts) for k, parts in enumerate(lse_parts)]
-    lse, nlse = torch.stack(lses, dim=1), torch.stack(nlses, dim=1)  # [2, n_dir, B]
+    # The directions that hold the positive take their LSE from their NLSE and the positive, in directions_terms (the
+    # tiles' LSE of query_to_doc goes unused; doc_to_query's merged launch gives its NLSE only): an LSE from the tiles
+    # can round below the positive, whose logit comes from inverse_norms (by 2 ulps at |logit| ~ 1e11: extreme dot
+    # products), and that direction's share of the joint LSE then underflows to 0, 0 / 0 = NaN in its pos_val. The
+    # others' LSE is their NLSE.
+    shares = positive_shares(p)
+    nlse = torch.stack([_combine(parts) for parts in nlse_parts], dim=1)  # [2, n_dir, B]
+    lse = nlse.clone()  # the holders' entries are placeholders, written by directions_terms
     # positive_terms' values and log_z (per direction the mean of the LSEs, of each part: the backward reads it in
-    # the joint partition only) in one launch, which writes the derived directions' LSE into lse
-    loss, log_z, pos_val = directions_terms(lse, nlse, positive, positive_shares(p), p.joint, derive)
+    # the joint partition only) in one launch, which writes the holders' LSE into lse
+    loss, log_z, pos_val = directions_terms(
+        lse, nlse, positive, shares, p.joint, [k for k, s in enumerate(shares) if s]
+    )
     return loss, lse, log_z, pos_val, inv, sims
 
 

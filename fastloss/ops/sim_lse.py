@@ -371,15 +371,18 @@ def _fold_positive(b_p, m_pos, b_pv):
 
 
 @triton.jit
-def _transposed_p(b_s, b_scale, lse_t, lse_t_lo, o_t, n_t, b_logit, MASK_OWN: tl.constexpr):
+def _transposed_p(b_s, b_scale, lse_t, lse_t_lo, o_t, n_t, m_r, b_logit, MASK_OWN: tl.constexpr):
     """The softmax of the transposed direction (doc_to_query beside query_to_doc; a Gram block's own rows) at a
     tile's entries: its rows are the candidates whose index less offset, ``o_t`` (broadcast to the tile's shape), is
-    in 0 .. n_t - 1, with LSE lse_t[o_t] + lse_t_lo[o_t] and logits scale * s, unpenalised; 0 at every other
-    candidate, and with MASK_OWN also where the direct logit ``b_logit`` is masked (a Gram block: the transposed row's
-    own entry is the row's own entry)."""
+    in 0 .. n_t - 1, with LSE lse_t[o_t] + lse_t_lo[o_t] and logits scale * s, unpenalised, against the tile's rows
+    where ``m_r`` (the rows that exist); 0 at every other entry, and with MASK_OWN also where the direct logit
+    ``b_logit`` is masked (a Gram block: the transposed row's own entry is the row's own entry). A row past the end has
+    s = 0, whose exp(0 - LSE) overflows to inf where the LSE is below -88.7 (a candidate scored far below every row),
+    and inf times its weight 0 is NaN in the gradient GEMM."""
     m_t = (o_t >= 0) & (o_t < n_t)
-    b_lt = tl.load(lse_t + o_t, mask=m_t, other=float("inf"))
+    b_lt = tl.load(lse_t + o_t, mask=m_t, other=float("inf"))  # one value per candidate: m_r joins after the loads
     b_lt_lo = tl.load(lse_t_lo + o_t, mask=m_t, other=0.0)
+    m_t = m_t & m_r
     if MASK_OWN:  # after the load: a load masked by the dot's result breaks sm_90's pipeliner (Triton 3.8)
         m_t = m_t & (b_logit != float("-inf"))
     return tl.where(m_t, tl.exp((b_scale * b_s - b_lt) - b_lt_lo), 0.0)
@@ -565,7 +568,9 @@ def sim_lse_bwd_dr_kernel(
         b_logit = _logits(b_s, o_m[:, None], o_n[None, :], N, period, offset, b_scale, alpha, MASK_OWN, PEN_MODE)
         b_p = tl.exp((b_logit - b_lse[:, None]) - b_lse_lo[:, None])  # [BM, BN]
         if TRANSPOSED:
-            b_p += _transposed_p(b_s, b_scale, lse_t, lse_t_lo, o_n[None, :] - offset, n_t, b_logit, MASK_OWN)
+            b_p += _transposed_p(
+                b_s, b_scale, lse_t, lse_t_lo, o_n[None, :] - offset, n_t, m_m[:, None], b_logit, MASK_OWN
+            )
         if FOLD_POS:
             b_p = _fold_positive(b_p, o_n[None, :] == o_m[:, None] + offset, b_pv[:, None])
         if NEED_DSCALE:
@@ -656,7 +661,9 @@ def sim_lse_bwd_dc_kernel(
         b_w = b_g / b_gmax * _fold(b_rinv, r.dtype.element_ty)  # |g / max|g|| <= 1: w * P stays in fp16 range
         b_p = tl.exp((b_logit - b_lse[None, :]) - b_lse_lo[None, :])  # [BN, BM]
         if TRANSPOSED:
-            b_p += _transposed_p(b_s, b_scale, lse_t, lse_t_lo, o_n[:, None] - offset, n_t, b_logit, MASK_OWN)
+            b_p += _transposed_p(
+                b_s, b_scale, lse_t, lse_t_lo, o_n[:, None] - offset, n_t, m_m[None, :], b_logit, MASK_OWN
+            )
         if FOLD_POS:
             b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
             b_p = _fold_positive(b_p, o_n[:, None] == o_m[None, :] + offset, b_pv[None, :])
@@ -1135,7 +1142,8 @@ def directions_terms(
     mean), in one launch instead of ~66 torch ops. ``shares``: each direction's share of the positive's -1
     (mnrl.positive_shares: 1 / k for the k that hold it, 0 for the others). ``derive``: indices of holders whose LSE
     the launch forms from their NLSE and the positive (logsumexp2 of the two, ~17 torch ops each otherwise) and writes
-    into ``lse`` in place, their old entries unread (the flash forward's doc_to_query, whose NLSE comes from
+    into ``lse`` in place, their old entries unread (the flash forward derives every holder: its LSE then cannot
+    round below the positive, whose share of the joint LSE would underflow; doc_to_query's NLSE comes from
     query_to_doc's tiles)."""
     n_dir, b = lse.shape[1], lse.shape[2]
     for name, x in (("lse", lse), ("nlse", nlse)):
