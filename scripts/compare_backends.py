@@ -6,15 +6,16 @@
     python3 scripts/compare_backends.py --batches 65,130,257,300 --cases 500       # past one 64-column chunk
 
 Each case draws a loss (MNRL with random directions, partition, hardness mode and strength, similarity, 1-3 hard
-negative columns, a float or a learnable scale; MNSRL; CoSENT; AnglE; the four batch triplet losses with random labels
-and metrics), a shape (B up to 64, or from --batches; D up to 100) and special rows (a zero vector, a duplicate row,
-magnitudes of 1e-3 or 1e3), and random row-block budgets. For each dtype it rounds the inputs to that dtype and compares
-each backend's loss and gradients (embeddings and a learnable scale) with the fp64 reference on the rounded inputs. A
-result is flagged when its error exceeds the larger of 4x the reference's own error in that dtype
-(sentence-transformers' maths, same rounded inputs) and 1e-7 (fp64), 2e-4 (fp32) or 2e-2 (fp16 / bf16) of the
-reference's size; a backend that raises is an error. Backends: ``native`` (FASTLOSS_BACKEND=native: fastloss._C, else
-the CPU torch-ops fallbacks), ``blocked`` (FASTLOSS_MNRL_ALGO=blocked: the row-block MNRL op; MNRL cases only),
-``triton`` (FASTLOSS_BACKEND=triton: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+negative columns, a float or a learnable scale from 0.05 to 100; MNSRL; CoSENT; AnglE; the four batch triplet losses
+with random labels and metrics), a shape (B up to 64, or from --batches; D up to 100), special rows (a zero vector, a
+duplicate row, magnitudes of 1e-3 or 1e3), for MNRL positives near or equal to their queries, and random row-block
+budgets. For each dtype it rounds the inputs to that dtype and compares each backend's loss and gradients (embeddings
+and a learnable scale) with the fp64 reference on the rounded inputs. A result is flagged when its error exceeds the
+larger of 4x the reference's own error in that dtype (sentence-transformers' maths, same rounded inputs) and 1e-7
+(fp64), 2e-4 (fp32) or 2e-2 (fp16 / bf16) of the reference's size; a backend that raises is an error. Backends:
+``native`` (FASTLOSS_BACKEND=native: fastloss._C, else the CPU torch-ops fallbacks), ``blocked``
+(FASTLOSS_MNRL_ALGO=blocked: the row-block MNRL op; MNRL cases only), ``triton`` (FASTLOSS_BACKEND=triton: CUDA
+tensors, or CPU tensors under TRITON_INTERPRET=1).
 
 Known benign flags (stop 12 went through ~3,000 cases): a result whose exact value is ~0 (D = 1, a single class, a
 row with a single candidate) carries rounding noise, which a zero vector's 1/eps = 1e12 multiplies; they are counted
@@ -76,7 +77,7 @@ class Case:
         self.kind = rng.choice(["mnrl"] * 3 + ["mnsrl", "cosent", "angle", "hard", "soft", "all", "semi"])
         self.batch = rng.choice(batches)
         self.dim = rng.choice([1, 2, 3, 7, 16, 31, 64, 100])
-        scale = rng.choice([0.05, 1.0, 20.0, 50.0])
+        scale = rng.choice([0.05, 1.0, 20.0, 50.0, 100.0])  # 100: CLIP's largest logit scale
         self.scale: float | torch.Tensor = torch.tensor([scale]) if rng.random() < 0.3 else scale
         self.fn, self.inputs, self.text = getattr(self, "_" + self.kind)()
 
@@ -94,8 +95,11 @@ class Case:
     def _mnrl_inputs(self) -> tuple[list[torch.Tensor], str]:
         columns = self.rng.choice([1, 1, 2, 3])
         inputs = [self._rows() for _ in range(columns + 1)]
-        if self.rng.random() < 0.3:  # positives close to their queries: confident rows
+        r = self.rng.random()
+        if r < 0.3:  # positives close to their queries: confident rows
             inputs[1] = inputs[0] + 0.1 * torch.randn(self.batch, self.dim, dtype=torch.float64)
+        elif r < 0.4:  # positives equal to their queries (SimCSE's pairs without dropout: an encoder in eval mode)
+            inputs[1] = inputs[0].clone()
         similarity = self.rng.choice(["cos", "cos", "dot"])
         if similarity == "dot":  # O(1) logits, as trained models give
             inputs = [x / max(1.0, math.sqrt(self.dim)) for x in inputs]
