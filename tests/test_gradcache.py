@@ -50,6 +50,9 @@ class TinyEncoder(nn.Module):
     def get_embedding_dimension(self) -> int:
         return DIM
 
+    # sentence-transformers 6.3's MatryoshkaLoss asks a SentenceTransformer for its dimension before truncation
+    _get_untruncated_embedding_dimension = get_embedding_dimension
+
 
 def make_column(lengths: list[int], seed: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded input_ids / attention_mask with the given numbers of real tokens per row."""
