@@ -476,6 +476,24 @@ def test_positive_holders_lse_agree_with_the_positive(monkeypatch, backend_name)
     assert max(rel_err(a, b) for a, b in zip([loss, *grads], [truth_loss, *truth_grads])) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("layout", ["all4", "qd+dd"])
+@pytest.mark.parametrize("backend_name", LARGE_LOGIT_BACKENDS)
+def test_direction_without_candidates_at_very_negative_logits(monkeypatch, backend_name, layout, dtype):
+    """B = 1: doc_to_doc (and query_to_query) have no candidate in the row, and the one pair's dot logit is -5e5.
+    The row-block op's joint weights shifted such a direction's row max (0, its sum 0) by the row's top, exp(5e5)
+    overflowed, and 0 * inf made every gradient NaN until 2026-12-02 (found by scripts/compare_backends.py, seed
+    4301). Exactly: the loss is log 2 with four directions (the positive and its doc_to_query copy), 0 with two,
+    and every gradient 0 (sentence-transformers' fp32 gives 28 there)."""
+    directions = {"all4": DIRECTION_SETS["all4"], "qd+dd": ("query_to_doc", "doc_to_doc")}[layout]
+    use_backend(monkeypatch, backend_name)
+    q, d = leaf(torch.tensor([[-100.0, 3.0]], dtype=dtype)), leaf(torch.tensor([[100.0, 1.0]], dtype=dtype))
+    loss = FF.mnrl_loss(q, [d], 50.0, similarity="dot", directions=directions, partition_mode="joint")
+    loss.backward()
+    assert float(loss) == pytest.approx(math.log(2) if layout == "all4" else 0.0, abs=1e-6)
+    assert all(float(x.grad.abs().max()) <= 1e-6 for x in (q, d))
+
+
 @pytest.mark.parametrize("case", ["zero_vectors", "duplicates", "scale_1e4", "scale_1e-4"])
 def test_edge_cases_finite_and_equal(backend, case):
     q, p, n = _embeddings(8, 16, 3)
