@@ -34,8 +34,8 @@ Precision: tl.dot on the input dtype with fp32 accumulation (for fp32 inputs "ie
 FASTLOSS_FP32_DOT); logits, LSE and accumulators in fp32. The backward products take the raw tiles of r and c
 with the inverse norms folded into P before its cast to the input dtype: P_ij c_inv_j in dr, P_ij r_inv_i g_i / max|g|
 in dc (g_i and scale are applied in fp32 afterwards), so that fp16 stays in range; in fp16 the folded inverse norm is
-capped at 65504, which only affects the terms of vectors of norm < 1.5e-5 (in every gradient row they enter; zero
-vectors, whose term is 0, are exact).
+capped at 32752 (P is at most 2: a direct and a transposed entry), which only affects the terms of vectors of norm
+< 3.1e-5 (in every gradient row they enter; zero vectors, whose term is 0, are exact).
 fp64 inputs are computed in fp32; under TRITON_INTERPRET=1 so are bf16 inputs (the interpreter's bf16 tl.dot is
 wrong). Operands need contiguous rows (a row stride is fine); others are made contiguous.
 """
@@ -286,9 +286,12 @@ def _logits(b_s, i, j, N, period, offset, b_scale, alpha, MASK_OWN: tl.constexpr
 
 @triton.jit
 def _fold(b_inv, DTYPE: tl.constexpr):
-    """An inverse norm to fold into P before the cast to DTYPE: capped at the fp16 maximum so P * inv stays finite."""
+    """An inverse norm to fold into P before the cast to DTYPE: capped for fp16 at half its maximum, so P * inv stays
+    finite where P sums a direct and a transposed softmax entry (up to 2: TRANSPOSED); at the maximum itself a zero
+    query's capped 1 / eps times such a sum overflowed to inf, and inf times its zero row was NaN in its positive's
+    gradient (the symmetric loss in fp16, until 2026-12-02)."""
     if DTYPE == tl.float16:
-        return tl.minimum(b_inv, 65504.0)
+        return tl.minimum(b_inv, 32752.0)
     return b_inv
 
 
