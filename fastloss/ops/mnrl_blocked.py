@@ -442,10 +442,11 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             row_loss[start : start + m], pos_val = positive_terms(lse, nlse, positive, p)
             # joint: softmax = c E, c = exp(row_max - log_z) as (row_max - top) - log(z e^-top), top's rounding apart
             if p.joint:
-                top = torch.where(sums > 0, row_max, -torch.inf).amax(dim=0)
                 # a direction without candidates in a row (query_to_query / doc_to_doc at B = 1) has row_max 0 and sum
-                # 0: its shift 0 - top overflowed exp where the row's logits lie below -88.7 (fp32), and 0 * inf = NaN
-                shifted = torch.where(sums > 0, row_max - top, -torch.inf)
+                # 0: taken as -inf, or its shift 0 - top overflowed exp where the row's logits lie below -88.7 (fp32)
+                # and 0 * inf was NaN
+                valid_max = torch.where(sums > 0, row_max, -torch.inf)
+                shifted = valid_max - valid_max.amax(dim=0)
                 weights = torch.exp(shifted - (sums * torch.exp(shifted)).sum(dim=0).log())
             else:
                 weights = torch.where(sums > 0, 1.0 / (len(selected) * sums), torch.zeros_like(sums))
