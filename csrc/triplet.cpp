@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_mi
 // pair adds the same kind of term to both of its rows, so with w_e its weight:
 //   euclidean  d = |x_r - x_j|:      dx_r += w_e (x_r - x_j), dx_j += w_e (x_j - x_r), w_e = c_e / d  (0 where d = 0)
 //   squared    d = |x_r - x_j|^2:    the same with w_e = 2 c_e                                        (0 where d = 0)
-//   cosine     d = 1 - <x^_r, x^_j>: dx^_r -= w_e x^_j,  dx^_j -= w_e x^_r,  w_e = c_e
+//   cosine     d = 1 - <x^_r, x^_j>: dx^_r -= w_e x^_j,  dx^_j -= w_e x^_r,  w_e = c_e              (0 where j = r)
 // and for cosine dx = (dx^ - x^ <x^, dx^>) / max(|x|, eps) (F.normalize's backward; x^ recomputed in the
 // accumulation type, the projection 0 where |x| <= eps, as fastloss.ops.triplet._normalize_backward).
 // The scatter half (dx_j) is turned into a gather without races: a counting sort over the columns lists, for each
@@ -415,7 +415,9 @@ at::Tensor batch_hard_triplet_bwd(const at::Tensor& grad_hp, const at::Tensor& g
   // w [3, B]: the pair weights of the header comment (0 for no pair).
   const at::Tensor c = at::stack({grad_hp.reshape(-1), grad_hn.reshape(-1), grad_hn.reshape(-1)}).to(acc_type);
   at::Tensor w = at::where(sel >= 0, c, at::zeros({}, c.options()));
-  if (metric != kCosine) {
+  if (metric == kCosine) {  // a row's own pair (d_ii, sentence-transformers 6.3's fixed 0) has no gradient
+    w = at::where(sel == at::arange(batch, sel.options()), at::zeros({}, c.options()), w);
+  } else {
     const at::Tensor d = sel_d.to(acc_type);
     const at::Tensor positive = d > 0;
     w = metric == kEuclidean ? at::where(positive, w / at::where(positive, d, at::ones({}, d.options())), 0.0)

@@ -27,7 +27,7 @@
 // and two GEMMs per block apply them: with C the (never whole) B x B coefficient matrix, r and k its row and column
 // sums,
 //   dX = diag(r + k) X - C X - C^T X                 (euclidean, squared)
-//   dX_hat = -C X_hat - C^T X_hat, then the backward of F.normalize (cosine).
+//   dX_hat = -C X_hat - C^T X_hat, then the backward of F.normalize (cosine; c_aa = 0: d_aa is a constant 0).
 // A training step then costs three GEMMs (G, C X, C^T X_blk) and one pass per row instead of recomputing the block
 // in a backward; the backward only scales the saved gradient by grad_output, and need_grad = false (a forward under
 // no_grad) skips the coefficients and both gradient GEMMs. Memory beyond inputs and outputs: the operand rows and the
@@ -417,6 +417,7 @@ Totals stream(const at::Tensor& xo, const at::Tensor& gemm_x, const at::Tensor& 
                   : semi_hard ? semi_hard_row(s, row, labels, own, batch, margin, w)
                               : batch_all_row(s, margin, w);
         if (need_grad) {
+          if (metric == kCosine) w[own] = T(0);  // d_ii: sentence-transformers 6.3's fixed 0, no gradient
           T row_sum = coefficients_any(row, w, batch, metric);
           if constexpr (std::is_same_v<T, float>) {
             if (c16 != nullptr) row_sum = round_negated_bf16(row, c16 + r * batch, batch);

@@ -23,9 +23,10 @@ apart as "exact ~0". A learnable scale with masked directions (query_to_query, d
 the reference (sentence-transformers' -inf * 0), a finite one from the fused ops: not compared. Batch-hard with
 cosine distance and exactly duplicated rows: where a row's hardest negative is also its farthest point, it ties with
 the row's own entry plus the row maximum (sentence-transformers' "no negative" term), whose self-distance 1 - <x^,
-x^> is +-1 ulp depending on the GEMM's summation order; when the maximum is tied between the duplicates, the pick
-moves the gradient between them (same loss, same sum over the duplicates: stop 13, seed 21). Batch-all / semi-hard
-with margin 0 and duplicated rows: triplets whose exact loss is 0 (d(a, p) = d(a, n)) come out as +-1 ulp, so
+x^> was +-1 ulp depending on the GEMM's summation order; when the maximum is tied between the duplicates, the pick
+moved the gradient between them (same loss, same sum over the duplicates: stop 13, seed 21). Since stop 44 the
+distance is sentence-transformers 6.3's, self-distance exactly 0, so that tie is exact on every backend. Batch-all /
+semi-hard with margin 0 and duplicated rows: triplets whose exact loss is 0 (d(a, p) = d(a, n)) come out as +-1 ulp, so
 whether they count as valid (> 1e-16) and enter the mean's denominator depends on the GEMM's summation order (seed
 41: loss off by 0.15% in fp64; with the duplicate moved by 1e-3, equal to 1e-15). Half dtypes: a hardest pair chosen
 between candidates closer than the rounding of x^ to fp16 (seed 41: a gap of 7e-6) can differ from the fp64 truth's

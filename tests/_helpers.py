@@ -10,7 +10,8 @@ from fastloss import _backend
 
 
 def sentence_transformers_at_least(version: str) -> bool:
-    """fastloss mirrors sentence-transformers 6.2; the GPU image holds 6.0.1, where some comparisons must differ."""
+    """fastloss mirrors sentence-transformers 6.3; the GPU image holds 6.0.1 and this machine's Python 6.2.0, where
+    some comparisons must differ."""
     import sentence_transformers
 
     return Version(sentence_transformers.__version__) >= Version(version)

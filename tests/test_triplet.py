@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import functools  # noqa: E402
 import inspect  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import warnings  # noqa: E402
 
@@ -412,8 +413,8 @@ def test_kernel_cosine_operand_gives_st_distances(dtype):
     and inverse norms r): 1 - (<rows_i, rows_j> r_i) r_j, the products of half entries exact and summed in fp32 as
     tl.dot sums them, equals sentence-transformers' fp32 cosine distances 1 - cos_sim to fp32 rounding, for rows of
     every scale: zero, below F.normalize's eps, tiny and huge (bf16 shares fp32's exponent range: 1e30's squares
-    overflow fp32, so its x_hat is 0 there, and 1e-30's underflow), and at fp16's limits. (1 - cos_sim is
-    cosine_distance up to 6.2; 6.3 also clamps it at 0 and sets the diagonal to 0: test_cosine_self_distance_st63.)"""
+    overflow fp32, so its x_hat is 0 there, and 1e-30's underflow), and at fp16's limits. (The mining kernel then
+    clamps these at 0 and sets the diagonal to 0, as sentence-transformers 6.3's cosine_distance.)"""
     g = torch.Generator().manual_seed(5)
     base = torch.randn(12, 24, generator=g, dtype=torch.float64)
     if dtype == torch.bfloat16:
@@ -432,17 +433,17 @@ def test_kernel_cosine_operand_gives_st_distances(dtype):
 
 
 @pytest.mark.xfail(
-    sentence_transformers_at_least("6.3"),
-    reason="sentence-transformers 6.3's cosine_distance sets each row's self-distance to 0 (and clamps at 0); "
-    "fastloss keeps 1 - cos_sim, so a zero row's self-distance is 1: they differ where it has no negative",
+    not sentence_transformers_at_least("6.3"),
+    reason="up to sentence-transformers 6.2 cosine_distance is 1 - cos_sim, so a zero row's self-distance is 1; "
+    "fastloss follows 6.3 (0): they differ where it has no negative",
     strict=True,
 )
 @pytest.mark.parametrize("name", ["BatchHardTripletLoss", "BatchSemiHardTripletLoss", "BatchHardSoftMarginTripletLoss"])
 def test_cosine_self_distance_st63(name):
     """A zero embedding in a batch of one class, cosine distance: the "no negative" terms take the row's self-distance,
-    1 - cos_sim = 1 for a zero row up to sentence-transformers 6.2, 0 in 6.3. The drop-ins follow 6.0 .. 6.2 (CI
-    installs the newest 6.x: there this fails, as marked); matching 6.3 means its semantics in every implementation
-    (reference, native, Triton, CUDA backward) for that version only, not done yet."""
+    1 - cos_sim = 1 for a zero row up to sentence-transformers 6.2, 0 in 6.3 (clamped at 0, diagonal 0). The drop-ins
+    follow 6.3, the newest (on 6.0 .. 6.2 this fails, as marked; test_cosine_distance_follows_st63 checks every
+    fused backend against the reference on such rows without sentence-transformers)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=g, dtype=torch.float64)
     x[2] = 0.0
@@ -459,6 +460,69 @@ def test_cosine_self_distance_st63(name):
     (ours, ours_grad), (theirs, theirs_grad) = results
     torch.testing.assert_close(ours, theirs, **TOL[torch.float64])
     torch.testing.assert_close(ours_grad, theirs_grad, **TOL[torch.float64])
+
+
+def test_reference_cosine_distance_is_st63s():
+    """fastloss's cosine_distance is sentence-transformers 6.3's: max(1 - cos_sim, 0) with a zero diagonal (a zero
+    row's self-distance 0, where 1 - cos_sim is 1), and the gradient of neither the clamped entries nor the
+    diagonal; under 6.3 it equals sentence-transformers' own function, values and gradients."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    x[2] = 0.0
+    x[4] = 3.0 * x[1]  # parallel: 1 - cos_sim within rounding of 0, either side
+    xr = leaf(x)
+    d = ref.cosine_distance(xr)
+    assert bool((d >= 0).all()) and bool((d.diagonal() == 0).all())
+    assert float(d[2, 0].detach()) == 1.0 and float(d[0, 2].detach()) == 1.0
+    w = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    (d * w).sum().backward()
+    xe = leaf(x)
+    unit = torch.nn.functional.normalize(xe, dim=1, eps=1e-12)
+    expected = (1 - unit @ unit.t()) * w
+    mask = ~torch.eye(6, dtype=torch.bool)
+    mask[1, 4] = mask[4, 1] = False  # the parallel pair: its gradient is 0 in both (clamped, or at cos = 1)
+    expected[mask].sum().backward()
+    torch.testing.assert_close(xr.grad, xe.grad, rtol=1e-9, atol=1e-9)
+    if sentence_transformers_at_least("6.3"):
+        xs = leaf(x)
+        ds = ST_DIST.cosine_distance(xs)
+        (ds * w).sum().backward()
+        torch.testing.assert_close(d.detach(), ds.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(xr.grad, xs.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("labels", [[0] * 7, [0, 0, 1, 1, 0, 1, 2]], ids=["one_class", "classes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_cosine_distance_follows_st63(monkeypatch, kind, path, dtype, labels):
+    """Every fused path computes sentence-transformers 6.3's cosine distance, max(1 - cos_sim, 0) with d_ii = 0: a
+    zero row (self-distance 0, where 1 - cos_sim gives 1: in a batch of one class its "no negative" terms take it),
+    a duplicate and a parallel row (1 - cos_sim within rounding of 0, clamped where below), against the reference;
+    the paths mined with 1 - cos_sim until this stop and fail the one-class cases so."""
+    _use_path(monkeypatch, path)
+    x = _x(7, 5, dtype=torch.float64, seed=3)
+    x[2] = 0.0
+    x[4] = x[1]
+    x[6] = 3.0 * x[5]
+    _check_against_fp32_truth(kind, "cosine", x.to(dtype), torch.tensor(labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_cosine_own_pair_has_no_gradient(monkeypatch, kind, path, dtype):
+    """Two rows of one class, cosine: hp = d_01 and hn = d_00 + d_01 (the "no negative" term through the row's own
+    entry), so the loss is constant and its gradient exactly 0, d_00 being sentence-transformers 6.3's fixed 0. A
+    backward that still differentiated 1 - <x^_0, x^_0> left its rounding, ~1e-7 / |x| (the fuzz flagged 7e-6 at
+    rows of norm 1e-2)."""
+    _use_path(monkeypatch, path)
+    x = leaf(_x(2, 64, dtype=dtype, seed=8, scale=1e-3))
+    margin_args = () if kind == "soft" else (0.5,)
+    loss = LOSSES[kind][2](x, torch.tensor([3, 3]), *margin_args, distance_metric="cosine")
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(math.log(2.0) if kind == "soft" else 0.5, rel=1e-6)
+    assert bool((x.grad == 0).all()), x.grad.abs().max()
 
 
 @pytest.mark.skipif(not INTERPRET_TILES, reason="needs the Triton interpreter (a GPU autotunes over every tile)")

@@ -56,7 +56,7 @@ struct Pairs {
 
   __device__ __forceinline__ acc_t weight(int64_t e) const {
     const acc_t c = e < batch ? grad_hp[e] : grad_hn[row_of(e)];
-    if (metric == kCosine) return c;
+    if (metric == kCosine) return sel[e] == row_of(e) ? acc_t(0) : c;  // d_ii: 6.3's fixed 0, no gradient
     const acc_t d = sel_d[e];
     if (!(d > acc_t(0))) return acc_t(0);
     return metric == kEuclidean ? c / d : acc_t(2) * c;

@@ -5,7 +5,9 @@ fastloss's fused ops.
 Inputs: single texts with integer class labels. ``distance_metric`` is a function embeddings [B, D] -> [B, B];
 ``BatchHardTripletLossDistanceFunction.euclidean_distance`` / ``cosine_distance`` (fastloss's or
 sentence-transformers', or ``functools.partial(euclidean_distance, squared=True)``) run fused, any other callable
-runs the plain-PyTorch reference (a one-time warning says so).
+runs the plain-PyTorch reference (a one-time warning says so). Cosine distance is sentence-transformers 6.3's,
+max(1 - cos_sim, 0) with a zero diagonal, also where an earlier 6.x is installed (README: a zero embedding's
+self-distance is 1 there).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Distances from the Gram tile G_ij = <x_i, x_j> (x_hat = F.normalize(x) for cosin
 fp16 / bf16, as sentence-transformers' cos_sim promotes it), as sentence-transformers does:
     euclidean          d_ij = sqrt(max(|x_j|^2 - 2 G_ij + |x_i|^2, 0)),  d_ii = 0
     squared_euclidean  d_ij = max(|x_j|^2 - 2 G_ij + |x_i|^2, 0),        d_ii = 0
-    cosine             d_ij = 1 - <x_hat_i, x_hat_j>
+    cosine             d_ij = max(1 - <x_hat_i, x_hat_j>, 0),            d_ii = 0   (6.3's; 6.0 .. 6.2: 1 - <.,.>)
 except that a near pair, t_ij = |x_j|^2 - 2 G_ij + |x_i|^2 <= NEAR_FRACTION (|x_i|^2 + |x_j|^2) (2^-12: cos > 0.99976 at
 equal norms), gets t_ij = |x_i - x_j|^2 from the rows' difference: the Gram formula rounds t by ~eps (|x_i|^2 +
 |x_j|^2), which is all of a duplicate's distance (fp32, norms ~100: 0.03 .. 0.1 where the distance is 0). On CPU the
@@ -24,7 +24,8 @@ mean_i max(hp_i - hn_i + margin, 0) or mean_i softplus(hp_i - hn_i) in torch on 
 only the (at most 3B) selected pairs, with c = dL/dd of the pair:
     euclidean: dx_i += c / d_ij (x_i - x_j), dx_j -= the same (0 where d_ij = 0)
     squared:   dx_i += 2 c (x_i - x_j),       dx_j -= the same (0 where d_ij = 0)
-    cosine:    dx_hat_i -= c x_hat_j, dx_hat_j -= c x_hat_i, then the backward of F.normalize
+    cosine:    dx_hat_i -= c x_hat_j, dx_hat_j -= c x_hat_i, then the backward of F.normalize (none for j = i:
+               d_ii is a constant 0, as sentence-transformers 6.3's fill_diagonal_)
 Every pair adds its term to both of its rows, so grouping the pairs by selected column (a counting sort on CPU, a
 stable sort on CUDA) turns the scatter into a gather: fastloss._C.batch_hard_triplet_bwd runs one parallel,
 deterministic gather per output row on CPU tensors (cosine with F.normalize's backward fused in), its CUDA twin
@@ -253,6 +254,7 @@ def batch_hard_fwd_kernel(
         if METRIC == 2:  # sq: the rows' inverse norms (_cosine_operand)
             b_r_n = tl.load(sq + o_n, mask=m_n, other=0.0)
             b_d = 1.0 - (b_dot * b_sq_m[:, None]) * b_r_n[None, :]
+            b_d = tl.where((b_d < 0.0) | m_diag, 0.0, b_d)
         else:
             b_sq_n = tl.load(sq + o_n, mask=m_n, other=0.0)
             b_d = (b_sq_n[None, :] - 2.0 * b_dot) + b_sq_m[:, None]  # sentence-transformers' order of terms
@@ -330,8 +332,8 @@ def _check_metric(metric: int) -> None:
 def _normalize(x: Tensor) -> Tensor:
     """sentence-transformers' normalisation: its cos_sim promotes fp16 / bf16 rows to fp32 before F.normalize
     (util's _convert_to_float_tensor, 6.0.1 and 6.2), so x_hat is fp32 for half x (fp64 for fp64) and every distance
-    is 1 - <x_hat_i, x_hat_j> in fp32, never rounded to the input dtype. fp32/fp64 CUDA tensors outside autograd take
-    fastloss._C.l2norm_fwd with FASTLOSS_CUDA_KERNELS=1: the same maths."""
+    comes from <x_hat_i, x_hat_j> in fp32, never rounded to the input dtype. fp32/fp64 CUDA tensors outside autograd
+    take fastloss._C.l2norm_fwd with FASTLOSS_CUDA_KERNELS=1: the same maths."""
     x = promote_half(x)
     if (
         x.device.type == "cuda"
@@ -407,11 +409,13 @@ def _refine_near(d2: Tensor, xo: Tensor, sq: Tensor, rows: Tensor, cols: Tensor)
 def _distance_rows(xo: Tensor, sq: Tensor, start: int, stop: int, metric: int) -> Tensor:
     """Rows start:stop of the distance matrix [stop - start, B], in xo's dtype (near pairs from their differences)."""
     gram = xo[start:stop] @ xo.t()
+    rows = torch.arange(stop - start, device=xo.device)
     if metric == COSINE:
-        return 1 - gram
+        d = (1 - gram).clamp_min(0.0)
+        d[rows, rows + start] = 0.0
+        return d
     d2 = (sq[None, :] - 2.0 * gram) + sq[start:stop, None]
     d2 = d2.clamp_min(0.0)
-    rows = torch.arange(stop - start, device=xo.device)
     d2[rows, rows + start] = 0.0
     cols = torch.arange(xo.shape[0], device=xo.device)
     d2 = _refine_near(d2, xo, sq, (rows + start)[:, None], cols[None, :])
@@ -424,6 +428,8 @@ def _accumulate_distance_grad(
     """dxo += d(sum weight * dist)/dxo for distance rows start:stop (``weight``, ``dist``: [stop - start, B])."""
     xa = xo[start:stop]
     if metric == COSINE:
+        rows = torch.arange(stop - start, device=xo.device)
+        weight = weight.index_put((rows, rows + start), weight.new_zeros(()))  # the fixed 0 of d_ii
         dxo[start:stop] -= weight @ xo
         dxo -= weight.t() @ xa
         return
@@ -630,14 +636,13 @@ def _selected_distances(x: Tensor, sel_idx: Tensor, metric: int) -> tuple[Tensor
     rows, cols, valid = _selected_pairs(sel_idx)
     gram = (xo[rows] * xo[cols]).sum(dim=1)
     if metric == COSINE:
-        d = 1 - gram
+        d = (1 - gram).clamp_min(0.0).masked_fill(rows == cols, 0.0)
     else:
         sq = xo.square().sum(dim=1)
         d = ((sq[cols] - 2.0 * gram) + sq[rows]).clamp_min(0.0).masked_fill(rows == cols, 0.0)
         d = _refine_near(d, xo, sq, rows, cols)
         d = d.sqrt() if metric == EUCLIDEAN else d
     sel_d = torch.where(valid, d, 0.0).view(3, B)
-    sel_d[0].clamp_min_(0.0)  # cosine: a duplicate's 1 - <x_hat, x_hat> may be -eps
     sel_idx[0] = torch.where(sel_d[0] > 0.0, sel_idx[0], -1)
     return sel_d[0].clone(), sel_d[1] + sel_d[2], sel_idx, sel_d
 
@@ -693,6 +698,7 @@ def _batch_hard_bwd_torch(
     coef = torch.cat([grad_hp, grad_hn, grad_hn]).to(acc)
     coef = torch.where(valid, coef, 0.0)
     if metric == COSINE:
+        coef = torch.where(rows != cols, coef, 0.0)  # a row's own pair: sentence-transformers 6.3's fixed 0
         x_hat = _normalize(x).to(acc)
         dx_hat = (-coef[:, None] * x_hat[cols]).view(3, B, -1).sum(dim=0)
         dx_hat.index_add_(0, cols, -coef[:, None] * x_hat[rows])

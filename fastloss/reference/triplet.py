@@ -1,8 +1,9 @@
 """Plain-PyTorch reference of the batch triplet family: the oracle for the fused ops and the fallback backend.
 
-Each function follows sentence-transformers 6.x (``batch_hard_triplet.py``, ``batch_hard_soft_margin_triplet.py``,
+Each function follows sentence-transformers 6.3 (``batch_hard_triplet.py``, ``batch_hard_soft_margin_triplet.py``,
 ``batch_all_triplet.py``, ``batch_semi_hard_triplet.py``) step by step: the same B x B distance matrix, masks,
 row-max trick for anchors without negatives, in-place clamps and normalisers, hence the same values and gradients.
+Earlier 6.x differ in ``cosine_distance`` (see it) and, before 6.2, in the semi-hard negative's rounding.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ class BatchHardTripletLossDistanceFunction:
 
     @staticmethod
     def cosine_distance(embeddings: Tensor) -> Tensor:
-        """d_ij = 1 - cos(e_i, e_j) (rows L2-normalised with eps 1e-12; fp16 / bf16 rows promoted to fp32 first, as
-        sentence-transformers' cos_sim)."""
-        return 1 - cos_sim(embeddings, embeddings)
+        """d_ij = max(1 - cos(e_i, e_j), 0) and d_ii = 0 (rows L2-normalised with eps 1e-12; fp16 / bf16 rows promoted
+        to fp32 first, as sentence-transformers' cos_sim), sentence-transformers 6.3's definition: up to 6.2 it was
+        1 - cos, whose diagonal is 1 for a zero row and whose entries may be -eps for duplicates."""
+        distances = (1 - cos_sim(embeddings, embeddings)).clamp(min=0.0)
+        distances.fill_diagonal_(0.0)
+        return distances
 
     @staticmethod
     def euclidean_distance(embeddings: Tensor, squared: bool = False) -> Tensor:
