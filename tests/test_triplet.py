@@ -508,6 +508,29 @@ def test_cosine_distance_follows_st63(monkeypatch, kind, path, dtype, labels):
     _check_against_fp32_truth(kind, "cosine", x.to(dtype), torch.tensor(labels))
 
 
+@pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
+@pytest.mark.parametrize("kind", list(LOSSES), ids=list(LOSSES))
+def test_sentence_transformers_cosine_same_on_every_backend(monkeypatch, kind, path):
+    """sentence-transformers' own cosine_distance passed in computes fastloss's (6.3's) distance on the reference
+    backend too, as on the fused ones, whichever 6.x is installed: under 6.0 .. 6.2 the reference ran the function
+    itself until stop 44, so FASTLOSS_BACKEND=torch gave 6.2's self-distance 1 for a zero row (a batch of one class)
+    and the fused backends 0."""
+    x = _x(6, 5, dtype=torch.float64, seed=9)
+    x[3] = 0.0
+    y = torch.zeros(6, dtype=torch.long)
+    margin_args = () if kind == "soft" else (0.5,)
+    results = []
+    for setup in (lambda: monkeypatch.setenv("FASTLOSS_BACKEND", "torch"), lambda: _use_path(monkeypatch, path)):
+        setup()
+        xo = leaf(x)
+        loss = LOSSES[kind][2](xo, y, *margin_args, distance_metric=ST_DIST.cosine_distance)
+        loss.backward()
+        results.append((loss.detach(), xo.grad))
+    (want, want_grad), (got, got_grad) = results
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    torch.testing.assert_close(got_grad, want_grad, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
 @pytest.mark.parametrize("kind", ["hard", "soft"])

@@ -93,7 +93,10 @@ def _resolve_metric(distance_metric: DistanceMetric) -> tuple[str | None, Callab
             f"distance_metric must be one of {sorted(_REFERENCE_FNS)} or a callable embeddings -> [B, B] distances, "
             f"got {type(distance_metric).__name__}"
         )
-    return distance_kind(distance_metric), distance_metric
+    kind = distance_kind(distance_metric)
+    # a recognised function computes fastloss's definition on every backend (sentence-transformers' cosine_distance
+    # before 6.3 differs on the diagonal: the reference path must not follow it where the fused ones do not)
+    return kind, _REFERENCE_FNS[kind] if kind is not None else distance_metric
 
 
 def _prepare(
