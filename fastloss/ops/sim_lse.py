@@ -35,7 +35,11 @@ FASTLOSS_FP32_DOT); logits, LSE and accumulators in fp32. The backward products 
 with the inverse norms folded into P before its cast to the input dtype: P_ij c_inv_j in dr, P_ij r_inv_i g_i / max|g|
 in dc (g_i and scale are applied in fp32 afterwards), so that fp16 stays in range; in fp16 the folded inverse norm is
 capped at 32752 (P is at most 2: a direct and a transposed entry), which only affects the terms of vectors of norm
-< 3.1e-5 (in every gradient row they enter; zero vectors, whose term is 0, are exact).
+< 3.1e-5 (in every gradient row they enter; zero vectors, whose term is 0, are exact). In fp16 each row of the operand
+(a row of r in dr, a candidate in dc) is also scaled by a power of two that puts its max in [2^14, 2^15) before the
+cast (_half_scale; SINGLE_D keeps a running max and rescales its accumulator when it grows, D chunks scale per tile)
+and unscaled in fp32 after the GEMM: unscaled, a row whose every entry was below 2^-24 (a doc far from every query, a
+confident query) lost its gradient.
 fp64 inputs are computed in fp32; under TRITON_INTERPRET=1 so are bf16 inputs (the interpreter's bf16 tl.dot is
 wrong). Operands need contiguous rows (a row stride is fine); others are made contiguous.
 """
@@ -293,6 +297,17 @@ def _fold(b_inv, DTYPE: tl.constexpr):
     if DTYPE == tl.float16:
         return tl.minimum(b_inv, 32752.0)
     return b_inv
+
+
+@triton.jit
+def _half_scale(b_amax):
+    """Per row, the power of two s with |a| s in [2^14, 2^15) at the row's max |a| = b_amax (1 where that is 0): an fp16
+    GEMM operand scaled so keeps the row's small entries, which unscaled fell below fp16's subnormals (2^-24) and
+    vanished, normal down to 2^-28 of the max (2^-38 as subnormals). Exact: built from the exponent bits."""
+    b_e = ((b_amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 b_amax) (subnormals: -127)
+    b_e = tl.maximum(b_e, -113)  # s at most 2^127
+    b_s = ((127 + 14 - b_e) << 23).to(tl.float32, bitcast=True)
+    return tl.where(b_amax > 0.0, b_s, 1.0)
 
 
 @triton.jit
@@ -554,6 +569,8 @@ def sim_lse_bwd_dr_kernel(
     if FOLD_POS:
         b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
     b_ps = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_run = tl.zeros((BLOCK_M,), dtype=tl.float32)  # fp16: each row's max |P c_inv| so far
+    b_hs = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)  # fp16: the power of two the row's products carry
     if SINGLE_D:
         b_r = _load_rows(r, start_m, M, 0, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)  # [BM, BD]
         b_dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -578,17 +595,33 @@ def sim_lse_bwd_dr_kernel(
             b_p = _fold_positive(b_p, o_n[None, :] == o_m[:, None] + offset, b_pv[:, None])
         if NEED_DSCALE:
             b_ps += tl.sum(b_p * b_s, axis=1)
-        b_p = (b_p * _fold(b_cinv, r.dtype.element_ty)[None, :]).to(r.dtype.element_ty)  # P_ij c_inv_j
+        b_p = b_p * _fold(b_cinv, r.dtype.element_ty)[None, :]  # P_ij c_inv_j
+        b_unscale = b_coef
+        if (
+            r.dtype.element_ty == tl.float16
+        ):  # each row scaled by a power of two into fp16's range (_half_scale); the sums carry it until the end
+            if SINGLE_D:
+                b_run = tl.maximum(b_run, tl.max(tl.abs(b_p), axis=1))
+                b_new = _half_scale(b_run)
+                b_dr = b_dr * (b_new / b_hs)[:, None]  # a power of two: exact
+                b_hs = b_new
+            else:
+                b_hs = _half_scale(tl.max(tl.abs(b_p), axis=1))  # this tile's chunks are added as they come
+                b_unscale = b_coef / b_hs
+            b_p = b_p * b_hs[:, None]
+        b_p = b_p.to(r.dtype.element_ty)
         if SINGLE_D:
             b_dr = tl.dot(b_p, b_c, b_dr, input_precision=DOT_PRECISION)  # [BM, BD]
         else:
             for start_d in range(0, D, BLOCK_D):
                 b_c = _load_rows(c, start_n, N, start_d, D, stride_c, BLOCK_N, BLOCK_D, EVEN_D)
-                b_part = tl.dot(b_p, b_c, input_precision=DOT_PRECISION) * b_coef[:, None]  # [BM, BD]
+                b_part = tl.dot(b_p, b_c, input_precision=DOT_PRECISION) * b_unscale[:, None]  # [BM, BD]
                 _add_rows(
                     dr, b_part, (start_n > base) | ACCUMULATE, start_m - first, M - first, start_d, D, BLOCK_M, BLOCK_D
                 )
     if SINGLE_D:
+        if r.dtype.element_ty == tl.float16:
+            b_coef = b_coef / b_hs
         _write_rows(dr, b_dr * b_coef[:, None], ACCUMULATE, start_m - first, M - first, D, BLOCK_M, BLOCK_D)
     if NEED_DSCALE:
         tl.store(dscale + o_m, b_ps * b_g, mask=m_m)
@@ -643,6 +676,8 @@ def sim_lse_bwd_dc_kernel(
     b_gmax = tl.load(g_max)
     b_gmax = tl.where(b_gmax > 0.0, b_gmax, 1.0)
     b_cinv = tl.load(c_inv + o_n, mask=o_n < N, other=0.0)
+    b_run = tl.zeros((BLOCK_N,), dtype=tl.float32)  # fp16: as in sim_lse_bwd_dr_kernel, per candidate
+    b_hs = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
     if SINGLE_D:
         b_c = _load_rows(c, start_n, N, 0, D, stride_c, BLOCK_N, BLOCK_D, EVEN_D)  # [BN, BD]
         b_dc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -670,17 +705,31 @@ def sim_lse_bwd_dc_kernel(
         if FOLD_POS:
             b_pv = tl.load(pos_val + o_m, mask=m_m, other=float("inf"))
             b_p = _fold_positive(b_p, o_n[:, None] == o_m[None, :] + offset, b_pv[None, :])
-        b_a = (b_p * b_w[None, :]).to(r.dtype.element_ty)
+        b_a = b_p * b_w[None, :]
+        b_unscale = b_scale * b_gmax
+        if r.dtype.element_ty == tl.float16:  # per candidate, as sim_lse_bwd_dr_kernel per row
+            if SINGLE_D:
+                b_run = tl.maximum(b_run, tl.max(tl.abs(b_a), axis=1))
+                b_new = _half_scale(b_run)
+                b_dc = b_dc * (b_new / b_hs)[:, None]
+                b_hs = b_new
+            else:
+                b_hs = _half_scale(tl.max(tl.abs(b_a), axis=1))
+                b_unscale = ((b_scale * b_gmax) / b_hs)[:, None]
+            b_a = b_a * b_hs[:, None]
+        b_a = b_a.to(r.dtype.element_ty)
         if SINGLE_D:
             b_dc = tl.dot(b_a, b_r, b_dc, input_precision=DOT_PRECISION)  # [BN, BD]
         else:
             for start_d in range(0, D, BLOCK_D):
                 b_r = _load_rows(r, start_m, M, start_d, D, stride_r, BLOCK_M, BLOCK_D, EVEN_D)
-                b_part = tl.dot(b_a, b_r, input_precision=DOT_PRECISION) * (b_scale * b_gmax)  # [BN, BD]
+                b_part = tl.dot(b_a, b_r, input_precision=DOT_PRECISION) * b_unscale  # [BN, BD]
                 _add_rows(
                     dc, b_part, (start_m > 0) | ACCUMULATE, start_n - first, N - first, start_d, D, BLOCK_N, BLOCK_D
                 )
     if SINGLE_D:
+        if r.dtype.element_ty == tl.float16:
+            b_dc = b_dc / b_hs[:, None]
         _write_rows(dc, b_dc * (b_scale * b_gmax), ACCUMULATE, start_n - first, N - first, D, BLOCK_N, BLOCK_D)
 
 
