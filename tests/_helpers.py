@@ -52,6 +52,15 @@ def available_backends() -> list[str]:
     return out
 
 
+def use_backend(monkeypatch, name: str) -> None:
+    """The MNRL family on ``name``: a FASTLOSS_BACKEND value, or "blocked" (the row-block op, FASTLOSS_MNRL_ALGO)."""
+    if name == "blocked":
+        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+        monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
+    else:
+        monkeypatch.setenv("FASTLOSS_BACKEND", name)
+
+
 def force_configs(monkeypatch, kernel, configs: list) -> None:
     """An autotuned Triton kernel tunes among exactly ``configs`` (no pruning) from its next call, as if new."""
     monkeypatch.setattr(kernel, "configs", configs)

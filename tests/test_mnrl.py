@@ -23,6 +23,7 @@ from _helpers import (
     leaf,
     max_relative_errors,
     rel_err,
+    use_backend,
 )
 
 import fastloss.functional as FF
@@ -84,14 +85,6 @@ def _loss_and_grads(loss_module, embeddings):
     loss = loss_module.compute_loss_from_embeddings(leaves, None)
     loss.backward()
     return loss.detach(), [x.grad for x in leaves]
-
-
-def use_backend(monkeypatch, name: str) -> None:
-    if name == "blocked":
-        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
-        monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
-    else:
-        monkeypatch.setenv("FASTLOSS_BACKEND", name)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 import torch
-from _helpers import available_backends, leaf
+from _helpers import available_backends, leaf, use_backend
 
 import fastloss.functional as FF
 
@@ -22,14 +22,6 @@ import _mp_mnrl  # noqa: E402
 
 ALL4 = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 HARDNESS = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
-
-
-def _use(monkeypatch, backend: str) -> None:
-    if backend == "blocked":
-        monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
-        monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
-    else:
-        monkeypatch.setenv("FASTLOSS_BACKEND", backend)
 
 
 def _fused(columns, scale, similarity, **options):
@@ -166,7 +158,7 @@ def test_fused_matches_oracle_at_large_logits(monkeypatch, dtype, backend, case)
     name, columns, scale, similarity, options = case
     columns = [c.to(dtype) for c in columns]
     truth = _oracle([c.double() for c in columns], scale, similarity, options)
-    _use(monkeypatch, backend)
+    use_backend(monkeypatch, backend)
     loss, grads = _fused(columns, scale, similarity, **options)
     assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
     size = scale * max(float(c.double().norm(dim=1).max()) for c in columns)
