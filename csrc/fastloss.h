@@ -99,8 +99,9 @@ template <typename T>
 // Rows of distances in place of their Gram rows g (`rows` rows of n entries, the first row's own index `first`), in
 // the torch path's order of operations and rounding: cosine max(1 - g, 0), or max(1 - (g r_i) r_j, 0) where g holds
 // the products of rows scaled by powers of two and sq their inverse norms r (cosine_gram_rows; sq is nullptr where g
-// holds unit rows' products), with d_ii = 0 (sentence-transformers 6.3's cosine_distance); else t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0, and t_ij = |x_i - x_j|^2 where t_ij
-// is near (is_near; x: the contiguous [n, dim] operand rows); euclidean then takes sqrt(t) by at::sqrt, as torch does
+// holds unit rows' products), with d_ii = 0 (sentence-transformers 6.3's cosine_distance); else
+// t = max((|x_j|^2 - 2 g_j) + |x_i|^2, 0) with t_ii = 0, and t_ij = |x_i - x_j|^2 where t_ij is near (is_near; x: the
+// contiguous [n, dim] operand rows); euclidean then takes sqrt(t) by at::sqrt, as torch does
 // (MKL's vector sqrt is not correctly rounded, so std::sqrt would differ in the last bit). The near pairs are
 // recomputed in groups of kRefineRows rows per chunk of 64 columns, so that each x_j read serves the group's rows: a
 // collapsed batch (every pair near) streamed all of x through the cache once per row.

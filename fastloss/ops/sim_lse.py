@@ -311,6 +311,15 @@ def _half_scale(b_amax):
 
 
 @triton.jit
+def _half_rescale(b_x, b_run, b_hs, b_acc):
+    """A running _half_scale over tiles of rows b_x whose scaled products accumulate in b_acc: (the rows' max |x| so
+    far, their power of two now, b_acc moved to it). The ratio of two powers of two rescales b_acc exactly."""
+    b_run = tl.maximum(b_run, tl.max(tl.abs(b_x), axis=1))
+    b_new = _half_scale(b_run)
+    return b_run, b_new, b_acc * (b_new / b_hs)[:, None]
+
+
+@triton.jit
 def _by_global_index(c, c_inv, N, base, stride_c):
     """A block of candidates addressed by their global index j = base .. base + N - 1: (c and c_inv shifted back by
     base rows, the end of the block), so that masks, penalty and positive read j as they are."""
@@ -597,14 +606,10 @@ def sim_lse_bwd_dr_kernel(
             b_ps += tl.sum(b_p * b_s, axis=1)
         b_p = b_p * _fold(b_cinv, r.dtype.element_ty)[None, :]  # P_ij c_inv_j
         b_unscale = b_coef
-        if (
-            r.dtype.element_ty == tl.float16
-        ):  # each row scaled by a power of two into fp16's range (_half_scale); the sums carry it until the end
+        # fp16: each row scaled by a power of two into fp16's range (_half_scale); the sums carry it until the end
+        if r.dtype.element_ty == tl.float16:
             if SINGLE_D:
-                b_run = tl.maximum(b_run, tl.max(tl.abs(b_p), axis=1))
-                b_new = _half_scale(b_run)
-                b_dr = b_dr * (b_new / b_hs)[:, None]  # a power of two: exact
-                b_hs = b_new
+                b_run, b_hs, b_dr = _half_rescale(b_p, b_run, b_hs, b_dr)
             else:
                 b_hs = _half_scale(tl.max(tl.abs(b_p), axis=1))  # this tile's chunks are added as they come
                 b_unscale = b_coef / b_hs
@@ -709,10 +714,7 @@ def sim_lse_bwd_dc_kernel(
         b_unscale = b_scale * b_gmax
         if r.dtype.element_ty == tl.float16:  # per candidate, as sim_lse_bwd_dr_kernel per row
             if SINGLE_D:
-                b_run = tl.maximum(b_run, tl.max(tl.abs(b_a), axis=1))
-                b_new = _half_scale(b_run)
-                b_dc = b_dc * (b_new / b_hs)[:, None]
-                b_hs = b_new
+                b_run, b_hs, b_dc = _half_rescale(b_a, b_run, b_hs, b_dc)
             else:
                 b_hs = _half_scale(tl.max(tl.abs(b_a), axis=1))
                 b_unscale = ((b_scale * b_gmax) / b_hs)[:, None]

@@ -254,13 +254,12 @@ def batch_hard_fwd_kernel(
         if METRIC == 2:  # sq: the rows' inverse norms (_cosine_operand)
             b_r_n = tl.load(sq + o_n, mask=m_n, other=0.0)
             b_d = 1.0 - (b_dot * b_sq_m[:, None]) * b_r_n[None, :]
-            b_d = tl.where((b_d < 0.0) | m_diag, 0.0, b_d)
         else:
             b_sq_n = tl.load(sq + o_n, mask=m_n, other=0.0)
             b_d = (b_sq_n[None, :] - 2.0 * b_dot) + b_sq_m[:, None]  # sentence-transformers' order of terms
-            b_d = tl.where((b_d < 0.0) | m_diag, 0.0, b_d)
-            if METRIC == 0:
-                b_d = tl.sqrt_rn(b_d)
+        b_d = tl.where((b_d < 0.0) | m_diag, 0.0, b_d)  # every metric: clamped at 0, d_ii = 0
+        if METRIC == 0:
+            b_d = tl.sqrt_rn(b_d)
         b_lab_n = tl.load(labels + o_n, mask=m_n, other=0)
         m_same = (b_lab_m[:, None] == b_lab_n[None, :]) & m_n[None, :]
         m_neg = (b_lab_m[:, None] != b_lab_n[None, :]) & m_n[None, :]
