@@ -221,16 +221,28 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                 top, *_ = block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=not mask_own, **opts)
                 out = torch.zeros(48, 96, dtype=DTYPES[name])
                 block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, **opts)
+                # fp16: G_r too, G's rows scaled by powers of two from each row's max (the statistics' launch)
+                gmax = torch.zeros(48) if name == "fp16" else None
+                scaled = (gmax, not mask_own, torch.zeros(48), torch.zeros_like(out)) if name == "fp16" else None
+                if scaled is not None:
+                    block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=not mask_own, gmax=gmax, **opts)
+                    block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, scaled=scaled, **opts)
                 if not mask_own:  # the positive's coefficient folded into its entry
                     fold = (torch.zeros(48), torch.ones(48), 1.0, torch.zeros(48))
-                    block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, fold=fold, **opts)
-                    # query_to_doc alone: the block's terms in the statistics' launch, the separate term's weight
-                    block_softmax.row_grad(
-                        s, inv_r, inv_c, scale, top, out, fold=fold, pos_w=(torch.zeros(48), 0.5), **opts
-                    )
+                    for both in (None, scaled) if scaled is not None else (None,):
+                        block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, fold=fold, scaled=both, **opts)
+                        # query_to_doc alone: the block's terms in the statistics' launch, the separate term's weight
+                        pos_w = (torch.zeros(48), 0.5)
+                        block_softmax.row_grad(
+                            s, inv_r, inv_c, scale, top, out, fold=fold, pos_w=pos_w, scaled=both, **opts
+                        )
                     for joint in (True, False):
                         terms = (torch.zeros(48), torch.zeros(48), torch.zeros(48), 0.5, joint)
                         block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=True, terms=terms, **opts)
+                        if gmax is not None:
+                            block_softmax.row_stats(
+                                s, inv_r, inv_c, scale, positive_col=True, terms=terms, gmax=gmax, **opts
+                            )
                         # the flash path's loss and pos_val of query_to_doc alone
                         sim_lse.one_direction_terms(torch.zeros(2, 48), torch.zeros(48), scale, joint)
                         # and of several directions: the symmetric loss (both hold the positive), query_to_doc with

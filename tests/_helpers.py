@@ -200,3 +200,25 @@ def aten_op_names(fn) -> set[str]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return {e.name for e in prof.events() if e.name.startswith("aten::")}
+
+
+def small_rows_fp16(case: str) -> list[torch.Tensor]:
+    """fp16 columns (queries alike, positives near them) with one small row whose entries of P (times the inverse
+    norms) all lie below fp16's subnormals (2^-24): ``far_doc``, a hard negative of norm 2e-4 orthogonal to the
+    queries (its entries ~1e-9 in every query's row), or ``confident_query``, a query of norm 2e-4 orthogonal to the
+    docs with its positive next to it (its row's entries, the positive's P - 1 folded in, ~1e-9). Their gradients,
+    amplified by 1 / |x|, reach 2.6e-3 and 6.8e-4."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(8, 8, generator=g, dtype=torch.float64) + 1.5
+    p = q + 0.2 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    mean = q.mean(dim=0) / q.mean(dim=0).norm()
+    side = torch.randn(8, generator=g, dtype=torch.float64)
+    side = side - (side @ mean) * mean
+    side = side / side.norm() * 2e-4
+    if case == "far_doc":
+        n = torch.randn(8, 8, generator=g, dtype=torch.float64)
+        n[3] = side
+        return [x.half() for x in (q, p, n)]
+    q[3] = side
+    p[3] = side + 6e-6 * torch.randn(8, generator=g, dtype=torch.float64)
+    return [x.half() for x in (q, p)]

@@ -23,6 +23,7 @@ from _helpers import (
     leaf,
     max_relative_errors,
     rel_err,
+    small_rows_fp16,
     use_backend,
 )
 
@@ -509,28 +510,6 @@ def test_fp16_zero_query_leaves_its_positive_finite(backend):
     assert rel_err(dp, truth_p) <= 2e-2 and rel_err(dq[others], truth_q[others]) <= 2e-2
 
 
-def _small_rows_fp16(case: str) -> list[torch.Tensor]:
-    """fp16 columns (queries alike, positives near them) with one small row whose entries of P (times the inverse
-    norms) all lie below fp16's subnormals (2^-24): ``far_doc``, a hard negative of norm 2e-4 orthogonal to the
-    queries (its entries ~1e-9 in every query's row), or ``confident_query``, a query of norm 2e-4 orthogonal to the
-    docs with its positive next to it (its row's entries, the positive's P - 1 folded in, ~1e-9). Their gradients,
-    amplified by 1 / |x|, reach 2.6e-3 and 6.8e-4."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(8, 8, generator=g, dtype=torch.float64) + 1.5
-    p = q + 0.2 * torch.randn(8, 8, generator=g, dtype=torch.float64)
-    mean = q.mean(dim=0) / q.mean(dim=0).norm()
-    side = torch.randn(8, generator=g, dtype=torch.float64)
-    side = side - (side @ mean) * mean
-    side = side / side.norm() * 2e-4
-    if case == "far_doc":
-        n = torch.randn(8, 8, generator=g, dtype=torch.float64)
-        n[3] = side
-        return [x.half() for x in (q, p, n)]
-    q[3] = side
-    p[3] = side + 6e-6 * torch.randn(8, generator=g, dtype=torch.float64)
-    return [x.half() for x in (q, p)]
-
-
 @pytest.mark.parametrize("case", ["far_doc", "confident_query"])
 @pytest.mark.parametrize("backend_name", LARGE_LOGIT_BACKENDS)
 def test_fp16_small_softmax_entries_keep_their_gradient(monkeypatch, backend_name, case):
@@ -542,7 +521,7 @@ def test_fp16_small_softmax_entries_keep_their_gradient(monkeypatch, backend_nam
     and 1.4e-4), every gradient within 2e-2 of its size. The fused backends only: the reference is
     sentence-transformers' fp16 algorithm, 10% off on the confident query (its fp16 similarities)."""
     use_backend(monkeypatch, backend_name)
-    columns = _small_rows_fp16(case)
+    columns = small_rows_fp16(case)
     grads = []
     for dtype in (torch.float16, torch.float64):
         leaves = [leaf(x.to(dtype)) for x in columns]

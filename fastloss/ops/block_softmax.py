@@ -7,9 +7,11 @@ t_ij = r_inv_i S_ij c_inv_j, for the block's rows i (global row ``offset + i``):
                 with positive_col also neg_i, the same sum without column offset + i (the positive's), and pos_i =
                 scale t_i,offset+i, the positive's logit (never penalised nor masked); with ``terms`` (query_to_doc
                 alone) the row's loss term, softmax weight and positive coefficient from those (row_stats)
-    row_grad:   G_ij = exp(logit_ij - top_i) c_inv_j (c_inv capped at 65504 for fp16), in G's dtype; with ``fold``
+    row_grad:   G_ij = exp(logit_ij - top_i) c_inv_j (c_inv capped at 32752 for fp16), in G's dtype; with ``fold``
                 the positive's coefficient written into its entry (mnrl_blocked._fold_positive's rule), with
-                ``pos_w`` also the weight of the positive's separate term where it was not folded
+                ``pos_w`` also the weight of the positive's separate term where it was not folded; for fp16 G with
+                ``scaled`` also G_r, each row of G times the power of two rs_i that takes its largest entry into
+                [2^14, 2^15) (from row_stats' ``gmax`` and the positive's entry), the query rows' GEMM operand
 S may be G's storage (fp32 G in place: each element is read before it is written, by the same program). What these
 kernels compute besides the passes (the positive's logit, its folded entry) saves the row-block op a few small torch
 ops per block and direction: each a launch on CUDA, where a block's GEMMs take about as long as ~50 launches at small
@@ -25,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastloss.ops.sim_lse import _fold, _logits, _positive_coefficient, _rebase, _softplus
+from fastloss.ops.sim_lse import _fold, _half_scale, _logits, _positive_coefficient, _rebase, _softplus
 
 BLOCK_N = 1024  # columns per step of a row: 4 KiB of fp32 per load, a warp-friendly size for a streaming pass
 
@@ -54,6 +56,7 @@ def row_stats_kernel(
     rw,
     srw,
     sims,
+    gmax,
     h,
     N,
     period,
@@ -65,6 +68,7 @@ def row_stats_kernel(
     POS_COL: tl.constexpr,
     TERMS: tl.constexpr,
     JOINT: tl.constexpr,
+    GMAX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -76,6 +80,7 @@ def row_stats_kernel(
     b_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     b_nsum = tl.zeros((BLOCK,), dtype=tl.float32)  # POS_COL: without column offset + row
+    b_gmax = tl.zeros((BLOCK,), dtype=tl.float32)  # GMAX: max exp(logit - max) c_inv (fp16's cap), POS_COL's apart
     for start in range(0, N, BLOCK):
         o_n = start + tl.arange(0, BLOCK).to(tl.int64)
         b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
@@ -85,6 +90,11 @@ def row_stats_kernel(
         b_sum = b_sum * b_rescale + b_e
         if POS_COL:
             b_nsum = b_nsum * b_rescale + tl.where(o_n == offset + row, 0.0, b_e)
+        if GMAX:
+            b_g = b_e * _fold(tl.load(c_inv + o_n, mask=o_n < N, other=0.0), tl.float16)
+            if POS_COL:
+                b_g = tl.where(o_n == offset + row, 0.0, b_g)
+            b_gmax = tl.maximum(b_gmax * b_rescale, b_g)
         b_max = b_new
     b_top = tl.max(b_max, axis=0)
     b_top_ref = tl.where(b_top == float("-inf"), 0.0, b_top)
@@ -92,6 +102,8 @@ def row_stats_kernel(
     b_total = tl.sum(b_sum * b_lane, axis=0)
     tl.store(top + row, b_top_ref)
     tl.store(total + row, b_total)
+    if GMAX:
+        tl.store(gmax + row, tl.max(b_gmax * b_lane, axis=0))
     if POS_COL:
         b_neg = tl.sum(b_nsum * b_lane, axis=0)
         tl.store(neg + row, b_neg)
@@ -120,6 +132,9 @@ def row_grad_kernel(
     left,
     share,
     pos_w,
+    gmax,
+    rs,
+    g_r,
     h,
     N,
     period,
@@ -131,6 +146,8 @@ def row_grad_kernel(
     PEN_MODE: tl.constexpr,
     FOLD: tl.constexpr,
     POS_W: tl.constexpr,
+    SCALE: tl.constexpr,
+    OWN_APART: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -139,20 +156,42 @@ def row_grad_kernel(
     b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
     b_top = tl.load(top + row)
     b_cinv = _fold(tl.load(c_inv + o_n, mask=o_n < N, other=0.0), g.dtype.element_ty)
-    b_g = (tl.exp(b_logit - b_top) * b_cinv).to(g.dtype.element_ty)
+    b_e = tl.exp(b_logit - b_top) * b_cinv
+    b_g = b_e.to(g.dtype.element_ty)
+    own = offset + row
+    if SCALE:  # fp16 G_r: the row's power of two from its largest entry, the positive's as the fold will write it
+        b_bound = tl.load(gmax + row)
+        if OWN_APART:  # row_stats left the positive's column out
+            inv = tl.load(c_inv + own)
+            own_entry = _fold(inv, g.dtype.element_ty)  # E <= 1 where not folded
+            if FOLD:  # the fold's rule below
+                value = inv * (tl.load(pos_val + row) * tl.load(total + row))
+                own_folded = (tl.abs(value.to(g.dtype.element_ty).to(tl.float32)) < float("inf")) & (inv <= 65504.0)
+                own_entry = tl.where(own_folded, tl.abs(value), own_entry)
+                # its E c_inv scaled for a small folded entry could pass fp16's range (a cast to inf, overwritten)
+                b_e = tl.where(o_n == own, tl.where(own_folded, 0.0, b_e), b_e)
+            b_bound = tl.maximum(b_bound, own_entry)
+        b_rs = _half_scale(b_bound)
+        if first == 0:
+            tl.store(rs + row, b_rs)
+        b_gr = (b_e * b_rs).to(g.dtype.element_ty)
     if FOLD:  # the positive's coefficient into its entry where G's dtype holds it, else its share to ``left``
-        own = offset + row
         if (own >= first) & (own < first + BLOCK):
             inv = tl.load(c_inv + own)
-            entry = (inv * (tl.load(pos_val + row) * tl.load(total + row))).to(g.dtype.element_ty)
+            value = inv * (tl.load(pos_val + row) * tl.load(total + row))
+            entry = value.to(g.dtype.element_ty)
             folded = tl.abs(entry.to(tl.float32)) < float("inf")  # False for NaN too
             if g.dtype.element_ty == tl.float16:
                 folded = folded & (inv <= 65504.0)
             b_g = tl.where(o_n == own, tl.where(folded, entry, b_g), b_g)
+            if SCALE:
+                b_gr = tl.where(o_n == own, tl.where(folded, (value * b_rs).to(g.dtype.element_ty), b_gr), b_gr)
             b_left = tl.load(left + row) + tl.where(folded, 0.0, share)
             tl.store(left + row, b_left)
             if POS_W:  # the weight of the row's separate positive term, -scale h left c_inv r_inv (mnrl._add_rows)
                 tl.store(pos_w + row, ((-(tl.load(scale) * h) * b_left) * inv) * tl.load(r_inv + row))
+    if SCALE:
+        tl.store(g_r + row * stride_g + o_n, b_gr, mask=o_n < N)
     tl.store(g + row * stride_g + o_n, b_g, mask=o_n < N)
 
 
@@ -161,7 +200,7 @@ def _on_device(x: Tensor):
 
 
 def row_stats(
-    s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha, positive_col=False, terms=None
+    s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha, positive_col=False, terms=None, gmax=None
 ) -> tuple:
     """(top [m], sum [m], neg [m] or None, pos [m]) in fp32 of the logits of the block S [m, N] (fp32, rows
     contiguous); top is 0 for a fully masked row; neg (with ``positive_col``) the sum without each row's column
@@ -170,7 +209,9 @@ def row_stats(
     from them: the row loss softplus(x) with x = top + log neg - pos, rw = r_inv / sum and the positive's similarity
     t written into those, and (pos_val, weight, srw) [m] each returned after the four: pos_val = -sigmoid(x) (joint:
     +inf where x > 0), weight = 1 / sum, srw = scale h rw; in the torch ops' order of operations but softplus's
-    log1p (sim_lse._softplus; mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead of seventeen."""
+    log1p (sim_lse._softplus; mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead of seventeen.
+    With ``gmax`` [m] (fp32) also each row's max of exp(logit - top) c_inv (c_inv at fp16's cap; with ``positive_col``
+    that column apart) written into it: row_grad's ``scaled``."""
     m, n = s.shape
     rows = (4 if positive_col else 3) + (3 if terms is not None else 0)
     out = torch.empty((rows, m), device=s.device, dtype=torch.float32)  # one allocation
@@ -196,6 +237,7 @@ def row_stats(
             rw,
             srw,
             sims,
+            top if gmax is None else gmax,
             float(h),
             n,
             period,
@@ -207,6 +249,7 @@ def row_stats(
             POS_COL=bool(positive_col),
             TERMS=terms is not None,
             JOINT=bool(joint),
+            GMAX=gmax is not None,
             BLOCK=BLOCK_N,
         )
     if terms is not None:
@@ -215,15 +258,24 @@ def row_stats(
 
 
 def row_grad(
-    s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha, fold=None, pos_w=None
+    s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha, fold=None, pos_w=None, scaled=None
 ) -> Tensor:
     """``out`` [m, N] (fp32, which may be S itself, or fp16/bf16) = exp(logit - top) c_inv, for ``top`` from
     row_stats. With ``fold`` = (pos_val [m], sum [m], share, left [m]), all fp32 but ``share`` (a float): the entry of
     row i's column offset + i becomes c_inv (pos_val sum) rounded to G's dtype where that is finite (and, in fp16, c_inv
     at most 65504), and ``left`` gains ``share`` in the rows where it is not (mnrl_blocked._fold_positive). With
     ``pos_w`` = (w [m], h) as well, w = -scale h left c_inv_own r_inv: the weight of the positive's separate term in
-    the row's gradient (mnrl._add_rows; 0 where it was folded)."""
+    the row's gradient (mnrl._add_rows; 0 where it was folded). With ``scaled`` = (gmax [m] from row_stats, positive_col
+    as row_stats had it, rs [m], out_r [m, N]), fp16 ``out`` only, also out_r = G with each row times the power of two
+    rs_i written into ``rs``, which takes the row's largest entry (gmax's, or the positive's, folded or not) into [2^14,
+    2^15), so that entries far below the row's top keep the bits that fp16 flushes (below 2^-24) or rounds coarsely
+    (below 2^-14): mnrl_blocked's query rows' product takes out_r, its candidates' product ``out``."""
     m, n = s.shape
+    if scaled is not None and out.dtype != torch.float16:
+        raise ValueError(f"row_grad: scaled rows are fp16 G's, got {out.dtype}")
+    gmax, own_apart, rs, out_r = scaled if scaled is not None else (top, False, top, out)
+    if out_r.stride() != out.stride():
+        raise ValueError("row_grad: out_r must be laid out as out")
     pos_val, total, share, left = fold if fold is not None else (top, top, 0.0, top)
     if pos_w is not None and fold is None:
         raise ValueError("row_grad: pos_w is the weight of what fold leaves")
@@ -241,6 +293,9 @@ def row_grad(
             left,
             float(share),
             w,
+            gmax,
+            rs,
+            out_r,
             float(h),
             n,
             period,
@@ -252,6 +307,8 @@ def row_grad(
             PEN_MODE=pen_mode,
             FOLD=fold is not None,
             POS_W=pos_w is not None,
+            SCALE=scaled is not None,
+            OWN_APART=bool(own_apart),
             BLOCK=BLOCK_N,
         )
     return out

@@ -58,14 +58,22 @@ Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for 
 of the rows divided by their maximum so that they stay in fp16's range (in fp16, and with several directions, whose
 joint softmax factors can be tiny; one direction's are at least 1 / N), and the folded inverse norm capped at 65504
 in fp16 (only the terms of vectors of norm < 1.5e-5 are affected, in every gradient row they enter; zero vectors,
-whose term is 0, are exact), as in the flash kernels. Elsewhere the products run in the accumulation dtype (fp32;
-fp64 for fp64 inputs, for gradcheck).
+whose term is 0, are exact), as in the flash kernels. In fp16 the query rows' product takes G_r, G with each row
+times a power of two rs_i that takes its largest entry into [2^14, 2^15) (block_softmax.row_grad writes both; torch
+ops: _row_scales), and divides its result by rs (exact): unscaled, a row whose entries all lay below fp16's subnormals
+(a confident small query: the positive's folded p - 1 and every other E c_inv ~1e-9) lost its 1 / |q|-amplified
+gradient (tests/test_mnrl_blocked.py::test_fp16_small_rows_keep_their_gradient: 99% off before). The candidates'
+product keeps G unscaled: a row's scale would go into its weight there, and rows whose scales differ by 2^20 (a zero
+doc's capped inverse norm in some rows' max) left the others' weighted rows below fp16's range. Costs of the copy: a
+second fp16 [m, N] in the block (fewer rows per block) and its write (not measured on a GPU). Elsewhere the products run
+in the accumulation dtype (fp32; fp64 for fp64 inputs, for gradcheck).
 
 Memory beyond the inputs and outputs (the doc columns are taken as they come, uncopied: _Stacked): the fp32 gradient
 accumulator of the docs ([kW, D]; of the queries too with
 several directions, while query_to_doc alone finishes a block's query rows in the block), the candidate product's
 fp32 temporary in chunks of rows of at most a quarter of the logits budget, and one block of logits: m rows of every
-direction's candidates in the accumulation dtype, plus one direction's G in the input dtype on CUDA, the logits
+direction's candidates in the accumulation dtype, plus one direction's G in the input dtype on CUDA (and G_r in
+fp16), the logits
 dropped once G is written. m follows FASTLOSS_MNRL_BLOCK_MIB (default 1024 MiB on CUDA, where a block should hold
 ~1000+ rows for the GEMMs to run near peak, 64 MiB elsewhere; at least one row). Projected at the GPU target
 (benchmarks/projection.py, which gives what the H200 measured for 30fe787: 1685.9 MiB beyond the gradients): 1152.9
@@ -191,7 +199,8 @@ def block_rows(
     p: MNRLParams, world: int, columns: int, esize: int, half_size: int, budget: int, merged: int = 0
 ) -> int:
     """Rows per block: every direction's logits of a row in the accumulation dtype (``esize`` bytes), plus the widest
-    direction's G in the input dtype when the GEMMs take half operands (``half_size``, else 0), plus the partners'
+    direction's G in the input dtype when the GEMMs take half operands (``half_size``, else 0; fp16 passes two entries'
+    size, G and G_r), plus the partners'
     softmax entries at the earlier rows' columns for ``merged`` directions (B each), within ``budget``."""
     widths = [world * (columns if dir_.candidates_are_docs else 1) for dir_ in directions(p)]
     row = (sum(widths) + merged * p.batch) * esize + max(widths) * half_size
@@ -247,10 +256,10 @@ class _TorchRows:
     def __init__(self, p: MNRLParams, world: int, columns: int, scale: Tensor):
         self.p, self.world, self.columns, self.scale = p, world, columns, scale
 
-    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int, terms=None):
+    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int, terms=None, gmax=None):
         """(top, sum E, sum E without column g0 + i (directions holding the positive, else None), the positive's
         logit) of each row; S becomes E in place. With ``terms`` (query_to_doc alone) what block_softmax.row_stats
-        computes from them too: _block_terms."""
+        computes from them too: _block_terms. ``gmax``: the Triton pass's (grad takes fp16's row max from E)."""
         factor, except_factor, t_begin, t_end = _rule(self.p, self.columns, self.scale, dir_)
         s.mul_(r_inv[:, None]).mul_(c_inv[None, :])  # the similarities t
         if terms is not None:
@@ -277,19 +286,26 @@ class _TorchRows:
         stats = (top, neg + e_own, neg, positive)
         return stats if terms is None else stats + _block_terms(*stats, r_inv, self.scale, *terms[:2], *terms[3:])
 
-    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None) -> Tensor:
-        """G = E c_inv in ``dtype``; with ``fold`` = (pos_val, sum E, share, left) the positive's coefficient in its
-        entry (_fold_positive), ``left`` gaining the share of the rows where it does not fit; with ``pos_w`` = (w, h)
-        too, w = the weight of the positive's separate term in the rows' gradient (block_softmax.row_grad)."""
-        g = s.mul_(_cap(c_inv, fp16)[None, :]).to(dtype)
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None, gmax=None):
+        """(G = E c_inv in ``dtype``, G_r, rs); with ``fold`` = (pos_val, sum E, share, left) the positive's
+        coefficient in its entry (_fold_positive), ``left`` gaining the share of the rows where it does not fit; with
+        ``pos_w`` = (w, h) too, w = the weight of the positive's separate term in the rows' gradient
+        (block_softmax.row_grad). In fp16 G_r is G with each row times the power of two rs (_row_scales); otherwise G_r
+        is G and rs None. ``gmax``: the Triton pass's."""
+        s.mul_(_cap(c_inv, fp16)[None, :])
+        g = s.to(dtype)
+        g_r, rs = g, None
+        if fp16:
+            rs = _row_scales(s, g0, c_inv, fold, _holds_positive(dir_.bit))
+            g_r = s.mul_(rs[:, None]).to(dtype)  # S is not read again
         if fold is not None:
             pos_val, total, share, left = fold
-            left += _fold_positive(g, g0, pos_val * total, c_inv, share, fp16)
+            left += _fold_positive(g, g0, pos_val * total, c_inv, share, fp16, None if rs is None else (g_r, rs))
             if pos_w is not None:  # _add_rows' weight, in its order
                 w, h = pos_w
                 own = c_inv[g0 : g0 + g.shape[0]]
                 torch.mul(-(self.scale * h) * left, own, out=w).mul_(r_inv)
-        return g
+        return g, g_r, rs
 
 
 class _TritonRows:
@@ -301,19 +317,26 @@ class _TritonRows:
     def _opts(self, dir_: Direction, g0: int) -> dict:
         return dict(period=self.world, offset=g0, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=self.p.alpha)
 
-    def stats(self, s, dir_, r_inv, c_inv, g0, terms=None):
+    def stats(self, s, dir_, r_inv, c_inv, g0, terms=None, gmax=None):
         from fastloss.ops.block_softmax import row_stats
 
         # top: 0 for a fully masked row; neg: the sum without column g0 + i; positive: that column's logit, never
-        # penalised; with terms, _block_terms in the same launch
+        # penalised; with terms, _block_terms in the same launch; with gmax (fp16), each row's largest entry of G
         positive_col = _holds_positive(dir_.bit)
-        return row_stats(s, r_inv, c_inv, self.scale, positive_col=positive_col, terms=terms, **self._opts(dir_, g0))
+        opts = self._opts(dir_, g0)
+        return row_stats(s, r_inv, c_inv, self.scale, positive_col=positive_col, terms=terms, gmax=gmax, **opts)
 
-    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None) -> Tensor:
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None, gmax=None):
         from fastloss.ops.block_softmax import row_grad
 
         out = s if dtype == s.dtype else torch.empty(s.shape, device=s.device, dtype=dtype)
-        return row_grad(s, r_inv, c_inv, self.scale, top, out, fold=fold, pos_w=pos_w, **self._opts(dir_, g0))
+        g_r, rs, scaled = out, None, None
+        if fp16:  # G_r: G's rows scaled, in the same launch
+            g_r, rs = torch.empty_like(out), torch.empty_like(top)
+            scaled = (gmax, _holds_positive(dir_.bit), rs, g_r)
+        opts = self._opts(dir_, g0)
+        row_grad(s, r_inv, c_inv, self.scale, top, out, fold=fold, pos_w=pos_w, scaled=scaled, **opts)
+        return out, g_r, rs
 
 
 def _block_terms(top, total, neg, positive, r_inv, scale, x, rw, h, joint):
@@ -371,9 +394,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     merge = need_grad and not fp16 and not alone and logit_bound(q, doc_cols, scale, p) <= MERGE_LOGIT_BOUND
     partner = partners(selected) if merge else [-1] * len(selected)
     merged = sum(k >= 0 for k in partner)
-    rows_per_block = block_rows(
-        p, world, columns, torch.finfo(acc).bits // 8, q.element_size() if half else 0, block_bytes(q.device), merged
-    )
+    half_size = q.element_size() * (2 if fp16 else 1) if half else 0  # G (and G_r) per entry
+    rows_per_block = block_rows(p, world, columns, torch.finfo(acc).bits // 8, half_size, block_bytes(q.device), merged)
     if merged:
         least = MERGE_MIN_ROWS["cuda" if q.device.type == "cuda" else "other"]
         rows_per_block = min(rows_per_block, max(least, -(-p.batch // MERGE_BLOCKS)))
@@ -411,7 +433,9 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
         m = min(rows_per_block, p.batch - start)
         g0 = p.offset + start
         blocks, row_max, sums, negs, positives, transposed = [], [], [], [], [], []
-        for dir_, k in zip(selected, partner):
+        # fp16 G_r: each row's largest entry of G, from the Triton row pass (the torch one takes it from E)
+        gmaxes = [torch.empty(m, device=q.device, dtype=acc) if fp16 and grads is not None else None for _ in selected]
+        for dir_, k, gmax in zip(selected, partner, gmaxes):
             rows, r_inv, _ = side[dir_.rows_are_queries]
             cands, c_inv, _ = side[not dir_.candidates_are_docs]
             s = cands.logits(rows.rows(g0, g0 + m), half, acc)
@@ -424,9 +448,10 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             if alone:  # the block's terms from its statistics, in the row pass's launch where it is Triton's
                 here = slice(start, start + m)  # the block's entries of the per-row vectors
                 terms = (row_loss[here], rw_all[here], sims_all[here], h, p.joint)
-                top, total, neg, positive, pv, c, srw = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, terms)
+                stats = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, terms, gmax)
+                top, total, neg, positive, pv, c, srw = stats
             else:
-                top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0)
+                top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, gmax=gmax)
             blocks.append(s)
             row_max.append(top)
             sums.append(total)
@@ -456,21 +481,25 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
         if merged:
             ref_max[:, start : start + m] = torch.where(sums > 0, row_max, torch.inf)
             ref_lnorm[:, start : start + m] = torch.where(sums > 0, -weights.log(), 0.0)
-        parts = zip(selected, row_max, weights, sums, pos_val, shares, partner, transposed)
-        for j, (dir_, top, c, total, pv, share, k, entries) in enumerate(parts):
+        parts = zip(selected, row_max, weights, sums, pos_val, shares, partner, transposed, gmaxes)
+        for j, (dir_, top, c, total, pv, share, k, entries, gmax) in enumerate(parts):
             rows, r_inv, i_rows = side[dir_.rows_are_queries]
             cands, c_inv, i_cands = side[not dir_.candidates_are_docs]
             r_blk, r_inv_blk = rows.rows(g0, g0 + m), r_inv[g0 : g0 + m]
             fold = (pv, total, share, separate_share[start : start + m]) if share else None
             pos_w = (pos_w_all[start : start + m], h) if alone else None  # the separate term's weights
-            g = rows_pass.grad(blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold, pos_w)  # E c_inv
+            # G = E c_inv; fp16: G_r, G's rows times rs, for the query rows' product
+            g, g_r, rs = rows_pass.grad(blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold, pos_w, gmax)
             blocks[j] = None  # the products need only G: the logits go (in fp32 G is their storage)
             spans = [(0, g.shape[1])]
             if k >= 0:  # the later local rows' columns are their blocks' (this block's rows as the partner's entries)
                 c = _add_partner_entries(g, c, entries, p.offset)
                 spans = [(0, g0 + m), (p.offset + p.batch, g.shape[1])]
             spans = [(a, b) for a, b in spans if b > a]
-            product = cands.product(g, spans, half, acc)  # (E c_inv) C: [m, D]
+            product = cands.product(g_r, spans, half, acc)  # (E c_inv) C: [m, D]
+            if rs is not None:
+                product.div_(rs[:, None])  # exact: powers of two
+            del g_r
             if not alone:
                 rw = c * r_inv_blk
                 dscale += torch.dot(rw, (r_blk * product).sum(dim=1))  # r_blk promoted to acc, not copied
@@ -568,21 +597,50 @@ def _add_partner_entries(
     return c
 
 
-def _fold_positive(g: Tensor, g0: int, value: Tensor, c_inv: Tensor, share: float, fp16: bool) -> Tensor:
+def _fold_positive(
+    g: Tensor, g0: int, value: Tensor, c_inv: Tensor, share: float, fp16: bool, scaled: tuple | None = None
+) -> Tensor:
     """Write the positive's coefficient p - share, in E units (``value``: pos_val * sum E, +inf for none), into
     its entry of G = E c_inv (the GEMMs multiply G by the row's weight c = softmax / E), so p - 1 is formed before any
     sum, as cross-entropy does, instead of cancelling between two O(scale) products; only where G's dtype holds the
-    entry (fp16: not a positive whose inverse norm is capped, nor a value beyond 65504). Returns the share each row
-    leaves to the separate positive term (``share`` where nothing was folded, else 0)."""
+    entry (fp16: not a positive whose inverse norm is capped, nor a value beyond 65504). With ``scaled`` = (G_r, rs)
+    the same rows of G_r take the entry times rs. Returns the share each row leaves to the separate positive term
+    (``share`` where nothing was folded, else 0)."""
     rows = torch.arange(g.shape[0], device=g.device)
     own = g0 + rows
     inv = c_inv[own]
-    entry = (inv * value).to(g.dtype)
+    exact = inv * value
+    entry = exact.to(g.dtype)
     fold = torch.isfinite(entry)
     if fp16:
         fold &= inv <= _FP16_MAX
     g[rows, own] = torch.where(fold, entry, g[rows, own])
+    if scaled is not None:
+        g_r, rs = scaled
+        g_r[rows, own] = torch.where(fold, (exact * rs).to(g.dtype), g_r[rows, own])
     return torch.where(fold, 0.0, share)
+
+
+def _row_scales(e: Tensor, g0: int, c_inv: Tensor, fold, own_apart: bool) -> Tensor:
+    """Each row's power of two rs that takes its largest entry of fp16 G into [2^14, 2^15) (1 for a row of zeros; at
+    most 2^127), as sim_lse._half_scale: from ``e`` = E c_inv [m, N] (fp32) and, where the row holds the positive
+    (``own_apart``) and ``fold`` = (pos_val, sum E, ...) folds it (_fold_positive's rule), the entry it writes there."""
+    if not own_apart:
+        amax = e.amax(dim=1)
+    else:
+        own = e.diagonal(offset=g0)
+        kept = own.clone()  # the positive's entry where it is not folded
+        own.zero_()
+        amax = e.amax(dim=1)
+        own.copy_(kept)
+        if fold is not None:
+            inv = c_inv[g0 : g0 + e.shape[0]]
+            value = inv * (fold[0] * fold[1])
+            folded = torch.isfinite(value.to(torch.float16)) & (inv <= _FP16_MAX)
+            kept = torch.where(folded, value.abs(), kept)
+        amax = torch.maximum(amax, kept)
+    exponent = torch.frexp(amax)[1]  # amax = f 2^exponent, f in [0.5, 1): floor(log2 amax) = exponent - 1
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), (15 - exponent).clamp_max(127)), 1.0)
 
 
 def _cap(inv: Tensor, fp16: bool) -> Tensor:
