@@ -233,15 +233,18 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                         block_softmax.row_grad(s, inv_r, inv_c, scale, top, out, fold=fold, scaled=both, **opts)
                         # query_to_doc alone: the block's terms in the statistics' launch, the separate term's weight
                         pos_w = (torch.zeros(48), 0.5)
+                        # half GEMM operands: G's rows times the row weights' mantissas (as the op runs them)
+                        mant = torch.ones(48) if name in ("fp16", "bf16") else None
                         block_softmax.row_grad(
-                            s, inv_r, inv_c, scale, top, out, fold=fold, pos_w=pos_w, scaled=both, **opts
+                            s, inv_r, inv_c, scale, top, out, fold=fold, pos_w=pos_w, scaled=both, mant=mant, **opts
                         )
                     for joint in (True, False):
                         terms = (torch.zeros(48), torch.zeros(48), torch.zeros(48), 0.5, joint)
                         block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=True, terms=terms, **opts)
-                        if gmax is not None:
+                        if name in ("fp16", "bf16"):  # the row weights' mantissas (and fp16's row max)
+                            mant = (torch.zeros(48), name == "fp16")
                             block_softmax.row_stats(
-                                s, inv_r, inv_c, scale, positive_col=True, terms=terms, gmax=gmax, **opts
+                                s, inv_r, inv_c, scale, positive_col=True, terms=terms, gmax=gmax, mant=mant, **opts
                             )
                         # the flash path's loss and pos_val of query_to_doc alone
                         sim_lse.one_direction_terms(torch.zeros(2, 48), torch.zeros(48), scale, joint)

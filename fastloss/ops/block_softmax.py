@@ -41,6 +41,13 @@ def _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stri
 
 
 @triton.jit
+def _mantissa(b_w):
+    """A positive normal fp32 w's mantissa m in [0.5, 1) (w / m is a power of two, exactly); 1 for anything else."""
+    b_m = ((b_w.to(tl.int32, bitcast=True) & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+    return tl.where((b_w >= 1.1754943508222875e-38) & (b_w < float("inf")), b_m, 1.0)
+
+
+@triton.jit
 def row_stats_kernel(
     s,
     r_inv,
@@ -57,6 +64,7 @@ def row_stats_kernel(
     srw,
     sims,
     gmax,
+    mant,
     h,
     N,
     period,
@@ -69,6 +77,7 @@ def row_stats_kernel(
     TERMS: tl.constexpr,
     JOINT: tl.constexpr,
     GMAX: tl.constexpr,
+    MANT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -111,6 +120,13 @@ def row_stats_kernel(
             b_x = (b_top_ref + tl.log(b_neg)) - b_pos
             b_c = 1.0 / b_total
             b_rw = b_c * tl.load(r_inv + row)
+            if MANT:  # half GEMMs: the weight's mantissa goes into G's row (row_grad), rw keeps its power of two
+                b_w = b_rw
+                if MANT == 2:  # fp16: the inverse norm capped, as mnrl_blocked._cap
+                    b_w = b_c * tl.minimum(tl.load(r_inv + row), 65504.0)
+                b_m = _mantissa(b_w)
+                tl.store(mant + row, b_m)
+                b_rw = b_rw / b_m
             tl.store(x_out + row, _softplus(b_x))  # the row's loss
             tl.store(pos_val + row, _positive_coefficient(b_x, JOINT))
             tl.store(weight + row, b_c)
@@ -135,6 +151,7 @@ def row_grad_kernel(
     gmax,
     rs,
     g_r,
+    mant,
     h,
     N,
     period,
@@ -148,6 +165,7 @@ def row_grad_kernel(
     POS_W: tl.constexpr,
     SCALE: tl.constexpr,
     OWN_APART: tl.constexpr,
+    MANT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -157,6 +175,9 @@ def row_grad_kernel(
     b_top = tl.load(top + row)
     b_cinv = _fold(tl.load(c_inv + o_n, mask=o_n < N, other=0.0), g.dtype.element_ty)
     b_e = tl.exp(b_logit - b_top) * b_cinv
+    if MANT:  # the mantissa of the row's weight in the candidates' GEMM (row_stats)
+        b_m = tl.load(mant + row)
+        b_e = b_e * b_m
     b_g = b_e.to(g.dtype.element_ty)
     own = offset + row
     if SCALE:  # fp16 G_r: the row's power of two from its largest entry, the positive's as the fold will write it
@@ -183,6 +204,9 @@ def row_grad_kernel(
             folded = tl.abs(entry.to(tl.float32)) < float("inf")  # False for NaN too
             if g.dtype.element_ty == tl.float16:
                 folded = folded & (inv <= 65504.0)
+            if MANT:
+                value = value * b_m
+                entry = value.to(g.dtype.element_ty)
             b_g = tl.where(o_n == own, tl.where(folded, entry, b_g), b_g)
             if SCALE:
                 b_gr = tl.where(o_n == own, tl.where(folded, (value * b_rs).to(g.dtype.element_ty), b_gr), b_gr)
@@ -200,7 +224,20 @@ def _on_device(x: Tensor):
 
 
 def row_stats(
-    s, r_inv, c_inv, scale, *, period, offset, mask_own, pen_mode, alpha, positive_col=False, terms=None, gmax=None
+    s,
+    r_inv,
+    c_inv,
+    scale,
+    *,
+    period,
+    offset,
+    mask_own,
+    pen_mode,
+    alpha,
+    positive_col=False,
+    terms=None,
+    gmax=None,
+    mant=None,
 ) -> tuple:
     """(top [m], sum [m], neg [m] or None, pos [m]) in fp32 of the logits of the block S [m, N] (fp32, rows
     contiguous); top is 0 for a fully masked row; neg (with ``positive_col``) the sum without each row's column
@@ -211,7 +248,10 @@ def row_stats(
     +inf where x > 0), weight = 1 / sum, srw = scale h rw; in the torch ops' order of operations but softplus's
     log1p (sim_lse._softplus; mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead of seventeen.
     With ``gmax`` [m] (fp32) also each row's max of exp(logit - top) c_inv (c_inv at fp16's cap; with ``positive_col``
-    that column apart) written into it: row_grad's ``scaled``."""
+    that column apart) written into it: row_grad's ``scaled``. With ``terms`` and ``mant`` = (m [m], fp16), for half
+    GEMM operands: the mantissa in [0.5, 1) of each row's weight w = rw (fp16: c min(r_inv, 65504)) written into m,
+    and rw, srw divided by it, so that rw is w's power of two (mnrl_blocked: the candidates' GEMM then takes the query
+    rows times a power of two, exact, and G's rows times m: row_grad's ``mant``)."""
     m, n = s.shape
     rows = (4 if positive_col else 3) + (3 if terms is not None else 0)
     out = torch.empty((rows, m), device=s.device, dtype=torch.float32)  # one allocation
@@ -220,6 +260,9 @@ def row_stats(
     if terms is not None and not positive_col:
         raise ValueError("row_stats: terms are query_to_doc's, which holds the positive (positive_col)")
     x, rw, sims, h, joint = terms if terms is not None else (top, top, top, 0.0, False)
+    if mant is not None and terms is None:
+        raise ValueError("row_stats: mant is the mantissa of the terms' row weight")
+    m_out, m_fp16 = mant if mant is not None else (top, False)
     pos_val, weight, srw = (out[4], out[5], out[6]) if terms is not None else (top, top, top)
     with _on_device(s):
         row_stats_kernel[(m,)](
@@ -238,6 +281,7 @@ def row_stats(
             srw,
             sims,
             top if gmax is None else gmax,
+            m_out,
             float(h),
             n,
             period,
@@ -250,6 +294,7 @@ def row_stats(
             TERMS=terms is not None,
             JOINT=bool(joint),
             GMAX=gmax is not None,
+            MANT=0 if mant is None else 2 if m_fp16 else 1,
             BLOCK=BLOCK_N,
         )
     if terms is not None:
@@ -258,7 +303,22 @@ def row_stats(
 
 
 def row_grad(
-    s, r_inv, c_inv, scale, top, out, *, period, offset, mask_own, pen_mode, alpha, fold=None, pos_w=None, scaled=None
+    s,
+    r_inv,
+    c_inv,
+    scale,
+    top,
+    out,
+    *,
+    period,
+    offset,
+    mask_own,
+    pen_mode,
+    alpha,
+    fold=None,
+    pos_w=None,
+    scaled=None,
+    mant=None,
 ) -> Tensor:
     """``out`` [m, N] (fp32, which may be S itself, or fp16/bf16) = exp(logit - top) c_inv, for ``top`` from
     row_stats. With ``fold`` = (pos_val [m], sum [m], share, left [m]), all fp32 but ``share`` (a float): the entry of
@@ -269,7 +329,8 @@ def row_grad(
     as row_stats had it, rs [m], out_r [m, N]), fp16 ``out`` only, also out_r = G with each row times the power of two
     rs_i written into ``rs``, which takes the row's largest entry (gmax's, or the positive's, folded or not) into [2^14,
     2^15), so that entries far below the row's top keep the bits that fp16 flushes (below 2^-24) or rounds coarsely
-    (below 2^-14): mnrl_blocked's query rows' product takes out_r, its candidates' product ``out``."""
+    (below 2^-14): mnrl_blocked's query rows' product takes out_r, its candidates' product ``out``. With ``mant`` [m]
+    (row_stats'), each row of G (and G_r, whose scale is chosen without it) times it, the folded entry too."""
     m, n = s.shape
     if scaled is not None and out.dtype != torch.float16:
         raise ValueError(f"row_grad: scaled rows are fp16 G's, got {out.dtype}")
@@ -296,6 +357,7 @@ def row_grad(
             gmax,
             rs,
             out_r,
+            top if mant is None else mant,
             float(h),
             n,
             period,
@@ -309,6 +371,7 @@ def row_grad(
             POS_W=pos_w is not None,
             SCALE=scaled is not None,
             OWN_APART=bool(own_apart),
+            MANT=mant is not None,
             BLOCK=BLOCK_N,
         )
     return out

@@ -65,8 +65,13 @@ ops: _row_scales), and divides its result by rs (exact): unscaled, a row whose e
 gradient (tests/test_mnrl_blocked.py::test_fp16_small_rows_keep_their_gradient: 99% off before). The candidates'
 product keeps G unscaled: a row's scale would go into its weight there, and rows whose scales differ by 2^20 (a zero
 doc's capped inverse norm in some rows' max) left the others' weighted rows below fp16's range. Costs of the copy: a
-second fp16 [m, N] in the block (fewer rows per block) and its write (not measured on a GPU). Elsewhere the products run
-in the accumulation dtype (fp32; fp64 for fp64 inputs, for gradcheck).
+second fp16 [m, N] in the block (fewer rows per block) and its write (not measured on a GPU). With query_to_doc alone
+the candidates' GEMM takes the query rows times powers of two (exact in the half dtype) and each row weight's mantissa
+in G's row (row_stats writes it with the block's terms, row_grad multiplies): the weighted rows rounded as q_i w_i moved
+each row's direction by the dtype's rounding, which the normalisation's projection keeps whole where a positive nearly
+coincides with its query (the positives' gradient 2x the queries' error before, 1x now:
+test_half_gemms_keep_the_weighted_rows_directions). Elsewhere the products run in the accumulation dtype (fp32; fp64
+for fp64 inputs, for gradcheck).
 
 Memory beyond the inputs and outputs (the doc columns are taken as they come, uncopied: _Stacked): the fp32 gradient
 accumulator of the docs ([kW, D]; of the queries too with
@@ -256,10 +261,13 @@ class _TorchRows:
     def __init__(self, p: MNRLParams, world: int, columns: int, scale: Tensor):
         self.p, self.world, self.columns, self.scale = p, world, columns, scale
 
-    def stats(self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int, terms=None, gmax=None):
+    def stats(
+        self, s: Tensor, dir_: Direction, r_inv: Tensor, c_inv: Tensor, g0: int, terms=None, gmax=None, mant=None
+    ):
         """(top, sum E, sum E without column g0 + i (directions holding the positive, else None), the positive's
         logit) of each row; S becomes E in place. With ``terms`` (query_to_doc alone) what block_softmax.row_stats
-        computes from them too: _block_terms. ``gmax``: the Triton pass's (grad takes fp16's row max from E)."""
+        computes from them too: _block_terms (with ``mant``, the row weights' mantissas). ``gmax``: the Triton pass's
+        (grad takes fp16's row max from E)."""
         factor, except_factor, t_begin, t_end = _rule(self.p, self.columns, self.scale, dir_)
         s.mul_(r_inv[:, None]).mul_(c_inv[None, :])  # the similarities t
         if terms is not None:
@@ -284,23 +292,26 @@ class _TorchRows:
         neg = s.sum(dim=1)
         own.copy_(e_own)
         stats = (top, neg + e_own, neg, positive)
-        return stats if terms is None else stats + _block_terms(*stats, r_inv, self.scale, *terms[:2], *terms[3:])
+        if terms is None:
+            return stats
+        return stats + _block_terms(*stats, r_inv, self.scale, *terms[:2], *terms[3:], mant=mant)
 
-    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None, gmax=None):
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None, gmax=None, mant=None):
         """(G = E c_inv in ``dtype``, G_r, rs); with ``fold`` = (pos_val, sum E, share, left) the positive's
         coefficient in its entry (_fold_positive), ``left`` gaining the share of the rows where it does not fit; with
         ``pos_w`` = (w, h) too, w = the weight of the positive's separate term in the rows' gradient
         (block_softmax.row_grad). In fp16 G_r is G with each row times the power of two rs (_row_scales); otherwise G_r
-        is G and rs None. ``gmax``: the Triton pass's."""
+        is G and rs None. With ``mant`` G's rows (and G_r's) times it. ``gmax``: the Triton pass's."""
         s.mul_(_cap(c_inv, fp16)[None, :])
+        rs = _row_scales(s, g0, c_inv, fold, _holds_positive(dir_.bit)) if fp16 else None
+        if mant is not None:
+            s.mul_(mant[:, None])
         g = s.to(dtype)
-        g_r, rs = g, None
-        if fp16:
-            rs = _row_scales(s, g0, c_inv, fold, _holds_positive(dir_.bit))
-            g_r = s.mul_(rs[:, None]).to(dtype)  # S is not read again
+        g_r = g if rs is None else s.mul_(rs[:, None]).to(dtype)  # S is not read again
         if fold is not None:
             pos_val, total, share, left = fold
-            left += _fold_positive(g, g0, pos_val * total, c_inv, share, fp16, None if rs is None else (g_r, rs))
+            scaled = None if rs is None else (g_r, rs)
+            left += _fold_positive(g, g0, pos_val * total, c_inv, share, fp16, scaled, mant)
             if pos_w is not None:  # _add_rows' weight, in its order
                 w, h = pos_w
                 own = c_inv[g0 : g0 + g.shape[0]]
@@ -317,16 +328,18 @@ class _TritonRows:
     def _opts(self, dir_: Direction, g0: int) -> dict:
         return dict(period=self.world, offset=g0, mask_own=dir_.mask_own, pen_mode=dir_.pen_mode, alpha=self.p.alpha)
 
-    def stats(self, s, dir_, r_inv, c_inv, g0, terms=None, gmax=None):
+    def stats(self, s, dir_, r_inv, c_inv, g0, terms=None, gmax=None, mant=None):
         from fastloss.ops.block_softmax import row_stats
 
         # top: 0 for a fully masked row; neg: the sum without column g0 + i; positive: that column's logit, never
         # penalised; with terms, _block_terms in the same launch; with gmax (fp16), each row's largest entry of G
         positive_col = _holds_positive(dir_.bit)
         opts = self._opts(dir_, g0)
-        return row_stats(s, r_inv, c_inv, self.scale, positive_col=positive_col, terms=terms, gmax=gmax, **opts)
+        return row_stats(
+            s, r_inv, c_inv, self.scale, positive_col=positive_col, terms=terms, gmax=gmax, mant=mant, **opts
+        )
 
-    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None, gmax=None):
+    def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None, gmax=None, mant=None):
         from fastloss.ops.block_softmax import row_grad
 
         out = s if dtype == s.dtype else torch.empty(s.shape, device=s.device, dtype=dtype)
@@ -335,20 +348,31 @@ class _TritonRows:
             g_r, rs = torch.empty_like(out), torch.empty_like(top)
             scaled = (gmax, _holds_positive(dir_.bit), rs, g_r)
         opts = self._opts(dir_, g0)
-        row_grad(s, r_inv, c_inv, self.scale, top, out, fold=fold, pos_w=pos_w, scaled=scaled, **opts)
+        row_grad(s, r_inv, c_inv, self.scale, top, out, fold=fold, pos_w=pos_w, scaled=scaled, mant=mant, **opts)
         return out, g_r, rs
 
 
-def _block_terms(top, total, neg, positive, r_inv, scale, x, rw, h, joint):
+def _block_terms(top, total, neg, positive, r_inv, scale, x, rw, h, joint, mant=None):
     """For query_to_doc alone, from a block's row statistics: the row loss softplus(x), x = NLSE - positive, into
     ``x``, rw = r_inv / sum E into ``rw``, and (pos_val: -sigmoid(x), +inf where joint and x > 0; the softmax
     weight c = 1 / sum E; srw = scale h rw), as block_softmax.row_stats computes them in its launch (which also
-    writes the positive's similarity: _TorchRows.stats does that before the logits overwrite it)."""
+    writes the positive's similarity: _TorchRows.stats does that before the logits overwrite it). With ``mant`` =
+    (m, fp16) the mantissa of each row's weight in the candidates' GEMM (rw; fp16: c _cap(r_inv)) into m, and rw
+    divided by it (row_stats' ``mant``)."""
     terms = one_direction_terms(top + neg.log(), positive, joint)
     x.copy_(_softplus(terms[1]))
     c = total.reciprocal()
     torch.mul(c, r_inv, out=rw)
+    if mant is not None:
+        m, fp16 = mant
+        m.copy_(_mantissa(c * _cap(r_inv, True) if fp16 else rw))
+        rw.div_(m)
     return terms[0], c, (scale * h) * rw
+
+
+def _mantissa(w: Tensor) -> Tensor:
+    """A positive normal w's mantissa in [0.5, 1), so that w / it is a power of two (exact); 1 for anything else."""
+    return torch.where((w >= torch.finfo(w.dtype).tiny) & torch.isfinite(w), torch.frexp(w).mantissa, 1.0)
 
 
 def _triton_inv_norms(q: Tensor, doc_cols: list[Tensor], normalize: bool) -> tuple[Tensor, Tensor]:
@@ -412,6 +436,11 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     if alone:  # per row: c r_inv and <r, G C> (dL/dscale's, dotted once after the blocks), the positive's similarity
         # and its separate term's weight (-scale h share c_inv r_inv, for the docs' rows after the blocks)
         rw_all, rowdots, sims_all, pos_w_all = torch.empty((4, p.batch), device=q.device, dtype=acc)
+        # half GEMM operands: the mantissa of each row's weight in the candidates' GEMM, which G's row takes, so that
+        # the weighted rows are the query rows times powers of two, exact: rounded, they moved the candidates'
+        # gradient by 2^-9 (bf16) of its size before the normalisation's projection, 10x the positive's whole
+        # gradient where positive and query nearly coincide (test_half_gemms_keep_the_weighted_rows_directions)
+        mant_all = torch.empty(p.batch, device=q.device, dtype=acc) if half and need_grad else None
     grads = dq = None
     fused = triton_rows(q)  # the normalisation backward as one Triton launch per tensor
     # rows of the candidate product's temporary (acc dtype, [rows, D]): a quarter of the logits budget
@@ -448,7 +477,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             if alone:  # the block's terms from its statistics, in the row pass's launch where it is Triton's
                 here = slice(start, start + m)  # the block's entries of the per-row vectors
                 terms = (row_loss[here], rw_all[here], sims_all[here], h, p.joint)
-                stats = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, terms, gmax)
+                mant = None if mant_all is None else (mant_all[here], fp16)
+                stats = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, terms, gmax, mant)
                 top, total, neg, positive, pv, c, srw = stats
             else:
                 top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, gmax=gmax)
@@ -488,8 +518,11 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             r_blk, r_inv_blk = rows.rows(g0, g0 + m), r_inv[g0 : g0 + m]
             fold = (pv, total, share, separate_share[start : start + m]) if share else None
             pos_w = (pos_w_all[start : start + m], h) if alone else None  # the separate term's weights
-            # G = E c_inv; fp16: G_r, G's rows times rs, for the query rows' product
-            g, g_r, rs = rows_pass.grad(blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold, pos_w, gmax)
+            # G = E c_inv (times the row weights' mantissas); fp16: G_r, G's rows times rs, for the query rows' product
+            mant = None if not alone or mant_all is None else mant_all[start : start + m]
+            g, g_r, rs = rows_pass.grad(
+                blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold, pos_w, gmax, mant
+            )
             blocks[j] = None  # the products need only G: the logits go (in fp32 G is their storage)
             spans = [(0, g.shape[1])]
             if k >= 0:  # the later local rows' columns are their blocks' (this block's rows as the partner's entries)
@@ -527,6 +560,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
                 weighted, factor = torch.mul(r_blk, rw[:, None], out=weighted), sh  # in acc, rounded once
             else:
                 w = c * _cap(r_inv_blk, fp16)
+                if mant is not None:  # its power of two (the mantissa is in G's row)
+                    w.div_(mant)
                 w_max = w.amax().clamp_min(torch.finfo(acc).tiny)
                 weighted, factor = (r_blk * (w / w_max)[:, None]).to(gemm_dtype), sh * w_max
             for a, b in spans:
@@ -598,14 +633,22 @@ def _add_partner_entries(
 
 
 def _fold_positive(
-    g: Tensor, g0: int, value: Tensor, c_inv: Tensor, share: float, fp16: bool, scaled: tuple | None = None
+    g: Tensor,
+    g0: int,
+    value: Tensor,
+    c_inv: Tensor,
+    share: float,
+    fp16: bool,
+    scaled: tuple | None = None,
+    mant: Tensor | None = None,
 ) -> Tensor:
     """Write the positive's coefficient p - share, in E units (``value``: pos_val * sum E, +inf for none), into
     its entry of G = E c_inv (the GEMMs multiply G by the row's weight c = softmax / E), so p - 1 is formed before any
     sum, as cross-entropy does, instead of cancelling between two O(scale) products; only where G's dtype holds the
     entry (fp16: not a positive whose inverse norm is capped, nor a value beyond 65504). With ``scaled`` = (G_r, rs)
-    the same rows of G_r take the entry times rs. Returns the share each row leaves to the separate positive term
-    (``share`` where nothing was folded, else 0)."""
+    the same rows of G_r take the entry times rs; with ``mant`` G's (and G_r's) entries are times it (whether it fits
+    is decided without). Returns the share each row leaves to the separate positive term (``share`` where nothing was
+    folded, else 0)."""
     rows = torch.arange(g.shape[0], device=g.device)
     own = g0 + rows
     inv = c_inv[own]
@@ -614,6 +657,9 @@ def _fold_positive(
     fold = torch.isfinite(entry)
     if fp16:
         fold &= inv <= _FP16_MAX
+    if mant is not None:
+        exact = exact * mant
+        entry = exact.to(g.dtype)
     g[rows, own] = torch.where(fold, entry, g[rows, own])
     if scaled is not None:
         g_r, rs = scaled
