@@ -58,3 +58,22 @@ def test_duplicate_tie_needs_equal_sums_over_the_duplicates():
     assert not module.duplicate_tie(flag, changed, truth, [x], names)
     assert not module.duplicate_tie([("loss", 1.0, 1e-6, 1.0), *flag], moved, truth, [x], names)
     assert not module.duplicate_tie(flag, moved, truth, [x[:2]], names)
+
+
+def test_cuda_blocked_runs_the_half_path_and_restores_it(capsys):
+    """``cuda-blocked`` runs the row-block op with the CUDA path's half-dtype GEMM operands on CPU tensors (its
+    products take rounded operands) and leaves the op as it was."""
+    from fastloss.ops import mnrl_blocked
+
+    module = _load()
+    before = (mnrl_blocked.half_gemms, mnrl_blocked.triton_rows)
+    halves = []
+    mm = mnrl_blocked._mm
+    mnrl_blocked._mm = lambda a, b, half, *rest: halves.append(half) or mm(a, b, half, *rest)
+    try:
+        assert module.main(["--cases", "6", "--seed", "2", "--dtypes", "fp16", "--backends", "cuda-blocked"]) == 0
+    finally:
+        mnrl_blocked._mm = mm
+    assert halves and all(halves)
+    assert (mnrl_blocked.half_gemms, mnrl_blocked.triton_rows) == before
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(" 0 errors")
