@@ -65,6 +65,7 @@ def row_stats_kernel(
     sims,
     gmax,
     mant,
+    dsc,
     h,
     N,
     period,
@@ -90,6 +91,7 @@ def row_stats_kernel(
     b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     b_nsum = tl.zeros((BLOCK,), dtype=tl.float32)  # POS_COL: without column offset + row
     b_gmax = tl.zeros((BLOCK,), dtype=tl.float32)  # GMAX: max exp(logit - max) c_inv (fp16's cap), POS_COL's apart
+    b_dsc = tl.zeros((BLOCK,), dtype=tl.float32)  # TERMS: sum of exp(logit - max) (t - t_own), the positive's apart
     for start in range(0, N, BLOCK):
         o_n = start + tl.arange(0, BLOCK).to(tl.int64)
         b_logit = _row_logits(s, r_inv, c_inv, scale, row, o_n, N, period, offset, alpha, stride_s, MASK_OWN, PEN_MODE)
@@ -104,6 +106,11 @@ def row_stats_kernel(
             if POS_COL:
                 b_g = tl.where(o_n == offset + row, 0.0, b_g)
             b_gmax = tl.maximum(b_gmax * b_rescale, b_g)
+        if TERMS:  # dL/dscale's row term, sum_j p_j (t_j - t_own): d logit / d scale = t (the penalty is alpha t)
+            m_n = o_n < N
+            b_t = tl.load(s + row * stride_s + o_n, mask=m_n, other=0.0) * tl.load(r_inv + row)
+            b_t = b_t * tl.load(c_inv + o_n, mask=m_n, other=0.0)
+            b_dsc = b_dsc * b_rescale + tl.where(o_n == own, 0.0, b_e * (b_t - b_t_own))
         b_max = b_new
     b_top = tl.max(b_max, axis=0)
     b_top_ref = tl.where(b_top == float("-inf"), 0.0, b_top)
@@ -127,6 +134,7 @@ def row_stats_kernel(
                 b_m = _mantissa(b_w)
                 tl.store(mant + row, b_m)
                 b_rw = b_rw / b_m
+            tl.store(dsc + row, tl.sum(b_dsc * b_lane, axis=0) * b_c)
             tl.store(x_out + row, _softplus(b_x))  # the row's loss
             tl.store(pos_val + row, _positive_coefficient(b_x, JOINT))
             tl.store(weight + row, b_c)
@@ -247,23 +255,29 @@ def row_stats(
     t written into those, and (pos_val, weight, srw) [m] each returned after the four: pos_val = -sigmoid(x) (joint:
     +inf where x > 0), weight = 1 / sum, srw = scale h rw; in the torch ops' order of operations but softplus's
     log1p (sim_lse._softplus; mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead of seventeen.
+    With ``terms`` also, returned eighth (written into terms' sixth entry where it has one), each row's dL/dscale
+    term sum_j p_j (t_j - t_own) (the logits' derivative by the scale is t, the penalty's alpha t apart; the
+    positive's column taken out of the sum rather than its -1 added: no cancellation), in fp32 from the products
+    themselves, where the half dtypes' G C carried G's rounding into it (2^-9 of the terms in bf16, the sum 1000x
+    worse than the flash path's).
     With ``gmax`` [m] (fp32) also each row's max of exp(logit - top) c_inv (c_inv at fp16's cap; with ``positive_col``
     that column apart) written into it: row_grad's ``scaled``. With ``terms`` and ``mant`` = (m [m], fp16), for half
     GEMM operands: the mantissa in [0.5, 1) of each row's weight w = rw (fp16: c min(r_inv, 65504)) written into m,
     and rw, srw divided by it, so that rw is w's power of two (mnrl_blocked: the candidates' GEMM then takes the query
     rows times a power of two, exact, and G's rows times m: row_grad's ``mant``)."""
     m, n = s.shape
-    rows = (4 if positive_col else 3) + (3 if terms is not None else 0)
+    rows = (4 if positive_col else 3) + (4 if terms is not None else 0)
     out = torch.empty((rows, m), device=s.device, dtype=torch.float32)  # one allocation
     top, total, pos = out[0], out[1], out[3 if positive_col else 2]
     neg = out[2] if positive_col else None
     if terms is not None and not positive_col:
         raise ValueError("row_stats: terms are query_to_doc's, which holds the positive (positive_col)")
-    x, rw, sims, h, joint = terms if terms is not None else (top, top, top, 0.0, False)
+    x, rw, sims, h, joint, *dsc_out = terms if terms is not None else (top, top, top, 0.0, False)
     if mant is not None and terms is None:
         raise ValueError("row_stats: mant is the mantissa of the terms' row weight")
     m_out, m_fp16 = mant if mant is not None else (top, False)
-    pos_val, weight, srw = (out[4], out[5], out[6]) if terms is not None else (top, top, top)
+    pos_val, weight, srw, dsc = (out[4], out[5], out[6], out[7]) if terms is not None else (top, top, top, top)
+    dsc = dsc_out[0] if dsc_out else dsc
     with _on_device(s):
         row_stats_kernel[(m,)](
             s,
@@ -282,6 +296,7 @@ def row_stats(
             sims,
             top if gmax is None else gmax,
             m_out,
+            dsc,
             float(h),
             n,
             period,
@@ -298,7 +313,7 @@ def row_stats(
             BLOCK=BLOCK_N,
         )
     if terms is not None:
-        return top, total, neg, pos, pos_val, weight, srw
+        return top, total, neg, pos, pos_val, weight, srw, dsc
     return top, total, neg, pos
 
 

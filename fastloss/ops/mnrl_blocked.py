@@ -13,7 +13,9 @@ partition, 1 / (n_dir sum E_k) per direction), and with G = E c_inv and h = 1 / 
     inv_r * dL/dr_hat += scale h c_k r_inv  (G C)                 one GEMM, [m, D]
     inv_c * dL/dc_hat += scale h  G^T (c_k r_inv R_blk)           one GEMM, [N, D]
     dL/dscale         += h c_k r_inv <r_i, (G C)_i>               from the first product: no pass over the logits
-so three GEMM-equivalents in all, against five for the flash path (which recomputes S twice in its backward).
+(query_to_doc alone with the Triton row passes: dL/dscale += h sum_j p_j (t_j - t_own), summed in fp32 by the
+statistics' pass, where G C in a half dtype carried G's rounding: block_softmax.row_stats), so three GEMM-equivalents
+in all, against five for the flash path (which recomputes S twice in its backward).
 The positive enters as in the flash op (fastloss.ops.mnrl.positive_terms, which takes each direction's max and
 log(sum E) as the two parts of its LSE, fastloss.ops.two_part, so that no rounded max + log(sum) enters it): the row
 passes also sum E without the positive's column (in query_to_doc and doc_to_query), so the row loss is softplus of
@@ -40,19 +42,21 @@ term, as in the other paths.
 
 Launches: on CUDA every torch op of a block is a kernel launch, ~10-25 us of host time each, and at the GPU target a 256
 MiB block (~700 rows) holds ~0.5 ms of GEMMs, so a block's launches bound its time unless they are few. With
-query_to_doc alone (the CUDA default) and two doc columns a block takes 14 launches: a GEMM per column for the logits,
-the statistics' row pass (which also writes the block's terms: _block_terms), the gradient's row pass (which also writes
-the weight of the positive's separate term), a GEMM per column for the query rows' product (summed), dL/dscale's row
-dots (two; one dot for all rows after the blocks), the query rows finished (scaled, then normalised with the positive's
-term added in the same Triton launch: two), the weighted rows (one, rounded once) and the candidates' GEMM and
-accumulation; 11 with one column (15 and 12 until 2026-12-02, the positive's term a launch of its own; 29 before
-2026-11-30 with the columns concatenated, the terms in ~11 torch ops; 89 before 3ac9dc9). The H200 ran 256 MiB blocks
-2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms): 49 blocks of 89 launches at ~20 us is about that
-time, the likely cause, not measured on a GPU since. A whole call of one block at B = 8192: 27 launches (33 until
-2026-12-02, when the inverse norms became a Triton launch per tensor, fastloss.ops.l2norm.inverse_norms, and the
-positive's term joined the normalisation backward's, in q's rows and the positives'; 66 before, 188 before 3ac9dc9).
-tests/test_mnrl_blocked.py counts them on fake CUDA tensors. Several directions keep the general path (~100-170 launches
-a block); on CUDA they run in the flash kernels unless FASTLOSS_MNRL_ALGO=blocked.
+query_to_doc alone (the CUDA default) and two doc columns a block takes 12 launches: a GEMM per column for the logits,
+the statistics' row pass (which also writes the block's terms: _block_terms, and dL/dscale's), the gradient's row pass
+(which also writes the weight of the positive's separate term), a GEMM per column for the query rows' product (summed),
+the query rows finished (scaled, then normalised with the positive's term added in the same Triton launch: two), the
+weighted rows (one, exact: the query rows times powers of two) and the candidates' GEMM and accumulation; fp16 21 (its
+weights rescaled for its range, the query rows' product divided by G_r's row scales); 14 until stop 45 (dL/dscale's row
+dots two more), 9 with one column (11 until stop 45; 15 and 12 until 2026-12-02, the positive's term a launch of its
+own; 29 before 2026-11-30 with the columns concatenated, the terms in ~11 torch ops; 89 before 3ac9dc9). The H200 ran
+256 MiB blocks 2.5x slower than 1024 MiB ones at the target (100.6 against 39.8 ms): 49 blocks of 89 launches at ~20 us
+is about that time, the likely cause, not measured on a GPU since. A whole call of one block at B = 8192: 23 launches
+(27 until stop 45, 33 until 2026-12-02, when the inverse norms became a Triton launch per tensor,
+fastloss.ops.l2norm.inverse_norms, and the positive's term joined the normalisation backward's, in q's rows and the
+positives'; 66 before, 188 before 3ac9dc9). tests/test_mnrl_blocked.py counts them on fake CUDA tensors. Several
+directions keep the general path (~100-170 launches a block); on CUDA they run in the flash kernels unless
+FASTLOSS_MNRL_ALGO=blocked.
 
 Half dtypes on CUDA: G and the weighted rows are rounded to the input dtype for the tensor-core GEMMs, the weights
 of the rows divided by their maximum so that they stay in fp16's range (in fp16, and with several directions, whose
@@ -294,7 +298,8 @@ class _TorchRows:
         stats = (top, neg + e_own, neg, positive)
         if terms is None:
             return stats
-        return stats + _block_terms(*stats, r_inv, self.scale, *terms[:2], *terms[3:], mant=mant)
+        # dL/dscale's row terms: from the query rows' product after the blocks (the Triton pass's from its products)
+        return stats + _block_terms(*stats, r_inv, self.scale, *terms[:2], *terms[3:5], mant=mant) + (None,)
 
     def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None, gmax=None, mant=None):
         """(G = E c_inv in ``dtype``, G_r, rs); with ``fold`` = (pos_val, sum E, share, left) the positive's
@@ -476,10 +481,11 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
                 transposed.append(None)
             if alone:  # the block's terms from its statistics, in the row pass's launch where it is Triton's
                 here = slice(start, start + m)  # the block's entries of the per-row vectors
-                terms = (row_loss[here], rw_all[here], sims_all[here], h, p.joint)
+                # Triton row passes: dL/dscale's row terms into rowdots (from the products in fp32)
+                terms = (row_loss[here], rw_all[here], sims_all[here], h, p.joint, rowdots[here])
                 mant = None if mant_all is None else (mant_all[here], fp16)
                 stats = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, terms, gmax, mant)
-                top, total, neg, positive, pv, c, srw = stats
+                top, total, neg, positive, pv, c, srw, _ = stats
             else:
                 top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, gmax=gmax)
             blocks.append(s)
@@ -539,7 +545,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
                 grads[i_rows][g0 : g0 + m].addcmul_(product, (sh * rw)[:, None])
             else:  # the accumulator's values (0 + product w, then the positive's separate term), normalised here
                 rw = rw_all[start : start + m]
-                torch.sum(r_blk * product, dim=1, out=rowdots[start : start + m])  # dL/dscale's, dotted with rw after
+                if not fused:  # dL/dscale's, dotted with rw after (the Triton row pass wrote its terms instead)
+                    torch.sum(r_blk * product, dim=1, out=rowdots[start : start + m])
                 rows_acc = product.mul_(srw[:, None])
                 positive = PositiveRows(first_docs[g0 : g0 + m], None, pos_w[0], 0)  # its weights from the row pass
                 out = dq[g0 : g0 + m]
@@ -580,7 +587,10 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
     # the positive's separate term in the positives' rows (and q's), added by the normalisation backward
     if alone:  # its weights from the row pass; its share of dL/dscale
         docs_positive = PositiveRows(q[p.offset : p.offset + p.batch], None, pos_w_all, p.offset)
-        dscale = h * (torch.dot(rw_all, rowdots) - torch.dot(separate_share, sims_all))
+        if fused:  # the row pass's terms sum_j p_j (t_j - t_own), in fp32 from the products themselves
+            dscale = h * rowdots.sum()
+        else:
+            dscale = h * (torch.dot(rw_all, rowdots) - torch.dot(separate_share, sims_all))
     else:
         coef = -sh * separate_share
         positive = _positive_rows(0, q.shape[0], first_docs, d_inv, coef, p)
