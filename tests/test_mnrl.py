@@ -17,13 +17,13 @@ import torch
 from _helpers import (
     CONFIDENT,
     CONFIDENT_LAYOUTS,
+    assert_small_row_keeps_its_gradient,
     available_backends,
     confident_errors,
     launch_counter,
     leaf,
     max_relative_errors,
     rel_err,
-    small_rows_fp16,
     use_backend,
 )
 
@@ -521,17 +521,7 @@ def test_fp16_small_softmax_entries_keep_their_gradient(monkeypatch, backend_nam
     and 1.4e-4), every gradient within 2e-2 of its size. The fused backends only: the reference is
     sentence-transformers' fp16 algorithm, 10% off on the confident query (its fp16 similarities)."""
     use_backend(monkeypatch, backend_name)
-    columns = small_rows_fp16(case)
-    grads = []
-    for dtype in (torch.float16, torch.float64):
-        leaves = [leaf(x.to(dtype)) for x in columns]
-        FF.mnrl_loss(leaves[0], leaves[1:], 20.0).backward()
-        grads.append([x.grad.double() for x in leaves])
-    ours, truth = grads
-    which = 2 if case == "far_doc" else 0
-    small, small_truth = ours[which][3], truth[which][3]
-    assert float((small - small_truth).norm() / small_truth.norm()) <= 1e-3
-    assert all(rel_err(a, b) <= 2e-2 for a, b in zip(ours, truth))
+    assert_small_row_keeps_its_gradient(case)
 
 
 @pytest.mark.parametrize("case", ["zero_vectors", "duplicates", "scale_1e4", "scale_1e-4"])

@@ -11,6 +11,7 @@ import torch
 from _helpers import (
     CONFIDENT,
     CONFIDENT_LAYOUTS,
+    assert_small_row_keeps_its_gradient,
     confident_errors,
     launch_counter,
     leaf,
@@ -433,16 +434,7 @@ def test_fp16_small_rows_keep_their_gradient(monkeypatch, rows, case):
         monkeypatch.setattr(mnrl_blocked, "triton_rows", lambda x: True)
     monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
     monkeypatch.setenv("FASTLOSS_MNRL_ALGO", "blocked")
-    columns = small_rows_fp16(case)
-    grads = []
-    for dtype in (torch.float16, torch.float64):
-        leaves = [leaf(x.to(dtype)) for x in columns]
-        FF.mnrl_loss(leaves[0], leaves[1:], 20.0).backward()
-        grads.append([x.grad.double() for x in leaves])
-    ours, truth = grads
-    which = 2 if case == "far_doc" else 0
-    assert rel_err(ours[which][3], truth[which][3]) <= 1e-3
-    assert all(rel_err(a, b) <= 2e-2 for a, b in zip(ours, truth))
+    assert_small_row_keeps_its_gradient(case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
