@@ -54,7 +54,9 @@ inverse norm G holds capped at 65504 (the README's limit, as the flash kernels),
 sentence-transformers gives (inf where it passes 65504, a finite value where the softmax entries are tiny) comes out
 ~1e-8 of it; others are bf16 G's rounding where a duplicated query's softmax entries cancel (seed 4501, B = 8: the
 positives' gradient 600x smaller than the queries', 120% off; the native op's fp32 products 0.15%). The rounded
-weighted rows' share of such flags is gone since the same day (seed 4501's fp16 case of that kind).
+weighted rows' share of such flags is gone since the same day (seed 4501's fp16 case of that kind), and with the
+Triton row passes (TRITON_INTERPRET=1, seed 4502: 11 such flags) a one-direction dL/dscale's; what stays there is zero
+vectors, D = 1 and several-direction cases (their weighted rows still rounded, their dL/dscale from G C).
 Prints one line per flag and a summary; exits 1 when a backend raised, else 0.
 """
 
