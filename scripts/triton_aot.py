@@ -239,7 +239,7 @@ def record_launches(quick: bool, only_dims=(), only_dtypes=()) -> list[Launch]:
                             s, inv_r, inv_c, scale, top, out, fold=fold, pos_w=pos_w, scaled=both, mant=mant, **opts
                         )
                     for joint in (True, False):
-                        terms = (torch.zeros(48), torch.zeros(48), torch.zeros(48), 0.5, joint)
+                        terms = (torch.zeros(48), torch.zeros(48), torch.zeros(48), 0.5, joint, torch.zeros(48))
                         block_softmax.row_stats(s, inv_r, inv_c, scale, positive_col=True, terms=terms, **opts)
                         if name in ("fp16", "bf16"):  # the row weights' mantissas (and fp16's row max)
                             mant = (torch.zeros(48), name == "fp16")

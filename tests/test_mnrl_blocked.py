@@ -590,7 +590,7 @@ def _cuda_launches(monkeypatch, p, dtype, rows_per_block):
 
     def row_stats(s, *args, positive_col=False, terms=None, **kwargs):
         launches.append("row_stats")
-        out = torch.empty((8, s.shape[0]), device=s.device)
+        out = torch.empty((7, s.shape[0]), device=s.device)
         stats = (out[0], out[1], out[2] if positive_col else None, out[3])
         return stats if terms is None else (*stats, *out[4:])
 

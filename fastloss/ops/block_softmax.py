@@ -48,6 +48,19 @@ def _mantissa(b_w):
 
 
 @triton.jit
+def _own_entry(c_inv, pos_val, total, row, own, DTYPE: tl.constexpr):
+    """(c_inv_own, the positive's coefficient in E units times it: the entry row_grad's fold writes, in fp32, and
+    whether it is folded: G's DTYPE holds it rounded (not NaN either) and, in fp16, c_inv_own is not capped), the rule
+    of mnrl_blocked._fold_positive."""
+    inv = tl.load(c_inv + own)
+    value = inv * (tl.load(pos_val + row) * tl.load(total + row))
+    folded = tl.abs(value.to(DTYPE).to(tl.float32)) < float("inf")  # False for NaN too
+    if DTYPE == tl.float16:
+        folded = folded & (inv <= 65504.0)
+    return inv, value, folded
+
+
+@triton.jit
 def row_stats_kernel(
     s,
     r_inv,
@@ -191,11 +204,9 @@ def row_grad_kernel(
     if SCALE:  # fp16 G_r: the row's power of two from its largest entry, the positive's as the fold will write it
         b_bound = tl.load(gmax + row)
         if OWN_APART:  # row_stats left the positive's column out
-            inv = tl.load(c_inv + own)
-            own_entry = _fold(inv, g.dtype.element_ty)  # E <= 1 where not folded
-            if FOLD:  # the fold's rule below
-                value = inv * (tl.load(pos_val + row) * tl.load(total + row))
-                own_folded = (tl.abs(value.to(g.dtype.element_ty).to(tl.float32)) < float("inf")) & (inv <= 65504.0)
+            own_entry = _fold(tl.load(c_inv + own), g.dtype.element_ty)  # E <= 1 where not folded
+            if FOLD:  # the entry the fold below writes
+                _, value, own_folded = _own_entry(c_inv, pos_val, total, row, own, g.dtype.element_ty)
                 own_entry = tl.where(own_folded, tl.abs(value), own_entry)
                 # its E c_inv scaled for a small folded entry could pass fp16's range (a cast to inf, overwritten)
                 b_e = tl.where(o_n == own, tl.where(own_folded, 0.0, b_e), b_e)
@@ -206,15 +217,10 @@ def row_grad_kernel(
         b_gr = (b_e * b_rs).to(g.dtype.element_ty)
     if FOLD:  # the positive's coefficient into its entry where G's dtype holds it, else its share to ``left``
         if (own >= first) & (own < first + BLOCK):
-            inv = tl.load(c_inv + own)
-            value = inv * (tl.load(pos_val + row) * tl.load(total + row))
-            entry = value.to(g.dtype.element_ty)
-            folded = tl.abs(entry.to(tl.float32)) < float("inf")  # False for NaN too
-            if g.dtype.element_ty == tl.float16:
-                folded = folded & (inv <= 65504.0)
-            if MANT:
+            inv, value, folded = _own_entry(c_inv, pos_val, total, row, own, g.dtype.element_ty)
+            if MANT:  # whether it is folded is decided without
                 value = value * b_m
-                entry = value.to(g.dtype.element_ty)
+            entry = value.to(g.dtype.element_ty)
             b_g = tl.where(o_n == own, tl.where(folded, entry, b_g), b_g)
             if SCALE:
                 b_gr = tl.where(o_n == own, tl.where(folded, (value * b_rs).to(g.dtype.element_ty), b_gr), b_gr)
@@ -250,34 +256,32 @@ def row_stats(
     """(top [m], sum [m], neg [m] or None, pos [m]) in fp32 of the logits of the block S [m, N] (fp32, rows
     contiguous); top is 0 for a fully masked row; neg (with ``positive_col``) the sum without each row's column
     offset + i; pos the logit scale t of that column as it is (neither penalised nor masked). With ``terms`` = (x
-    [m], rw [m], sims [m], h, joint) for query_to_doc alone (and ``positive_col``) also what the row-block op takes
-    from them: the row loss softplus(x) with x = top + log neg - pos, rw = r_inv / sum and the positive's similarity
-    t written into those, and (pos_val, weight, srw) [m] each returned after the four: pos_val = -sigmoid(x) (joint:
-    +inf where x > 0), weight = 1 / sum, srw = scale h rw; in the torch ops' order of operations but softplus's
-    log1p (sim_lse._softplus; mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead of seventeen.
-    With ``terms`` also, returned eighth (written into terms' sixth entry where it has one), each row's dL/dscale
-    term sum_j p_j (t_j - t_own) (the logits' derivative by the scale is t, the penalty's alpha t apart; the
-    positive's column taken out of the sum rather than its -1 added: no cancellation), in fp32 from the products
-    themselves, where the half dtypes' G C carried G's rounding into it (2^-9 of the terms in bf16, the sum 1000x
-    worse than the flash path's).
+    [m], rw [m], sims [m], h, joint, dsc [m]) for query_to_doc alone (and ``positive_col``) also what the row-block
+    op takes from them: the row loss softplus(x) with x = top + log neg - pos, rw = r_inv / sum and the positive's
+    similarity t written into those, and (pos_val, weight, srw) [m] each returned after the four: pos_val =
+    -sigmoid(x) (joint: +inf where x > 0), weight = 1 / sum, srw = scale h rw; in the torch ops' order of operations
+    but softplus's log1p (sim_lse._softplus; mnrl.one_direction_terms; mnrl_blocked._block_terms), one launch instead
+    of seventeen. Into dsc each row's dL/dscale term sum_j p_j (t_j - t_own) (the logits' derivative by the scale is
+    t, the penalty's alpha t apart; the positive's column taken out of the sum rather than its -1 added: no
+    cancellation), in fp32 from the products themselves, where the half dtypes' G C carried G's rounding into it
+    (2^-9 of the terms in bf16, the sum 1000x worse than the flash path's).
     With ``gmax`` [m] (fp32) also each row's max of exp(logit - top) c_inv (c_inv at fp16's cap; with ``positive_col``
     that column apart) written into it: row_grad's ``scaled``. With ``terms`` and ``mant`` = (m [m], fp16), for half
     GEMM operands: the mantissa in [0.5, 1) of each row's weight w = rw (fp16: c min(r_inv, 65504)) written into m,
     and rw, srw divided by it, so that rw is w's power of two (mnrl_blocked: the candidates' GEMM then takes the query
     rows times a power of two, exact, and G's rows times m: row_grad's ``mant``)."""
     m, n = s.shape
-    rows = (4 if positive_col else 3) + (4 if terms is not None else 0)
+    rows = (4 if positive_col else 3) + (3 if terms is not None else 0)
     out = torch.empty((rows, m), device=s.device, dtype=torch.float32)  # one allocation
     top, total, pos = out[0], out[1], out[3 if positive_col else 2]
     neg = out[2] if positive_col else None
     if terms is not None and not positive_col:
         raise ValueError("row_stats: terms are query_to_doc's, which holds the positive (positive_col)")
-    x, rw, sims, h, joint, *dsc_out = terms if terms is not None else (top, top, top, 0.0, False)
+    x, rw, sims, h, joint, dsc = terms if terms is not None else (top, top, top, 0.0, False, top)
     if mant is not None and terms is None:
         raise ValueError("row_stats: mant is the mantissa of the terms' row weight")
     m_out, m_fp16 = mant if mant is not None else (top, False)
-    pos_val, weight, srw, dsc = (out[4], out[5], out[6], out[7]) if terms is not None else (top, top, top, top)
-    dsc = dsc_out[0] if dsc_out else dsc
+    pos_val, weight, srw = (out[4], out[5], out[6]) if terms is not None else (top, top, top)
     with _on_device(s):
         row_stats_kernel[(m,)](
             s,
@@ -313,7 +317,7 @@ def row_stats(
             BLOCK=BLOCK_N,
         )
     if terms is not None:
-        return top, total, neg, pos, pos_val, weight, srw, dsc
+        return top, total, neg, pos, pos_val, weight, srw
     return top, total, neg, pos
 
 

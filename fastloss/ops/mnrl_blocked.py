@@ -299,7 +299,7 @@ class _TorchRows:
         if terms is None:
             return stats
         # dL/dscale's row terms: from the query rows' product after the blocks (the Triton pass's from its products)
-        return stats + _block_terms(*stats, r_inv, self.scale, *terms[:2], *terms[3:5], mant=mant) + (None,)
+        return stats + _block_terms(*stats, r_inv, self.scale, *terms[:2], *terms[3:5], mant=mant)
 
     def grad(self, s, dir_, r_inv, c_inv, g0, top, dtype, fp16, fold=None, pos_w=None, gmax=None, mant=None):
         """(G = E c_inv in ``dtype``, G_r, rs); with ``fold`` = (pos_val, sum E, share, left) the positive's
@@ -446,6 +446,8 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
         # gradient by 2^-9 (bf16) of its size before the normalisation's projection, 10x the positive's whole
         # gradient where positive and query nearly coincide (test_half_gemms_keep_the_weighted_rows_directions)
         mant_all = torch.empty(p.batch, device=q.device, dtype=acc) if half and need_grad else None
+    else:
+        mant_all = None
     grads = dq = None
     fused = triton_rows(q)  # the normalisation backward as one Triton launch per tensor
     # rows of the candidate product's temporary (acc dtype, [rows, D]): a quarter of the logits budget
@@ -485,7 +487,7 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
                 terms = (row_loss[here], rw_all[here], sims_all[here], h, p.joint, rowdots[here])
                 mant = None if mant_all is None else (mant_all[here], fp16)
                 stats = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, terms, gmax, mant)
-                top, total, neg, positive, pv, c, srw, _ = stats
+                top, total, neg, positive, pv, c, srw = stats
             else:
                 top, total, neg, positive = rows_pass.stats(s, dir_, r_inv[g0 : g0 + m], c_inv, g0, gmax=gmax)
             blocks.append(s)
@@ -525,7 +527,7 @@ def mnrl_blocked(q: Tensor, d: Tensor | Sequence[Tensor], scale: Tensor, p: MNRL
             fold = (pv, total, share, separate_share[start : start + m]) if share else None
             pos_w = (pos_w_all[start : start + m], h) if alone else None  # the separate term's weights
             # G = E c_inv (times the row weights' mantissas); fp16: G_r, G's rows times rs, for the query rows' product
-            mant = None if not alone or mant_all is None else mant_all[start : start + m]
+            mant = None if mant_all is None else mant_all[start : start + m]
             g, g_r, rs = rows_pass.grad(
                 blocks[j], dir_, r_inv_blk, c_inv, g0, top, gemm_dtype, fp16, fold, pos_w, gmax, mant
             )
@@ -663,18 +665,22 @@ def _fold_positive(
     own = g0 + rows
     inv = c_inv[own]
     exact = inv * value
-    entry = exact.to(g.dtype)
-    fold = torch.isfinite(entry)
-    if fp16:
-        fold &= inv <= _FP16_MAX
+    fold = _folds(inv, exact, g.dtype, fp16)
     if mant is not None:
         exact = exact * mant
-        entry = exact.to(g.dtype)
+    entry = exact.to(g.dtype)
     g[rows, own] = torch.where(fold, entry, g[rows, own])
     if scaled is not None:
         g_r, rs = scaled
         g_r[rows, own] = torch.where(fold, (exact * rs).to(g.dtype), g_r[rows, own])
     return torch.where(fold, 0.0, share)
+
+
+def _folds(inv: Tensor, entry: Tensor, dtype: torch.dtype, fp16: bool) -> Tensor:
+    """Where G's ``dtype`` holds the positive's entry (c_inv_own times its coefficient in E units, in fp32): finite
+    once rounded (not NaN either) and, in fp16, c_inv_own not capped (block_softmax._own_entry's rule)."""
+    fold = torch.isfinite(entry.to(dtype))
+    return fold & (inv <= _FP16_MAX) if fp16 else fold
 
 
 def _row_scales(e: Tensor, g0: int, c_inv: Tensor, fold, own_apart: bool) -> Tensor:
@@ -692,7 +698,7 @@ def _row_scales(e: Tensor, g0: int, c_inv: Tensor, fold, own_apart: bool) -> Ten
         if fold is not None:
             inv = c_inv[g0 : g0 + e.shape[0]]
             value = inv * (fold[0] * fold[1])
-            folded = torch.isfinite(value.to(torch.float16)) & (inv <= _FP16_MAX)
+            folded = _folds(inv, value, torch.float16, True)
             kept = torch.where(folded, value.abs(), kept)
         amax = torch.maximum(amax, kept)
     exponent = torch.frexp(amax)[1]  # amax = f 2^exponent, f in [0.5, 1): floor(log2 amax) = exponent - 1
