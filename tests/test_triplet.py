@@ -548,6 +548,30 @@ def test_cosine_own_pair_has_no_gradient(monkeypatch, kind, path, dtype):
     assert bool((x.grad == 0).all()), x.grad.abs().max()
 
 
+@pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+@pytest.mark.parametrize("path", ["triton", "cpu_blocks", "native"])
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_one_class_batch_gradient_is_exactly_zero(monkeypatch, kind, path, metric):
+    """A batch of one class: every row's hardest positive is its farthest point, which is also its "no negative"
+    term's row max, and hn = d_ii + that max, so the loss is constant (margin, or log 2) and sentence-transformers'
+    gradient exactly 0 (autograd adds the two opposite entries of its distance matrix first). The backward merges a
+    row's pairs on one entry before any product (_merge_same_entries); adding their vectors apart, in pair order, left
+    2e-10 .. 2e-7 here (rows of norm ~12; compare_backends' "exact ~0" class), every path, 18 of 18 cases."""
+    _use_path(monkeypatch, path)
+    x = _x(7, 16, seed=11, scale=3.0)
+    labels = torch.full((7,), 2)
+    margin_args = () if kind == "soft" else (0.5,)
+    fn = METRICS[metric][1]
+    x = leaf(x)
+    loss = LOSSES[kind][2](x, labels, *margin_args, distance_metric=fn)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(math.log(2.0) if kind == "soft" else 0.5, rel=1e-6)
+    assert bool((x.grad == 0).all()), x.grad.abs().max()
+    if metric != "cosine" or sentence_transformers_at_least("6.3"):  # 6.0 .. 6.2: d_ii = 1 - cos_sim, not constant
+        _, st_grad = _value_and_grad(_st_loss(kind, metric, 0.5), x.detach(), labels)
+        assert bool((st_grad == 0).all()), st_grad.abs().max()
+
+
 @pytest.mark.skipif(not INTERPRET_TILES, reason="needs the Triton interpreter (a GPU autotunes over every tile)")
 @pytest.mark.parametrize("cfg", ops._TILES, ids=lambda c: "{}x{}x{}w{}".format(*c.kwargs.values(), c.num_warps))
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

@@ -26,6 +26,8 @@ only the (at most 3B) selected pairs, with c = dL/dd of the pair:
     squared:   dx_i += 2 c (x_i - x_j),       dx_j -= the same (0 where d_ij = 0)
     cosine:    dx_hat_i -= c x_hat_j, dx_hat_j -= c x_hat_i, then the backward of F.normalize (none for j = i:
                d_ii is a constant 0, as sentence-transformers 6.3's fill_diagonal_)
+A row's pairs on one entry (its hardest positive also its row max: a row without negatives) are merged first, their
+coefficients added, as autograd merges them on sentence-transformers' distance matrix (_merge_same_entries).
 Every pair adds its term to both of its rows, so grouping the pairs by selected column (a counting sort on CPU, a
 stable sort on CUDA) turns the scatter into a gather: fastloss._C.batch_hard_triplet_bwd runs one parallel,
 deterministic gather per output row on CPU tensors (cosine with F.normalize's backward fused in), its CUDA twin
@@ -679,11 +681,33 @@ def batch_hard_bwd(grad_hp: Tensor, grad_hn: Tensor, x: Tensor, sel_idx: Tensor,
     fastloss._C.batch_hard_triplet_bwd, CUDA tensors in the CUDA kernel with FASTLOSS_CUDA_KERNELS=1, else torch
     ops (:func:`_batch_hard_bwd_torch`)."""
     _check_metric(metric)
+    grad_hp, grad_hn, sel_idx = _merge_same_entries(grad_hp, grad_hn, sel_idx)
     if x.device.type == "cpu" and _native_bwd():
         return _batch_hard_bwd_native(grad_hp, grad_hn, x, sel_idx, sel_d, metric)
     if x.device.type == "cuda" and _cuda_bwd():
         return _batch_hard_bwd_cuda(grad_hp, grad_hn, x, sel_idx, sel_d, metric)
     return _batch_hard_bwd_torch(grad_hp, grad_hn, x, sel_idx, sel_d, metric)
+
+
+def _merge_same_entries(grad_hp: Tensor, grad_hn: Tensor, sel_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hp, grad_hn, sel_idx) with a row's selected pairs that are one entry (row, column) merged into the first
+    of them, coefficients added, the others -1, as autograd adds sentence-transformers' gradients on its distance
+    matrix before they reach x: the hardest positive that is also the row's farthest point (a row without negatives,
+    as in a batch of one class, whose loss then is constant: dL/dhp + dL/dhn = 0 exactly) got its two opposite
+    coefficients' vectors added apart, in pair order, leaving rounding (1e-16 .. 1e-7 of the gradients' size, times
+    1e12 for a zero row) where the gradient is exactly 0. The other coincidences (the negative's pair with either
+    other) are merged alike; pair 2's coefficient is grad_hn, so 1 and 2 merge as 2 grad_hn. O(B), on every
+    backend."""
+    hp_col, hn_col, max_col = sel_idx
+    m01 = (hn_col >= 0) & (hn_col == hp_col)
+    m02 = (max_col >= 0) & (max_col == hp_col)
+    m12 = (max_col >= 0) & (max_col == hn_col) & ~m02  # not with m01 either: then max_col == hp_col
+    zero = torch.zeros_like(grad_hn)
+    grad_hp = grad_hp + torch.where(m01, grad_hn, zero) + torch.where(m02, grad_hn, zero)
+    grad_hn = torch.where(m12, 2.0 * grad_hn, grad_hn)
+    none = torch.full_like(hn_col, -1)
+    sel_idx = torch.stack([hp_col, torch.where(m01, none, hn_col), torch.where(m02 | m12, none, max_col)])
+    return grad_hp, grad_hn, sel_idx
 
 
 def _batch_hard_bwd_torch(
