@@ -57,6 +57,16 @@ positives' gradient 600x smaller than the queries', 120% off; the native op's fp
 weighted rows' share of such flags is gone since the same day (seed 4501's fp16 case of that kind), and with the
 Triton row passes (TRITON_INTERPRET=1, seed 4502: 11 such flags) a one-direction dL/dscale's; what stays there is zero
 vectors, D = 1 and several-direction cases (their weighted rows still rounded, their dL/dscale from G C).
+2026-12-03 (seeds 4602 and 4603, 1000 cases each, native and blocked): batch-hard's single-class flags (2 and 4 a
+seed) are gone, its backward merging a row's pairs on one entry as autograd does (the gradient of that constant loss
+is now exactly 0). Seen, benign: semi-hard with a row duplicated under two labels, where some d_an equals a d_ap
+exactly on the fused paths (the same operands) and sentence-transformers' GEMM rounds the two an ulp apart, so its
+search takes the duplicate as the semi-hard negative (a term of ~margin) where ours passes over the tie (seed 4602,
+fp64: loss 5.96 against 5.33, one term of margin 5 over 8 pairs); and the native op's symmetric loss at D = 1 with a
+zero query and its zero positive (seed 4601): that positive's gradient is 1e12 times a 1e-9 difference of two
+softmax entries, which the native op's symmetric pass (mnrl_symmetric) takes from one G holding both directions'
+entries (an O(1) doc_to_query entry added to each tiny query_to_doc one), so fp32 gives an ulp of 1 instead (-1.3e5
+where sentence-transformers' fp32 has -916).
 Prints one line per flag and a summary; exits 1 when a backend raised, else 0.
 """
 
