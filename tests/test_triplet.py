@@ -558,12 +558,14 @@ def test_one_class_batch_gradient_is_exactly_zero(monkeypatch, kind, path, metri
     row's pairs on one entry before any product (_merge_same_entries); adding their vectors apart, in pair order, left
     2e-10 .. 2e-7 here (rows of norm ~12; compare_backends' "exact ~0" class), every path, 18 of 18 cases."""
     _use_path(monkeypatch, path)
-    x = _x(7, 16, seed=11, scale=3.0)
-    labels = torch.full((7,), 2)
+    _assert_one_class_gradient_is_zero(kind, metric, "cpu")
+
+
+def _assert_one_class_gradient_is_zero(kind, metric, device):
+    x = leaf(_x(7, 16, seed=11, scale=3.0).to(device))
+    labels = torch.full((7,), 2, device=device)
     margin_args = () if kind == "soft" else (0.5,)
-    fn = METRICS[metric][1]
-    x = leaf(x)
-    loss = LOSSES[kind][2](x, labels, *margin_args, distance_metric=fn)
+    loss = LOSSES[kind][2](x, labels, *margin_args, distance_metric=METRICS[metric][1])
     loss.backward()
     assert float(loss.detach()) == pytest.approx(math.log(2.0) if kind == "soft" else 0.5, rel=1e-6)
     assert bool((x.grad == 0).all()), x.grad.abs().max()
@@ -882,6 +884,17 @@ class TestCuda:
         x = torch.randint(-2, 3, (2053, 256), generator=g).float().cuda()
         y = (torch.arange(2053) % 257).cuda()
         _compare(kind, metric, x, y, dict(rtol=1e-5, atol=1e-6))
+
+    @pytest.mark.parametrize("cuda_kernels", [False, True], ids=["torch_bwd", "cuda_bwd"])
+    @pytest.mark.parametrize("metric", list(METRICS), ids=list(METRICS))
+    @pytest.mark.parametrize("kind", ["hard", "soft"])
+    def test_cuda_one_class_batch_gradient_is_exactly_zero(self, monkeypatch, kind, metric, cuda_kernels):
+        """test_one_class_batch_gradient_is_exactly_zero on CUDA tensors: the Triton mining with the torch backward,
+        and with FASTLOSS_CUDA_KERNELS=1 the extension's CUDA backward."""
+        if cuda_kernels and not ops._backend.native_has("batch_hard_triplet_bwd_cuda"):
+            pytest.skip("fastloss._C lacks batch_hard_triplet_bwd_cuda (built without CUDA)")
+        monkeypatch.setenv("FASTLOSS_CUDA_KERNELS", "1" if cuda_kernels else "0")
+        _assert_one_class_gradient_is_zero(kind, metric, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------------
